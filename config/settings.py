@@ -1,0 +1,344 @@
+"""Settings read from the environment. This is the only module of ratequeue that reads ``os.environ``.
+
+Every variable is optional; an empty value counts as unset (``FOO=`` in a compose file). A bad value
+raises :class:`ConfigError` naming the variable and the reason, never echoing a secret.
+
+Per-model limit overrides come from ``RATEQUEUE_MODEL_<NAME>_<FIELD>``, where NAME is the model name
+upper-cased with every non-alphanumeric character replaced by ``_`` (see :func:`mangle_model_name`)
+and FIELD one of RPM, TPM, CONTEXT_WINDOW, MAX_OUTPUT_TOKENS, CHARGE_RULE, e.g.
+``RATEQUEUE_MODEL_GPT_4O_MINI_TPM=2000000``. They are matched to models by ``config.models``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from worker.errors import ConfigError
+from worker.keys import account_fingerprint
+
+__all__ = [
+    "CHARGE_RULES",
+    "DEFAULT_BASE_URL",
+    "FrozenMap",
+    "Secret",
+    "Settings",
+    "load_settings",
+    "mangle_model_name",
+    "normalize_base_url",
+    "parse_int",
+]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_OVERRIDE_PREFIX = "RATEQUEUE_MODEL_"
+# FIELD suffix of an override variable -> (ModelSpec field, value kind)
+_OVERRIDE_FIELDS = {
+    "MAX_OUTPUT_TOKENS": ("max_output_tokens", "int"),
+    "CONTEXT_WINDOW": ("context_window", "int"),
+    "CHARGE_RULE": ("charge_rule", "rule"),
+    "RPM": ("rpm", "int"),
+    "TPM": ("tpm", "int"),
+}
+CHARGE_RULES = ("sum", "max")
+
+
+class Secret:
+    """A string that never shows itself in repr, str, logs or tracebacks; ``reveal()`` returns it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret value itself."""
+        return self._value
+
+    def masked(self) -> str:
+        """``sk-...abcd``: OpenAI's public ``sk-`` prefix and the last 4 characters; all hidden if short."""
+        if len(self._value) < 12:  # the last 4 of a short secret give too much away
+            return "***"
+        prefix = "sk-" if self._value.startswith("sk-") else ""
+        return f"{prefix}...{self._value[-4:]}"
+
+    def __repr__(self) -> str:
+        return f"Secret({self.masked()!r})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class FrozenMap(Mapping[str, Any]):
+    """A read-only mapping that, unlike ``MappingProxyType``, pickles (settings cross processes)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+def mangle_model_name(name: str) -> str:
+    """A model name as it appears in an override variable: ``gpt-4.1-mini`` -> ``GPT_4_1_MINI``."""
+    return re.sub(r"[^A-Z0-9]", "_", name.upper())
+
+
+def _redact_url(url: str) -> str:
+    """`url` with any password replaced by ``***`` (redis://:pw@host -> redis://:***@host)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+
+
+@dataclass(frozen=True, repr=False)
+class Settings:
+    """Everything ratequeue reads from the environment. Times are seconds, sizes bytes."""
+
+    redis_url: str | None = None  # None: the CLI starts an embedded Redis
+    api_key: Secret | None = None
+    organization: str | None = None
+    project: str | None = None
+    # The root that request paths such as "/v1/chat/completions" are appended to, no trailing slash.
+    base_url: str = "https://api.openai.com"
+    models_file: Path | None = None
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "ratequeue")
+    burst_seconds: float = 5.0
+    reserve_horizon_seconds: float = 2.0
+    max_in_flight: int = 512  # upstream calls in flight per worker process
+    chunk_size: int = 50
+    worker_slots: int = 16
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
+    max_attempts: int = 6
+    job_deadline_seconds: float = 3600.0
+    max_file_bytes: int = 200_000_000
+    max_lines: int = 50_000
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+    visibility_timeout: float = 1800.0
+    # A job that would wait longer than this for capacity or a retry is moved to the deferred set.
+    defer_after_seconds: float = 10.0
+    # mangled model name -> {ModelSpec field: value}; excluded from the hash (a mapping is unhashable)
+    model_overrides: Mapping[str, Mapping[str, int | str]] = field(
+        default_factory=lambda: FrozenMap({}), hash=False
+    )
+
+    @property
+    def account_id(self) -> str:
+        """A short stable id of the account whose limits the buckets track; never reveals the key."""
+        key = self.api_key.reveal() if self.api_key is not None else "anonymous"
+        return account_fingerprint(key, self.organization, self.base_url)
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "redis_url" and value is not None:
+                value = _redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+
+class _Env:
+    """Typed reads of one environment mapping; empty values count as unset."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, var: str) -> str | None:
+        value = self.env.get(var, "").strip()
+        return value or None
+
+    def number(self, var: str, default: float, *, minimum: float = 0.0, allow_zero: bool = False) -> float:
+        raw = self.text(var)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{var}={raw!r}: not a number (seconds)") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not allow_zero):
+            bound = f">= {minimum:g}" if allow_zero else f"> {minimum:g}"
+            raise ConfigError(f"{var}={raw!r}: must be a finite number {bound}")
+        return value
+
+    def integer(
+        self, var: str, default: int | None, *, minimum: int = 1, maximum: int | None = None
+    ) -> int | None:
+        raw = self.text(var)
+        if raw is None:
+            return default
+        return parse_int(var, raw, minimum=minimum, maximum=maximum)
+
+
+def parse_int(var: str, raw: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """`raw` as an int in [minimum, maximum]; underscores allowed (``200_000_000``). Raises ConfigError."""
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r}: not an integer") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{var}={raw!r}: must be {bound}")
+    return value
+
+
+def normalize_base_url(raw: str, var: str = "OPENAI_BASE_URL") -> str:
+    """The API root that ``/v1/...`` paths are appended to.
+
+    Rule: trailing slashes are stripped, then one trailing ``/v1`` segment. So
+    ``https://api.openai.com/v1/``, ``https://api.openai.com/v1`` and ``https://api.openai.com``
+    all give ``https://api.openai.com``; ``https://x.openai.azure.com/openai/v1`` gives
+    ``https://x.openai.azure.com/openai``. Raises ConfigError for a URL that is not http(s).
+    """
+    parts = urlsplit(raw.strip())
+    # The value is not echoed: a base URL may carry credentials (https://user:pw@proxy).
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{var}: must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{var}: must not have a query string or fragment")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def _read_api_key(env: _Env) -> Secret | None:
+    direct = env.text("OPENAI_API_KEY")
+    key_file = env.text("OPENAI_API_KEY_FILE")
+    if direct is not None and key_file is not None:
+        raise ConfigError("OPENAI_API_KEY and OPENAI_API_KEY_FILE are both set: set only one")
+    source, value = "OPENAI_API_KEY", direct
+    if key_file is not None:
+        path = Path(key_file).expanduser()
+        source = f"OPENAI_API_KEY_FILE={path}"
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{source}: cannot read the key file: {reason}") from None
+        if not value:
+            raise ConfigError(f"{source}: the key file is empty")
+    if value is None:
+        return None
+    # A key goes into an Authorization header: whitespace inside it is a paste error, never valid.
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError(f"{source}: the key contains whitespace or control characters")
+    return Secret(value)
+
+
+def _split_override(var: str) -> tuple[str, str, str]:
+    """``RATEQUEUE_MODEL_GPT_4O_TPM`` -> (``GPT_4O``, ``tpm``, ``int``). Raises ConfigError."""
+    rest = var[len(_OVERRIDE_PREFIX) :].upper()
+    for suffix, (spec_field, kind) in _OVERRIDE_FIELDS.items():
+        if rest.endswith("_" + suffix) and len(rest) > len(suffix) + 1:
+            return rest[: -len(suffix) - 1], spec_field, kind
+    allowed = ", ".join(sorted(_OVERRIDE_FIELDS))
+    raise ConfigError(f"{var}: expected RATEQUEUE_MODEL_<NAME>_<FIELD> with FIELD one of {allowed}")
+
+
+def _read_overrides(env: Mapping[str, str]) -> Mapping[str, Mapping[str, int | str]]:
+    overrides: dict[str, dict[str, int | str]] = {}
+    for var, raw in env.items():
+        if not var.startswith(_OVERRIDE_PREFIX) or not raw.strip():
+            continue
+        name, spec_field, kind = _split_override(var)
+        value: int | str
+        if kind == "int":
+            value = parse_int(var, raw.strip(), minimum=1)
+        else:
+            value = raw.strip().lower()
+            if value not in CHARGE_RULES:
+                raise ConfigError(f"{var}={raw!r}: must be one of {', '.join(CHARGE_RULES)}")
+        overrides.setdefault(name, {})[spec_field] = value
+    return FrozenMap({k: FrozenMap(v) for k, v in sorted(overrides.items())})
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `env` (default ``os.environ``). Raises ConfigError naming the bad variable."""
+    e = _Env(os.environ if env is None else env)
+    redis_url = e.text("RATEQUEUE_REDIS_URL")
+    if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("RATEQUEUE_REDIS_URL: must be a redis://, rediss:// or unix:// URL")
+    models_file = e.text("RATEQUEUE_MODELS_FILE")
+    data_dir = e.text("RATEQUEUE_DATA_DIR")
+    log_level = (e.text("RATEQUEUE_LOG_LEVEL") or "INFO").upper()
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError(f"RATEQUEUE_LOG_LEVEL={log_level!r}: must be one of {', '.join(_LOG_LEVELS)}")
+    defaults = Settings()
+    settings = Settings(
+        redis_url=redis_url,
+        api_key=_read_api_key(e),
+        organization=e.text("OPENAI_ORG_ID") or e.text("OPENAI_ORGANIZATION"),
+        project=e.text("OPENAI_PROJECT_ID"),
+        base_url=normalize_base_url(e.text("OPENAI_BASE_URL") or DEFAULT_BASE_URL),
+        models_file=Path(models_file).expanduser() if models_file else None,
+        data_dir=Path(data_dir).expanduser() if data_dir else defaults.data_dir,
+        burst_seconds=e.number("RATEQUEUE_BURST_SECONDS", defaults.burst_seconds),
+        reserve_horizon_seconds=e.number(
+            "RATEQUEUE_RESERVE_HORIZON", defaults.reserve_horizon_seconds, allow_zero=True
+        ),
+        max_in_flight=_int(e, "RATEQUEUE_MAX_IN_FLIGHT", defaults.max_in_flight),
+        chunk_size=_int(e, "RATEQUEUE_CHUNK_SIZE", defaults.chunk_size),
+        worker_slots=_int(e, "RATEQUEUE_WORKER_SLOTS", defaults.worker_slots),
+        connect_timeout=e.number("RATEQUEUE_CONNECT_TIMEOUT", defaults.connect_timeout),
+        read_timeout=e.number("RATEQUEUE_READ_TIMEOUT", defaults.read_timeout),
+        max_attempts=_int(e, "RATEQUEUE_MAX_ATTEMPTS", defaults.max_attempts),
+        job_deadline_seconds=e.number("RATEQUEUE_JOB_DEADLINE", defaults.job_deadline_seconds),
+        max_file_bytes=_int(e, "RATEQUEUE_MAX_FILE_BYTES", defaults.max_file_bytes),
+        max_lines=_int(e, "RATEQUEUE_MAX_LINES", defaults.max_lines),
+        metrics_port=e.integer("RATEQUEUE_METRICS_PORT", None, minimum=1, maximum=65535),
+        log_level=log_level,
+        visibility_timeout=e.number("RATEQUEUE_VISIBILITY_TIMEOUT", defaults.visibility_timeout),
+        defer_after_seconds=e.number("RATEQUEUE_DEFER_AFTER", defaults.defer_after_seconds),
+        model_overrides=_read_overrides(e.env),
+    )
+    # A task still running when the broker's visibility timeout ends is delivered again: a duplicate
+    # upstream call. One upstream call can take the whole read timeout, so the timeout must exceed it.
+    if settings.visibility_timeout <= settings.read_timeout:
+        raise ConfigError(
+            f"RATEQUEUE_VISIBILITY_TIMEOUT={settings.visibility_timeout:g} must exceed "
+            f"RATEQUEUE_READ_TIMEOUT={settings.read_timeout:g}, or running tasks are redelivered"
+        )
+    if settings.defer_after_seconds >= settings.visibility_timeout:
+        raise ConfigError(
+            f"RATEQUEUE_DEFER_AFTER={settings.defer_after_seconds:g} must be below "
+            f"RATEQUEUE_VISIBILITY_TIMEOUT={settings.visibility_timeout:g}"
+        )
+    return settings
+
+
+def _int(env: _Env, var: str, default: int) -> int:
+    value = env.integer(var, default)
+    assert value is not None  # a default was given
+    return value

@@ -1,0 +1,196 @@
+"""The Python API other services import.
+
+    from producer.api import submit_batch, submit_job, status, wait, iter_results
+
+    batch = submit_batch("prompts.jsonl")            # stored in Redis before it returns
+    wait(batch.batch_id)                             # until completed / cancelled / expired
+    for line in iter_results(batch.batch_id): ...    # Batch output lines, input order
+
+Every function takes an optional ``client`` (a ``Client``); by default one is built from the
+environment (``RATEQUEUE_REDIS_URL``, ...). Workers (``ratequeue worker``) do the calls.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+import redis
+
+from config.models import ModelTable, load_model_table
+from config.settings import Settings, load_settings
+from producer.batchfile import LineError, LineValidator, Limits, read_lines
+from producer.collect import FINAL_STATUSES, batch_object, iter_lines
+from producer.submit import Publish, SubmitReport, Submitter
+from worker import keys
+from worker.errors import BatchNotFoundError, InvalidRequestError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Client:
+    """A connection to one ratequeue deployment (its Redis) with the settings and model table."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        table: ModelTable | None = None,
+        publish: Publish | None = None,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self.table = table or load_model_table(self.settings)
+        self.redis = redis.Redis.from_url(self.settings.redis_url or DEFAULT_REDIS_URL)
+        if publish is None:
+            from worker.app import publish_chunk
+
+            publish = publish_chunk
+        self._submitter = Submitter(self.redis, publish, chunk_size=self.settings.chunk_size)
+        self._validator = LineValidator(self.table)
+
+    def submit_batch(
+        self,
+        source: str | Path | BinaryIO | Iterable[Mapping[str, Any]],
+        completion_window: str = "24h",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SubmitReport:
+        """Submit a Batch-format JSONL file (path or binary stream) or an iterable of request dicts.
+
+        Invalid lines become error lines of the batch (naming line, field and reason); the valid
+        ones run. Returns once every job is stored in Redis and enqueued.
+        """
+        name = str(source) if isinstance(source, str | Path) else "<stream>"
+        batch_id = self._submitter.create_batch(self.settings.account_id, "", name, completion_window, metadata)
+        limits = Limits(self.settings.max_file_bytes, self.settings.max_lines)
+        if isinstance(source, str | Path):
+            with open(source, "rb") as stream:
+                report = self._submitter.add(batch_id, read_lines(stream, self._validator, limits))
+        elif isinstance(source, io.IOBase) or hasattr(source, "read"):
+            report = self._submitter.add(batch_id, read_lines(source, self._validator, limits))  # type: ignore[arg-type]
+        else:
+            lines = (orjson.dumps(request) for request in source)  # type: ignore[union-attr]
+            report = self._submitter.add(batch_id, read_lines(lines, self._validator, limits))
+        if report.by_model:
+            endpoint = ",".join(sorted(report.by_model))
+            self.redis.hset(keys.batch_meta(batch_id), "models", endpoint)
+        self._submitter.seal(batch_id)
+        return report
+
+    def submit_job(
+        self,
+        body: Mapping[str, Any],
+        url: str = "/v1/chat/completions",
+        custom_id: str | None = None,
+        batch_id: str | None = None,
+    ) -> tuple[str, str]:
+        """Enqueue one request; returns (batch_id, custom_id).
+
+        Without ``batch_id`` the job gets a batch of its own. With one, it joins that open batch
+        (made with ``open_batch``). Raises ``InvalidRequestError`` for a request that can be known
+        to fail, before anything is stored.
+        """
+        custom_id = custom_id or f"job-{time.time_ns()}"
+        request = {"custom_id": custom_id, "method": "POST", "url": url, "body": dict(body)}
+        job = self._validator.job(1, custom_id, request)
+        own_batch = batch_id is None
+        if batch_id is None:
+            batch_id = self._submitter.create_batch(self.settings.account_id, url, "<submit_job>")
+        elif not self.redis.exists(keys.batch_meta(batch_id)):
+            raise BatchNotFoundError(f"no batch {batch_id!r}")
+        elif self.redis.hexists(keys.batch_jobs(batch_id), custom_id):
+            raise InvalidRequestError("custom_id", f"{custom_id!r} is already in batch {batch_id}")
+        self._submitter.add(batch_id, [job])
+        if own_batch:
+            self._submitter.seal(batch_id)
+        return batch_id, custom_id
+
+    def open_batch(self, completion_window: str = "24h", metadata: Mapping[str, Any] | None = None) -> str:
+        """A batch that ``submit_job`` calls can join until ``close_batch``."""
+        return self._submitter.create_batch(self.settings.account_id, "", "<open>", completion_window, metadata)
+
+    def close_batch(self, batch_id: str) -> str:
+        """No more jobs will join; the batch completes when its jobs have. Returns the status."""
+        return self._submitter.seal(batch_id)
+
+    def status(self, batch_id: str) -> dict[str, Any]:
+        """The Batch object (OpenAI's shape, plus ``usage`` and ``cost_usd``)."""
+        return batch_object(self.redis, batch_id)
+
+    def wait(self, batch_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
+        """Block until the batch reaches a final status; returns the Batch object.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self.status(batch_id)
+            if batch["status"] in FINAL_STATUSES:
+                return batch
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"batch {batch_id} still {batch['status']} after {timeout} s")
+            time.sleep(poll)
+
+    def iter_results(self, batch_id: str, errors: bool = False) -> Iterator[dict[str, Any]]:
+        """Result lines (or, with ``errors=True``, error lines) as dicts, in input order."""
+        self.status(batch_id)  # raises BatchNotFoundError
+        for line in iter_lines(self.redis, batch_id, "errors" if errors else "results"):
+            yield orjson.loads(line)
+
+    def result(self, batch_id: str, custom_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The output or error line of one job, waiting for it up to ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for key in (keys.batch_results(batch_id), keys.batch_errors(batch_id)):
+                line = self.redis.hget(key, custom_id)
+                if line is not None:
+                    return dict(orjson.loads(line))
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {custom_id} of {batch_id} has no outcome after {timeout} s")
+            time.sleep(0.1)
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        """Stop dispatching the batch's remaining jobs; they are reported as cancelled."""
+        batch = self.status(batch_id)
+        if batch["status"] not in FINAL_STATUSES:
+            self.redis.hset(keys.batch_meta(batch_id), mapping={"status": "cancelling"})
+        return self.status(batch_id)
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+_default: Client | None = None
+
+
+def default_client() -> Client:
+    global _default
+    if _default is None:
+        _default = Client()
+    return _default
+
+
+def submit_batch(source: Any, completion_window: str = "24h", client: Client | None = None) -> SubmitReport:
+    return (client or default_client()).submit_batch(source, completion_window)
+
+
+def submit_job(body: Mapping[str, Any], url: str = "/v1/chat/completions", custom_id: str | None = None,
+               batch_id: str | None = None, client: Client | None = None) -> tuple[str, str]:
+    return (client or default_client()).submit_job(body, url, custom_id, batch_id)
+
+
+def status(batch_id: str, client: Client | None = None) -> dict[str, Any]:
+    return (client or default_client()).status(batch_id)
+
+
+def wait(batch_id: str, timeout: float | None = None, client: Client | None = None) -> dict[str, Any]:
+    return (client or default_client()).wait(batch_id, timeout)
+
+
+def iter_results(batch_id: str, errors: bool = False, client: Client | None = None) -> Iterator[dict[str, Any]]:
+    return (client or default_client()).iter_results(batch_id, errors)
+
+
+__all__ = ["Client", "LineError", "iter_results", "status", "submit_batch", "submit_job", "wait"]

@@ -1,0 +1,154 @@
+"""Reading Batch-format JSONL input: every line becomes a job or an error that names the line,
+the field and the reason. One bad line never sinks the batch; no upstream call is made for a
+request that can be known to fail (bad JSON, unknown model, context overflow, too large for TPM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import orjson
+
+from config.models import ModelTable
+from worker.errors import InvalidRequestError, RequestTooLargeError, UnknownModelError
+from worker.jobs import StoredJob
+from worker.tokens import estimate_request
+
+SUPPORTED_URLS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"})
+MAX_CUSTOM_ID = 512
+
+
+@dataclass(frozen=True)
+class LineError:
+    """An input line that cannot run.
+
+    ``custom_id`` labels the error line (None when the line has no usable one); ``keyed`` says the
+    custom_id was accepted as this line's own, so its error is stored under it (a duplicate's or
+    an over-limit line's is not: it is kept by line number instead).
+    """
+
+    line: int
+    custom_id: str | None
+    code: str
+    message: str
+    param: str | None = None
+    keyed: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 200_000_000
+    max_lines: int = 50_000
+
+
+class LineValidator:
+    """Turns one request object into a ``StoredJob`` or raises ``InvalidRequestError``."""
+
+    def __init__(self, table: ModelTable) -> None:
+        self.table = table
+
+    def job(self, line: int, custom_id: str, request: dict[str, Any]) -> StoredJob:
+        method = request.get("method", "POST")
+        if not isinstance(method, str) or method.upper() != "POST":
+            raise InvalidRequestError("method", f"unsupported method {method!r}: only POST is supported")
+        url = request.get("url")
+        if not isinstance(url, str) or url not in SUPPORTED_URLS:
+            supported = ", ".join(sorted(SUPPORTED_URLS))
+            raise InvalidRequestError("url", f"unsupported url {url!r}: expected one of {supported}")
+        body = request.get("body")
+        if not isinstance(body, dict):
+            raise InvalidRequestError("body", "must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequestError("body.model", "missing or not a string")
+        try:
+            spec = self.table.get(model)
+        except UnknownModelError as exc:
+            raise InvalidRequestError("body.model", str(exc), code="model_not_found") from exc
+        if url not in spec.endpoints:
+            raise InvalidRequestError(
+                "url", f"model {model!r} does not serve {url} (it serves {', '.join(spec.endpoints)})"
+            )
+        estimate = estimate_request(url, body, spec)
+        if estimate.charge > spec.tpm:
+            raise RequestTooLargeError(estimate.charge, spec.tpm, spec.name)
+        return StoredJob(custom_id, line, url, body, spec.name, estimate.charge, estimate.prompt_tokens)
+
+
+def read_lines(
+    stream: BinaryIO | Iterable[bytes], validator: LineValidator, limits: Limits | None = None
+) -> Iterator[StoredJob | LineError]:
+    """Yield, for every input line in order, its job or its error. Blank lines are skipped.
+
+    Lines past ``limits.max_lines`` or past ``limits.max_bytes`` get an error each (the rest of
+    the file is still read, so every line is accounted for).
+    """
+    limits = limits or Limits()
+    seen: dict[str, int] = {}
+    offset = 0
+    counted = 0
+    for number, raw in enumerate(stream, start=1):
+        offset += len(raw)
+        if not raw.strip():
+            continue
+        counted += 1
+        if counted > limits.max_lines:
+            yield LineError(number, _peek_custom_id(raw), "too_many_lines",
+                            f"line {number}: the batch exceeds the limit of {limits.max_lines} lines "
+                            "(raise RATEQUEUE_MAX_LINES)")
+            continue
+        if offset > limits.max_bytes:
+            yield LineError(number, _peek_custom_id(raw), "file_too_large",
+                            f"line {number}: the batch exceeds the limit of {limits.max_bytes} bytes "
+                            "(raise RATEQUEUE_MAX_FILE_BYTES)")
+            continue
+        yield _parse_line(number, raw, validator, seen)
+
+
+def _parse_line(number: int, raw: bytes, validator: LineValidator, seen: dict[str, int]) -> StoredJob | LineError:
+    try:
+        request = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return LineError(number, None, "invalid_json", f"line {number}: not valid JSON ({exc})")
+    if not isinstance(request, dict):
+        return LineError(number, None, "invalid_json", f"line {number}: must be a JSON object")
+    custom_id = request.get("custom_id")
+    problem = _custom_id_problem(custom_id)
+    if problem:
+        return LineError(number, None, "invalid_custom_id", f"line {number}: custom_id {problem}", "custom_id")
+    assert isinstance(custom_id, str)
+    if custom_id in seen:
+        return LineError(
+            number, None, "duplicate_custom_id",
+            f"line {number}: custom_id {custom_id!r} already used on line {seen[custom_id]}", "custom_id",
+        )
+    seen[custom_id] = number
+    try:
+        return validator.job(number, custom_id, request)
+    except InvalidRequestError as exc:
+        message = f"line {number}: {exc.field}: {exc.reason}"
+        return LineError(number, custom_id, exc.code, message, exc.field, keyed=True)
+
+
+def _custom_id_problem(custom_id: object) -> str | None:
+    if custom_id is None:
+        return "is missing"
+    if not isinstance(custom_id, str) or not custom_id:
+        return "must be a non-empty string"
+    if len(custom_id) > MAX_CUSTOM_ID:
+        return f"is longer than {MAX_CUSTOM_ID} characters"
+    if any(ord(ch) < 32 for ch in custom_id):
+        return "must not contain control characters"
+    return None
+
+
+def _peek_custom_id(raw: bytes) -> str | None:
+    """The custom_id of a line we will not run, if it parses; used only to label its error."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    cid = value.get("custom_id") if isinstance(value, dict) else None
+    return cid if isinstance(cid, str) and _custom_id_problem(cid) is None else None

@@ -1,0 +1,120 @@
+"""The `ratequeue` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from worker.errors import RatequeueError
+
+console = Console(stderr=True)
+
+
+def _client():  # type: ignore[no-untyped-def]
+    from producer.api import Client
+
+    return Client()
+
+
+@click.group()
+@click.version_option(package_name="ratequeue")
+def main() -> None:
+    """Rate-limit-aware batch queue for OpenAI-style APIs."""
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Results file (Batch output format, input order).")
+@click.option("--errors", "errors", type=click.Path(dir_okay=False, path_type=Path),
+              help="Errors file (default: OUTPUT with .errors before the suffix).")
+@click.option("-w", "--workers", default=1, show_default=True, help="Local worker processes to start.")
+@click.option("--window", default="24h", show_default=True, help="Completion window; later jobs expire.")
+def run(input_file: Path, output: Path, errors: Path | None, workers: int, window: str) -> None:
+    """Run INPUT_FILE to completion here: Redis, workers, progress, results."""
+    from producer.runner import print_summary, run_file
+
+    summary = run_file(input_file, output, errors, workers, window, console=console)
+    print_summary(summary, console)
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--window", default="24h", show_default=True)
+def submit(input_file: Path, window: str) -> None:
+    """Submit INPUT_FILE to the configured Redis for workers elsewhere; prints the batch id."""
+    report = _client().submit_batch(input_file, window)
+    console.print(f"{report.jobs} jobs queued, {report.errors} input lines rejected")
+    click.echo(report.batch_id)
+
+
+@main.command()
+@click.argument("batch_id")
+def status(batch_id: str) -> None:
+    """Print the Batch object of BATCH_ID as JSON."""
+    click.echo(json.dumps(_client().status(batch_id), indent=2))
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--errors", "errors", type=click.Path(dir_okay=False, path_type=Path))
+def results(batch_id: str, output: Path, errors: Path | None) -> None:
+    """Write the results and errors files of BATCH_ID (what is done so far)."""
+    from producer.collect import errors_path_for, write_outputs
+
+    client = _client()
+    client.status(batch_id)
+    errors = errors or errors_path_for(output)
+    n_results, n_errors = write_outputs(client.redis, batch_id, output, errors)
+    console.print(f"{output}: {n_results} lines; {errors}: {n_errors} lines")
+
+
+@main.command()
+@click.argument("batch_id")
+def cancel(batch_id: str) -> None:
+    """Stop dispatching BATCH_ID's remaining jobs; they are reported as cancelled."""
+    batch = _client().cancel(batch_id)
+    click.echo(batch["status"])
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Start a worker (a Celery worker of ratequeue's queue); extra args go to Celery."""
+    from worker.__main__ import main as worker_main
+
+    worker_main(list(ctx.args))
+
+
+@main.command()
+@click.option("-n", "--jobs", default=300, show_default=True, help="Sample documents to process.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("demo-results.jsonl"), show_default=True)
+@click.option("-w", "--workers", default=2, show_default=True)
+def demo(jobs: int, output: Path, workers: int) -> None:
+    """Process built-in sample documents; with no API key, against the local simulator."""
+    from producer.demo import run_demo
+
+    run_demo(jobs, output, workers, console)
+
+
+def _attach_sim() -> None:
+    from sim.cli import sim_command
+
+    main.add_command(sim_command, name="sim")
+
+
+_attach_sim()
+
+
+def entry() -> None:
+    try:
+        main(standalone_mode=True)
+    except RatequeueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)

@@ -1,0 +1,100 @@
+"""Reading batches back: the Batch object, and result/error lines in input order (streamed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from producer.submit import INPUT_ERROR_MARK
+from worker import keys
+from worker.errors import BatchNotFoundError
+
+PAGE = 1000
+_INT_FIELDS = ("total", "completed", "failed", "prompt_tokens", "completion_tokens", "cached_tokens")
+_TIME_FIELDS = ("created_at", "in_progress_at", "completed_at", "failed_at", "cancelled_at", "expired_at", "expires_at")
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "expired"})
+
+
+def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
+    """The batch as an OpenAI Batch object (plus ratequeue's token and cost totals).
+
+    Raises ``BatchNotFoundError``.
+    """
+    raw = client.hgetall(keys.batch_meta(batch_id))
+    if not raw:
+        raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis")
+    meta = {k.decode(): v.decode() for k, v in raw.items()}
+    ints = {name: int(meta.get(name, 0) or 0) for name in _INT_FIELDS}
+    times = {name: int(meta[name]) if meta.get(name) else None for name in _TIME_FIELDS}
+    return {
+        "id": batch_id,
+        "object": "batch",
+        "endpoint": meta.get("endpoint") or None,
+        "input_file_id": meta.get("input_file") or None,
+        "completion_window": meta.get("completion_window", "24h"),
+        "status": meta.get("status", "validating"),
+        "output_file_id": None,
+        "error_file_id": None,
+        **times,
+        "request_counts": {"total": ints["total"], "completed": ints["completed"], "failed": ints["failed"]},
+        "usage": {
+            "prompt_tokens": ints["prompt_tokens"],
+            "completion_tokens": ints["completion_tokens"],
+            "cached_tokens": ints["cached_tokens"],
+        },
+        "cost_usd": float(meta.get("cost_usd", 0) or 0),
+        "metadata": orjson.loads(meta.get("metadata") or "{}"),
+    }
+
+
+def iter_lines(client: redis.Redis, batch_id: str, kind: str = "results") -> Iterator[bytes]:
+    """Stream a batch's result lines (``kind="results"``) or error lines (``"errors"``) in input
+    order, a page of ``PAGE`` at a time: memory does not grow with the batch."""
+    outcome_key = keys.batch_results(batch_id) if kind == "results" else keys.batch_errors(batch_id)
+    order_key = keys.batch_order(batch_id)
+    start = 0
+    while True:
+        page = [e.decode() for e in client.lrange(order_key, start, start + PAGE - 1)]
+        if not page:
+            return
+        start += len(page)
+        marked = [e for e in page if e.startswith(INPUT_ERROR_MARK)]
+        ids = [e for e in page if not e.startswith(INPUT_ERROR_MARK)]
+        found = dict(zip(ids, client.hmget(outcome_key, ids), strict=True)) if ids else {}
+        input_errors: dict[str, bytes] = {}
+        if kind == "errors" and marked:
+            pipe = client.pipeline(transaction=False)
+            for e in marked:
+                pipe.lindex(keys.batch_input_errors(batch_id), int(e[1:]))
+            input_errors = dict(zip(marked, pipe.execute(), strict=True))
+        for entry in page:
+            line = input_errors.get(entry) if entry.startswith(INPUT_ERROR_MARK) else found.get(entry)
+            if line is not None:
+                yield line
+
+
+def write_outputs(client: redis.Redis, batch_id: str, results_path: Path, errors_path: Path) -> tuple[int, int]:
+    """Write the results and errors files (JSONL, input order); returns the line counts."""
+    counts = []
+    for kind, path in (("results", results_path), ("errors", errors_path)):
+        n = 0
+        tmp = path.with_name(path.name + ".part")
+        with tmp.open("wb") as out:
+            for line in iter_lines(client, batch_id, kind):
+                out.write(line)
+                out.write(b"\n")
+                n += 1
+        tmp.replace(path)
+        counts.append(n)
+    return counts[0], counts[1]
+
+
+def errors_path_for(results_path: Path) -> Path:
+    """Where the errors file goes beside a results file: out.jsonl -> out.errors.jsonl."""
+    suffix = "".join(results_path.suffixes) or ".jsonl"
+    stem = results_path.name[: -len(suffix)] if results_path.suffixes else results_path.name
+    return results_path.with_name(f"{stem}.errors{suffix}")

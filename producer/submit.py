@@ -1,0 +1,168 @@
+"""Writing batches into Redis and putting their chunks on the queue.
+
+Order of writes: a job is stored before any message names it, so a job accepted by ``submit`` is
+in Redis before ``submit`` returns, and a producer that dies halfway leaves a batch that
+``resume`` can finish (it re-enqueues every job without an outcome).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis
+
+from producer.batchfile import LineError
+from worker import keys, records
+from worker.jobs import StoredJob
+from worker.scripts import lua_source
+
+Publish = Callable[[str, Sequence[str]], None]
+INPUT_ERROR_MARK = "\x00"  # order-list entries "\x00<n>" point at input_errors[n]
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass
+class SubmitReport:
+    batch_id: str
+    jobs: int = 0
+    errors: int = 0
+    chunks: int = 0
+    by_model: dict[str, int] = field(default_factory=dict)
+
+
+def parse_window(window: str) -> float:
+    """Seconds in a completion window like "24h", "30m", "7d"; raises ValueError."""
+    window = window.strip()
+    if len(window) < 2 or window[-1] not in _WINDOW_UNITS or not window[:-1].isdigit():
+        raise ValueError(f"completion window {window!r} must look like 24h, 30m or 7d")
+    return int(window[:-1]) * _WINDOW_UNITS[window[-1]]
+
+
+class Submitter:
+    """Stores batches and jobs; ``publish`` puts a chunk message on the queue."""
+
+    def __init__(self, client: redis.Redis, publish: Publish, chunk_size: int = 50, block: int = 500) -> None:
+        self._redis = client
+        self._publish = publish
+        self._chunk_size = chunk_size
+        self._block = block
+        self._store_outcome = client.register_script(lua_source("store_outcome"))
+        self._seal = client.register_script(lua_source("seal_batch"))
+
+    def create_batch(
+        self,
+        account: str,
+        endpoint: str = "",
+        input_file: str = "",
+        completion_window: str = "24h",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Create an empty, unsealed batch; returns its id."""
+        batch_id = f"batch_{secrets.token_hex(12)}"
+        now = time.time()
+        self._redis.hset(
+            keys.batch_meta(batch_id),
+            mapping={
+                "id": batch_id,
+                "status": "validating",
+                "account": account,
+                "endpoint": endpoint,
+                "input_file": input_file,
+                "completion_window": completion_window,
+                "created_at": int(now),
+                "expires_at": int(now + parse_window(completion_window)),
+                "total": 0,
+                "completed": 0,
+                "failed": 0,
+                "sealed": 0,
+                "metadata": orjson.dumps(dict(metadata or {})),
+            },
+        )
+        self._redis.zadd(keys.batches_index(), {batch_id: now})
+        return batch_id
+
+    def add(self, batch_id: str, items: Iterable[StoredJob | LineError]) -> SubmitReport:
+        """Store every job and error of ``items`` and enqueue the jobs in chunks of one model."""
+        report = SubmitReport(batch_id)
+        pending: dict[str, list[str]] = defaultdict(list)
+        input_errors = int(self._redis.hget(keys.batch_meta(batch_id), "input_errors") or 0)
+        block: list[StoredJob | LineError] = []
+        for item in items:
+            block.append(item)
+            if len(block) >= self._block:
+                input_errors = self._write_block(batch_id, block, input_errors, report)
+                self._publish_full(batch_id, block, pending, report)
+                block = []
+        if block:
+            input_errors = self._write_block(batch_id, block, input_errors, report)
+            self._publish_full(batch_id, block, pending, report)
+        for custom_ids in pending.values():
+            if custom_ids:
+                self._publish(batch_id, custom_ids)
+                report.chunks += 1
+        return report
+
+    def seal(self, batch_id: str) -> str:
+        """Declare the batch's input complete; returns its status."""
+        status = self._seal(keys=[keys.batch_meta(batch_id)], args=["in_progress"])
+        return status.decode() if isinstance(status, bytes) else str(status)
+
+    def _write_block(
+        self, batch_id: str, block: Sequence[StoredJob | LineError], input_errors: int, report: SubmitReport
+    ) -> int:
+        meta = keys.batch_meta(batch_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hincrby(meta, "total", len(block))
+        order: list[str] = []
+        jobs: dict[str, bytes] = {}
+        for item in block:
+            if isinstance(item, StoredJob):
+                jobs[item.custom_id] = item.dumps()
+                order.append(item.custom_id)
+                report.jobs += 1
+                report.by_model[item.model] = report.by_model.get(item.model, 0) + 1
+                continue
+            report.errors += 1
+            line = records.error_line(item.custom_id, item.code, item.message, item.line, item.param)
+            if item.keyed and item.custom_id is not None:
+                order.append(item.custom_id)
+                self._store_outcome(
+                    keys=[keys.batch_results(batch_id), keys.batch_errors(batch_id), meta],
+                    args=[item.custom_id, "error", line, 0, 0, 0, "0"],
+                    client=pipe,
+                )
+            else:
+                pipe.rpush(keys.batch_input_errors(batch_id), line)
+                pipe.hincrby(meta, "failed", 1)
+                order.append(f"{INPUT_ERROR_MARK}{input_errors}")
+                input_errors += 1
+        if jobs:
+            pipe.hset(keys.batch_jobs(batch_id), mapping=jobs)  # type: ignore[arg-type]
+        if order:
+            pipe.rpush(keys.batch_order(batch_id), *order)
+        pipe.hset(meta, "input_errors", input_errors)
+        pipe.execute()
+        return input_errors
+
+    def _publish_full(
+        self,
+        batch_id: str,
+        block: Sequence[StoredJob | LineError],
+        pending: dict[str, list[str]],
+        report: SubmitReport,
+    ) -> None:
+        # Chunks hold one model each, so a throttled model never holds up another model's jobs.
+        for item in block:
+            if isinstance(item, StoredJob):
+                chunk = pending[item.model]
+                chunk.append(item.custom_id)
+                if len(chunk) >= self._chunk_size:
+                    self._publish(batch_id, chunk)
+                    report.chunks += 1
+                    pending[item.model] = []

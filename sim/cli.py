@@ -1,0 +1,100 @@
+"""``ratequeue sim`` / ``python -m sim``: run the OpenAI-compatible simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import click
+
+from sim.config import CHARGE_RULES, PROMPT_ESTIMATES, ConfigError, SimConfig, parse_model_spec
+from sim.engine import Engine
+from sim.server import serve
+from sim.tokens import PromptCounter
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (optional, faster), else on asyncio's loop."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
+@click.command("sim")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8900, show_default=True, type=int, help="Port; 0 picks a free one.")
+@click.option("--rpm", default=SimConfig.rpm, show_default=True, type=int,
+              help="Default requests per minute.")
+@click.option("--tpm", default=SimConfig.tpm, show_default=True, type=int,
+              help="Default tokens per minute.")
+@click.option("--burst-seconds", default=SimConfig.burst_seconds, show_default=True, type=float,
+              help="Bucket capacity in seconds of limit (60 = a whole minute's budget).")
+@click.option("--context", default=SimConfig.context, show_default=True, type=int,
+              help="Default context window, tokens.")
+@click.option("--max-output", default=SimConfig.max_output, show_default=True, type=int,
+              help="Default max output tokens, charged when a request sets no max.")
+@click.option("--model", "models", multiple=True, metavar="SPEC",
+              help="Per-model limits, repeatable: NAME:rpm=500:tpm=30000:context=128000:max_output=16384 "
+                   "(also burst, encoding, input_price, output_price in USD per 1M tokens).")
+@click.option("--strict-models", is_flag=True,
+              help="Answer 404 model_not_found for models not given by --model.")
+@click.option("--charge-rule", type=click.Choice(CHARGE_RULES), default=SimConfig.charge_rule,
+              show_default=True,
+              help="TPM charge at arrival: sum = prompt + n*max_output; max = max(prompt, n*max_output).")
+@click.option("--prompt-estimate", type=click.Choice(PROMPT_ESTIMATES), default=SimConfig.prompt_estimate,
+              show_default=True, help="How the prompt is counted: tiktoken, or characters / 4.")
+@click.option("--latency-ms", default=0.0, show_default=True, type=float, help="Base latency of a reply.")
+@click.option("--per-token-ms", default=0.0, show_default=True, type=float,
+              help="Extra latency per output token.")
+@click.option("--fail-rate", default=0.0, show_default=True, type=float,
+              help="Share of accepted requests answered 500/502/503 (equally).")
+@click.option("--slow-rate", default=0.0, show_default=True, type=float,
+              help="Share of requests made slower.")
+@click.option("--slow-ms", default=0.0, show_default=True, type=float, help="Extra delay of a slow request.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of faults and generated output.")
+@click.option("--quota-usd", default=None, type=float, help="Answer insufficient_quota once this is spent.")
+@click.option("--api-key", default=None, help="Require Authorization: Bearer KEY (else 401 invalid_api_key).")
+@click.option("--no-retry-after", is_flag=True, help="Omit retry-after and retry-after-ms on 429s.")
+@click.option("--no-ratelimit-headers", is_flag=True, help="Omit all x-ratelimit-* headers.")
+@click.option("--organization", default=SimConfig.organization, show_default=True, help="Org named in 429s.")
+@click.option("--access-log", is_flag=True, help="Log every request (slows the simulator down).")
+@click.option("--tiktoken-cache", default=None, type=click.Path(file_okay=False),
+              help="tiktoken cache directory to seed [default: ~/.cache/ratequeue/tiktoken].")
+@click.option("--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def sim_command(
+    host: str, port: int, models: tuple[str, ...], strict_models: bool, no_retry_after: bool,
+    no_ratelimit_headers: bool, access_log: bool, tiktoken_cache: str | None, log_level: str, **options: Any,
+) -> None:
+    """Run an OpenAI-compatible API simulator with per-model RPM/TPM buckets and fault injection."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = SimConfig().updated({
+            **options,
+            "models": dict(parse_model_spec(spec) for spec in models),
+            "strict_models": strict_models,
+            "retry_after": not no_retry_after,
+            "ratelimit_headers": not no_ratelimit_headers,
+        })
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if access_log:  # its lines are INFO: show them whatever --log-level says
+        logging.getLogger("aiohttp.access").setLevel(logging.INFO)
+    counter = PromptCounter(tiktoken_cache)
+    counter.preload()  # before "listening": a ready simulator answers its first request at full speed
+    engine = Engine(config, counter)
+
+    def ready(url: str) -> None:
+        click.echo(f"ratequeue-sim listening on {url}")
+        sys.stdout.flush()  # a parent process waits for this line
+
+    _run(serve(engine, host, port, access_log=access_log, on_ready=ready))

@@ -1,0 +1,94 @@
+"""Counters behind ``GET /sim/stats``: what the simulator saw, so tests can judge the client."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+R429_KINDS = ("tokens", "requests", "too_large", "insufficient_quota")
+
+
+class Stats:
+    """Totals, a per-second timeline and calls per ``X-Client-Request-Id`` since start or reset."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything; the timeline restarts at t=0."""
+        self.started = time.monotonic()
+        self.started_at = time.time()
+        self.by_status: Counter[int] = Counter()
+        self.r429: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self.accepted_requests = 0
+        self.tokens_charged = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.spend_usd = 0.0
+        self.by_model: dict[str, list[int]] = {}  # model -> [requests_ok, tokens_charged_ok, r429]
+        self.timeline: list[list[int]] = []  # second -> [requests_ok, tokens_charged_ok, r429]
+        self.calls_by_client_id: Counter[str] = Counter()
+
+    def _slot(self, now: float) -> list[int]:
+        second = max(0, int(now - self.started))
+        while len(self.timeline) <= second:
+            self.timeline.append([0, 0, 0])
+        return self.timeline[second]
+
+    def _model(self, model: str) -> list[int]:
+        row = self.by_model.get(model)
+        if row is None:
+            row = self.by_model[model] = [0, 0, 0]
+        return row
+
+    def record_accept(self, now: float, model: str, charge: int, ok: bool) -> None:
+        """A request passed the buckets and was charged ``charge`` tokens; ``ok`` unless a fault follows."""
+        self.accepted_requests += 1
+        self.tokens_charged += charge
+        if ok:
+            slot = self._slot(now)
+            slot[0] += 1
+            slot[1] += charge
+            row = self._model(model)
+            row[0] += 1
+            row[1] += charge
+
+    def record_usage(self, prompt: int, completion: int, cost: float) -> None:
+        """Usage billed for a successful response."""
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.spend_usd += cost
+
+    def record_429(self, now: float, model: str, kind: str) -> None:
+        """A 429 of ``kind`` (one of ``R429_KINDS``)."""
+        self.r429[kind] += 1
+        self._slot(now)[2] += 1
+        self._model(model)[2] += 1
+
+    def snapshot(self, timeline: bool = True) -> dict[str, Any]:
+        """The ``/sim/stats`` JSON."""
+        out: dict[str, Any] = {
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "started_at": self.started_at,
+            "requests_total": sum(self.by_status.values()),
+            "by_status": {str(code): n for code, n in sorted(self.by_status.items())},
+            "r429": {kind: self.r429[kind] for kind in R429_KINDS},
+            "faults": dict(self.faults),
+            "accepted_requests": self.accepted_requests,
+            "tokens_charged": self.tokens_charged,
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens},
+            "spend_usd": round(self.spend_usd, 9),
+            "by_model": {
+                model: {"requests_ok": row[0], "tokens_charged_ok": row[1], "r429": row[2]}
+                for model, row in self.by_model.items()
+            },
+            "calls_by_client_id": dict(self.calls_by_client_id),
+        }
+        if timeline:
+            out["timeline"] = [
+                {"t": t, "requests_ok": s[0], "tokens_charged_ok": s[1], "r429": s[2]}
+                for t, s in enumerate(self.timeline)
+            ]
+        return out

@@ -1,0 +1,73 @@
+"""Shared fixtures: the real Redis on 6379 (a database of its own), the simulator, workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+TEST_DB = 15
+REDIS_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A clean Redis database on the real server (flushed before and after the test)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def base_env(redis_url: str, sim_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RATEQUEUE_", "OPENAI_"))}
+    env.update(
+        RATEQUEUE_REDIS_URL=redis_url,
+        OPENAI_BASE_URL=sim_url,
+        OPENAI_API_KEY="sk-test-0123456789abcdef",
+        RATEQUEUE_DATA_DIR=str(tmp_path / "data"),
+        RATEQUEUE_LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], subprocess.Popen[bytes]]]:
+    """Start `python -m worker` processes with an environment; all are stopped after the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"worker-{len(procs)}.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=ROOT)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + 20
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,278 @@
+"""`BucketGate` and `GateRegistry` against the real Redis: FIFO at the configured rate with few
+Redis calls, timeouts and cancellations that charge nothing, fairness between processes, and a
+pump that survives Redis being unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TypeVar
+
+import pytest
+import redis
+import redis.asyncio
+
+from worker.errors import RequestTooLargeError
+from worker.gate import BucketGate, CapacityTimeout, GateRegistry
+from worker.keys import bucket_key
+from worker.limiter import BucketLimits, Limiter, ReserveResult
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+FAST = BucketLimits(rpm=12000, tpm=10_000_000, burst_seconds=0.5)  # 200 req/s, capacity 100
+TOKENS = BucketLimits(rpm=60000, tpm=60000, burst_seconds=1.0)  # 1000 tokens/s, capacity 1000
+
+pytestmark = pytest.mark.timeout(30)
+T = TypeVar("T")
+
+
+class CountingLimiter(Limiter):
+    """A real limiter that counts its reserve calls (what the gate must keep small)."""
+
+    calls = 0
+
+    async def reserve(self, key: str, limits: BucketLimits, costs: Sequence[int]) -> ReserveResult:
+        self.calls += 1
+        return await super().reserve(key, limits, costs)
+
+
+@pytest.fixture
+def key() -> Iterator[str]:
+    k = bucket_key(uuid.uuid4().hex[:12], "gpt-gate")
+    yield k
+    redis.Redis.from_url(REDIS_URL).delete(k)
+
+
+def run(main: Callable[[CountingLimiter], Awaitable[T]], horizon: float = 2.0, url: str = REDIS_URL) -> T:
+    """Run `main(limiter)` in a fresh event loop with its own Redis client."""
+
+    async def wrapper() -> T:
+        client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=0.5)
+        try:
+            return await main(CountingLimiter(client, horizon_seconds=horizon))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(wrapper())
+
+
+def worst_window(times: list[float], window: float) -> int:
+    return max(bisect.bisect_right(times, t + window) - i for i, t in enumerate(times))
+
+
+def test_500_waiters_fifo_at_rate_with_few_redis_calls(key: str) -> None:
+    async def main(limiter: CountingLimiter) -> tuple[list[int], list[float], float]:
+        gate = GateRegistry(limiter).get(key, FAST)
+        order: list[int] = []
+        released: list[float] = []
+
+        async def one(i: int) -> None:
+            await gate.acquire(10)
+            order.append(i)
+            released.append(time.monotonic())
+
+        start = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(500)))
+        assert gate._pump_task is None  # the pump exits when idle
+        return order, released, start
+
+    limiter_calls: list[int] = []
+
+    async def counted(limiter: CountingLimiter) -> tuple[list[int], list[float], float]:
+        try:
+            return await main(limiter)
+        finally:
+            limiter_calls.append(limiter.calls)
+
+    order, released, start = run(counted, horizon=0.5)
+    assert order == list(range(500))  # first come, first served
+    # 100 at once, then 200/s: the last goes 2 s after the first.
+    assert 1.95 <= released[-1] - start <= 2.5
+    for w in (0.05, 0.1, 0.25, 0.5, 1.0):
+        assert worst_window(released, w) <= FAST.request_capacity + FAST.request_rate * w + 2
+    assert limiter_calls[0] <= 60, limiter_calls  # vs 500 waiters: batched, and paced by retry_in
+
+
+def test_timeout_before_grant_raises_and_charges_nothing(key: str) -> None:
+    async def main(limiter: CountingLimiter) -> None:
+        await limiter.set_not_before(key, 5.0)  # a 429 said: nothing for 5 s
+        gate = BucketGate(limiter, key, TOKENS)
+        start = time.monotonic()
+        tries = [gate.acquire(100, timeout=0.3) for _ in range(20)]
+        results = await asyncio.gather(*tries, return_exceptions=True)
+        elapsed = time.monotonic() - start
+        assert all(isinstance(r, CapacityTimeout) for r in results), results
+        assert 0.3 <= elapsed < 0.6
+        first = results[0]
+        assert isinstance(first, CapacityTimeout)
+        assert 3.0 < first.retry_in < 5.0  # the pump's next try is ~4.5 s away (nb - horizon)
+        levels = await limiter.peek(key, TOKENS)
+        assert (levels.tokens, levels.requests) == (TOKENS.token_capacity, TOKENS.request_capacity)
+        assert gate.pending == 0
+        assert limiter.calls == 1
+
+    run(main, horizon=0.5)
+
+
+def test_cancel_after_grant_refunds(key: str) -> None:
+    async def main(limiter: CountingLimiter) -> None:
+        drained = await limiter.reserve(key, TOKENS, [1000])  # empty: 500 tokens take 0.5 s
+        gate = BucketGate(limiter, key, TOKENS)
+        task = asyncio.create_task(gate.acquire(500))
+        await asyncio.sleep(0.1)
+        assert gate.pending == 0  # granted, waiting for its send time
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)  # the refund is sent in the background
+        levels = await limiter.peek(key, TOKENS)
+        refill = TOKENS.token_rate * (levels.now_us - drained.now_us) / 1e6
+        assert levels.tokens == pytest.approx(refill, abs=5)  # as if the 500 had never been reserved
+
+    run(main)
+
+
+def test_grant_past_deadline_fails_at_once_and_refunds(key: str) -> None:
+    async def main(limiter: CountingLimiter) -> None:
+        drained = await limiter.reserve(key, TOKENS, [1000])
+        gate = BucketGate(limiter, key, TOKENS)
+        start = time.monotonic()
+        with pytest.raises(CapacityTimeout) as info:
+            await gate.acquire(500, timeout=0.3)  # granted for +0.5 s: beyond the deadline
+        assert time.monotonic() - start < 0.1
+        assert info.value.retry_in == pytest.approx(0.5, abs=0.05)
+        await asyncio.sleep(0.05)
+        levels = await limiter.peek(key, TOKENS)
+        refill = TOKENS.token_rate * (levels.now_us - drained.now_us) / 1e6
+        assert levels.tokens == pytest.approx(refill, abs=5)
+
+    run(main)
+
+
+def test_too_large_and_lowered_limits(key: str) -> None:
+    async def main(limiter: CountingLimiter) -> None:
+        gate = GateRegistry(limiter).get(key, TOKENS)
+        with pytest.raises(RequestTooLargeError):
+            await gate.acquire(60001)
+        await limiter.set_not_before(key, 1.0)
+        task = asyncio.create_task(gate.acquire(500))
+        small = asyncio.create_task(gate.acquire(10))
+        await asyncio.sleep(0.05)
+        assert gate.pending == 2  # refused: nb is 1 s away, the horizon 0.1 s
+        gate.update_limits(BucketLimits(rpm=60000, tpm=300, burst_seconds=1))  # learned: 300 TPM
+        with pytest.raises(RequestTooLargeError):
+            await asyncio.wait_for(task, 0.5)  # the pump is woken; no need to wait for nb
+        assert await small >= 0.9
+
+    run(main, horizon=0.1)
+
+
+def test_registry_returns_one_gate_per_key_and_updates_limits(key: str) -> None:
+    async def main(limiter: CountingLimiter) -> None:
+        registry = GateRegistry(limiter)
+        gate = registry.get(key, TOKENS)
+        assert registry.get(key, TOKENS) is gate
+        assert registry.get(key, FAST) is gate
+        assert gate.limits == FAST
+        assert registry.get(key + "x", FAST) is not gate
+
+    run(main)
+
+
+def test_two_processes_share_the_bucket_fairly(key: str) -> None:
+    limits = BucketLimits(rpm=12000, tpm=10_000_000, burst_seconds=0.1)  # 200/s, capacity 20
+    barrier = threading.Barrier(2)
+    released: dict[str, list[float]] = {"a": [], "b": []}
+
+    def process(name: str) -> None:
+        async def main(limiter: CountingLimiter) -> None:
+            gate = GateRegistry(limiter).get(key, limits)
+
+            async def one() -> None:
+                await gate.acquire(10)
+                released[name].append(time.monotonic())
+
+            await asyncio.gather(*(one() for _ in range(250)))
+
+        barrier.wait()
+        run(main, horizon=0.25)
+
+    threads = [threading.Thread(target=process, args=(n,)) for n in released]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    a, b = released["a"], released["b"]
+    assert len(a) == len(b) == 250
+    # The first to ask is first served up to capacity + one horizon (20 + 50 grants); from then
+    # on, while both still have waiters, the refill must be shared about evenly.
+    settled, both_busy_until = min(a[0], b[0]) + 0.3, min(a[-1], b[-1])
+    share_a = sum(settled <= t <= both_busy_until for t in a)
+    share_b = sum(settled <= t <= both_busy_until for t in b)
+    assert min(share_a, share_b) / max(share_a, share_b) > 0.75, (share_a, share_b)
+    merged = sorted(a + b)
+    for w in (0.1, 0.5, 1.0):
+        assert worst_window(merged, w) <= limits.request_capacity + limits.request_rate * w + 2
+    assert 2.2 <= merged[-1] - merged[0] <= 3.2  # 500 at 200/s after a burst of 20
+
+
+def test_pump_survives_redis_outage(key: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis is unreachable when the waiters arrive and comes back 0.6 s later (through a proxy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", 6379)
+        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
+
+    async def main(limiter: CountingLimiter) -> None:
+        gate = BucketGate(limiter, key, FAST)
+        start = time.monotonic()
+        waiters = [asyncio.create_task(gate.acquire(10, timeout=10)) for _ in range(50)]
+        impatient = asyncio.create_task(gate.acquire(10, timeout=0.2))
+        await asyncio.sleep(0.6)
+        assert not any(w.done() for w in waiters)
+        server = await asyncio.start_server(relay, "127.0.0.1", port)
+        try:
+            waited = await asyncio.gather(*waiters)
+            assert all(w >= 0.6 for w in waited)
+            assert time.monotonic() - start < 3.5  # backoff is capped
+            with pytest.raises(CapacityTimeout):
+                await impatient
+            levels = await limiter.peek(key, FAST)
+            assert levels.requests == pytest.approx(FAST.request_capacity - 50, abs=1)
+        finally:
+            server.close()
+
+    with caplog.at_level(logging.WARNING, logger="worker.gate"):
+        run(main, url=f"redis://127.0.0.1:{port}/0")
+    assert any("reserve on" in rec.message for rec in caplog.records)
+
+
+def test_gate_refuses_a_second_event_loop(key: str) -> None:
+    gates: list[BucketGate] = []
+
+    async def first(limiter: CountingLimiter) -> None:
+        gates.append(BucketGate(limiter, key, FAST))
+        await gates[0].acquire(1)
+
+    async def second(limiter: CountingLimiter) -> None:
+        with pytest.raises(RuntimeError, match="one event loop"):
+            await gates[0].acquire(1)
+
+    run(first)
+    run(second)

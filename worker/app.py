@@ -1,0 +1,63 @@
+"""The Celery application: broker settings chosen for a job queue that must not lose or repeat jobs.
+
+- acks_late + reject_on_worker_lost: a message is acked only after its jobs are stored or
+  deferred; a killed worker's messages come back.
+- prefetch multiplier 1 with a threads pool of ``worker_slots``: a worker holds no more chunks
+  than it is running (no hoarding while other workers idle).
+- no result backend: it halves throughput, and outcomes live in ratequeue's own store.
+- the visibility timeout bounds how long a killed worker's chunk stays invisible; a live worker
+  never holds a chunk that long, because a job that must wait more than ``defer_after_seconds``
+  is moved to Redis's deferred set and its chunk acked (Celery countdown/ETA is never used).
+- kombu's Redis pool sized to the slots (its default of 10 loses acks under concurrency).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from celery import Celery
+
+from config.settings import Settings, load_settings
+
+QUEUE = "ratequeue"
+RUN_CHUNK = "ratequeue.run_chunk"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app wired to ``settings.redis_url`` (the local default when unset)."""
+    url = settings.redis_url or DEFAULT_REDIS_URL
+    app = Celery("ratequeue", broker=url, include=["worker.tasks"])
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        result_backend=None,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.worker_slots,
+        worker_pool="threads",
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "max_connections": settings.worker_slots * 2 + 10,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        },
+        broker_pool_limit=settings.worker_slots + 4,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = create_app(load_settings())
+
+
+def publish_chunk(batch_id: str, custom_ids: Sequence[str]) -> None:
+    """Put one chunk message (a batch id and up to ``chunk_size`` custom_ids) on the queue."""
+    app.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)

@@ -1,0 +1,94 @@
+"""Every Redis key ratequeue uses, built in one place.
+
+Keys of one (account, model) bucket share the hash tag ``{account:model}`` so that a Lua
+script touching several of them stays in one cluster slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "rq"
+
+
+def account_fingerprint(api_key: str, organization: str | None = None, base_url: str = "") -> str:
+    """A short, stable id of an account that never reveals the key (sha256, 12 hex chars).
+
+    The organization wins over the key when set, since all keys of one organization share one limit.
+    """
+    ident = f"org:{organization}" if organization else f"key:{api_key}"
+    return hashlib.sha256(f"{base_url}|{ident}".encode()).hexdigest()[:12]
+
+
+def bucket_key(account: str, model: str) -> str:
+    """The hash holding the request and token buckets of one (account, model)."""
+    return f"{PREFIX}:bucket:{{{account}:{model}}}"
+
+
+def batch_meta(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """Hash: custom_id -> the stored job (request, line number, estimate)."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
+def batch_order(batch_id: str) -> str:
+    """List of custom_ids in input order; results are collected in this order."""
+    return f"{PREFIX}:batch:{batch_id}:order"
+
+
+def batch_results(batch_id: str) -> str:
+    """Hash: custom_id -> Batch output line. Written with HSETNX: a stored result is never overwritten."""
+    return f"{PREFIX}:batch:{batch_id}:results"
+
+
+def batch_errors(batch_id: str) -> str:
+    """Hash: custom_id -> Batch error line (jobs that could not be run)."""
+    return f"{PREFIX}:batch:{batch_id}:errors"
+
+
+def batch_input_errors(batch_id: str) -> str:
+    """List of error lines for input lines that were rejected at submit (no usable custom_id)."""
+    return f"{PREFIX}:batch:{batch_id}:input_errors"
+
+
+def batches_index() -> str:
+    """Sorted set of batch ids by creation time."""
+    return f"{PREFIX}:batches"
+
+
+def deferred_jobs() -> str:
+    """Sorted set of chunks waiting for capacity, scored by the time they may run again."""
+    return f"{PREFIX}:deferred"
+
+
+def batch_attempts(batch_id: str) -> str:
+    """Hash: custom_id -> failed upstream attempts so far (survives worker crashes)."""
+    return f"{PREFIX}:batch:{batch_id}:attempts"
+
+
+def batch_last_failure(batch_id: str) -> str:
+    """Hash: custom_id -> JSON of the last failed attempt (status, message)."""
+    return f"{PREFIX}:batch:{batch_id}:last_failure"
+
+
+def batch_keys(batch_id: str) -> list[str]:
+    """Every key of one batch (for deletion)."""
+    return [
+        batch_meta(batch_id),
+        batch_jobs(batch_id),
+        batch_order(batch_id),
+        batch_results(batch_id),
+        batch_errors(batch_id),
+        batch_input_errors(batch_id),
+        batch_attempts(batch_id),
+        batch_last_failure(batch_id),
+        batch_claims(batch_id),
+    ]
+
+
+def batch_claims(batch_id: str) -> str:
+    """Hash: custom_id -> "<owner> <lease expiry ms>" of the run currently executing the job."""
+    return f"{PREFIX}:batch:{batch_id}:claims"

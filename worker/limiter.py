@@ -1,0 +1,329 @@
+"""The shared rate limiter: one Redis hash per (account, model) holding a request bucket and a
+token bucket, driven by the Lua scripts in ``worker/lua``.
+
+Reservations work like golang.org/x/time/rate's ``Reserve``: a caller is told the exact time its
+request may be sent and is debited at once, so many workers on many hosts are served in order
+without polling. A reservation never runs further than ``horizon_seconds`` ahead of now (except a
+request bigger than the burst capacity, which is granted when the bucket can schedule it); past
+that the caller is told ``retry_in``, the earliest time asking again can succeed.
+
+`Limiter` (asyncio) and `SyncLimiter` (threads, scripts, tests) share the argument building and
+result parsing below; each only runs the Redis call. Redis failures are raised as `LimiterError`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import redis
+import redis.asyncio
+
+from worker.errors import ConfigError, RatequeueError, RequestTooLargeError
+from worker.scripts import lua_source
+
+__all__ = [
+    "BucketLevels",
+    "BucketLimits",
+    "Limiter",
+    "LimiterError",
+    "ReserveResult",
+    "SyncLimiter",
+    "check_cost",
+]
+
+T = TypeVar("T")
+
+# The scripts ship as package data of `worker` (worker/lua/*.lua), read through importlib.resources.
+_LUA: dict[str, str] = {name: lua_source(name) for name in ("reserve", "reconcile", "set_not_before", "peek")}
+# bucket_key() is ``rq:bucket:{<12 hex account>:<model>}``; the model is only wanted for messages.
+_MODEL_IN_KEY = re.compile(r"\{[^:}]*:([^}]*)\}")
+
+
+class LimiterError(RatequeueError):
+    """Redis could not be reached or refused a limiter script; the original error is the cause."""
+
+
+@dataclass(frozen=True)
+class BucketLimits:
+    """Limits of one (account, model): requests and tokens per minute, and the burst size.
+
+    `burst_seconds` is how many seconds of refill each bucket holds: OpenAI enforces its
+    per-minute limits in short slices, so a full minute's budget at once would draw 429s.
+    Raises `ConfigError` if any value is not positive.
+    """
+
+    rpm: float
+    tpm: float
+    burst_seconds: float
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "burst_seconds"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"BucketLimits.{name} must be a positive number, got {value!r}")
+
+    @property
+    def request_rate(self) -> float:
+        """Request-bucket refill, requests per second."""
+        return self.rpm / 60
+
+    @property
+    def token_rate(self) -> float:
+        """Token-bucket refill, tokens per second."""
+        return self.tpm / 60
+
+    @property
+    def request_capacity(self) -> float:
+        """Request-bucket capacity, requests."""
+        return self.request_rate * self.burst_seconds
+
+    @property
+    def token_capacity(self) -> float:
+        """Token-bucket capacity, tokens."""
+        return self.token_rate * self.burst_seconds
+
+
+@dataclass(frozen=True)
+class ReserveResult:
+    """Outcome of one batch reservation.
+
+    `now_us`: Redis's clock when the reservation was made (µs since epoch).
+    `waits`: seconds each granted request must wait before it is sent, in the order asked; the
+    granted requests are a prefix of the costs asked for, and are already charged.
+    `retry_in`: seconds until asking again for the first refused cost can succeed; None if all
+    were granted.
+    """
+
+    now_us: int
+    waits: list[float]
+    retry_in: float | None
+
+    @property
+    def granted(self) -> int:
+        """How many of the costs asked for were granted (a prefix)."""
+        return len(self.waits)
+
+    def send_at_us(self, index: int) -> int:
+        """Redis time (µs since epoch) at which granted request `index` may be sent."""
+        return self.now_us + math.ceil(self.waits[index] * 1e6)
+
+
+@dataclass(frozen=True)
+class BucketLevels:
+    """Levels of both buckets at `now_us` (Redis clock, µs since epoch).
+
+    Levels may be negative (debt of reservations already granted). `not_before_ms` is the time
+    (ms since epoch) before which nothing may be sent, 0 if none.
+    """
+
+    now_us: int
+    requests: float
+    tokens: float
+    not_before_ms: int
+    request_capacity: float
+    token_capacity: float
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One script invocation: which script, its KEYS and ARGV, and how to read its reply."""
+
+    script: str
+    keys: list[str]
+    args: list[int | float | str]
+    parse: Callable[[Any], T]
+
+
+def _limit_args(limits: BucketLimits) -> list[int | float | str]:
+    # repr() keeps every digit of a float; Lua's tonumber reads it back exactly.
+    return [repr(float(limits.rpm)), repr(float(limits.tpm)), repr(float(limits.burst_seconds))]
+
+
+def check_cost(key: str, limits: BucketLimits, cost: float) -> None:
+    """Refuse a cost that can never be admitted on bucket `key`.
+
+    Raises `RequestTooLargeError` if `cost` (tokens) exceeds the TPM limit: OpenAI refuses such a
+    request for ever, so it must fail now instead of waiting. Raises `ValueError` if negative.
+    """
+    if cost < 0:
+        raise ValueError(f"cost must be >= 0 tokens, got {cost}")
+    if cost > limits.tpm:
+        match = _MODEL_IN_KEY.search(key)
+        raise RequestTooLargeError(math.ceil(cost), limits.tpm, match.group(1) if match else key)
+
+
+def _parse_reserve(raw: Sequence[Any]) -> ReserveResult:
+    retry_us = int(raw[1])
+    return ReserveResult(
+        now_us=int(raw[0]),
+        waits=[int(w) / 1e6 for w in raw[2:]],
+        retry_in=None if retry_us < 0 else retry_us / 1e6,
+    )
+
+
+def _parse_levels(raw: Sequence[Any]) -> BucketLevels:
+    return BucketLevels(
+        now_us=int(raw[0]),
+        requests=float(raw[1]),
+        tokens=float(raw[2]),
+        not_before_ms=int(raw[3]),
+        request_capacity=float(raw[4]),
+        token_capacity=float(raw[5]),
+    )
+
+
+class _LimiterBase:
+    """Argument checking, ARGV building and reply parsing shared by both limiters."""
+
+    def __init__(self, horizon_seconds: float) -> None:
+        if not (math.isfinite(horizon_seconds) and horizon_seconds >= 0):
+            raise ConfigError(f"horizon_seconds must be >= 0, got {horizon_seconds!r}")
+        self.horizon_seconds = horizon_seconds
+
+    def _reserve_call(self, key: str, limits: BucketLimits, costs: Sequence[int]) -> _Call[ReserveResult]:
+        if not costs:
+            raise ValueError("reserve needs at least one cost")
+        for cost in costs:
+            check_cost(key, limits, cost)
+        # Tokens are whole; round a fractional estimate up rather than under-charge.
+        args = [*_limit_args(limits), round(self.horizon_seconds * 1e6), *(math.ceil(c) for c in costs)]
+        return _Call("reserve", [key], args, _parse_reserve)
+
+    @staticmethod
+    def _reconcile_call(
+        key: str,
+        limits: BucketLimits,
+        token_delta: float,
+        request_delta: float,
+        remaining_tokens: float | None,
+        remaining_requests: float | None,
+    ) -> _Call[BucketLevels]:
+        for value in (remaining_tokens, remaining_requests):
+            if value is not None and value < 0:
+                raise ValueError(f"a remaining count must be >= 0 or None, got {value}")
+        args = [
+            *_limit_args(limits),
+            repr(float(token_delta)),
+            repr(float(request_delta)),
+            -1 if remaining_tokens is None else repr(float(remaining_tokens)),
+            -1 if remaining_requests is None else repr(float(remaining_requests)),
+        ]
+        return _Call("reconcile", [key], args, _parse_levels)
+
+    @staticmethod
+    def _not_before_call(key: str, delay_seconds: float) -> _Call[int]:
+        if not (math.isfinite(delay_seconds) and delay_seconds >= 0):
+            raise ValueError(f"delay_seconds must be >= 0, got {delay_seconds}")
+        return _Call("set_not_before", [key], [math.ceil(delay_seconds * 1000)], int)
+
+    @staticmethod
+    def _peek_call(key: str, limits: BucketLimits) -> _Call[BucketLevels]:
+        return _Call("peek", [key], _limit_args(limits), _parse_levels)
+
+
+class Limiter(_LimiterBase):
+    """The limiter for asyncio code. One instance per event loop (its Redis client is bound to it).
+
+    Size the client's connection pool for the concurrency: redis-py 8 caps a pool at 100
+    connections and raises rather than waits (use a ``BlockingConnectionPool``).
+    """
+
+    def __init__(self, redis_client: redis.asyncio.Redis, horizon_seconds: float = 2.0) -> None:
+        super().__init__(horizon_seconds)
+        self.redis = redis_client
+        # register_script re-loads a script on NOSCRIPT (e.g. after a Redis restart emptied its cache).
+        self._scripts = {name: redis_client.register_script(src) for name, src in _LUA.items()}
+
+    async def _run(self, call: _Call[T]) -> T:
+        try:
+            raw = await self._scripts[call.script](keys=call.keys, args=call.args)
+        except redis.RedisError as exc:
+            raise LimiterError(f"{call.script} on {call.keys[0]}: {exc}") from exc
+        return call.parse(raw)
+
+    async def reserve(self, key: str, limits: BucketLimits, costs: Sequence[int]) -> ReserveResult:
+        """Reserve a FIFO batch of requests costing `costs` tokens each; grants the longest prefix
+        that fits the horizon and charges it at once.
+
+        Raises `RequestTooLargeError` (without calling Redis) if a cost exceeds the TPM limit,
+        `ValueError` on an empty list or a negative cost, `LimiterError` if Redis fails.
+        """
+        return await self._run(self._reserve_call(key, limits, costs))
+
+    async def reconcile(
+        self,
+        key: str,
+        limits: BucketLimits,
+        token_delta: float = 0,
+        request_delta: float = 0,
+        remaining_tokens: float | None = None,
+        remaining_requests: float | None = None,
+    ) -> BucketLevels:
+        """Correct the levels after a response: deltas are added (positive = refund, negative =
+        extra charge); a server-reported remaining count (x-ratelimit-remaining-*, None = unknown
+        or unreliable) only ever lowers a level. Returns the new levels. Raises `LimiterError`.
+        """
+        call = self._reconcile_call(
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests
+        )
+        return await self._run(call)
+
+    async def set_not_before(self, key: str, delay_seconds: float) -> None:
+        """Forbid sending on this bucket for `delay_seconds` from now (never shortens an earlier
+        ban). Raises `ValueError` on a negative delay, `LimiterError` if Redis fails.
+        """
+        await self._run(self._not_before_call(key, delay_seconds))
+
+    async def peek(self, key: str, limits: BucketLimits) -> BucketLevels:
+        """Current levels refilled to now, without writing. Raises `LimiterError`."""
+        return await self._run(self._peek_call(key, limits))
+
+
+class SyncLimiter(_LimiterBase):
+    """The limiter for blocking code (threads, scripts, tests); same methods as `Limiter`.
+
+    A ``redis.Redis`` client is thread-safe: share one per process, with a pool sized for the threads.
+    """
+
+    def __init__(self, redis_client: redis.Redis, horizon_seconds: float = 2.0) -> None:
+        super().__init__(horizon_seconds)
+        self.redis = redis_client
+        self._scripts = {name: redis_client.register_script(src) for name, src in _LUA.items()}
+
+    def _run(self, call: _Call[T]) -> T:
+        try:
+            raw = self._scripts[call.script](keys=call.keys, args=call.args)
+        except redis.RedisError as exc:
+            raise LimiterError(f"{call.script} on {call.keys[0]}: {exc}") from exc
+        return call.parse(raw)
+
+    def reserve(self, key: str, limits: BucketLimits, costs: Sequence[int]) -> ReserveResult:
+        """Blocking `Limiter.reserve`."""
+        return self._run(self._reserve_call(key, limits, costs))
+
+    def reconcile(
+        self,
+        key: str,
+        limits: BucketLimits,
+        token_delta: float = 0,
+        request_delta: float = 0,
+        remaining_tokens: float | None = None,
+        remaining_requests: float | None = None,
+    ) -> BucketLevels:
+        """Blocking `Limiter.reconcile`."""
+        call = self._reconcile_call(
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests
+        )
+        return self._run(call)
+
+    def set_not_before(self, key: str, delay_seconds: float) -> None:
+        """Blocking `Limiter.set_not_before`."""
+        self._run(self._not_before_call(key, delay_seconds))
+
+    def peek(self, key: str, limits: BucketLimits) -> BucketLevels:
+        """Blocking `Limiter.peek`."""
+        return self._run(self._peek_call(key, limits))

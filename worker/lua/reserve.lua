@@ -1,0 +1,75 @@
+-- reserve.lua: reserve capacity for a FIFO batch of requests on one (account, model) bucket.
+--
+-- Key schema: KEYS[1] = worker.keys.bucket_key(account, model), a hash:
+--   rl  request-bucket level (requests; float; negative = debt owed by reservations already granted)
+--   rt  time rl was brought up to date (µs since epoch, Redis clock)
+--   tl  token-bucket level (tokens; float; may be negative)
+--   tt  time tl was brought up to date (µs since epoch)
+--   nb  not-before: nothing may be sent before this time (ms since epoch), written after a 429
+-- A missing hash or field means a full bucket and nb = 0. The hash expires once both buckets
+-- would be full again and nb has passed, so an idle bucket costs nothing.
+--
+-- Capacity = limit * burst_seconds / 60, refill = limit / 60 per second, continuous.
+-- For each cost c, in order: wait = max((1 - rl)/rate_r, (c - tl)/rate_t, nb - now, 0).
+-- If wait <= max(horizon, (c - cap_t)/rate_t, (1 - cap_r)/rate_r) it is granted and debited now;
+-- else nothing more is granted and retry_in = wait - that horizon.
+--
+-- ARGV[1] rpm   ARGV[2] tpm   ARGV[3] burst_seconds   ARGV[4] horizon (µs)
+-- ARGV[5..] costs in tokens (0 <= cost <= tpm), first come first served
+-- Returns {now_us, retry_in_us (-1 if all granted), wait_us of each granted request, in order}.
+-- Waits are rounded up to whole µs so that no request is ever sent early.
+
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+local rpm, tpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local horizon = tonumber(ARGV[4]) / 1e6
+local rate_r, rate_t = rpm / 60, tpm / 60
+local cap_r, cap_t = rate_r * burst, rate_t * burst
+
+-- Validate every cost before writing anything: a batch is all or nothing on bad input.
+for i = 5, #ARGV do
+  local c = tonumber(ARGV[i])
+  if c == nil or c < 0 or c > tpm then
+    return redis.error_reply('ERR reserve: cost ' .. ARGV[i] .. ' outside [0, tpm]')
+  end
+end
+
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb')
+
+local function refill(level, ts, cap, rate)
+  if not level then return cap end
+  local elapsed = math.max(0, now_us - tonumber(ts)) / 1e6
+  return math.min(cap, tonumber(level) + rate * elapsed)
+end
+
+local lr = refill(h[1], h[2], cap_r, rate_r)
+local lt = refill(h[3], h[4], cap_t, rate_t)
+local nb_wait = math.max(0, (tonumber(h[5] or 0) * 1000 - now_us) / 1e6)
+-- A request bucket smaller than one request could otherwise never grant anything.
+local min_horizon_r = (1 - cap_r) / rate_r
+
+local out = {now_us, -1}
+for i = 5, #ARGV do
+  local c = tonumber(ARGV[i])
+  local wait = math.max((1 - lr) / rate_r, (c - lt) / rate_t, nb_wait, 0)
+  local limit = math.max(horizon, (c - cap_t) / rate_t, min_horizon_r)
+  if wait > limit then
+    out[2] = math.ceil((wait - limit) * 1e6)
+    break
+  end
+  -- Debit as of the send time: when the wait comes from the other bucket or from nb, refill
+  -- beyond what a bucket can hold is lost meanwhile, so it must not be banked for later callers.
+  lr = math.min(lr + rate_r * wait, math.max(cap_r, 1)) - 1 - rate_r * wait
+  lt = math.min(lt + rate_t * wait, math.max(cap_t, c)) - c - rate_t * wait
+  out[#out + 1] = math.ceil(wait * 1e6)
+end
+
+if #out > 2 then
+  local now_s = string.format('%.17g', now_us)
+  redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
+    'tl', string.format('%.17g', lt), 'tt', now_s)
+  local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, nb_wait)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
+end
+return out

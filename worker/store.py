@@ -1,0 +1,144 @@
+"""The worker's side of the job store in Redis: load jobs, record outcomes once, defer jobs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from worker import keys
+from worker.jobs import StoredJob
+from worker.scripts import lua_source
+
+DEFERRED_SEP = "\t"
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """What a worker needs to know about a batch before running its jobs."""
+
+    batch_id: str
+    status: str
+    account: str
+    expires_at: float | None
+
+    @property
+    def stopped(self) -> bool:
+        return self.status in ("cancelling", "cancelled", "expired")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The one stored outcome of a job: a result line or an error line, with its usage."""
+
+    kind: str  # "result" | "error"
+    line: bytes
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class JobStore:
+    """Async access to batches for the worker's event loop."""
+
+    def __init__(self, redis: aioredis.Redis, state_ttl: float = 1.0) -> None:
+        self._redis = redis
+        self._store = redis.register_script(lua_source("store_outcome"))
+        self._defer = redis.register_script(lua_source("defer"))
+        self._claim = redis.register_script(lua_source("claim_jobs"))
+        self._state_ttl = state_ttl
+        self._states: dict[str, tuple[float, BatchState]] = {}
+
+    async def batch_state(self, batch_id: str) -> BatchState | None:
+        """The batch's status, cached for ``state_ttl`` seconds (a cancel is seen within that)."""
+        cached = self._states.get(batch_id)
+        now = time.monotonic()
+        if cached and now - cached[0] < self._state_ttl:
+            return cached[1]
+        status, account, expires = await self._redis.hmget(
+            keys.batch_meta(batch_id), ["status", "account", "expires_at"]
+        )
+        if status is None:
+            return None
+        state = BatchState(
+            batch_id, _text(status), _text(account or b""), float(expires) if expires else None
+        )
+        self._states[batch_id] = (now, state)
+        return state
+
+    async def claim_pending(
+        self, batch_id: str, custom_ids: Sequence[str], owner: str, lease: float
+    ) -> list[StoredJob]:
+        """Lease the jobs among ``custom_ids`` that have no outcome and no live lease.
+
+        A redelivered chunk so skips finished jobs (no second upstream call) and jobs another
+        run is executing; ``lease`` (seconds) bounds how long a killed worker's jobs stay locked.
+        """
+        if not custom_ids:
+            return []
+        flat = await self._claim(
+            keys=[
+                keys.batch_jobs(batch_id),
+                keys.batch_results(batch_id),
+                keys.batch_errors(batch_id),
+                keys.batch_claims(batch_id),
+            ],
+            args=[int(lease * 1000), owner, *custom_ids],
+        )
+        return [StoredJob.loads(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def release(self, batch_id: str, custom_id: str) -> None:
+        """Drop a job's lease (it was deferred: the run that picks it up next must claim it)."""
+        await self._redis.hdel(keys.batch_claims(batch_id), custom_id)
+
+    async def store(self, batch_id: str, custom_id: str, outcome: Outcome) -> bool:
+        """Record the job's outcome; False if it already had one (nothing changes then)."""
+        stored = await self._store(
+            keys=[keys.batch_results(batch_id), keys.batch_errors(batch_id), keys.batch_meta(batch_id)],
+            args=[
+                custom_id,
+                outcome.kind,
+                outcome.line,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                outcome.cached_tokens,
+                repr(outcome.cost_usd),
+            ],
+        )
+        return bool(stored)
+
+    async def record_attempt(self, batch_id: str, custom_id: str, status: int, message: str) -> int:
+        """Count one failed upstream attempt of a job; returns the job's attempts so far.
+
+        Kept in Redis, not in the worker, so a job redelivered after a crash keeps its count.
+        """
+        last = orjson.dumps({"status": status, "message": message[:500]})
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(keys.batch_attempts(batch_id), custom_id, 1)
+            pipe.hset(keys.batch_last_failure(batch_id), custom_id, last)
+            count, _ = await pipe.execute()
+        return int(count)
+
+    async def attempts(self, batch_id: str, custom_id: str) -> tuple[int, dict[str, Any]]:
+        """(attempts so far, last failure) of a job."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.batch_attempts(batch_id), custom_id)
+            pipe.hget(keys.batch_last_failure(batch_id), custom_id)
+            count, last = await pipe.execute()
+        return int(count or 0), (orjson.loads(last) if last else {})
+
+    async def defer(self, batch_id: str, custom_id: str, delay: float) -> None:
+        """Park a job for ``delay`` seconds and drop its lease; a worker re-enqueues it when due."""
+        await self.release(batch_id, custom_id)
+        await self._defer(
+            keys=[keys.deferred_jobs()], args=[f"{batch_id}{DEFERRED_SEP}{custom_id}", int(delay * 1000)]
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
