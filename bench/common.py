@@ -120,7 +120,8 @@ class Figures:
     def row(self) -> str:
         return (
             f"| {self.scenario} | {self.limits} | {self.jobs} | {self.wall:.1f} s | {self.minimum:.1f} s | "
-            f"{self.wall / self.minimum:.3f} | {self.utilisation:.1%} | {self.r429} ({self.r429 / max(self.requests, 1):.2%}) | "
+            f"{self.wall / self.minimum:.3f} | {self.utilisation:.1%} | "
+            f"{self.r429} ({self.r429 / max(self.requests, 1):.2%}) | "
             f"{self.calls_per_job:.3f} | {self.peak_rss_mb:.0f} MB |"
         )
 

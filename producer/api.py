@@ -12,7 +12,6 @@ environment (``RATEQUEUE_REDIS_URL``, ...). Workers (``ratequeue worker``) do th
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ import redis
 
 from config.models import ModelTable, load_model_table
 from config.settings import Settings, load_settings
-from producer.batchfile import LineError, LineValidator, Limits, read_lines
+from producer.batchfile import Limits, LineError, LineValidator, read_lines
 from producer.collect import FINAL_STATUSES, batch_object, iter_lines
 from producer.submit import Publish, SubmitReport, Submitter
 from worker import keys
@@ -45,9 +44,9 @@ class Client:
         self.table = table or load_model_table(self.settings)
         self.redis = redis.Redis.from_url(self.settings.redis_url or DEFAULT_REDIS_URL)
         if publish is None:
-            from worker.app import publish_chunk
+            from worker.app import publisher
 
-            publish = publish_chunk
+            publish = publisher(self.settings)
         self._submitter = Submitter(self.redis, publish, chunk_size=self.settings.chunk_size)
         self._validator = LineValidator(self.table)
 
@@ -68,11 +67,8 @@ class Client:
         if isinstance(source, str | Path):
             with open(source, "rb") as stream:
                 report = self._submitter.add(batch_id, read_lines(stream, self._validator, limits))
-        elif isinstance(source, io.IOBase) or hasattr(source, "read"):
-            report = self._submitter.add(batch_id, read_lines(source, self._validator, limits))  # type: ignore[arg-type]
         else:
-            lines = (orjson.dumps(request) for request in source)  # type: ignore[union-attr]
-            report = self._submitter.add(batch_id, read_lines(lines, self._validator, limits))
+            report = self._submitter.add(batch_id, read_lines(_as_lines(source), self._validator, limits))
         if report.by_model:
             endpoint = ",".join(sorted(report.by_model))
             self.redis.hset(keys.batch_meta(batch_id), "models", endpoint)
@@ -160,6 +156,13 @@ class Client:
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _as_lines(source: BinaryIO | Iterable[Mapping[str, Any]]) -> Iterable[bytes]:
+    """A binary stream as it is, or request dicts as JSON lines."""
+    if hasattr(source, "read"):
+        return source  # type: ignore[return-value]
+    return (orjson.dumps(request) for request in source)
 
 
 _default: Client | None = None

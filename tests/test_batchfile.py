@@ -7,7 +7,7 @@ import pytest
 
 from config.models import load_model_table
 from config.settings import load_settings
-from producer.batchfile import LineError, Limits, LineValidator, read_lines
+from producer.batchfile import Limits, LineError, LineValidator, read_lines
 from worker.jobs import StoredJob
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-import subprocess
 
 import orjson
 import pytest

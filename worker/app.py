@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from celery import Celery
 
@@ -24,10 +24,10 @@ RUN_CHUNK = "ratequeue.run_chunk"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def create_app(settings: Settings) -> Celery:
+def create_app(settings: Settings, set_as_current: bool = True) -> Celery:
     """A Celery app wired to ``settings.redis_url`` (the local default when unset)."""
     url = settings.redis_url or DEFAULT_REDIS_URL
-    app = Celery("ratequeue", broker=url, include=["worker.tasks"])
+    app = Celery("ratequeue", broker=url, include=["worker.tasks"], set_as_current=set_as_current)
     app.conf.update(
         task_default_queue=QUEUE,
         task_acks_late=True,
@@ -61,3 +61,15 @@ app = create_app(load_settings())
 def publish_chunk(batch_id: str, custom_ids: Sequence[str]) -> None:
     """Put one chunk message (a batch id and up to ``chunk_size`` custom_ids) on the queue."""
     app.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)
+
+
+def publisher(settings: Settings) -> Callable[[str, Sequence[str]], None]:
+    """A ``publish_chunk`` for the broker of ``settings`` (producers may talk to any deployment)."""
+    if (settings.redis_url or DEFAULT_REDIS_URL) == (app.conf.broker_url or DEFAULT_REDIS_URL):
+        return publish_chunk
+    other = create_app(settings, set_as_current=False)
+
+    def publish(batch_id: str, custom_ids: Sequence[str]) -> None:
+        other.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)
+
+    return publish

@@ -19,6 +19,7 @@ from worker.encodings import ensure_offline_encodings
 from worker.engine import Engine
 
 log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is ours (engine), not httpx's
 
 _lock = threading.Lock()
 _engine: Engine | None = None
