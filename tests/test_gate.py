@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import socket
 import threading
@@ -114,7 +115,7 @@ def test_timeout_before_grant_raises_and_charges_nothing(key: str) -> None:
         levels = await limiter.peek(key, TOKENS)
         assert (levels.tokens, levels.requests) == (TOKENS.token_capacity, TOKENS.request_capacity)
         assert gate.pending == 0
-        assert limiter.calls == 1
+        assert limiter.calls <= 2  # one refusal (+ one retry if the head's timeout woke the pump)
 
     run(main, horizon=0.5)
 
@@ -239,10 +240,14 @@ def test_pump_survives_redis_outage(key: str, caplog: pytest.LogCaptureFixture) 
 
     async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection("127.0.0.1", 6379)
-        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
+        # Swallow the loop teardown's cancellation: Python 3.11's start_server logs it as an error.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
+
+    slow = BucketLimits(rpm=600, tpm=10_000_000, burst_seconds=10)  # 100 requests, refill 10/s
 
     async def main(limiter: CountingLimiter) -> None:
-        gate = BucketGate(limiter, key, FAST)
+        gate = BucketGate(limiter, key, slow)
         start = time.monotonic()
         waiters = [asyncio.create_task(gate.acquire(10, timeout=10)) for _ in range(50)]
         impatient = asyncio.create_task(gate.acquire(10, timeout=0.2))
@@ -255,8 +260,8 @@ def test_pump_survives_redis_outage(key: str, caplog: pytest.LogCaptureFixture) 
             assert time.monotonic() - start < 3.5  # backoff is capped
             with pytest.raises(CapacityTimeout):
                 await impatient
-            levels = await limiter.peek(key, FAST)
-            assert levels.requests == pytest.approx(FAST.request_capacity - 50, abs=1)
+            levels = await limiter.peek(key, slow)
+            assert levels.requests == pytest.approx(slow.request_capacity - 50, abs=0.5)  # not 51
         finally:
             server.close()
 

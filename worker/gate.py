@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 
 from worker.errors import RatequeueError
-from worker.limiter import BucketLimits, Limiter, check_cost
+from worker.limiter import BucketLimits, Limiter, LimiterError, check_cost
 
 __all__ = ["BucketGate", "CapacityTimeout", "GateRegistry"]
 
@@ -120,8 +120,9 @@ class BucketGate:
             async with asyncio.timeout_at(deadline):
                 released = await waiter.future
         except TimeoutError:
+            retry_in = self._estimate_retry_in(waiter)  # before _abandon takes it off the queue
             self._abandon(waiter)
-            raise CapacityTimeout(timeout, self._estimate_retry_in(waiter)) from None
+            raise CapacityTimeout(timeout, retry_in) from None
         except asyncio.CancelledError:
             self._abandon(waiter)
             raise
@@ -150,6 +151,7 @@ class BucketGate:
             self._wake.set()
 
     def _estimate_retry_in(self, waiter: _Waiter) -> float:
+        """Seconds until the pump's next try, or until the queue up to `waiter` could drain."""
         tokens, requests = 0, 0
         for w in self._queue:
             if w is waiter or not w.future.done():
@@ -180,7 +182,10 @@ class BucketGate:
                     self._requeue(batch)
                     failures += 1
                     delay = min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** (failures - 1)) * random.uniform(0.5, 1)
-                    log.warning("reserve on %s failed (%s); retrying in %.2fs", self.key, exc, delay)
+                    log.warning(
+                        "reserve on %s failed (%s); retrying in %.2fs", self.key, exc, delay,
+                        exc_info=not isinstance(exc, LimiterError),  # anything else is a bug: show it
+                    )
                     await self._sleep(delay)
                     continue
                 failures = 0

@@ -166,14 +166,8 @@ def _parse_reserve(raw: Sequence[Any]) -> ReserveResult:
 
 
 def _parse_levels(raw: Sequence[Any]) -> BucketLevels:
-    return BucketLevels(
-        now_us=int(raw[0]),
-        requests=float(raw[1]),
-        tokens=float(raw[2]),
-        not_before_ms=int(raw[3]),
-        request_capacity=float(raw[4]),
-        token_capacity=float(raw[5]),
-    )
+    # {now_us, request level, token level, nb_ms, request capacity, token capacity}
+    return BucketLevels(int(raw[0]), float(raw[1]), float(raw[2]), int(raw[3]), float(raw[4]), float(raw[5]))
 
 
 class _LimiterBase:
