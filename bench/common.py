@@ -133,11 +133,16 @@ HEADER = (
 
 
 def figures(scenario: str, stats: Mapping[str, Any], rpm: float, tpm: float, jobs: int, wall: float,
-            latency: float, rss: float) -> Figures:
-    """The standard row: minimum = max(N/RPM, charged tokens/TPM) + one latency."""
+            latency: float, rss: float, burst_seconds: float = 5.0) -> Figures:
+    """The standard row: minimum = max(N/RPM, charged tokens/TPM) + one latency.
+
+    The steady state leaves out the opening (the limiter's burst capacity, spent while the
+    workers ramp up: burst seconds + one latency + 2 s) and the closing tail (one latency + 1 s).
+    """
     charged = stats["tokens_charged"]
     minimum = max(jobs / rpm, charged / tpm) * 60 + latency
-    use = steady_utilisation(stats["timeline"], rpm, tpm)
+    use = steady_utilisation(stats["timeline"], rpm, tpm, trim=int(burst_seconds + latency + 2),
+                             trim_end=int(latency + 1))
     r429 = sum(stats["r429"].values())
     calls = stats["requests_total"]
     return Figures(scenario, f"{int(rpm)} RPM / {int(tpm):,} TPM", jobs, wall, minimum, use["binding"], r429,

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--charge-rule", choices=("sum", "max"), default="sum")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--scenario", default="core")
+    ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment of the workers, e.g. RATEQUEUE_WORKER_SLOTS=32")
     args = ap.parse_args()
 
     flush(BENCH_REDIS_URL)
@@ -48,9 +50,10 @@ def main() -> None:
         "--burst-seconds", str(args.sim_burst_seconds), "--charge-rule", args.charge_rule, "--seed", str(args.seed),
     ]
     print(f"setup: sim {' '.join(sim_args)}; {args.workers} worker process(es); {args.jobs} mixed-size jobs; "
-          f"redis {BENCH_REDIS_URL}")
+          f"redis {BENCH_REDIS_URL}; worker env {args.worker_env}")
     with start_sim(sim_args) as sim, tempfile.TemporaryDirectory() as tmp:
-        env = worker_env(sim.url, BENCH_REDIS_URL, args.rpm, args.tpm, charge_rule=args.charge_rule)
+        extra = dict(item.split("=", 1) for item in args.worker_env)
+        env = worker_env(sim.url, BENCH_REDIS_URL, args.rpm, args.tpm, charge_rule=args.charge_rule, **extra)
         with workers(args.workers, env, Path(tmp) / "logs") as procs:
             client = Client(load_settings(env))
             time.sleep(2.0)  # workers connected and warm before the clock starts

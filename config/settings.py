@@ -134,9 +134,9 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "ratequeue")
     burst_seconds: float = 5.0
     reserve_horizon_seconds: float = 2.0
-    max_in_flight: int = 512  # upstream calls in flight per worker process
+    max_in_flight: int = 1024  # upstream calls in flight per worker process
     chunk_size: int = 50
-    worker_slots: int = 16
+    worker_slots: int = 32
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     max_attempts: int = 6

@@ -56,19 +56,20 @@ def write_sample_batch(path: Path, jobs: int, seed: int = 7, model: str = DEMO_M
 
 
 def steady_utilisation(
-    timeline: Sequence[Mapping[str, Any]], rpm: float, tpm: float, trim: int = 2
+    timeline: Sequence[Mapping[str, Any]], rpm: float, tpm: float, trim: int = 2, trim_end: int | None = None
 ) -> dict[str, float]:
     """Share of the RPM and TPM limits used per second over the steady state.
 
     The steady state is the span between the first and last second with accepted requests,
-    less ``trim`` seconds at each end (the opening burst and the closing tail). ``binding`` is
-    the larger of the two shares: the limit that decides the pace.
+    less ``trim`` seconds at the start (the opening burst, which a full bucket may spend at once)
+    and ``trim_end`` (default ``trim``) at the end (the closing tail). ``binding`` is the larger
+    of the two shares: the limit that decides the pace.
     """
     busy = [row for row in timeline if row.get("requests_ok", 0) > 0]
     if not busy:
         return {"requests": 0.0, "tokens": 0.0, "binding": 0.0, "seconds": 0.0}
     first, last = busy[0]["t"], busy[-1]["t"]
-    lo, hi = first + trim, last - trim
+    lo, hi = first + trim, last - (trim if trim_end is None else trim_end)
     if hi <= lo:
         lo, hi = first, last
     rows = [row for row in timeline if lo <= row["t"] <= hi]

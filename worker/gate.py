@@ -3,8 +3,9 @@ polling storms.
 
 A `BucketGate` queues its waiters first come, first served and runs one pump coroutine: the pump
 reserves up to `max_batch` queued costs in one Lua call, releases each granted waiter exactly at its
-send time, and after a refusal sleeps `retry_in` before asking again. So a process makes at most one
-Redis call per bucket per `retry_in`, whatever the number of waiters; the pump exits when idle.
+send time, and after a refusal sleeps `retry_in` (at least ~`min_interval`, randomised so that the
+gates of several processes share the refill fairly) before asking again. So a process makes at most
+one Redis call per bucket per `retry_in`, whatever the number of waiters; the pump exits when idle.
 
 A waiter given up before its grant (timeout or cancellation) is charged nothing; one given up after
 its grant but before its send time is refunded. Redis failures are logged and retried with backoff;
