@@ -24,7 +24,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert s.models_file is None
     assert s.data_dir == Path.home() / ".local" / "share" / "ratequeue"
     assert (s.burst_seconds, s.reserve_horizon_seconds) == (5.0, 2.0)
-    assert (s.max_in_flight, s.chunk_size, s.worker_slots) == (512, 50, 16)
+    assert (s.max_in_flight, s.chunk_size, s.worker_slots) == (1024, 50, 32)
     assert (s.connect_timeout, s.read_timeout, s.max_attempts) == (10.0, 600.0, 6)
     assert s.job_deadline_seconds == 3600.0
     assert (s.max_file_bytes, s.max_lines) == (200_000_000, 50_000)
