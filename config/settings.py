@@ -148,6 +148,12 @@ class Settings:
     visibility_timeout: float = 1800.0
     # A job that would wait longer than this for capacity or a retry is moved to the deferred set.
     defer_after_seconds: float = 10.0
+    # A parked (account, model) (quota exhausted, key refused, or told to wait longer than
+    # park_retry_after_seconds) sends at most one probe request per park_cooldown_seconds.
+    park_cooldown_seconds: float = 60.0
+    park_retry_after_seconds: float = 300.0
+    # Take the RPM/TPM the server announces in x-ratelimit-limit-* over the model table's.
+    learn_limits: bool = True
     # mangled model name -> {ModelSpec field: value}; excluded from the hash (a mapping is unhashable)
     model_overrides: Mapping[str, Mapping[str, int | str]] = field(
         default_factory=lambda: FrozenMap({}), hash=False
@@ -321,6 +327,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         visibility_timeout=e.number("RATEQUEUE_VISIBILITY_TIMEOUT", defaults.visibility_timeout),
         defer_after_seconds=e.number("RATEQUEUE_DEFER_AFTER", defaults.defer_after_seconds),
+        park_cooldown_seconds=e.number("RATEQUEUE_PARK_COOLDOWN", defaults.park_cooldown_seconds),
+        park_retry_after_seconds=e.number("RATEQUEUE_PARK_RETRY_AFTER", defaults.park_retry_after_seconds),
+        learn_limits=(e.text("RATEQUEUE_LEARN_LIMITS") or "1").lower() not in ("0", "false", "no", "off"),
         model_overrides=_read_overrides(e.env),
     )
     # A task still running when the broker's visibility timeout ends is delivered again: a duplicate

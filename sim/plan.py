@@ -84,9 +84,6 @@ def plan_request(kind: str, body: dict[str, Any], limits: ModelLimits, config: S
 
     choices = 0 if kind == "embeddings" else n * prompt.items
     output_budget = choices * (requested_max if requested_max is not None else limits.max_output)
-    if config.charge_rule == "max":
-        charge = max(prompt.tokens, output_budget)
-    else:
-        charge = prompt.tokens + output_budget
+    charge = max(prompt.tokens, output_budget) if config.charge_rule == "max" else prompt.tokens + output_budget
     output_cap = max(1, min(limits.max_output, limits.context - measured))
     return Plan(body, prompt, requested_max, output_cap, choices, charge)

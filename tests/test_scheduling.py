@@ -19,7 +19,8 @@ StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 
 @pytest.fixture
 def sim() -> Iterator[SimHandle]:
-    with start_sim(["--rpm", "100000", "--tpm", "100000000", "--latency-ms", "100"]) as handle:
+    args = ["--rpm", "100000", "--tpm", "100000000", "--latency-ms", "100", "--model", "gpt-4o:rpm=12"]
+    with start_sim(args) as handle:
         yield handle
 
 
@@ -31,8 +32,9 @@ def _job(n: int, model: str) -> dict[str, object]:
 def test_a_throttled_model_does_not_hold_up_another(
     redis_url: str, sim: SimHandle, tmp_path: Path, start_worker: StartWorker
 ) -> None:
-    # gpt-4o is allowed 12 requests a minute; two worker slots would be stuck on it for minutes
-    # if waiting jobs held them. They are deferred instead, and gpt-4o-mini runs at once.
+    # gpt-4o is allowed 12 requests a minute (configured, and announced by the server's headers);
+    # two worker slots would be stuck on it for minutes if waiting jobs held them. They are
+    # deferred instead, and gpt-4o-mini runs at once.
     env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_WORKER_SLOTS="2", RATEQUEUE_CHUNK_SIZE="5",
                    RATEQUEUE_DEFER_AFTER="1", RATEQUEUE_MODEL_GPT_4O_RPM="12")
     start_worker(env)
@@ -52,7 +54,8 @@ def test_a_throttled_model_does_not_hold_up_another(
 def test_cancel_stops_dispatch_and_reports_the_rest_as_cancelled(
     redis_url: str, sim: SimHandle, tmp_path: Path, start_worker: StartWorker
 ) -> None:
-    env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_RPM="120", RATEQUEUE_DEFER_AFTER="1")
+    env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_RPM="120", RATEQUEUE_DEFER_AFTER="1",
+                   RATEQUEUE_LEARN_LIMITS="0")
     start_worker(env)
     client = Client(load_settings(env))
     report = client.submit_batch([_job(n, "gpt-4o-mini") for n in range(100)])

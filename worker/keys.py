@@ -86,9 +86,30 @@ def batch_keys(batch_id: str) -> list[str]:
         batch_attempts(batch_id),
         batch_last_failure(batch_id),
         batch_claims(batch_id),
+        batch_started(batch_id),
     ]
 
 
 def batch_claims(batch_id: str) -> str:
     """Hash: custom_id -> "<owner> <lease expiry ms>" of the run currently executing the job."""
     return f"{PREFIX}:batch:{batch_id}:claims"
+
+
+def parked_pairs() -> str:
+    """Hash: "<account>:<model>" -> JSON {reason, message, since, cooldown} of paused pairs."""
+    return f"{PREFIX}:parked"
+
+
+def probe_lock(account: str, model: str) -> str:
+    """String set NX with a TTL of one cooldown: whoever sets it may send the one probe request."""
+    return f"{PREFIX}:probe:{{{account}:{model}}}"
+
+
+def learned_limits() -> str:
+    """Hash: "<account>:<model>" -> JSON {rpm, tpm, at} announced by the server's headers."""
+    return f"{PREFIX}:learned"
+
+
+def batch_started(batch_id: str) -> str:
+    """Hash: custom_id -> ms since epoch of the job's first run (its total deadline counts from there)."""
+    return f"{PREFIX}:batch:{batch_id}:started"

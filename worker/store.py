@@ -54,6 +54,10 @@ class JobStore:
         self._state_ttl = state_ttl
         self._states: dict[str, tuple[float, BatchState]] = {}
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._redis
+
     async def batch_state(self, batch_id: str) -> BatchState | None:
         """The batch's status, cached for ``state_ttl`` seconds (a cancel is seen within that)."""
         cached = self._states.get(batch_id)
@@ -73,11 +77,12 @@ class JobStore:
 
     async def claim_pending(
         self, batch_id: str, custom_ids: Sequence[str], owner: str, lease: float
-    ) -> list[StoredJob]:
+    ) -> list[tuple[StoredJob, float]]:
         """Lease the jobs among ``custom_ids`` that have no outcome and no live lease.
 
         A redelivered chunk so skips finished jobs (no second upstream call) and jobs another
         run is executing; ``lease`` (seconds) bounds how long a killed worker's jobs stay locked.
+        Returns each job with the time (s since epoch) of its first run.
         """
         if not custom_ids:
             return []
@@ -87,10 +92,21 @@ class JobStore:
                 keys.batch_results(batch_id),
                 keys.batch_errors(batch_id),
                 keys.batch_claims(batch_id),
+                keys.batch_started(batch_id),
             ],
             args=[int(lease * 1000), owner, *custom_ids],
         )
-        return [StoredJob.loads(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+        return [
+            (StoredJob.loads(_text(flat[i]), flat[i + 1]), int(flat[i + 2]) / 1000.0) for i in range(0, len(flat), 3)
+        ]
+
+    async def mark_expired(self, batch_id: str) -> None:
+        """Move a batch past its completion window to "expired" (its remaining jobs fail as expired)."""
+        meta = keys.batch_meta(batch_id)
+        status = await self._redis.hget(meta, "status")
+        if status is not None and _text(status) in ("validating", "in_progress", "finalizing"):
+            await self._redis.hset(meta, "status", "expired")
+        self._states.pop(batch_id, None)
 
     async def release(self, batch_id: str, custom_id: str) -> None:
         """Drop a job's lease (it was deferred: the run that picks it up next must claim it)."""

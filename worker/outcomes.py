@@ -1,0 +1,54 @@
+"""Turning what happened to a job into its one stored Batch line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.models import ModelSpec
+from worker import records
+from worker.jobs import StoredJob
+from worker.store import JobStore, Outcome
+from worker.upstream import UpstreamResponse
+from worker.usage import Usage
+
+
+class Outcomes:
+    """Stores results and errors of one batch's jobs through a ``JobStore``."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+
+    async def succeed(
+        self, batch_id: str, job: StoredJob, spec: ModelSpec, resp: UpstreamResponse, usage: Usage
+    ) -> None:
+        line = records.output_line(job.custom_id, resp.status, resp.request_id, resp.body)
+        cost = spec.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        outcome = Outcome("result", line, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, cost)
+        await self._store.store(batch_id, job.custom_id, outcome)
+
+    async def upstream_error(
+        self, batch_id: str, job: StoredJob, resp: UpstreamResponse, reason: str
+    ) -> None:
+        """A definitive error answer: kept as the Batch API does, response and body in the errors."""
+        if resp.status == 0:
+            await self.fail(batch_id, job, reason, f"upstream unreachable: {resp.transport_error}")
+            return
+        line = records.output_line(job.custom_id, resp.status, resp.request_id, resp.body)
+        await self._store.store(batch_id, job.custom_id, Outcome("error", line))
+
+    async def gave_up(self, batch_id: str, job: StoredJob, code: str, history: dict[str, Any]) -> None:
+        """Retries exhausted (or the job's deadline passed): the error carries the whole history."""
+        message = f"gave up after {history['attempts']} attempts: {history.get('last_message', '')}"
+        await self.fail(batch_id, job, code, message, history=history)
+
+    async def fail(
+        self,
+        batch_id: str,
+        job: StoredJob,
+        code: str,
+        message: str,
+        param: str | None = None,
+        history: dict[str, Any] | None = None,
+    ) -> None:
+        line = records.error_line(job.custom_id, code, message, job.line, param, history)
+        await self._store.store(batch_id, job.custom_id, Outcome("error", line))

@@ -1,0 +1,75 @@
+"""Parking: pausing one (account, model) that cannot work for a while, without failing its jobs.
+
+A pair is parked when its quota is spent (429 insufficient_quota), its key is refused (401), or the
+server asks for a wait longer than the park bound. Its jobs are deferred, not failed, and other
+pairs carry on. Once per cooldown one job becomes the probe (a Redis lock set NX with the
+cooldown as TTL, so at most one probe per cooldown across every worker on every host); the probe's
+success, or `ratequeue resume`, unparks the pair.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import orjson
+import redis.asyncio as aioredis
+
+from worker import keys
+
+
+@dataclass(frozen=True)
+class Parked:
+    reason: str
+    message: str
+    since: float
+    cooldown: float
+
+
+def pair_field(account: str, model: str) -> str:
+    return f"{account}:{model}"
+
+
+class Parking:
+    """Reads (cached for ``cache_ttl`` seconds) and writes the parked pairs of one Redis."""
+
+    def __init__(self, redis: aioredis.Redis, cache_ttl: float = 1.0) -> None:
+        self._redis = redis
+        self._ttl = cache_ttl
+        self._cache: tuple[float, dict[str, Parked]] = (0.0, {})
+
+    async def state(self, account: str, model: str) -> Parked | None:
+        fetched, pairs = self._cache
+        if time.monotonic() - fetched > self._ttl:
+            raw = await self._redis.hgetall(keys.parked_pairs())
+            pairs = {_text(k): Parked(**orjson.loads(v)) for k, v in raw.items()}
+            self._cache = (time.monotonic(), pairs)
+        return pairs.get(pair_field(account, model))
+
+    async def park(self, account: str, model: str, reason: str, message: str, cooldown: float) -> None:
+        """Pause the pair; no probe before ``cooldown`` seconds have passed."""
+        entry = {"reason": reason, "message": message[:500], "since": time.time(), "cooldown": cooldown}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.parked_pairs(), pair_field(account, model), orjson.dumps(entry))
+            pipe.set(keys.probe_lock(account, model), "parked", px=int(cooldown * 1000))
+            await pipe.execute()
+        self._cache = (0.0, {})
+
+    async def take_probe(self, account: str, model: str, cooldown: float) -> float | None:
+        """None when this caller may send the probe; else seconds until the next probe may go."""
+        got = await self._redis.set(keys.probe_lock(account, model), "probe", nx=True, px=int(cooldown * 1000))
+        if got:
+            return None
+        ttl_ms = await self._redis.pttl(keys.probe_lock(account, model))
+        return max(ttl_ms, 100) / 1000.0
+
+    async def unpark(self, account: str, model: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.parked_pairs(), pair_field(account, model))
+            pipe.delete(keys.probe_lock(account, model))
+            await pipe.execute()
+        self._cache = (0.0, {})
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,220 @@
+"""One job, from its chunk to its stored outcome (or a deferral): the heart of the worker.
+
+    parked pair?   -> defer, unless this job takes the one probe of the cooldown
+    gate.acquire   -> wait for the shared bucket; past defer_after: defer (frees the chunk slot)
+    call upstream  -> learn limits from the headers, reconcile the bucket
+    SUCCESS        -> store the result (and unpark the pair if this was the probe)
+    FAIL           -> store the upstream error
+    PARK           -> park the pair, defer the job (it stays queued, not failed)
+    RETRY          -> count the attempt in Redis; a 429 sets the pair's shared "not before" so every
+                      worker pauses; other errors back off (tenacity full jitter) here or, if long,
+                      in the deferred set. Waiting for capacity never counts as an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+
+from config.models import ModelSpec, ModelTable
+from config.settings import Settings
+from worker import keys
+from worker.errors import RequestTooLargeError, UnknownModelError
+from worker.feedback import RateLimitHeaders, parse_ratelimit_headers
+from worker.gate import BucketGate, CapacityTimeout, GateRegistry
+from worker.jobs import StoredJob
+from worker.limiter import BucketLimits, Limiter
+from worker.outcomes import Outcomes
+from worker.parking import Parking, pair_field
+from worker.policy import Backoff, Classified, Verdict, classify
+from worker.store import BatchState, JobStore
+from worker.upstream import UpstreamClient, UpstreamResponse
+from worker.usage import Usage, usage_of
+
+log = logging.getLogger(__name__)
+
+
+class JobRunner:
+    """Runs jobs on one event loop; shares the loop's clients, gates and learned limits."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        table: ModelTable,
+        limiter: Limiter,
+        store: JobStore,
+        client: UpstreamClient,
+        parking: Parking,
+    ) -> None:
+        self.settings = settings
+        self.table = table
+        self.limiter = limiter
+        self.gates = GateRegistry(limiter)
+        self.store = store
+        self.outcomes = Outcomes(store)
+        self.client = client
+        self.parking = parking
+        self.backoff = Backoff()
+        self.in_flight = asyncio.Semaphore(settings.max_in_flight)
+        self._learned: dict[str, tuple[int, int]] = {}  # pair -> (rpm, tpm) the server announced
+        self._loaded: set[str] = set()
+        self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
+
+    async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
+        """Run one job; True when its outcome is stored, False when it was deferred."""
+        batch_id, s = state.batch_id, self.settings
+        stop_code = await self._stop_code(state)
+        if stop_code:
+            what = "was cancelled" if stop_code == "batch_cancelled" else "expired"
+            await self.outcomes.fail(batch_id, job, stop_code, f"the batch {what} before this request ran")
+            return True
+        try:
+            spec = self.table.get(job.model)
+        except UnknownModelError as exc:
+            await self.outcomes.fail(batch_id, job, "model_not_found", str(exc), param="body.model")
+            return True
+        account = state.account
+        gate = await self._gate(account, spec)
+        if job.charge > gate.limits.tpm:
+            err = RequestTooLargeError(job.charge, gate.limits.tpm, spec.name)
+            await self.outcomes.fail(batch_id, job, err.code, err.reason, param="body")
+            return True
+        key = keys.bucket_key(account, spec.name)
+        deadline = started + s.job_deadline_seconds
+        while True:
+            if time.time() > deadline:
+                await self._give_up(batch_id, job, "deadline_exceeded")
+                return True
+            parked = await self.parking.state(account, spec.name)
+            if parked is not None:
+                wait = await self.parking.take_probe(account, spec.name, s.park_cooldown_seconds)
+                if wait is not None:
+                    await self.store.defer(batch_id, job.custom_id, wait)
+                    return False
+            try:
+                await gate.acquire(job.charge, timeout=max(0.0, min(s.defer_after_seconds, deadline - time.time())))
+            except CapacityTimeout as exc:
+                await self.store.defer(batch_id, job.custom_id, max(exc.retry_in, 0.5))
+                return False
+            async with self.in_flight:
+                resp = await self.client.post(job.url, job.body, f"{batch_id}/{job.custom_id}")
+            verdict = classify(resp, park_after=s.park_retry_after_seconds)
+            usage = usage_of(resp.body) if verdict.verdict is Verdict.SUCCESS else None
+            headers = parse_ratelimit_headers(resp.headers)
+            self._learn(account, spec, headers, gate)
+            await self._reconcile(key, gate.limits, spec, job, verdict, usage, headers)
+            log.info(
+                "upstream model=%s charge=%d status=%s reason=%s latency=%.3fs request_id=%s",
+                spec.name, job.charge, resp.status, verdict.reason, resp.elapsed, resp.request_id,
+            )
+            if verdict.verdict is Verdict.SUCCESS:
+                if parked is not None:
+                    log.warning("probe succeeded: %s unparked", pair_field(account, spec.name))
+                    await self.parking.unpark(account, spec.name)
+                await self.outcomes.succeed(batch_id, job, spec, resp, usage or Usage())
+                return True
+            if verdict.verdict is Verdict.FAIL:
+                await self.outcomes.upstream_error(batch_id, job, resp, verdict.reason)
+                return True
+            message = _message(resp)
+            if verdict.verdict is Verdict.PARK:
+                cooldown = max(s.park_cooldown_seconds, verdict.retry_after or 0.0)
+                log.error("parking %s for %.0f s: %s", pair_field(account, spec.name), cooldown, verdict.reason)
+                await self.parking.park(account, spec.name, verdict.reason, message, cooldown)
+                await self.store.defer(batch_id, job.custom_id, cooldown)
+                return False
+            attempts = await self.store.record_attempt(batch_id, job.custom_id, resp.status, message)
+            if attempts >= s.max_attempts:
+                await self._give_up(batch_id, job, "max_attempts_exceeded")
+                return True
+            delay = self.backoff.delay(attempts, verdict)
+            if verdict.reason.startswith("rate_limit"):
+                # One 429 pauses every worker on every host: the gate honours the shared time.
+                await self.limiter.set_not_before(key, delay)
+                continue
+            if delay > s.defer_after_seconds:
+                await self.store.defer(batch_id, job.custom_id, delay)
+                return False
+            await asyncio.sleep(delay)
+
+    async def _stop_code(self, state: BatchState) -> str | None:
+        if state.status in ("cancelling", "cancelled"):
+            return "batch_cancelled"
+        if state.status == "expired":
+            return "batch_expired"
+        if state.expires_at is not None and time.time() > state.expires_at:
+            await self.store.mark_expired(state.batch_id)
+            return "batch_expired"
+        return None
+
+    async def _give_up(self, batch_id: str, job: StoredJob, code: str) -> None:
+        attempts, last = await self.store.attempts(batch_id, job.custom_id)
+        history = {"attempts": attempts, "last_status": last.get("status"), "last_message": last.get("message", "")}
+        await self.outcomes.gave_up(batch_id, job, code, history)
+
+    async def _gate(self, account: str, spec: ModelSpec) -> BucketGate:
+        pair = pair_field(account, spec.name)
+        if self.settings.learn_limits and pair not in self._loaded:
+            self._loaded.add(pair)
+            raw = await self.store.redis.hget(keys.learned_limits(), pair)
+            if raw:
+                known = orjson.loads(raw)
+                self._learned[pair] = (int(known["rpm"]), int(known["tpm"]))
+        return self.gates.get(keys.bucket_key(account, spec.name), self._limits(pair, spec))
+
+    def _limits(self, pair: str, spec: ModelSpec) -> BucketLimits:
+        rpm, tpm = self._learned.get(pair, (spec.rpm, spec.tpm))
+        return BucketLimits(rpm, tpm, self.settings.burst_seconds)
+
+    def _learn(self, account: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate) -> None:
+        """Take the limits the server announces (x-ratelimit-limit-*) over configured ones."""
+        if not self.settings.learn_limits or (headers.limit_requests is None and headers.limit_tokens is None):
+            return
+        pair = pair_field(account, spec.name)
+        rpm, tpm = self._learned.get(pair, (spec.rpm, spec.tpm))
+        new = (headers.limit_requests or rpm, headers.limit_tokens or tpm)
+        if new == (rpm, tpm) and pair in self._learned:
+            return
+        self._learned[pair] = new
+        if new != (gate.limits.rpm, gate.limits.tpm):
+            log.warning("learned limits of %s from the server: %d RPM, %d TPM", pair, *new)
+            gate.update_limits(self._limits(pair, spec))
+            record = orjson.dumps({"rpm": new[0], "tpm": new[1], "at": time.time()})
+            self._background.add(asyncio.ensure_future(self.store.redis.hset(keys.learned_limits(), pair, record)))
+            for task in [t for t in self._background if t.done()]:
+                self._background.discard(task)
+
+    async def _reconcile(
+        self,
+        key: str,
+        limits: BucketLimits,
+        spec: ModelSpec,
+        job: StoredJob,
+        verdict: Classified,
+        usage: Usage | None,
+        headers: RateLimitHeaders,
+    ) -> None:
+        """Correct the shared bucket with what the server reported about this request."""
+        token_delta = 0
+        if verdict.reason.startswith("rate_limit"):
+            token_delta = job.charge  # a refused request is not charged tokens (it still counts as a request)
+        elif usage is not None and usage.prompt_tokens and spec.charge_rule == "sum":
+            # Under the sum rule the server charged its own prompt count plus the same reserved
+            # output, so the difference of the prompt counts is exactly what we over/under-charged.
+            token_delta = job.prompt_tokens - usage.prompt_tokens
+        if token_delta == 0 and headers.remaining_tokens is None and headers.remaining_requests is None:
+            return
+        await self.limiter.reconcile(
+            key,
+            limits,
+            token_delta=token_delta,
+            remaining_tokens=headers.remaining_tokens,
+            remaining_requests=headers.remaining_requests,
+        )
+
+
+def _message(resp: UpstreamResponse) -> str:
+    return str(resp.error.get("message") or resp.transport_error or f"HTTP {resp.status}")
