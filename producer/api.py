@@ -26,6 +26,7 @@ from producer.batchfile import Limits, LineError, LineValidator, read_lines
 from producer.collect import FINAL_STATUSES, batch_object, iter_lines
 from producer.submit import Publish, SubmitReport, Submitter
 from worker import keys
+from worker.codec import text
 from worker.errors import BatchNotFoundError, InvalidRequestError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -153,6 +154,42 @@ class Client:
         if batch["status"] not in FINAL_STATUSES:
             self.redis.hset(keys.batch_meta(batch_id), mapping={"status": "cancelling"})
         return self.status(batch_id)
+
+    def resume(self, batch_id: str) -> int:
+        """Re-enqueue every job of the batch that has no outcome (e.g. its producer died between
+        storing and enqueueing, or its messages were lost); returns how many. Safe to repeat: a
+        job already running or done is skipped by the workers. Seals the batch."""
+        self.status(batch_id)
+        return self._submitter.requeue_pending(batch_id)
+
+    def parked(self) -> dict[str, dict[str, Any]]:
+        """Paused (account, model) pairs: "<account>:<model>" -> {reason, message, since, cooldown}."""
+        raw = self.redis.hgetall(keys.parked_pairs())
+        return {text(k): orjson.loads(v) for k, v in raw.items()}
+
+    def unpark(self, model: str | None = None) -> list[str]:
+        """Restart parked pairs (all, or those of ``model``); returns the pairs restarted."""
+        restarted = []
+        for pair in self.parked():
+            account, _, pair_model = pair.partition(":")
+            if model is None or self.table.resolve(model) == pair_model:
+                self.redis.hdel(keys.parked_pairs(), pair)
+                self.redis.delete(keys.probe_lock(account, pair_model))
+                restarted.append(pair)
+        return restarted
+
+    def overview(self) -> dict[str, Any]:
+        """Queue depth, deferred jobs, parked pairs and the most recent batches."""
+        recent = [text(b) for b in self.redis.zrevrange(keys.batches_index(), 0, 9)]
+        return {
+            "queue_depth": self.redis.llen("ratequeue"),
+            "deferred_jobs": self.redis.zcard(keys.deferred_jobs()),
+            "parked": self.parked(),
+            "recent_batches": [
+                {k: b[k] for k in ("id", "status", "request_counts", "cost_usd")}
+                for b in (self.status(i) for i in recent)
+            ],
+        }
 
     def close(self) -> None:
         self.redis.close()

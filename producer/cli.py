@@ -53,10 +53,26 @@ def submit(input_file: Path, window: str) -> None:
 
 
 @main.command()
-@click.argument("batch_id")
-def status(batch_id: str) -> None:
-    """Print the Batch object of BATCH_ID as JSON."""
-    click.echo(json.dumps(_client().status(batch_id), indent=2))
+@click.argument("batch_id", required=False)
+def status(batch_id: str | None) -> None:
+    """Print the Batch object of BATCH_ID as JSON; with no id, the queue, parked pairs and
+    recent batches."""
+    client = _client()
+    click.echo(json.dumps(client.status(batch_id) if batch_id else client.overview(), indent=2))
+
+
+@main.command()
+@click.argument("batch_id", required=False)
+@click.option("--model", help="Only restart parked pairs of this model.")
+def resume(batch_id: str | None, model: str | None) -> None:
+    """Restart parked (account, model) pairs; with BATCH_ID, re-enqueue that batch's unfinished
+    jobs instead (e.g. after its producer died)."""
+    client = _client()
+    if batch_id:
+        click.echo(f"{client.resume(batch_id)} jobs re-enqueued")
+        return
+    restarted = client.unpark(model)
+    click.echo(f"restarted: {', '.join(restarted)}" if restarted else "nothing was parked")
 
 
 @main.command()

@@ -11,6 +11,7 @@ import redis
 
 from producer.submit import INPUT_ERROR_MARK
 from worker import keys
+from worker.codec import text
 from worker.errors import BatchNotFoundError
 
 PAGE = 1000
@@ -27,7 +28,7 @@ def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
     raw = client.hgetall(keys.batch_meta(batch_id))
     if not raw:
         raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis")
-    meta = {_text(k): _text(v) for k, v in raw.items()}
+    meta = {text(k): text(v) for k, v in raw.items()}
     ints = {name: int(meta.get(name, 0) or 0) for name in _INT_FIELDS}
     times = {name: int(meta[name]) if meta.get(name) else None for name in _TIME_FIELDS}
     return {
@@ -58,7 +59,7 @@ def iter_lines(client: redis.Redis, batch_id: str, kind: str = "results") -> Ite
     order_key = keys.batch_order(batch_id)
     start = 0
     while True:
-        page = [_text(e) for e in client.lrange(order_key, start, start + PAGE - 1)]
+        page = [text(e) for e in client.lrange(order_key, start, start + PAGE - 1)]
         if not page:
             return
         start += len(page)
@@ -99,6 +100,3 @@ def errors_path_for(results_path: Path) -> Path:
     stem = results_path.name[: -len(suffix)] if results_path.suffixes else results_path.name
     return results_path.with_name(f"{stem}.errors{suffix}")
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -19,6 +19,7 @@ import redis
 
 from producer.batchfile import LineError
 from worker import keys, records
+from worker.codec import text
 from worker.jobs import StoredJob
 from worker.scripts import lua_source
 
@@ -107,6 +108,36 @@ class Submitter:
                 self._publish(batch_id, custom_ids)
                 report.chunks += 1
         return report
+
+    def requeue_pending(self, batch_id: str) -> int:
+        """Enqueue again every stored job without an outcome, in chunks of one model; seal."""
+        order_key, start, count = keys.batch_order(batch_id), 0, 0
+        pending: dict[str, list[str]] = defaultdict(list)
+        while True:
+            page = [text(e) for e in self._redis.lrange(order_key, start, start + 999)]
+            if not page:
+                break
+            start += len(page)
+            ids = [e for e in page if not e.startswith(INPUT_ERROR_MARK)]
+            if not ids:
+                continue
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hmget(keys.batch_jobs(batch_id), ids)
+            pipe.hmget(keys.batch_results(batch_id), ids)
+            pipe.hmget(keys.batch_errors(batch_id), ids)
+            jobs, results, errors = pipe.execute()
+            for cid, job, res, err in zip(ids, jobs, results, errors, strict=True):
+                if job is None or res is not None or err is not None:
+                    continue
+                model = StoredJob.loads(cid, job).model
+                pending[model].append(cid)
+                count += 1
+                if len(pending[model]) >= self._chunk_size:
+                    self._publish(batch_id, pending.pop(model))
+        for custom_ids in pending.values():
+            self._publish(batch_id, custom_ids)
+        self.seal(batch_id)
+        return count
 
     def seal(self, batch_id: str) -> str:
         """Declare the batch's input complete; returns its status."""

@@ -16,6 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from worker import keys
+from worker.codec import text
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Parking:
         fetched, pairs = self._cache
         if time.monotonic() - fetched > self._ttl:
             raw = await self._redis.hgetall(keys.parked_pairs())
-            pairs = {_text(k): Parked(**orjson.loads(v)) for k, v in raw.items()}
+            pairs = {text(k): Parked(**orjson.loads(v)) for k, v in raw.items()}
             self._cache = (time.monotonic(), pairs)
         return pairs.get(pair_field(account, model))
 
@@ -70,6 +71,3 @@ class Parking:
             await pipe.execute()
         self._cache = (0.0, {})
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -11,6 +11,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from worker import keys
+from worker.codec import text
 from worker.jobs import StoredJob
 from worker.scripts import lua_source
 
@@ -70,7 +71,7 @@ class JobStore:
         if status is None:
             return None
         state = BatchState(
-            batch_id, _text(status), _text(account or b""), float(expires) if expires else None
+            batch_id, text(status), text(account or b""), float(expires) if expires else None
         )
         self._states[batch_id] = (now, state)
         return state
@@ -97,14 +98,14 @@ class JobStore:
             args=[int(lease * 1000), owner, *custom_ids],
         )
         return [
-            (StoredJob.loads(_text(flat[i]), flat[i + 1]), int(flat[i + 2]) / 1000.0) for i in range(0, len(flat), 3)
+            (StoredJob.loads(text(flat[i]), flat[i + 1]), int(flat[i + 2]) / 1000.0) for i in range(0, len(flat), 3)
         ]
 
     async def mark_expired(self, batch_id: str) -> None:
         """Move a batch past its completion window to "expired" (its remaining jobs fail as expired)."""
         meta = keys.batch_meta(batch_id)
         status = await self._redis.hget(meta, "status")
-        if status is not None and _text(status) in ("validating", "in_progress", "finalizing"):
+        if status is not None and text(status) in ("validating", "in_progress", "finalizing"):
             await self._redis.hset(meta, "status", "expired")
         self._states.pop(batch_id, None)
 
@@ -155,6 +156,3 @@ class JobStore:
             keys=[keys.deferred_jobs()], args=[f"{batch_id}{DEFERRED_SEP}{custom_id}", int(delay * 1000)]
         )
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
