@@ -46,6 +46,10 @@ def create_app(settings: Settings, set_as_current: bool = True) -> Celery:
             "max_connections": settings.worker_slots * 2 + 10,
             "socket_keepalive": True,
             "health_check_interval": 10,
+            # A consumer sweeps for messages of killed workers on every idle poll, not every 10th,
+            # and a sweeper killed while holding kombu's mutex blocks others for 60 s, not 300.
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": 60,
         },
         broker_pool_limit=settings.worker_slots + 4,
         worker_send_task_events=False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -27,7 +28,8 @@ Publish = Callable[[str, Sequence[str]], None]
 
 
 class DeferredMover:
-    """A daemon thread: every ``interval`` seconds, re-enqueue due deferred jobs via ``publish``."""
+    """A daemon thread: every ``interval`` seconds, re-enqueue due deferred jobs via ``publish``;
+    every ``restore_interval`` seconds, call ``restore`` (the broker's sweep of lost messages)."""
 
     def __init__(
         self,
@@ -37,6 +39,8 @@ class DeferredMover:
         batch: int = 500,
         lease: float = 60.0,
         chunk_size: int = 50,
+        restore: Callable[[], None] | None = None,
+        restore_interval: float = 10.0,
     ) -> None:
         self._redis = client
         self._claim = client.register_script(lua_source("claim_due"))
@@ -46,6 +50,9 @@ class DeferredMover:
         self._batch = batch
         self._lease_ms = int(lease * 1000)
         self._chunk_size = chunk_size
+        self._restore = restore
+        self._restore_interval = restore_interval
+        self._next_restore = time.monotonic() + restore_interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ratequeue-deferred", daemon=True)
 
@@ -77,5 +84,8 @@ class DeferredMover:
             try:
                 while self.move_due() >= self._batch:
                     pass
-            except redis.RedisError as exc:
+                if self._restore is not None and time.monotonic() >= self._next_restore:
+                    self._next_restore = time.monotonic() + self._restore_interval
+                    self._restore()
+            except Exception as exc:  # the thread must outlive Redis restarts and broker hiccups
                 log.warning("deferred mover: %s; retrying", exc)

@@ -67,9 +67,13 @@ class Engine:
         limiter = Limiter(self.redis, horizon_seconds=s.reserve_horizon_seconds)
         self.runner = JobRunner(s, self.table, limiter, self.store, self.client, Parking(self.redis))
 
-    def run_chunk(self, batch_id: str, custom_ids: Sequence[str]) -> ChunkReport:
-        """Run a chunk's jobs to an outcome or a deferral; blocks the calling (Celery) thread."""
-        return asyncio.run_coroutine_threadsafe(self._run_chunk(batch_id, custom_ids), self._loop).result()
+    def run_chunk(self, batch_id: str, custom_ids: Sequence[str], owner: str | None = None) -> ChunkReport:
+        """Run a chunk's jobs to an outcome or a deferral; blocks the calling (Celery) thread.
+
+        ``owner`` (the message id) holds the jobs' leases: another message cannot run them meanwhile.
+        """
+        owner = owner or uuid.uuid4().hex
+        return asyncio.run_coroutine_threadsafe(self._run_chunk(batch_id, custom_ids, owner), self._loop).result()
 
     def close(self) -> None:
         async def _close() -> None:
@@ -80,16 +84,22 @@ class Engine:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
-    async def _run_chunk(self, batch_id: str, custom_ids: Sequence[str]) -> ChunkReport:
+    async def _run_chunk(self, batch_id: str, custom_ids: Sequence[str], owner: str) -> ChunkReport:
         report = ChunkReport()
         state = await self.store.batch_state(batch_id)
         if state is None:
             log.warning("chunk for unknown batch %s dropped (%d jobs)", batch_id, len(custom_ids))
             return report
-        owner = uuid.uuid4().hex
         claimed = await self.store.claim_pending(batch_id, custom_ids, owner, self.settings.visibility_timeout)
         report.skipped = len(custom_ids) - len(claimed)
-        done = await asyncio.gather(*(self.runner.run(state, job, started) for job, started in claimed))
+        # Every job settles before an error is raised: the message is then given back with no job
+        # of this run still calling upstream in the background.
+        done = await asyncio.gather(
+            *(self.runner.run(state, job, started) for job, started in claimed), return_exceptions=True
+        )
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
         report.stored = sum(1 for d in done if d)
         report.deferred = len(done) - report.stored
         return report

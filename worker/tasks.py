@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import redis
-from celery import signals
+from celery import Task, signals
 from celery.exceptions import Reject
 
 from config.models import load_model_table
@@ -37,18 +37,34 @@ def engine() -> Engine:
         return _engine
 
 
-@app.task(name=RUN_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_chunk(batch_id: str, custom_ids: list[str]) -> dict[str, Any]:
-    """Run the chunk's jobs; the message is acked only once each is stored or deferred."""
+@app.task(name=RUN_CHUNK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_chunk(self: Task, batch_id: str, custom_ids: list[str]) -> dict[str, Any]:
+    """Run the chunk's jobs; the message is acked only once each is stored or deferred.
+
+    The message's id owns the jobs' leases, so a redelivered copy (after a kill or a requeue)
+    takes its jobs back at once instead of waiting for the leases to expire.
+    """
     try:
-        report = engine().run_chunk(batch_id, custom_ids)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        # Redis went away mid-chunk: give the message back instead of losing it. Jobs already
-        # stored are skipped when it runs again.
-        log.warning("chunk %s of %d jobs requeued: %s", batch_id, len(custom_ids), exc)
+        report = engine().run_chunk(batch_id, custom_ids, owner=self.request.id)
+    except Exception as exc:
+        # Never let a failed task be acked with its jobs unfinished (Celery acks failures): give
+        # the message back. Jobs already stored are skipped when it runs again, and jobs another
+        # run holds are left to it. Mostly this is Redis going away for a moment.
+        log.warning("chunk of %s (%d jobs) requeued after %s: %s", batch_id, len(custom_ids), type(exc).__name__, exc)
         time.sleep(1.0)
         raise Reject(exc, requeue=True) from exc
     return {"stored": report.stored, "deferred": report.deferred, "skipped": report.skipped}
+
+
+def _restore_unacked() -> None:
+    """Put messages of killed workers (unacked past the visibility timeout) back on the queue.
+
+    kombu sweeps only when a consumer's poll comes back empty, so a busy fleet could leave a dead
+    worker's chunks invisible for long; every worker also sweeps on a timer (a Redis mutex in
+    kombu keeps the sweeps from overlapping).
+    """
+    with app.connection_for_write() as conn:
+        conn.default_channel.qos.restore_visible(num=100, interval=1)
 
 
 @signals.worker_ready.connect
@@ -56,7 +72,10 @@ def _start_mover(**_: Any) -> None:
     global _mover
     settings = load_settings()
     client = redis.Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
-    _mover = DeferredMover(client, publish_chunk, chunk_size=settings.chunk_size)
+    _mover = DeferredMover(
+        client, publish_chunk, chunk_size=settings.chunk_size, restore=_restore_unacked,
+        restore_interval=max(1.0, min(30.0, settings.visibility_timeout / 4)),
+    )
     _mover.start()
     engine()  # warm up: encodings and connections before the first chunk arrives
 

@@ -1,0 +1,142 @@
+"""Serving a process's metrics over HTTP, whatever Celery pool runs the jobs, and the worker heartbeat.
+
+Threads pool (ratequeue's default): one process, so ``/metrics`` serves prometheus-client's default
+registry. Prefork pool: the jobs run in child processes. Start the worker with
+``PROMETHEUS_MULTIPROC_DIR`` set to an empty directory; prometheus-client then keeps every
+process's values in files there, :func:`registry` returns a registry that merges them
+(``MultiProcessCollector``), and :func:`mark_process_dead` must be called when a child exits so that
+its live gauges (in-flight requests) stop counting. Which mode is active is what prometheus-client
+decided at import (it reads the variable itself), so it is read back from the library rather than
+from the environment.
+
+The heartbeat is how the exporter counts live workers without scraping them: every `interval`
+seconds each worker writes its name and the time into one sorted set (:func:`workers_key`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server, values
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "HEARTBEAT_STALE_SECONDS",
+    "Heartbeat",
+    "mark_process_dead",
+    "multiprocess_mode",
+    "registry",
+    "start_metrics_server",
+    "stop_metrics_server",
+    "workers_key",
+]
+
+HEARTBEAT_STALE_SECONDS = 30.0  # a worker silent this long counts as down
+_FORGET_SECONDS = 3600.0  # heartbeats older than this are removed
+
+_servers: list[Any] = []
+
+
+def workers_key() -> str:
+    """Sorted set: worker name -> time of its last heartbeat (s since epoch)."""
+    return "rq:workers"
+
+
+def multiprocess_mode() -> bool:
+    """True when prometheus-client keeps values in ``PROMETHEUS_MULTIPROC_DIR`` files (prefork)."""
+    return values.ValueClass is not values.MutexValue
+
+
+def registry() -> CollectorRegistry:
+    """The registry to expose: the default one, or one merging every process's files (prefork).
+
+    An HTTP API can mount it too: ``prometheus_client.make_asgi_app(registry=registry())``.
+    """
+    if not multiprocess_mode():
+        return REGISTRY
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged)
+    return merged
+
+
+def start_metrics_server(port: int | None, addr: str = "0.0.0.0") -> int | None:
+    """Serve ``/metrics`` on `addr`:`port` from a daemon thread; returns the port bound.
+
+    None or a port that cannot be bound (in use, no permission) logs and returns None: a worker
+    without metrics still runs its jobs. Port 0 binds a free port.
+    """
+    if port is None:
+        return None
+    try:
+        server, _thread = start_http_server(port, addr=addr, registry=registry())
+    except OSError as exc:
+        log.warning("metrics: cannot serve on %s:%s (%s); this process exports no metrics", addr, port, exc)
+        return None
+    _servers.append(server)
+    bound = int(server.server_port)
+    log.info("metrics: serving http://%s:%d/metrics", addr, bound)
+    return bound
+
+
+def stop_metrics_server() -> None:
+    """Stop every server :func:`start_metrics_server` started in this process."""
+    while _servers:
+        server = _servers.pop()
+        server.shutdown()
+        server.server_close()
+
+
+def mark_process_dead(pid: int) -> None:
+    """Forget an exited child's live gauges (prefork); does nothing in single-process mode."""
+    if multiprocess_mode():
+        multiprocess.mark_process_dead(pid)
+
+
+class Heartbeat:
+    """A daemon thread that writes ``name -> now`` into :func:`workers_key` every `interval` seconds.
+
+    ``stop()`` removes the entry, so a worker shut down cleanly stops counting at once; a killed one
+    stops counting after ``HEARTBEAT_STALE_SECONDS``. Redis errors are logged and retried.
+    """
+
+    def __init__(self, client: redis.Redis, name: str | None = None, interval: float = 5.0) -> None:
+        self._redis = client
+        self.name = name or f"ratequeue@{socket.gethostname()}"
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ratequeue-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        """Write one heartbeat now (and drop entries older than an hour)."""
+        now = time.time()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(workers_key(), {self.name: now})
+        pipe.zremrangebyscore(workers_key(), "-inf", now - _FORGET_SECONDS)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("heartbeat: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        try:
+            self._redis.zrem(workers_key(), self.name)
+        except redis.RedisError as exc:
+            log.warning("heartbeat: cannot remove %s: %s", self.name, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.beat()
