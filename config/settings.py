@@ -154,6 +154,9 @@ class Settings:
     park_retry_after_seconds: float = 300.0
     # Take the RPM/TPM the server announces in x-ratelimit-limit-* over the model table's.
     learn_limits: bool = True
+    # Switch a model's charge rule to the one the server is seen to apply (it is always checked
+    # and a mismatch logged; switching is the user's call).
+    learn_charge_rule: bool = False
     # mangled model name -> {ModelSpec field: value}; excluded from the hash (a mapping is unhashable)
     model_overrides: Mapping[str, Mapping[str, int | str]] = field(
         default_factory=lambda: FrozenMap({}), hash=False
@@ -329,7 +332,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         defer_after_seconds=e.number("RATEQUEUE_DEFER_AFTER", defaults.defer_after_seconds),
         park_cooldown_seconds=e.number("RATEQUEUE_PARK_COOLDOWN", defaults.park_cooldown_seconds),
         park_retry_after_seconds=e.number("RATEQUEUE_PARK_RETRY_AFTER", defaults.park_retry_after_seconds),
-        learn_limits=(e.text("RATEQUEUE_LEARN_LIMITS") or "1").lower() not in ("0", "false", "no", "off"),
+        learn_limits=_flag(e, "RATEQUEUE_LEARN_LIMITS", True),
+        learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", False),
         model_overrides=_read_overrides(e.env),
     )
     # A task still running when the broker's visibility timeout ends is delivered again: a duplicate
@@ -351,3 +355,14 @@ def _int(env: _Env, var: str, default: int) -> int:
     value = env.integer(var, default)
     assert value is not None  # a default was given
     return value
+
+
+def _flag(env: _Env, var: str, default: bool) -> bool:
+    raw = env.text(var)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{var}={raw!r}: must be true or false")

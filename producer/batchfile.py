@@ -79,7 +79,9 @@ class LineValidator:
                         f"({spec.max_output_tokens}): set one")
                 raise InvalidRequestError(err.field, err.reason + hint, err.code) from err
             raise err
-        return StoredJob(custom_id, line, url, body, spec.name, estimate.charge, estimate.prompt_tokens)
+        return StoredJob(
+            custom_id, line, url, body, spec.name, estimate.charge, estimate.prompt_tokens, estimate.output_tokens
+        )
 
 
 def read_lines(

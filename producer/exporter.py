@@ -4,10 +4,9 @@ Why a process of its own rather than a collector inside every worker with a Redi
 depth, batches, parked pairs, bucket levels and live workers belong to the deployment, not to a
 worker, and they matter most when workers are missing (queue growing, nobody taking it). A
 collector inside workers reports nothing with zero workers, and with many it needs a lock whose
-holder changes (series jumping between instances, gaps at hand-over). One small exporter has none
-of that: it reads Redis at each scrape (no background loop, never stale) and is right with zero
-or a hundred workers. Running two of them (for availability) is harmless: the dashboard and the
-alerts take ``max`` over instances of these gauges.
+holder changes (series jumping between instances, gaps at hand-over). One small exporter reads
+Redis at each scrape (no background loop, never stale), right with zero or a hundred workers. Two
+of them (for availability) are harmless: the dashboard and alerts take ``max`` over instances.
 
 What a scrape reads (every key is read, never written):
 - Celery's queue list (``worker.app.QUEUE``, and kombu's priority sub-lists), kombu's ``unacked``
@@ -46,6 +45,7 @@ from prometheus_client.registry import Collector
 from config.models import ModelTable, load_model_table
 from config.settings import Settings, load_settings
 from worker import keys
+from worker.codec import text
 from worker.errors import RatequeueError
 from worker.limiter import BucketLimits, SyncLimiter
 from worker.metrics_server import HEARTBEAT_STALE_SECONDS, workers_key
@@ -63,17 +63,12 @@ _FINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 _PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + priority for priorities 1-9
 _BUCKET = re.compile(r"^rq:bucket:\{([^:}]*):(.+)\}$")
 _PAGE = 500
-
-
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
+_MAX_BUCKETS = 1000  # (account, model) buckets remembered after their hash expired
 
 
 def _number(value: bytes | str | None) -> float:
     try:
-        return float(_text(value) or 0)
+        return float(text(value or 0))
     except ValueError:
         return 0.0
 
@@ -100,6 +95,8 @@ class RedisCollector(Collector):
         self._queue = queue
         self._learn = learn_limits
         self._final: dict[str, tuple[str, float]] = {}  # batch id -> (final status, cost): never change
+        # Bucket keys seen before: an idle bucket's hash expires (missing = full), its series should not.
+        self._buckets_seen: dict[str, None] = {}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         started = time.perf_counter()
@@ -137,7 +134,7 @@ class RedisCollector(Collector):
         ]
 
     def _batches(self) -> list[GaugeMetricFamily]:
-        ids = [_text(i) for i in self._redis.zrange(keys.batches_index(), 0, -1)]  # type: ignore[arg-type]
+        ids = [text(i) for i in self._redis.zrange(keys.batches_index(), 0, -1)]
         live = set(ids)
         for gone in [i for i in self._final if i not in live]:
             del self._final[gone]
@@ -153,7 +150,7 @@ class RedisCollector(Collector):
             for batch_id, (status, total, completed, failed, cost) in zip(page, pipe.execute(), strict=True):
                 if status is None:
                     continue  # deleted while we read
-                name = _text(status)
+                name = text(status)
                 costs[batch_id] = _number(cost)
                 if name in _FINAL:
                     self._final[batch_id] = (name, costs[batch_id])
@@ -188,7 +185,7 @@ class RedisCollector(Collector):
             labels=["account", "model", "reason"],
         )
         for field, raw in entries.items():
-            account, _, model = _text(field).partition(":")
+            account, _, model = text(field).partition(":")
             try:
                 info: Any = orjson.loads(raw)
             except orjson.JSONDecodeError:
@@ -209,9 +206,13 @@ class RedisCollector(Collector):
                 "ratequeue_bucket_pause_seconds", "Time left of a pause set after a 429 (0: none).", labels=pair
             ),
         }
-        learned = {_text(k): v for k, v in self._redis.hgetall(keys.learned_limits()).items()} if self._learn else {}
-        for key in self._redis.scan_iter(match="rq:bucket:*", count=1000):
-            match = _BUCKET.match(_text(key))
+        learned = {text(k): v for k, v in self._redis.hgetall(keys.learned_limits()).items()} if self._learn else {}
+        for raw_key in self._redis.scan_iter(match="rq:bucket:*", count=1000):
+            self._buckets_seen[text(raw_key)] = None
+        while len(self._buckets_seen) > _MAX_BUCKETS:
+            del self._buckets_seen[next(iter(self._buckets_seen))]
+        for key in self._buckets_seen:
+            match = _BUCKET.match(key)
             if not match:
                 continue
             account, model = match.groups()
@@ -220,7 +221,7 @@ class RedisCollector(Collector):
             except RatequeueError:
                 continue
             rpm, tpm = _learned(learned.get(f"{account}:{model}"), spec.rpm, spec.tpm)
-            levels = self._limiter.peek(_text(key), BucketLimits(rpm, tpm, self._burst))
+            levels = self._limiter.peek(key, BucketLimits(rpm, tpm, self._burst))
             labels = [model, account]
             families["level_requests"].add_metric(labels, levels.requests)
             families["level_tokens"].add_metric(labels, levels.tokens)
@@ -290,3 +291,7 @@ def exporter_command(port: int, host: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # PID 1 in a container ignores SIGTERM otherwise
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
+
+
+if __name__ == "__main__":
+    exporter_command()

@@ -22,6 +22,7 @@ import orjson
 from config.models import ModelSpec, ModelTable
 from config.settings import Settings
 from worker import keys
+from worker.chargerule import ChargeRuleCheck
 from worker.errors import RequestTooLargeError, UnknownModelError
 from worker.feedback import RateLimitHeaders, parse_ratelimit_headers
 from worker.gate import BucketGate, CapacityTimeout, GateRegistry
@@ -62,6 +63,8 @@ class JobRunner:
         self._learned: dict[str, tuple[int, int]] = {}  # pair -> (rpm, tpm) the server announced
         self._loaded: set[str] = set()
         self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
+        self._rules: dict[str, str] = {}  # pair -> charge rule learned from the server
+        self._rule_check = ChargeRuleCheck()
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
         """Run one job; True when its outcome is stored, False when it was deferred."""
@@ -77,9 +80,12 @@ class JobRunner:
             await self.outcomes.fail(batch_id, job, "model_not_found", str(exc), param="body.model")
             return True
         account = state.account
+        pair = pair_field(account, spec.name)
         gate = await self._gate(account, spec)
-        if job.charge > gate.limits.tpm:
-            err = RequestTooLargeError(job.charge, gate.limits.tpm, spec.name)
+        rule = self._rules.get(pair, spec.charge_rule)
+        charge = job.charge_under(rule)
+        if charge > gate.limits.tpm:
+            err = RequestTooLargeError(charge, gate.limits.tpm, spec.name)
             await self.outcomes.fail(batch_id, job, err.code, err.reason, param="body")
             return True
         key = keys.bucket_key(account, spec.name)
@@ -95,7 +101,7 @@ class JobRunner:
                     await self.store.defer(batch_id, job.custom_id, wait)
                     return False
             try:
-                await gate.acquire(job.charge, timeout=max(0.0, min(s.defer_after_seconds, deadline - time.time())))
+                await gate.acquire(charge, timeout=max(0.0, min(s.defer_after_seconds, deadline - time.time())))
             except CapacityTimeout as exc:
                 await self.store.defer(batch_id, job.custom_id, max(exc.retry_in, 0.5))
                 return False
@@ -105,10 +111,12 @@ class JobRunner:
             usage = usage_of(resp.body) if verdict.verdict is Verdict.SUCCESS else None
             headers = parse_ratelimit_headers(resp.headers)
             self._learn(account, spec, headers, gate)
-            await self._reconcile(key, gate.limits, spec, job, verdict, usage, headers)
+            if verdict.verdict is Verdict.SUCCESS:
+                self._check_rule(pair, rule, job, headers)
+            await self._reconcile(key, gate.limits, rule, job, charge, verdict, usage, headers)
             log.info(
                 "upstream model=%s charge=%d status=%s reason=%s latency=%.3fs request_id=%s",
-                spec.name, job.charge, resp.status, verdict.reason, resp.elapsed, resp.request_id,
+                spec.name, charge, resp.status, verdict.reason, resp.elapsed, resp.request_id,
             )
             if verdict.verdict is Verdict.SUCCESS:
                 if parked is not None:
@@ -187,12 +195,27 @@ class JobRunner:
             for task in [t for t in self._background if t.done()]:
                 self._background.discard(task)
 
+    def _check_rule(self, pair: str, rule: str, job: StoredJob, headers: RateLimitHeaders) -> None:
+        seen = self._rule_check.observe(
+            pair, time.monotonic(), headers.remaining_tokens, headers.limit_tokens,
+            job.charge_under("sum"), job.charge_under("max"),
+        )
+        if seen is None or seen == rule:
+            return
+        if self.settings.learn_charge_rule:
+            log.warning("%s: the server charges by the %r rule, not %r: switching", pair, seen, rule)
+            self._rules[pair] = seen
+        else:
+            log.warning("%s: the server seems to charge by the %r rule, not the configured %r "
+                        "(set RATEQUEUE_LEARN_CHARGE_RULE=1 to follow it)", pair, seen, rule)
+
     async def _reconcile(
         self,
         key: str,
         limits: BucketLimits,
-        spec: ModelSpec,
+        rule: str,
         job: StoredJob,
+        charge: int,
         verdict: Classified,
         usage: Usage | None,
         headers: RateLimitHeaders,
@@ -200,8 +223,8 @@ class JobRunner:
         """Correct the shared bucket with what the server reported about this request."""
         token_delta = 0
         if verdict.reason.startswith("rate_limit"):
-            token_delta = job.charge  # a refused request is not charged tokens (it still counts as a request)
-        elif usage is not None and usage.prompt_tokens and spec.charge_rule == "sum":
+            token_delta = charge  # a refused request is not charged tokens (it still counts as a request)
+        elif usage is not None and usage.prompt_tokens and rule == "sum":
             # Under the sum rule the server charged its own prompt count plus the same reserved
             # output, so the difference of the prompt counts is exactly what we over/under-charged.
             token_delta = job.prompt_tokens - usage.prompt_tokens

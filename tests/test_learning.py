@@ -1,0 +1,50 @@
+"""Learning from the server's headers: limits configured wrongly, and the charge rule."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from config.settings import load_settings
+from producer.api import Client
+from sim.process import start_sim
+from tests.conftest import base_env
+
+StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
+
+
+def _jobs(n: int, max_tokens: int = 60) -> list[dict[str, object]]:
+    return [{"custom_id": f"l-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"summarise {i}"}],
+                      "max_tokens": max_tokens}} for i in range(n)]
+
+
+def test_limits_configured_ten_times_too_high_are_learned_within_seconds(
+    redis_url: str, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    args = ["--rpm", "100000", "--tpm", "10000000", "--model", "gpt-4o-mini:rpm=1200:tpm=60000", "--latency-ms", "50",
+            "--burst-seconds", "10"]
+    with start_sim(args) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_RPM="12000",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_TPM="600000")
+        start_worker(env)
+        client = Client(load_settings(env))
+        started = time.monotonic()
+        report = client.submit_batch(_jobs(150))
+        while not client.redis.hlen("rq:learned"):
+            assert time.monotonic() - started < 5, "limits not learned within 5 s"
+            time.sleep(0.05)
+        [learned] = [orjson.loads(v) for v in client.redis.hvals("rq:learned")]
+        assert (learned["rpm"], learned["tpm"]) == (1200, 60000)
+        batch = client.wait(report.batch_id, timeout=60, poll=0.2)
+        stats = sim.stats()
+    assert batch["request_counts"]["completed"] == 150
+    r429 = stats["r429"]["tokens"] + stats["r429"]["requests"]
+    # Only the opening burst, sized to the wrong limits, can draw 429s; the learned bucket then holds.
+    assert r429 <= 75
+    late = [row["r429"] for row in stats["timeline"][4:]]
+    assert sum(late) == 0
