@@ -41,6 +41,8 @@ import redis
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from config.models import ModelTable, load_model_table
 from config.settings import Settings, load_settings
@@ -196,16 +198,12 @@ class RedisCollector(Collector):
         return [_gauge("ratequeue_parked_pairs", "(account, model) pairs parked.", len(entries)), since]
 
     def _buckets(self) -> list[GaugeMetricFamily]:
-        pair = ["model", "account"]
-        families = {
-            "level_requests": _gauge("ratequeue_bucket_level_requests", "Request bucket level now.", labels=pair),
-            "level_tokens": _gauge("ratequeue_bucket_level_tokens", "Token bucket level now.", labels=pair),
-            "cap_requests": _gauge("ratequeue_bucket_capacity_requests", "Request bucket capacity.", labels=pair),
-            "cap_tokens": _gauge("ratequeue_bucket_capacity_tokens", "Token bucket capacity.", labels=pair),
-            "pause": _gauge(
-                "ratequeue_bucket_pause_seconds", "Time left of a pause set after a 429 (0: none).", labels=pair
-            ),
+        docs = {
+            "level_requests": "Request bucket level now.", "level_tokens": "Token bucket level now.",
+            "capacity_requests": "Request bucket capacity.", "capacity_tokens": "Token bucket capacity.",
+            "pause_seconds": "Time left of a pause set after a 429 (0: none).",
         }
+        families = {k: _gauge(f"ratequeue_bucket_{k}", doc, labels=["model", "account"]) for k, doc in docs.items()}
         learned = {text(k): v for k, v in self._redis.hgetall(keys.learned_limits()).items()} if self._learn else {}
         for raw_key in self._redis.scan_iter(match="rq:bucket:*", count=1000):
             self._buckets_seen[text(raw_key)] = None
@@ -222,13 +220,10 @@ class RedisCollector(Collector):
                 continue
             rpm, tpm = _learned(learned.get(f"{account}:{model}"), spec.rpm, spec.tpm)
             levels = self._limiter.peek(key, BucketLimits(rpm, tpm, self._burst))
-            labels = [model, account]
-            families["level_requests"].add_metric(labels, levels.requests)
-            families["level_tokens"].add_metric(labels, levels.tokens)
-            families["cap_requests"].add_metric(labels, levels.request_capacity)
-            families["cap_tokens"].add_metric(labels, levels.token_capacity)
             pause = max(0.0, levels.not_before_ms / 1000 - levels.now_us / 1e6)
-            families["pause"].add_metric(labels, pause)
+            values = (levels.requests, levels.tokens, levels.request_capacity, levels.token_capacity, pause)
+            for family, value in zip(families.values(), values, strict=True):
+                family.add_metric([model, account], value)
         return list(families.values())
 
     def _workers(self) -> list[GaugeMetricFamily]:
@@ -270,7 +265,11 @@ def _timestamp(value: object) -> float:
 
 def serve(settings: Settings, port: int, addr: str = "0.0.0.0") -> int:
     """Start serving the exporter's ``/metrics`` from a daemon thread; returns the port bound."""
-    client = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", socket_timeout=10)
+    # Fail a scrape fast when Redis is away (ratequeue_redis_up 0) instead of retrying past its timeout.
+    client = redis.Redis.from_url(
+        settings.redis_url or "redis://127.0.0.1:6379/0",
+        socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1),
+    )
     registry = CollectorRegistry()
     table = load_model_table(settings)
     registry.register(RedisCollector(client, table, settings.burst_seconds, learn_limits=settings.learn_limits))

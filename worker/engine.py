@@ -63,6 +63,7 @@ class Engine:
             s.organization,
             s.project,
             Timeouts(connect=s.connect_timeout, read=s.read_timeout),
+            max_connections=s.max_in_flight,
         )
         limiter = Limiter(self.redis, horizon_seconds=s.reserve_horizon_seconds)
         self.runner = JobRunner(s, self.table, limiter, self.store, self.client, Parking(self.redis))

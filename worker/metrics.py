@@ -24,14 +24,19 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from worker.usage import Usage
 
+if TYPE_CHECKING:
+    from config.models import ModelSpec
+
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "cost_usd",
     "deferred",
     "in_flight",
     "job_finished",
@@ -162,6 +167,16 @@ def _pair(model: str, account: str) -> None:
 def status_class(status: int) -> str:
     """``2xx``, ``4xx``, ``5xx``... for an HTTP status; ``none`` for a transport failure (status 0)."""
     return f"{status // 100}xx" if 100 <= status < 600 else "none"
+
+
+def cost_usd(spec: ModelSpec, usage: Usage | None) -> float:
+    """USD of a call's `usage` at `spec`'s prices; 0 when there is none or its counts contradict each other."""
+    if usage is None:
+        return 0.0
+    try:
+        return spec.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+    except ValueError:
+        return 0.0
 
 
 def record_response(

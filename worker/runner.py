@@ -31,6 +31,7 @@ from worker.limiter import BucketLimits, Limiter
 from worker.outcomes import Outcomes
 from worker.parking import Parking, pair_field
 from worker.policy import Backoff, Classified, Verdict, classify
+from worker.reconciler import Reconciler
 from worker.store import BatchState, JobStore
 from worker.upstream import UpstreamClient, UpstreamResponse
 from worker.usage import Usage, usage_of
@@ -54,6 +55,7 @@ class JobRunner:
         self.table = table
         self.limiter = limiter
         self.gates = GateRegistry(limiter)
+        self.reconciler = Reconciler(limiter)
         self.store = store
         self.outcomes = Outcomes(store)
         self.client = client
@@ -105,6 +107,11 @@ class JobRunner:
             except CapacityTimeout as exc:
                 await self.store.defer(batch_id, job.custom_id, max(exc.retry_in, 0.5))
                 return False
+            if parked is None and await self.parking.state(account, spec.name) is not None:
+                # Parked while this job waited for its send time: give the capacity back, wait.
+                self.reconciler.add(key, gate.limits, token_delta=charge, request_delta=1)
+                await self.store.defer(batch_id, job.custom_id, s.park_cooldown_seconds)
+                return False
             async with self.in_flight:
                 resp = await self.client.post(job.url, job.body, f"{batch_id}/{job.custom_id}")
             verdict = classify(resp, park_after=s.park_retry_after_seconds)
@@ -113,7 +120,7 @@ class JobRunner:
             self._learn(account, spec, headers, gate)
             if verdict.verdict is Verdict.SUCCESS:
                 self._check_rule(pair, rule, job, headers)
-            await self._reconcile(key, gate.limits, rule, job, charge, verdict, usage, headers)
+            self._reconcile(key, gate.limits, rule, job, charge, verdict, usage, headers)
             log.info(
                 "upstream model=%s charge=%d status=%s reason=%s latency=%.3fs request_id=%s",
                 spec.name, charge, resp.status, verdict.reason, resp.elapsed, resp.request_id,
@@ -209,7 +216,7 @@ class JobRunner:
             log.warning("%s: the server seems to charge by the %r rule, not the configured %r "
                         "(set RATEQUEUE_LEARN_CHARGE_RULE=1 to follow it)", pair, seen, rule)
 
-    async def _reconcile(
+    def _reconcile(
         self,
         key: str,
         limits: BucketLimits,
@@ -230,7 +237,7 @@ class JobRunner:
             token_delta = job.prompt_tokens - usage.prompt_tokens
         if token_delta == 0 and headers.remaining_tokens is None and headers.remaining_requests is None:
             return
-        await self.limiter.reconcile(
+        self.reconciler.add(
             key,
             limits,
             token_delta=token_delta,

@@ -1,0 +1,99 @@
+"""A real Celery worker on the prefork pool: jobs run in child processes, and the main process's
+/metrics (PROMETHEUS_MULTIPROC_DIR, multi-process mode) still counts every one of them."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from config.settings import load_settings
+from producer.api import Client
+from sim.process import start_sim
+from tests.conftest import ROOT, base_env
+
+REDIS_URL = "redis://127.0.0.1:6379/12"
+JOBS = 30
+PREFORK_WORKER = """
+from worker.app import app
+app.conf.worker_pool = "prefork"
+app.worker_main(["worker", "--pool=prefork", "--concurrency=2", "--queues=ratequeue", "--without-gossip",
+                 "--without-mingle", "--loglevel=WARNING"])
+"""
+
+
+@pytest.fixture
+def rclient() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def _sample(body: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+@pytest.mark.timeout(90)
+def test_prefork_worker_exports_what_its_children_did(rclient: redis.Redis, tmp_path: Path) -> None:
+    multiproc = tmp_path / "prometheus-multiproc"
+    multiproc.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with start_sim(["--rpm", "6000", "--tpm", "2000000", "--latency-ms", "20"]) as sim:
+        env = base_env(REDIS_URL, sim.url, tmp_path, RATEQUEUE_METRICS_PORT=str(port), RATEQUEUE_CHUNK_SIZE="5",
+                       PROMETHEUS_MULTIPROC_DIR=str(multiproc))
+        log = (tmp_path / "worker.log").open("wb")
+        # ratequeue's app configures the threads pool, and Celery then reads `--pool=prefork` as "the
+        # default" and keeps threads: prefork has to be configured on the app, as here.
+        command = [sys.executable, "-c", PREFORK_WORKER]
+        worker = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            client = Client(load_settings(env), publish=None)
+            source = tmp_path / "in.jsonl"
+            source.write_bytes(b"\n".join(orjson.dumps({
+                "custom_id": f"c-{n}", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o-mini", "max_tokens": 10,
+                         "messages": [{"role": "user", "content": f"item {n}"}]},
+            }) for n in range(JOBS)) + b"\n")
+            batch = client.wait(client.submit_batch(source).batch_id, timeout=60)
+            assert batch["request_counts"]["completed"] == JOBS
+            deadline = time.monotonic() + 10
+            while True:  # the last child may record its metrics a moment after the batch completes
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                if _sample(body, "ratequeue_jobs_total", model="gpt-4o-mini", outcome="completed") == JOBS:
+                    break
+                assert time.monotonic() < deadline, body
+                time.sleep(0.2)
+            assert _sample(body, "ratequeue_upstream_requests_total") == sim.stats(timeline=False)["requests_total"]
+            assert _sample(body, "ratequeue_in_flight_requests") == 0
+            assert _sample(body, "ratequeue_cost_usd_total") == pytest.approx(batch["cost_usd"], rel=1e-9)
+            children = {int(m.group(1)) for f in multiproc.iterdir() if (m := re.search(r"_(\d+)\.db$", f.name))}
+            assert "(prefork)" in (tmp_path / "worker.log").read_text()
+            assert children - {worker.pid}, "the values were written by the pool's child processes"
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            log.close()

@@ -1,0 +1,260 @@
+"""A real Prometheus, run with the project's own ops/prometheus/prometheus.yml (targets and intervals
+substituted) and alerts.yml, scrapes a real worker and the exporter while batches run against the
+simulator. Then what Prometheus saw is checked against the simulator's own counts, and every PromQL
+expression of the dashboard and of the rules is evaluated: each must parse, the dashboard's must
+return data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import yaml
+
+from config.settings import load_settings
+from producer.api import Client
+from sim.process import SimHandle, start_sim
+from tests.conftest import ROOT, base_env
+from worker import keys
+
+REDIS_URL = "redis://127.0.0.1:6379/12"
+PROM = ROOT / "ops" / "prometheus"
+DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "ratequeue.json"
+# What Grafana puts in place of its variables: every account and model, a window that spans several
+# 1 s scrapes.
+GRAFANA_VARS = {"$__rate_interval": "5s", "$__range": "1m", "$account": ".*", "$model": ".*"}
+JOBS = 40
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports (all bound at once, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, explain: Callable[[], object] = str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}: {explain()}")
+        time.sleep(0.2)
+
+
+class Prometheus:
+    """A Prometheus server process and its HTTP API."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, port: int) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.fail("prometheus missing: scripts/setup installs the Debian package prometheus")
+        self.port = port
+        self.url = f"http://127.0.0.1:{self.port}"
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        shutil.copy(PROM / "alerts.yml", workdir / "alerts.yml")
+        self.log = (workdir / "prometheus.log").open("wb")
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir,
+        )
+        wait_for("Prometheus to be ready", self.ready, 20)
+
+    def ready(self) -> bool:
+        assert self.process.poll() is None, "prometheus exited; see prometheus.log"
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read())
+        if body.get("status") != "success":
+            raise AssertionError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def value(self, expr: str) -> float | None:
+        result = self.api("query", query=expr)["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def project_config(worker: int, exporter: int, prometheus: int) -> dict[str, Any]:
+    """ops/prometheus/prometheus.yml with local targets for its jobs and 1 s intervals."""
+    config: dict[str, Any] = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    targets = {"ratequeue-worker": worker, "ratequeue-exporter": exporter, "prometheus": prometheus}
+    assert [job["job_name"] for job in config["scrape_configs"]] == list(targets)
+    for job in config["scrape_configs"]:
+        job.pop("dns_sd_configs", None)  # the compose service's DNS name: one local worker here
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
+    return config
+
+
+@pytest.fixture
+def rclient() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def sim() -> Iterator[SimHandle]:
+    # A 1 s burst at 600 RPM draws real 429s from a worker that starts out believing 6000 RPM; a
+    # context of 1500 tokens makes the one long prompt fail upstream; 10% of accepted calls get a 5xx.
+    args = ["--rpm", "600", "--tpm", "400000", "--burst-seconds", "1", "--latency-ms", "30",
+            "--context", "1500", "--fail-rate", "0.1", "--seed", "5"]
+    with start_sim(args) as handle:
+        yield handle
+
+
+def _chat(n: int, words: int = 5) -> bytes:
+    body = {"model": "gpt-4o-mini", "max_tokens": 20,
+            "messages": [{"role": "user", "content": " ".join(["summarise"] * words) + f" {n}"}]}
+    return orjson.dumps({"custom_id": f"c-{n}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+
+@pytest.mark.timeout(90)
+def test_dashboard_and_rules_against_a_real_prometheus(
+    rclient: redis.Redis,
+    sim: SimHandle,
+    tmp_path: Path,
+    start_worker: Callable[[dict[str, str]], subprocess.Popen[bytes]],
+) -> None:
+    worker_port, exporter_port, prom_port = free_ports(3)
+    env = base_env(REDIS_URL, sim.url, tmp_path, RATEQUEUE_METRICS_PORT=str(worker_port),
+                   RATEQUEUE_MODEL_GPT_4O_MINI_RPM="6000", RATEQUEUE_CHUNK_SIZE="10",
+                   RATEQUEUE_PARK_COOLDOWN="300")
+    start_worker(env)
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "producer.exporter", "--port", str(exporter_port), "--host", "127.0.0.1"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    prom = Prometheus(project_config(worker_port, exporter_port, prom_port), tmp_path, prom_port)
+    try:
+        # Prometheus hands new targets to its scrapers about 5 s after start: wait for every one.
+        wait_for("every target to be scraped", lambda: _targets_health(prom) == {"up"}, 30,
+                 lambda: [(t["scrapeUrl"], t["lastError"]) for t in prom.api("targets")["activeTargets"]])
+        _run(prom, rclient, sim, env, time.time())
+    finally:
+        prom.stop()
+        exporter.terminate()
+        exporter.wait(10)
+
+
+def _run(prom: Prometheus, rclient: redis.Redis, sim: SimHandle, env: dict[str, str], started: float) -> None:
+    client = Client(load_settings(env), publish=None)
+    source = Path(env["RATEQUEUE_DATA_DIR"]).parent / "in.jsonl"
+    source.write_bytes(b"\n".join([_chat(n) for n in range(JOBS)] + [_chat(JOBS, words=2000)]) + b"\n")
+    batch = client.wait(client.submit_batch(source).batch_id, timeout=45)
+    assert batch["request_counts"] == {"total": JOBS + 1, "completed": JOBS, "failed": 1}
+
+    # The provider says the quota is spent: the next job parks its (account, model) and waits.
+    sim.configure(quota_usd=0.0)
+    client.submit_job({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    wait_for("the pair to be parked", lambda: rclient.hlen(keys.parked_pairs()) == 1, 15)
+    wait_for("Prometheus to see the parked pair", lambda: prom.value("max(ratequeue_parked_pairs)") == 1, 10)
+    wait_for("every rule to be evaluated", lambda: _rules_health(prom) == {"ok"}, 10)
+    time.sleep(2)  # two more scrapes of the final state
+
+    # What Prometheus saw agrees with the simulator's own counts and the batch's.
+    stats = sim.stats(timeline=False)
+    assert prom.value("sum(ratequeue_upstream_requests_total)") == stats["requests_total"]
+    assert prom.value('sum(ratequeue_rate_limited_total{type=~"requests|tokens"})') == (
+        stats["r429"]["requests"] + stats["r429"]["tokens"]) > 0
+    assert prom.value('sum(ratequeue_rate_limited_total{type="quota"})') == stats["r429"]["insufficient_quota"] > 0
+    faults = sum(n for kind, n in stats["faults"].items() if kind.isdigit())
+    assert prom.value('sum(ratequeue_upstream_requests_total{status_class="5xx"})') == faults > 0
+    assert prom.value('sum(ratequeue_tokens_total{kind="prompt"})') == stats["usage"]["prompt_tokens"]
+    assert prom.value('sum(ratequeue_tokens_total{kind="completion"})') == stats["usage"]["completion_tokens"]
+    assert prom.value("sum(ratequeue_cost_usd_total)") == pytest.approx(batch["cost_usd"], rel=1e-9)
+    assert prom.value('sum(ratequeue_jobs_total{outcome="completed"})') == JOBS
+    assert prom.value('sum(ratequeue_job_failures_total{code="context_length_exceeded"})') == 1
+    assert prom.value('sum(ratequeue_retries_total{reason=~"rate_limit_.*"})') == (
+        stats["r429"]["requests"] + stats["r429"]["tokens"])
+    assert prom.value('max(ratequeue_limit_requests_per_minute{source="configured"})') == 6000
+    assert prom.value('max(ratequeue_limit_requests_per_minute{source="learned"})') == 600
+    assert prom.value('max(ratequeue_batches{status="completed"})') == 1
+    assert prom.value('max(ratequeue_batches{status="in_progress"})') == 1
+    assert prom.value("max(ratequeue_pending_jobs)") == 1
+    assert prom.value("max(ratequeue_deferred_jobs)") == 1
+    assert prom.value("max(ratequeue_workers_alive)") == 1
+    assert prom.value('count(ratequeue_pair_parked_since_timestamp_seconds{reason="insufficient_quota"})') == 1
+    assert _targets_health(prom) == {"up"}
+
+    # Every rule expression parses and evaluates; every dashboard query returns data.
+    for expr in _rule_exprs():
+        prom.api("query", query=expr)
+    end = time.time()
+    empty = []
+    data = json.loads(DASHBOARD.read_text())
+    for panel in data["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var, value in GRAFANA_VARS.items():
+                expr = expr.replace(var, value)
+            assert "$" not in expr, expr
+            if target.get("instant"):
+                result = prom.api("query", query=expr)["result"]
+            else:
+                result = prom.api("query_range", query=expr, start=str(started), end=str(end), step="1")["result"]
+            if not result:
+                empty.append(f"{panel['title']} [{target['refId']}]: {expr}")
+    for variable in data["templating"]["list"]:
+        metric, label = variable["query"][len("label_values("):-1].split(", ")
+        values = prom.api(f"label/{label}/values", **{"match[]": metric})
+        assert values, variable["query"]
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+
+def _targets_health(prom: Prometheus) -> set[str]:
+    targets = prom.api("targets")["activeTargets"]
+    if {t["labels"]["job"] for t in targets} != {"ratequeue-worker", "ratequeue-exporter", "prometheus"}:
+        return set()
+    return {t["health"] for t in targets}
+
+
+def _rules_health(prom: Prometheus) -> set[str]:
+    groups = prom.api("rules")["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == len(_rule_exprs())
+    return {rule["health"] for rule in rules}
+
+
+def _rule_exprs() -> list[str]:
+    groups = yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+    return [rule["expr"] for group in groups for rule in group["rules"]]

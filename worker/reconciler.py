@@ -1,0 +1,74 @@
+"""Coalesces the bucket corrections of one process: one Lua call per bucket per interval.
+
+Every response brings a correction (a refund for a 429, the server's prompt count, its
+x-ratelimit-remaining-*). Sending each as its own Redis call cost ~13% of a worker's CPU at
+1,000 calls/s; summed over 50 ms they lose nothing that matters: deltas add up, and of several
+"remaining" snapshots the lowest is kept (the conservative one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from worker.limiter import BucketLimits, Limiter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    limits: BucketLimits
+    token_delta: int = 0
+    request_delta: int = 0
+    remaining_tokens: int | None = None
+    remaining_requests: int | None = None
+
+
+def _lower(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+class Reconciler:
+    """Collects corrections with ``add`` and flushes them every ``interval`` seconds."""
+
+    def __init__(self, limiter: Limiter, interval: float = 0.05) -> None:
+        self._limiter = limiter
+        self._interval = interval
+        self._pending: dict[str, _Pending] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    def add(
+        self,
+        key: str,
+        limits: BucketLimits,
+        token_delta: int = 0,
+        request_delta: int = 0,
+        remaining_tokens: int | None = None,
+        remaining_requests: int | None = None,
+    ) -> None:
+        p = self._pending.setdefault(key, _Pending(limits))
+        p.limits = limits
+        p.token_delta += token_delta
+        p.request_delta += request_delta
+        p.remaining_tokens = _lower(p.remaining_tokens, remaining_tokens)
+        p.remaining_requests = _lower(p.remaining_requests, remaining_requests)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._interval)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send every pending correction now."""
+        pending, self._pending = self._pending, {}
+        for key, p in pending.items():
+            try:
+                await self._limiter.reconcile(
+                    key, p.limits, token_delta=p.token_delta, request_delta=p.request_delta,
+                    remaining_tokens=p.remaining_tokens, remaining_requests=p.remaining_requests,
+                )
+            except Exception as exc:  # a correction is advice: losing one to a Redis blip is fine
+                log.warning("bucket correction of %s dropped: %s", key, exc)
