@@ -123,6 +123,9 @@ def _attach_sim() -> None:
     from sim.cli import sim_command
 
     main.add_command(sim_command, name="sim")
+    from producer.exporter import exporter_command
+
+    main.add_command(exporter_command, name="exporter")
 
 
 _attach_sim()

@@ -82,7 +82,8 @@ FACTS_BODIES = [
     (429, {"message": "Request too large for gpt-4o ... on tokens per min (TPM): Limit 30000, Requested 31538.",
            "type": "tokens", "code": "rate_limit_exceeded"}, Verdict.FAIL, "request_too_large"),
     (429, {"message": "You exceeded your current quota, please check your plan and billing details.",
-           "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}, Verdict.PARK, "insufficient_quota"),
+           "type": "insufficient_quota", "param": None, "code": "insufficient_quota"},
+     Verdict.PARK, "insufficient_quota"),
     (429, {"code": "429", "message": "Requests to the deployment have exceeded the rate limit. Please retry after "
                                       "86400 seconds."}, Verdict.PARK, "long_retry_after"),
     (400, {"message": "This model's maximum context length is 128000 tokens.", "type": "invalid_request_error",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from config.models import ModelSpec
-from worker import records
+from worker import metrics, records
 from worker.jobs import StoredJob
 from worker.store import JobStore, Outcome
 from worker.upstream import UpstreamResponse
@@ -24,7 +24,8 @@ class Outcomes:
         line = records.output_line(job.custom_id, resp.status, resp.request_id, resp.body)
         cost = spec.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         outcome = Outcome("result", line, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, cost)
-        await self._store.store(batch_id, job.custom_id, outcome)
+        if await self._store.store(batch_id, job.custom_id, outcome):
+            metrics.job_finished(spec.name, ok=True)
 
     async def upstream_error(
         self, batch_id: str, job: StoredJob, resp: UpstreamResponse, reason: str
@@ -34,7 +35,8 @@ class Outcomes:
             await self.fail(batch_id, job, reason, f"upstream unreachable: {resp.transport_error}")
             return
         line = records.output_line(job.custom_id, resp.status, resp.request_id, resp.body)
-        await self._store.store(batch_id, job.custom_id, Outcome("error", line))
+        if await self._store.store(batch_id, job.custom_id, Outcome("error", line)):
+            metrics.job_finished(job.model, ok=False, code=reason)
 
     async def gave_up(self, batch_id: str, job: StoredJob, code: str, history: dict[str, Any]) -> None:
         """Retries exhausted (or the job's deadline passed): the error carries the whole history."""
@@ -51,4 +53,5 @@ class Outcomes:
         history: dict[str, Any] | None = None,
     ) -> None:
         line = records.error_line(job.custom_id, code, message, job.line, param, history)
-        await self._store.store(batch_id, job.custom_id, Outcome("error", line))
+        if await self._store.store(batch_id, job.custom_id, Outcome("error", line)):
+            metrics.job_finished(job.model, ok=False, code=code)

@@ -21,7 +21,7 @@ import orjson
 
 from config.models import ModelSpec, ModelTable
 from config.settings import Settings
-from worker import keys
+from worker import keys, metrics
 from worker.chargerule import ChargeRuleCheck
 from worker.errors import RequestTooLargeError, UnknownModelError
 from worker.feedback import RateLimitHeaders, parse_ratelimit_headers
@@ -101,22 +101,43 @@ class JobRunner:
                 wait = await self.parking.take_probe(account, spec.name, s.park_cooldown_seconds)
                 if wait is not None:
                     await self.store.defer(batch_id, job.custom_id, wait)
+                    metrics.deferred(spec.name, account, "parked")
                     return False
             try:
-                await gate.acquire(charge, timeout=max(0.0, min(s.defer_after_seconds, deadline - time.time())))
+                waited = await gate.acquire(
+                    charge, timeout=max(0.0, min(s.defer_after_seconds, deadline - time.time()))
+                )
             except CapacityTimeout as exc:
                 await self.store.defer(batch_id, job.custom_id, max(exc.retry_in, 0.5))
+                metrics.deferred(spec.name, account, "capacity")
                 return False
+            metrics.waited_for_capacity(spec.name, account, waited)
             if parked is None and await self.parking.state(account, spec.name) is not None:
                 # Parked while this job waited for its send time: give the capacity back, wait.
                 self.reconciler.add(key, gate.limits, token_delta=charge, request_delta=1)
                 await self.store.defer(batch_id, job.custom_id, s.park_cooldown_seconds)
+                metrics.deferred(spec.name, account, "parked")
                 return False
             async with self.in_flight:
-                resp = await self.client.post(job.url, job.body, f"{batch_id}/{job.custom_id}")
+                with metrics.in_flight(spec.name, account):
+                    resp = await self.client.post(job.url, job.body, f"{batch_id}/{job.custom_id}")
             verdict = classify(resp, park_after=s.park_retry_after_seconds)
             usage = usage_of(resp.body) if verdict.verdict is Verdict.SUCCESS else None
             headers = parse_ratelimit_headers(resp.headers)
+            metrics.record_response(
+                spec.name,
+                account,
+                status=resp.status,
+                outcome=verdict.verdict.value,
+                reason=verdict.reason,
+                latency_s=resp.elapsed,
+                charge=charge,
+                usage=usage,
+                cost_usd=metrics.cost_usd(spec, usage),
+                estimated_prompt_tokens=job.prompt_tokens,
+                limit_requests=headers.limit_requests,
+                limit_tokens=headers.limit_tokens,
+            )
             self._learn(account, spec, headers, gate)
             if verdict.verdict is Verdict.SUCCESS:
                 self._check_rule(pair, rule, job, headers)
@@ -140,18 +161,21 @@ class JobRunner:
                 log.error("parking %s for %.0f s: %s", pair_field(account, spec.name), cooldown, verdict.reason)
                 await self.parking.park(account, spec.name, verdict.reason, message, cooldown)
                 await self.store.defer(batch_id, job.custom_id, cooldown)
+                metrics.deferred(spec.name, account, "parked")
                 return False
             attempts = await self.store.record_attempt(batch_id, job.custom_id, resp.status, message)
             if attempts >= s.max_attempts:
                 await self._give_up(batch_id, job, "max_attempts_exceeded")
                 return True
             delay = self.backoff.delay(attempts, verdict)
+            metrics.retry(spec.name, account, verdict.reason)
             if verdict.reason.startswith("rate_limit"):
                 # One 429 pauses every worker on every host: the gate honours the shared time.
                 await self.limiter.set_not_before(key, delay)
                 continue
             if delay > s.defer_after_seconds:
                 await self.store.defer(batch_id, job.custom_id, delay)
+                metrics.deferred(spec.name, account, "backoff")
                 return False
             await asyncio.sleep(delay)
 
@@ -178,6 +202,7 @@ class JobRunner:
             if raw:
                 known = orjson.loads(raw)
                 self._learned[pair] = (int(known["rpm"]), int(known["tpm"]))
+        metrics.set_limits(spec.name, account, spec.rpm, spec.tpm, "configured")
         return self.gates.get(keys.bucket_key(account, spec.name), self._limits(pair, spec))
 
     def _limits(self, pair: str, spec: ModelSpec) -> BucketLimits:

@@ -17,6 +17,7 @@ from worker.app import DEFAULT_REDIS_URL, RUN_CHUNK, app, publish_chunk
 from worker.deferred import DeferredMover
 from worker.encodings import ensure_offline_encodings
 from worker.engine import Engine
+from worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is ours (engine), not httpx's
@@ -24,6 +25,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is our
 _lock = threading.Lock()
 _engine: Engine | None = None
 _mover: DeferredMover | None = None
+_heartbeat: Heartbeat | None = None
 
 
 def engine() -> Engine:
@@ -68,8 +70,8 @@ def _restore_unacked() -> None:
 
 
 @signals.worker_ready.connect
-def _start_mover(**_: Any) -> None:
-    global _mover
+def _start_mover(sender: Any = None, **_: Any) -> None:
+    global _mover, _heartbeat
     settings = load_settings()
     client = redis.Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
     _mover = DeferredMover(
@@ -77,11 +79,21 @@ def _start_mover(**_: Any) -> None:
         restore_interval=max(1.0, min(30.0, settings.visibility_timeout / 4)),
     )
     _mover.start()
+    start_metrics_server(settings.metrics_port)
+    _heartbeat = Heartbeat(client, getattr(sender, "hostname", None)).start()
     engine()  # warm up: encodings and connections before the first chunk arrives
+
+
+@signals.worker_process_shutdown.connect
+def _child_exited(pid: int | None = None, **_: Any) -> None:
+    if pid is not None:  # prefork: forget the child's live gauges (no-op unless PROMETHEUS_MULTIPROC_DIR)
+        mark_process_dead(pid)
 
 
 @signals.worker_shutdown.connect
 def _stop(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
     if _mover is not None:
         _mover.stop()
     if _engine is not None:
