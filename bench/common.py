@@ -45,9 +45,10 @@ def mixed_workload(n: int, seed: int = 42, model: str = "gpt-4o-mini") -> Iterat
         }
 
 
-def worker_env(sim_url: str, redis_url: str, rpm: float, tpm: float, model: str = "gpt-4o-mini",
+def worker_env(sim_url: str, redis_url: str, rpm: float | None, tpm: float | None, model: str = "gpt-4o-mini",
                charge_rule: str = "sum", **extra: str) -> dict[str, str]:
-    """The environment of a benchmark worker: the simulator as upstream, the model's limits set."""
+    """The environment of a benchmark worker: the simulator as upstream, the model's limits set
+    (left to the model table's defaults when ``rpm``/``tpm`` are None)."""
     mangled = model.upper().replace("-", "_").replace(".", "_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RATEQUEUE_", "OPENAI_"))}
     env.update(
@@ -56,12 +57,11 @@ def worker_env(sim_url: str, redis_url: str, rpm: float, tpm: float, model: str 
         OPENAI_API_KEY="sk-bench-000000000000",
         RATEQUEUE_LOG_LEVEL="WARNING",
         PYTHONPATH=str(ROOT),
-        **{
-            f"RATEQUEUE_MODEL_{mangled}_RPM": str(int(rpm)),
-            f"RATEQUEUE_MODEL_{mangled}_TPM": str(int(tpm)),
-            f"RATEQUEUE_MODEL_{mangled}_CHARGE_RULE": charge_rule,
-        },
+        **{f"RATEQUEUE_MODEL_{mangled}_CHARGE_RULE": charge_rule},
     )
+    if rpm is not None and tpm is not None:
+        env[f"RATEQUEUE_MODEL_{mangled}_RPM"] = str(int(rpm))
+        env[f"RATEQUEUE_MODEL_{mangled}_TPM"] = str(int(tpm))
     env.update(extra)
     return env
 
@@ -116,19 +116,20 @@ class Figures:
     requests: int
     calls_per_job: float
     peak_rss_mb: float
+    whole_run: float = 0.0
 
     def row(self) -> str:
         return (
             f"| {self.scenario} | {self.limits} | {self.jobs} | {self.wall:.1f} s | {self.minimum:.1f} s | "
             f"{self.wall / self.minimum:.3f} | {self.utilisation:.1%} | "
             f"{self.r429} ({self.r429 / max(self.requests, 1):.2%}) | "
-            f"{self.calls_per_job:.3f} | {self.peak_rss_mb:.0f} MB |"
+            f"{self.calls_per_job:.3f} | {self.peak_rss_mb:.0f} MB | {self.whole_run:.1%} |"
         )
 
 
 HEADER = (
     "| scenario | limits | jobs | wall | minimum | wall/min | utilisation (steady) | 429s (share) | calls/job | "
-    "peak RSS/worker |\n|---|---|---|---|---|---|---|---|---|---|"
+    "peak RSS/worker | utilisation (whole run) |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -145,8 +146,9 @@ def figures(scenario: str, stats: Mapping[str, Any], rpm: float, tpm: float, job
                              trim_end=int(latency + 1))
     r429 = sum(stats["r429"].values())
     calls = stats["requests_total"]
+    whole = max(stats["accepted_requests"] / (wall * rpm / 60), charged / (wall * tpm / 60))
     return Figures(scenario, f"{int(rpm)} RPM / {int(tpm):,} TPM", jobs, wall, minimum, use["binding"], r429,
-                   calls, calls / max(jobs, 1), rss)
+                   calls, calls / max(jobs, 1), rss, whole)
 
 
 def write_jsonl(path: Path, rows: Iterator[dict[str, Any]]) -> None:

@@ -42,18 +42,27 @@ def main() -> None:
     ap.add_argument("--scenario", default="core")
     ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment of the workers, e.g. RATEQUEUE_WORKER_SLOTS=32")
+    ap.add_argument("--configured-factor", type=float, default=1.0,
+                    help="the workers' configured limits as a multiple of the simulator's (1.1: 10%% too high)")
+    ap.add_argument("--unconfigured", action="store_true",
+                    help="leave the limits to the model table's defaults (the workers learn them from headers)")
+    ap.add_argument("--no-retry-after", action="store_true", help="the simulator sends no Retry-After headers")
     args = ap.parse_args()
 
     flush(BENCH_REDIS_URL)
     sim_args = [
         "--rpm", str(int(args.rpm)), "--tpm", str(int(args.tpm)), "--latency-ms", str(args.latency_ms),
         "--burst-seconds", str(args.sim_burst_seconds), "--charge-rule", args.charge_rule, "--seed", str(args.seed),
+        *(["--no-retry-after"] if args.no_retry_after else []),
     ]
     print(f"setup: sim {' '.join(sim_args)}; {args.workers} worker process(es); {args.jobs} mixed-size jobs; "
-          f"redis {BENCH_REDIS_URL}; worker env {args.worker_env}")
+          f"redis {BENCH_REDIS_URL}; worker env {args.worker_env}; configured limits "
+          f"{'model-table defaults' if args.unconfigured else f'{args.configured_factor:g} x the simulator'}")
     with start_sim(sim_args) as sim, tempfile.TemporaryDirectory() as tmp:
         extra = dict(item.split("=", 1) for item in args.worker_env)
-        env = worker_env(sim.url, BENCH_REDIS_URL, args.rpm, args.tpm, charge_rule=args.charge_rule, **extra)
+        rpm = None if args.unconfigured else args.rpm * args.configured_factor
+        tpm = None if args.unconfigured else args.tpm * args.configured_factor
+        env = worker_env(sim.url, BENCH_REDIS_URL, rpm, tpm, charge_rule=args.charge_rule, **extra)
         with workers(args.workers, env, Path(tmp) / "logs") as procs:
             client = Client(load_settings(env))
             time.sleep(2.0)  # workers connected and warm before the clock starts
