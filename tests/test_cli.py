@@ -67,6 +67,12 @@ def test_status_results_and_cancel_on_a_configured_redis(tmp_path: Path, redis_u
     assert orjson.loads(status.stdout)["request_counts"]["total"] == 1
     cancel = subprocess.run([*RATEQUEUE, "cancel", batch_id], env=env, capture_output=True, text=True, timeout=60)
     assert cancel.stdout.strip() == "cancelling"
+    out = tmp_path / "so-far.jsonl"
+    results = subprocess.run([*RATEQUEUE, "results", batch_id, "-o", str(out)], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert results.returncode == 0 and out.exists() and (tmp_path / "so-far.errors.jsonl").exists()
+    overview = subprocess.run([*RATEQUEUE, "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert orjson.loads(overview.stdout)["recent_batches"][0]["id"] == batch_id
     missing = subprocess.run([*RATEQUEUE, "status", "batch_nope"], env=env, capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 2 and "no batch" in missing.stderr

@@ -30,12 +30,12 @@ def _user_table(tmp_path: Path, text: str, **env: str) -> ModelTable:
 def test_builtin_table_has_every_model(table: ModelTable) -> None:
     assert table.names() == sorted(
         [
-            "gpt-3.5-turbo", "gpt-3.5-turbo-16k", "gpt-4", "gpt-4-32k", "gpt-4-turbo", "gpt-4.1",
-            "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4o", "gpt-4o-mini", "o1", "o1-mini", "o3", "o3-mini",
+            "gpt-3.5-turbo", "gpt-3.5-turbo-16k", "gpt-3.5-turbo-instruct", "gpt-4", "gpt-4-32k", "gpt-4-turbo",
+            "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4o", "gpt-4o-mini", "o1", "o1-mini", "o3", "o3-mini",
             "o4-mini", "text-embedding-3-large", "text-embedding-3-small", "text-embedding-ada-002",
         ]
     )  # fmt: skip
-    assert len(table) == 18 and [spec.name for spec in table] == table.names()
+    assert len(table) == 19 and [spec.name for spec in table] == table.names()
 
 
 @pytest.mark.parametrize(
@@ -210,7 +210,7 @@ def test_user_file_merges_per_model_and_per_field(tmp_path: Path) -> None:
     mine = t.get("my-model")
     assert (mine.kind, mine.charge_rule, mine.cached_input_per_1m) == ("chat", "sum", 1.0)  # defaults
     assert mine.endpoints == ("/v1/chat/completions", "/v1/responses")
-    assert len(t) == 19 and t.sources[-1] == str(tmp_path / "models.toml")
+    assert len(t) == 20 and t.sources[-1] == str(tmp_path / "models.toml")
 
 
 def test_user_defaults_apply_to_builtin_models(tmp_path: Path) -> None:

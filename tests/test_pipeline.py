@@ -58,26 +58,30 @@ def test_batch_runs_to_completion_with_results_in_input_order(
             }
         )
     )
+    lines.append(orjson.dumps({**_chat(1000), "url": "/v1/responses",
+                               "body": {"model": "gpt-4o-mini", "input": "Say hi.", "max_output_tokens": 16}}))
+    lines.append(orjson.dumps({**_chat(1001), "url": "/v1/completions",
+                               "body": {"model": "gpt-3.5-turbo-instruct", "prompt": "Once upon", "max_tokens": 8}}))
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
     client = _client(env)
     report = client.submit_batch(source)
-    assert (report.jobs, report.errors) == (61, 1)
+    assert (report.jobs, report.errors) == (63, 1)
     batch = client.wait(report.batch_id, timeout=60)
     assert batch["status"] == "completed"
-    assert batch["request_counts"] == {"total": 62, "completed": 61, "failed": 1}
+    assert batch["request_counts"] == {"total": 64, "completed": 63, "failed": 1}
     assert batch["usage"]["prompt_tokens"] > 0 and batch["cost_usd"] > 0
 
     out, err = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
-    assert write_outputs(client.redis, report.batch_id, out, err) == (61, 1)
+    assert write_outputs(client.redis, report.batch_id, out, err) == (63, 1)
     results = [orjson.loads(line) for line in out.read_bytes().splitlines()]
-    assert [r["custom_id"] for r in results] == [f"c-{n}" for n in range(60)] + ["c-999"]
+    assert [r["custom_id"] for r in results] == [f"c-{n}" for n in range(60)] + ["c-999", "c-1000", "c-1001"]
     for r in results:
         assert set(r) == {"id", "custom_id", "response", "error"} and r["error"] is None
         assert r["response"]["status_code"] == 200 and r["response"]["request_id"].startswith("req_")
         assert r["id"].startswith("batch_req_")
     assert results[0]["response"]["body"]["object"] == "chat.completion"
-    assert results[-1]["response"]["body"]["object"] == "list"
+    assert [r["response"]["body"]["object"] for r in results[-3:]] == ["list", "response", "text_completion"]
     [error] = [orjson.loads(line) for line in err.read_bytes().splitlines()]
     assert (
         error["response"] is None
@@ -86,7 +90,7 @@ def test_batch_runs_to_completion_with_results_in_input_order(
     )
     # exactly one upstream call per job
     calls = sim.stats()["calls_by_client_id"]
-    assert sorted(calls.values()) == [1] * 61
+    assert sorted(calls.values()) == [1] * 63
 
 
 def test_submit_job_for_services_and_upstream_errors_go_to_errors(
