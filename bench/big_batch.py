@@ -23,7 +23,7 @@ from producer.api import Client
 from sim.process import start_sim
 
 COLLECT = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {root!r})
 import redis
 from producer.collect import write_outputs
@@ -31,7 +31,9 @@ from pathlib import Path
 client = redis.Redis.from_url({url!r})
 t = time.monotonic()
 n, e = write_outputs(client, {batch!r}, Path({out!r}), Path({out!r} + ".errors"))
-print(n, e, time.monotonic() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: the latter keeps the peak of the forking parent across exec.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print(n, e, time.monotonic() - t, int(hwm) / 1024)
 """
 
 

@@ -48,3 +48,39 @@ def test_limits_configured_ten_times_too_high_are_learned_within_seconds(
     assert r429 <= 75
     late = [row["r429"] for row in stats["timeline"][4:]]
     assert sum(late) == 0
+
+
+def test_a_server_charging_more_than_configured_is_found_out_and_followed(
+    redis_url: str, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    # The server charges prompt + max_tokens ("sum"); the model is configured with "max", which
+    # undercharges, so the workers overrun the limit. The drop in x-ratelimit-remaining-tokens
+    # shows the server's rule within a window or two, and with learning allowed the workers follow it.
+    args = ["--rpm", "100000", "--tpm", "60000", "--burst-seconds", "5", "--charge-rule", "sum", "--latency-ms", "50"]
+    with start_sim(args) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_CHARGE_RULE="max",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_TPM="60000", RATEQUEUE_LEARN_CHARGE_RULE="1",
+                       RATEQUEUE_BURST_SECONDS="4",  # below the server's 5 s: see BENCHMARKS.md
+                       RATEQUEUE_LOG_LEVEL="WARNING")
+        worker = start_worker(env)
+        client = Client(load_settings(env))
+        jobs = [{"custom_id": f"r-{i}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word " * 120}],
+                          "max_tokens": 100}} for i in range(700)]
+        report = client.submit_batch(jobs)
+        log = tmp_path / "worker-0.log"
+        deadline = time.monotonic() + 45
+        while "charges by the 'sum' rule" not in log.read_text():
+            assert time.monotonic() < deadline, "charge rule not learned"
+            assert worker.poll() is None
+            time.sleep(0.5)
+        learned_at = len(sim.stats()["timeline"])
+        time.sleep(10)
+        timeline = sim.stats()["timeline"]
+        client.cancel(report.batch_id)
+    early, late = timeline[2:learned_at], timeline[learned_at + 4:]
+    rate = [sum(r["r429"] for r in rows) / max(sum(r["requests_ok"] + r["r429"] for r in rows), 1)
+            for rows in (early, late)]
+    # Jobs priced before the switch pay the difference as they go, so 429s fall rather than stop
+    # (each job already queued at the old price may still draw one; see the closing note).
+    assert late and rate[1] < rate[0] * 0.75, rate

@@ -66,6 +66,9 @@ class JobRunner:
         self._loaded: set[str] = set()
         self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
         self._rules: dict[str, str] = {}  # pair -> charge rule learned from the server
+        # pair -> (share of the limits in force, time of the last cut): slowed down by 429s that
+        # carry no x-ratelimit-* headers to learn from (multiplicative decrease, additive increase)
+        self._throttle: dict[str, tuple[float, float]] = {}
         self._rule_check = ChargeRuleCheck()
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
@@ -96,6 +99,8 @@ class JobRunner:
             if time.time() > deadline:
                 await self._give_up(batch_id, job, "deadline_exceeded")
                 return True
+            rule = self._rules.get(pair, spec.charge_rule)  # may have been learned meanwhile
+            charge = job.charge_under(rule)
             parked = await self.parking.state(account, spec.name)
             if parked is not None:
                 wait = await self.parking.take_probe(account, spec.name, s.park_cooldown_seconds)
@@ -112,6 +117,10 @@ class JobRunner:
                 metrics.deferred(spec.name, account, "capacity")
                 return False
             metrics.waited_for_capacity(spec.name, account, waited)
+            repriced = job.charge_under(self._rules.get(pair, spec.charge_rule))
+            if repriced > charge:  # the rule was learned while this job waited: pay the difference
+                self.reconciler.add(key, gate.limits, token_delta=charge - repriced)
+                charge = repriced
             if parked is None and await self.parking.state(account, spec.name) is not None:
                 # Parked while this job waited for its send time: give the capacity back, wait.
                 self.reconciler.add(key, gate.limits, token_delta=charge, request_delta=1)
@@ -147,6 +156,8 @@ class JobRunner:
                 spec.name, charge, resp.status, verdict.reason, resp.elapsed, resp.request_id,
             )
             if verdict.verdict is Verdict.SUCCESS:
+                if pair in self._throttle:
+                    self._adjust_throttle(pair, spec, gate, refused=False)
                 if parked is not None:
                     log.warning("probe succeeded: %s unparked", pair_field(account, spec.name))
                     await self.parking.unpark(account, spec.name)
@@ -172,6 +183,8 @@ class JobRunner:
             if verdict.reason.startswith("rate_limit"):
                 # One 429 pauses every worker on every host: the gate honours the shared time.
                 await self.limiter.set_not_before(key, delay)
+                if headers.limit_tokens is None and headers.limit_requests is None:
+                    self._adjust_throttle(pair, spec, gate, refused=True)
                 continue
             if delay > s.defer_after_seconds:
                 await self.store.defer(batch_id, job.custom_id, delay)
@@ -207,7 +220,27 @@ class JobRunner:
 
     def _limits(self, pair: str, spec: ModelSpec) -> BucketLimits:
         rpm, tpm = self._learned.get(pair, (spec.rpm, spec.tpm))
-        return BucketLimits(rpm, tpm, self.settings.burst_seconds)
+        share = self._throttle.get(pair, (1.0, 0.0))[0]
+        return BucketLimits(rpm * share, tpm * share, self.settings.burst_seconds)
+
+    def _adjust_throttle(self, pair: str, spec: ModelSpec, gate: BucketGate, refused: bool) -> None:
+        """With no headers to learn from, the 429s themselves say the limits are set too high:
+        cut the rate by a fifth (at most once a second, since one overrun draws many refusals at
+        once), and give back 0.5% per success until the configured limits are reached again."""
+        share, cut_at = self._throttle.get(pair, (1.0, 0.0))
+        now = time.monotonic()
+        if refused:
+            if now - cut_at < 1.0:
+                return
+            share, cut_at = max(0.05, share * 0.8), now
+            log.warning("%s: 429 without rate-limit headers: slowing to %.0f%% of the limits", pair, share * 100)
+        else:
+            share = min(1.0, share + 0.005)
+        if share >= 1.0:
+            self._throttle.pop(pair, None)
+        else:
+            self._throttle[pair] = (share, cut_at)
+        gate.update_limits(self._limits(pair, spec))
 
     def _learn(self, account: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate) -> None:
         """Take the limits the server announces (x-ratelimit-limit-*) over configured ones."""
