@@ -13,7 +13,11 @@ run() {
     2-max)        $P --scenario "2 limits 10% high, max" --configured-factor 1.1 --charge-rule max ;;
     2-no-ra)      $P --scenario "2 limits 10% high, no Retry-After" --configured-factor 1.1 --no-retry-after ;;
     3-learned)    $P --scenario "3 limits not configured (3 min)" --unconfigured --jobs 4000 --tpm 250000 ;;
+    3-learned-max)   $P --scenario "3 limits not configured, max" --unconfigured --jobs 4000 --tpm 250000 --charge-rule max ;;
+    3-learned-no-ra) $P --scenario "3 limits not configured, no Retry-After" --unconfigured --jobs 4000 --tpm 250000 --no-retry-after ;;
     4-scale-out)  $P --scenario "4 four workers" --workers 4 ;;
+    4-scale-out-max)   $P --scenario "4 four workers, max" --workers 4 --charge-rule max ;;
+    4-scale-out-no-ra) $P --scenario "4 four workers, no Retry-After" --workers 4 --no-retry-after ;;
     4-naive)      $PY bench/naive_baseline.py --processes 4 ;;
     5-overhead)   $P --scenario "5 overhead, no latency" --latency-ms 0 --rpm 10000000 --tpm 10000000000 --jobs 20000 ;;
     5-limiter)    $PY bench/limiter_bench.py ;;
@@ -24,7 +28,8 @@ run() {
   esac
 }
 if [ "${1:-}" = "all" ]; then
-  for s in 1-sum 1-max 1-no-ra 2-sum 2-max 2-no-ra 3-learned 4-scale-out 4-naive 5-overhead 5-limiter 6-long 7-big chaos; do
+  for s in 1-sum 1-max 1-no-ra 2-sum 2-max 2-no-ra 3-learned 3-learned-max 3-learned-no-ra 4-scale-out \
+           4-scale-out-max 4-scale-out-no-ra 4-naive 5-overhead 5-limiter 6-long 7-big chaos; do
     run "$s"
   done
 else
