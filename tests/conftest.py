@@ -14,6 +14,7 @@ import redis
 
 TEST_DB = 15
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
+METRICS_REDIS_URL = "redis://127.0.0.1:6379/12"  # the monitoring tests' own database
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,6 +24,16 @@ def redis_url() -> Iterator[str]:
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def mredis() -> Iterator[redis.Redis]:
+    """A clean client of the monitoring tests' database (flushed before and after)."""
+    client = redis.Redis.from_url(METRICS_REDIS_URL)
+    client.flushdb()
+    yield client
     client.flushdb()
     client.close()
 

@@ -9,14 +9,13 @@ import textwrap
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from tests.conftest import ROOT
+from tests.conftest import METRICS_REDIS_URL, ROOT
 from worker import metrics
 from worker.metrics_server import (
     Heartbeat,
@@ -27,7 +26,7 @@ from worker.metrics_server import (
 )
 from worker.usage import Usage
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = METRICS_REDIS_URL
 
 
 def value(name: str, **labels: str) -> float | None:
@@ -231,24 +230,17 @@ def test_prefork_children_are_merged_in_multiprocess_mode(tmp_path: Path) -> Non
     assert 'ratequeue_jobs_total{model="m",outcome="completed"} 3.0' in after  # counters survive their process
 
 
-@pytest.fixture
-def rclient() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
-def test_heartbeat_registers_the_worker_and_removes_it_on_stop(rclient: redis.Redis) -> None:
-    beat = Heartbeat(rclient, "ratequeue-1@host", interval=0.05).start()
+def test_heartbeat_registers_the_worker_and_removes_it_on_stop(mredis: redis.Redis) -> None:
+    beat = Heartbeat(mredis, "ratequeue-1@host", interval=0.05).start()
     try:
-        first = rclient.zscore(workers_key(), "ratequeue-1@host")
+        first = mredis.zscore(workers_key(), "ratequeue-1@host")
         assert first is not None
-        rclient.zadd(workers_key(), {"ratequeue-9@gone": 1.0})  # a worker dead for long: forgotten
+        mredis.zadd(workers_key(), {"ratequeue-9@gone": 1.0})  # a worker dead for long: forgotten
         time.sleep(0.3)
-        assert (rclient.zscore(workers_key(), "ratequeue-1@host") or 0) > first
-        assert rclient.zscore(workers_key(), "ratequeue-9@gone") is None
+        assert (mredis.zscore(workers_key(), "ratequeue-1@host") or 0) > first
+        assert mredis.zscore(workers_key(), "ratequeue-9@gone") is None
     finally:
         beat.stop()
-    assert rclient.zscore(workers_key(), "ratequeue-1@host") is None
+    assert mredis.zscore(workers_key(), "ratequeue-1@host") is None

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -18,22 +17,15 @@ from redis.retry import Retry
 
 from config.models import load_model_table_from
 from producer.exporter import RECENT_BATCHES, RedisCollector
-from tests.conftest import ROOT, base_env
+from tests.conftest import METRICS_REDIS_URL, ROOT, base_env
 from worker import keys
 from worker.limiter import BucketLimits, SyncLimiter
 from worker.metrics_server import workers_key
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = METRICS_REDIS_URL
 BURST = 5.0
 
 
-@pytest.fixture
-def rclient() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def _registry(client: redis.Redis, learn: bool = True) -> CollectorRegistry:
@@ -50,13 +42,13 @@ def _batch(client: redis.Redis, batch_id: str, status: str, total: int, complete
     client.zadd(keys.batches_index(), {batch_id: created})
 
 
-def test_queue_depth_unacked_and_deferred(rclient: redis.Redis) -> None:
-    rclient.rpush("ratequeue", "m1", "m2", "m3")
-    rclient.rpush("ratequeue\x06\x163", "m4")  # kombu's list for priority 3
-    rclient.hset("unacked", mapping={"tag1": "x", "tag2": "y"})
+def test_queue_depth_unacked_and_deferred(mredis: redis.Redis) -> None:
+    mredis.rpush("ratequeue", "m1", "m2", "m3")
+    mredis.rpush("ratequeue\x06\x163", "m4")  # kombu's list for priority 3
+    mredis.hset("unacked", mapping={"tag1": "x", "tag2": "y"})
     now_ms = int(time.time() * 1000)
-    rclient.zadd(keys.deferred_jobs(), {"b\tc1": now_ms - 5000, "b\tc2": now_ms + 60_000, "b\tc3": now_ms + 5000})
-    reg = _registry(rclient)
+    mredis.zadd(keys.deferred_jobs(), {"b\tc1": now_ms - 5000, "b\tc2": now_ms + 60_000, "b\tc3": now_ms + 5000})
+    reg = _registry(mredis)
     assert reg.get_sample_value("ratequeue_queue_depth_messages", {"queue": "ratequeue"}) == 4
     assert reg.get_sample_value("ratequeue_unacked_messages") == 2
     assert reg.get_sample_value("ratequeue_deferred_jobs") == 3
@@ -64,12 +56,12 @@ def test_queue_depth_unacked_and_deferred(rclient: redis.Redis) -> None:
     assert reg.get_sample_value("ratequeue_redis_up") == 1
 
 
-def test_batches_by_status_pending_jobs_and_recent_costs(rclient: redis.Redis) -> None:
-    _batch(rclient, "batch_old", "completed", 10, 9, 1, 0.5, 1.0)
-    _batch(rclient, "batch_run", "in_progress", 10, 3, 1, 0.25, 2.0)
-    _batch(rclient, "batch_new", "validating", 4, 0, 0, 0.0, 3.0)
-    _batch(rclient, "batch_bye", "cancelled", 5, 2, 3, 0.125, 4.0)
-    reg = _registry(rclient)
+def test_batches_by_status_pending_jobs_and_recent_costs(mredis: redis.Redis) -> None:
+    _batch(mredis, "batch_old", "completed", 10, 9, 1, 0.5, 1.0)
+    _batch(mredis, "batch_run", "in_progress", 10, 3, 1, 0.25, 2.0)
+    _batch(mredis, "batch_new", "validating", 4, 0, 0, 0.0, 3.0)
+    _batch(mredis, "batch_bye", "cancelled", 5, 2, 3, 0.125, 4.0)
+    reg = _registry(mredis)
     collector_view = {s: reg.get_sample_value("ratequeue_batches", {"status": s}) for s in
                       ("validating", "in_progress", "finalizing", "completed", "failed", "cancelled", "expired")}
     assert collector_view == {"validating": 1, "in_progress": 1, "finalizing": 0, "completed": 1, "failed": 0,
@@ -80,9 +72,9 @@ def test_batches_by_status_pending_jobs_and_recent_costs(rclient: redis.Redis) -
 
     # The running batch finishes; a final batch is remembered and not read again, and a batch
     # deleted from the index disappears.
-    rclient.hset(keys.batch_meta("batch_run"), mapping={"status": "completed", "completed": 9, "cost_usd": "0.75"})
-    rclient.hset(keys.batch_meta("batch_old"), "status", "in_progress")  # final statuses never change: not re-read
-    rclient.zrem(keys.batches_index(), "batch_bye")
+    mredis.hset(keys.batch_meta("batch_run"), mapping={"status": "completed", "completed": 9, "cost_usd": "0.75"})
+    mredis.hset(keys.batch_meta("batch_old"), "status", "in_progress")  # final statuses never change: not re-read
+    mredis.zrem(keys.batches_index(), "batch_bye")
     assert reg.get_sample_value("ratequeue_batches", {"status": "completed"}) == 2
     assert reg.get_sample_value("ratequeue_batches", {"status": "cancelled"}) == 0
     assert reg.get_sample_value("ratequeue_pending_jobs") == 4
@@ -90,20 +82,20 @@ def test_batches_by_status_pending_jobs_and_recent_costs(rclient: redis.Redis) -
     assert reg.get_sample_value("ratequeue_recent_batch_cost_usd", {"batch_id": "batch_bye"}) is None
 
 
-def test_cost_per_batch_only_for_the_newest(rclient: redis.Redis) -> None:
+def test_cost_per_batch_only_for_the_newest(mredis: redis.Redis) -> None:
     for i in range(RECENT_BATCHES + 5):
-        _batch(rclient, f"batch_{i:03d}", "completed", 1, 1, 0, i / 100, float(i))
-    reg = _registry(rclient)
+        _batch(mredis, f"batch_{i:03d}", "completed", 1, 1, 0, i / 100, float(i))
+    reg = _registry(mredis)
     shown = [i for i in range(RECENT_BATCHES + 5)
              if reg.get_sample_value("ratequeue_recent_batch_cost_usd", {"batch_id": f"batch_{i:03d}"}) is not None]
     assert shown == list(range(5, RECENT_BATCHES + 5))
     assert reg.get_sample_value("ratequeue_batches", {"status": "completed"}) == RECENT_BATCHES + 5
 
 
-def test_parked_pairs(rclient: redis.Redis) -> None:
-    reg = _registry(rclient)
+def test_parked_pairs(mredis: redis.Redis) -> None:
+    reg = _registry(mredis)
     assert reg.get_sample_value("ratequeue_parked_pairs") == 0
-    rclient.hset(keys.parked_pairs(), mapping={
+    mredis.hset(keys.parked_pairs(), mapping={
         "acc1:gpt-4o": orjson.dumps({"reason": "insufficient_quota", "message": "m", "since": 1700000000.5,
                                      "cooldown": 60}),
         "acc2:gpt-4o-mini": b"not json",
@@ -115,17 +107,17 @@ def test_parked_pairs(rclient: redis.Redis) -> None:
     assert reg.get_sample_value("ratequeue_pair_parked_since_timestamp_seconds", unknown) == 0
 
 
-def test_bucket_levels_with_configured_and_learned_limits(rclient: redis.Redis) -> None:
+def test_bucket_levels_with_configured_and_learned_limits(mredis: redis.Redis) -> None:
     table = load_model_table_from()
     spec = table.get("gpt-4o-mini")
-    limiter = SyncLimiter(rclient)
+    limiter = SyncLimiter(mredis)
     configured = BucketLimits(spec.rpm, spec.tpm, BURST)
     learned = BucketLimits(10_000, 2_000_000, BURST)
     limiter.reserve(keys.bucket_key("acc1", "gpt-4o-mini"), configured, [5000])
     limiter.reserve(keys.bucket_key("acc2", "gpt-4o-mini"), learned, [5000])
-    rclient.hset(keys.learned_limits(), "acc2:gpt-4o-mini", orjson.dumps({"rpm": 10_000, "tpm": 2_000_000, "at": 1}))
-    rclient.hset(keys.bucket_key("acc1", "no-such-model"), "rl", "1")  # a model this table lacks: skipped
-    reg = _registry(rclient)
+    mredis.hset(keys.learned_limits(), "acc2:gpt-4o-mini", orjson.dumps({"rpm": 10_000, "tpm": 2_000_000, "at": 1}))
+    mredis.hset(keys.bucket_key("acc1", "no-such-model"), "rl", "1")  # a model this table lacks: skipped
+    reg = _registry(mredis)
     one = {"model": "gpt-4o-mini", "account": "acc1"}
     two = {"model": "gpt-4o-mini", "account": "acc2"}
     assert reg.get_sample_value("ratequeue_bucket_capacity_tokens", one) == pytest.approx(configured.token_capacity)
@@ -136,23 +128,23 @@ def test_bucket_levels_with_configured_and_learned_limits(rclient: redis.Redis) 
     assert reg.get_sample_value("ratequeue_bucket_pause_seconds", one) == 0
     assert reg.get_sample_value("ratequeue_bucket_level_tokens", {"model": "no-such-model", "account": "acc1"}) is None
     # Without learning, the exporter uses the table, as the workers then do.
-    plain = _registry(rclient, learn=False)
+    plain = _registry(mredis, learn=False)
     assert plain.get_sample_value("ratequeue_bucket_capacity_tokens", two) == pytest.approx(configured.token_capacity)
 
     limiter.set_not_before(keys.bucket_key("acc1", "gpt-4o-mini"), 30.0)
     pause = reg.get_sample_value("ratequeue_bucket_pause_seconds", one)
     assert pause is not None and 25 < pause <= 30
     # An idle bucket's hash expires (missing = full): the pair is still shown, full.
-    rclient.delete(keys.bucket_key("acc1", "gpt-4o-mini"))
+    mredis.delete(keys.bucket_key("acc1", "gpt-4o-mini"))
     assert reg.get_sample_value("ratequeue_bucket_level_tokens", one) == pytest.approx(configured.token_capacity)
 
 
-def test_live_workers_from_heartbeats(rclient: redis.Redis) -> None:
-    reg = _registry(rclient)
+def test_live_workers_from_heartbeats(mredis: redis.Redis) -> None:
+    reg = _registry(mredis)
     assert reg.get_sample_value("ratequeue_workers_alive") == 0
     assert reg.get_sample_value("ratequeue_worker_last_seen_timestamp_seconds") == 0
     now = time.time()
-    rclient.zadd(workers_key(), {"w1": now - 1, "w2": now - 5, "w3": now - 600})
+    mredis.zadd(workers_key(), {"w1": now - 1, "w2": now - 5, "w3": now - 600})
     assert reg.get_sample_value("ratequeue_workers_alive") == 2
     assert reg.get_sample_value("ratequeue_worker_last_seen_timestamp_seconds") == pytest.approx(now - 1)
 
@@ -164,9 +156,9 @@ def test_redis_down_gives_only_redis_up_zero() -> None:
     assert reg.get_sample_value("ratequeue_pending_jobs") is None
 
 
-def test_exporter_process_serves_metrics(rclient: redis.Redis, tmp_path: Path) -> None:
+def test_exporter_process_serves_metrics(mredis: redis.Redis, tmp_path: Path) -> None:
     """`python -m producer.exporter` (what `ratequeue exporter` runs) prints its port and serves /metrics."""
-    _batch(rclient, "batch_x", "in_progress", 3, 1, 0, 0.0, 1.0)
+    _batch(mredis, "batch_x", "in_progress", 3, 1, 0, 0.0, 1.0)
     env = base_env(REDIS_URL, "http://127.0.0.1:9", tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "producer.exporter", "--port", "0", "--host", "127.0.0.1"],
                             env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)

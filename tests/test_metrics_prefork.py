@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -20,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from config.settings import load_settings
 from producer.api import Client
 from sim.process import start_sim
-from tests.conftest import ROOT, base_env
+from tests.conftest import METRICS_REDIS_URL, ROOT, base_env
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = METRICS_REDIS_URL
 JOBS = 30
 PREFORK_WORKER = """
 from worker.app import app
@@ -32,13 +31,6 @@ app.worker_main(["worker", "--pool=prefork", "--concurrency=2", "--queues=ratequ
 """
 
 
-@pytest.fixture
-def rclient() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def _sample(body: str, name: str, **labels: str) -> float:
@@ -52,7 +44,7 @@ def _sample(body: str, name: str, **labels: str) -> float:
 
 
 @pytest.mark.timeout(90)
-def test_prefork_worker_exports_what_its_children_did(rclient: redis.Redis, tmp_path: Path) -> None:
+def test_prefork_worker_exports_what_its_children_did(mredis: redis.Redis, tmp_path: Path) -> None:
     multiproc = tmp_path / "prometheus-multiproc"
     multiproc.mkdir()
     with socket.socket() as sock:

@@ -27,10 +27,10 @@ import yaml
 from config.settings import load_settings
 from producer.api import Client
 from sim.process import SimHandle, start_sim
-from tests.conftest import ROOT, base_env
+from tests.conftest import METRICS_REDIS_URL, ROOT, base_env
 from worker import keys
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = METRICS_REDIS_URL
 PROM = ROOT / "ops" / "prometheus"
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "ratequeue.json"
 # What Grafana puts in place of its variables: every account and model, a window that spans several
@@ -123,13 +123,6 @@ def project_config(worker: int, exporter: int, prometheus: int) -> dict[str, Any
     return config
 
 
-@pytest.fixture
-def rclient() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture
@@ -150,7 +143,7 @@ def _chat(n: int, words: int = 5) -> bytes:
 
 @pytest.mark.timeout(90)
 def test_dashboard_and_rules_against_a_real_prometheus(
-    rclient: redis.Redis,
+    mredis: redis.Redis,
     sim: SimHandle,
     tmp_path: Path,
     start_worker: Callable[[dict[str, str]], subprocess.Popen[bytes]],
@@ -169,14 +162,14 @@ def test_dashboard_and_rules_against_a_real_prometheus(
         # Prometheus hands new targets to its scrapers about 5 s after start: wait for every one.
         wait_for("every target to be scraped", lambda: _targets_health(prom) == {"up"}, 30,
                  lambda: [(t["scrapeUrl"], t["lastError"]) for t in prom.api("targets")["activeTargets"]])
-        _run(prom, rclient, sim, env, time.time())
+        _run(prom, mredis, sim, env, time.time())
     finally:
         prom.stop()
         exporter.terminate()
         exporter.wait(10)
 
 
-def _run(prom: Prometheus, rclient: redis.Redis, sim: SimHandle, env: dict[str, str], started: float) -> None:
+def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, str], started: float) -> None:
     client = Client(load_settings(env), publish=None)
     source = Path(env["RATEQUEUE_DATA_DIR"]).parent / "in.jsonl"
     source.write_bytes(b"\n".join([_chat(n) for n in range(JOBS)] + [_chat(JOBS, words=2000)]) + b"\n")
@@ -186,7 +179,7 @@ def _run(prom: Prometheus, rclient: redis.Redis, sim: SimHandle, env: dict[str, 
     # The provider says the quota is spent: the next job parks its (account, model) and waits.
     sim.configure(quota_usd=0.0)
     client.submit_job({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
-    wait_for("the pair to be parked", lambda: rclient.hlen(keys.parked_pairs()) == 1, 15)
+    wait_for("the pair to be parked", lambda: mredis.hlen(keys.parked_pairs()) == 1, 15)
     wait_for("Prometheus to see the parked pair", lambda: prom.value("max(ratequeue_parked_pairs)") == 1, 10)
     wait_for("every rule to be evaluated", lambda: _rules_health(prom) == {"ok"}, 10)
     time.sleep(2)  # two more scrapes of the final state
