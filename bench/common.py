@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -155,11 +153,3 @@ def write_jsonl(path: Path, rows: Iterator[dict[str, Any]]) -> None:
     with path.open("wb") as out:
         for row in rows:
             out.write(orjson.dumps(row) + b"\n")
-
-
-def now() -> float:
-    return time.monotonic()
-
-
-def maxrss_self_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
