@@ -168,7 +168,27 @@ def test_too_large_and_lowered_limits(key: str) -> None:
         gate.update_limits(BucketLimits(rpm=60000, tpm=300, burst_seconds=1))  # learned: 300 TPM
         with pytest.raises(RequestTooLargeError):
             await asyncio.wait_for(task, 0.5)  # the pump is woken; no need to wait for nb
-        assert await small >= 0.9
+        assert (await small).waited >= 0.9
+
+    run(main, horizon=0.1)
+
+
+def test_a_waiter_pays_the_price_current_when_its_reservation_is_made(key: str) -> None:
+    # A charge rule learned while jobs queue must reach the jobs already queued: each is charged
+    # what `price` says when the pump reserves for it, not what it cost when it joined the queue.
+    async def main(limiter: CountingLimiter) -> None:
+        gate = GateRegistry(limiter).get(key, TOKENS)
+        await limiter.set_not_before(key, 0.3)
+        price = {"now": 100}
+        waiters = [asyncio.create_task(gate.acquire(100, price=lambda: price["now"])) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert gate.pending == 3
+        price["now"] = 180  # learned while they wait
+        grants = await asyncio.wait_for(asyncio.gather(*waiters), 2)
+        assert [g.cost for g in grants] == [180, 180, 180]
+        levels = await limiter.peek(key, TOKENS)
+        # full (1000) less 3 x 180, plus under 0.1 s of refill; at the old price it would be 700
+        assert 1000 - 3 * 180 <= levels.tokens <= 1000 - 3 * 180 + 100
 
     run(main, horizon=0.1)
 
@@ -256,7 +276,7 @@ def test_pump_survives_redis_outage(key: str, caplog: pytest.LogCaptureFixture) 
         server = await asyncio.start_server(relay, "127.0.0.1", port)
         try:
             waited = await asyncio.gather(*waiters)
-            assert all(w >= 0.6 for w in waited)
+            assert all(g.waited >= 0.6 for g in waited)
             assert time.monotonic() - start < 3.5  # backoff is capped
             with pytest.raises(CapacityTimeout):
                 await impatient

@@ -81,6 +81,7 @@ def test_a_server_charging_more_than_configured_is_found_out_and_followed(
     early, late = timeline[2:learned_at], timeline[learned_at + 4:]
     rate = [sum(r["r429"] for r in rows) / max(sum(r["requests_ok"] + r["r429"] for r in rows), 1)
             for rows in (early, late)]
-    # Jobs priced before the switch pay the difference as they go, so 429s fall rather than stop
-    # (each job already queued at the old price may still draw one; see the closing note).
-    assert late and rate[1] < rate[0] * 0.75, rate
+    # Before the switch the workers undercharge and draw 429s; after it, jobs already queued are
+    # priced anew when reserved, the few granted at the old price pay the difference, and the
+    # unrefunded 429s have paid back what the server charged beyond our bucket: 429s stop.
+    assert late and rate[0] > 0.2 and rate[1] <= 0.02, rate

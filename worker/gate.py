@@ -18,12 +18,13 @@ import asyncio
 import collections
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from worker.errors import RatequeueError
 from worker.limiter import BucketLimits, Limiter, LimiterError, check_cost
 
-__all__ = ["BucketGate", "CapacityTimeout", "GateRegistry"]
+__all__ = ["BucketGate", "CapacityTimeout", "GateRegistry", "Grant"]
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,21 @@ class CapacityTimeout(RatequeueError):
         self.retry_in = retry_in
 
 
+@dataclass(frozen=True)
+class Grant:
+    """A granted acquire: seconds waited, and the tokens it was charged (its price when reserved)."""
+
+    waited: float
+    cost: int
+
+
 @dataclass(eq=False)
 class _Waiter:
     cost: int
     future: asyncio.Future[float]  # result: loop time of release
     timeout: float | None  # seconds, as asked
     deadline: float | None  # loop time
+    price: Callable[[], int] | None = None  # re-read the cost when reserving
     granted: bool = False  # charged in Redis; a waiter that gives up now must be refunded
     send_at: float = 0.0  # loop time
 
@@ -103,17 +113,23 @@ class BucketGate:
         self._limits = limits
         self._wake.set()
 
-    async def acquire(self, cost: int, timeout: float | None = None) -> float:
-        """Wait until a request charging `cost` tokens may be sent; returns the seconds waited.
+    async def acquire(
+        self, cost: int, timeout: float | None = None, price: Callable[[], int] | None = None
+    ) -> Grant:
+        """Wait until a request charging `cost` tokens may be sent.
+
+        `price`, if given, is called when the reservation is made and its result charged instead
+        of `cost`: a waiter queued before the price changed (a charge rule learned from the
+        server) then pays the new price, not the one it was queued with.
 
         Raises `CapacityTimeout` if that is not within `timeout` seconds (nothing is charged),
-        `RequestTooLargeError` at once if `cost` exceeds the TPM limit, `ValueError` if negative.
+        `RequestTooLargeError` if the cost exceeds the TPM limit, `ValueError` if negative.
         """
         check_cost(self.key, self._limits, cost)
         loop = self._bind_loop()
         start = loop.time()
         deadline = None if timeout is None else start + timeout
-        waiter = _Waiter(cost, loop.create_future(), timeout, deadline)
+        waiter = _Waiter(cost, loop.create_future(), timeout, deadline, price)
         self._queue.append(waiter)
         if self._pump_task is None:
             self._pump_task = loop.create_task(self._pump())
@@ -127,7 +143,7 @@ class BucketGate:
         except asyncio.CancelledError:
             self._abandon(waiter)
             raise
-        return released - start
+        return Grant(released - start, waiter.cost)
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
@@ -208,6 +224,8 @@ class BucketGate:
             if waiter.future.done():
                 continue
             try:
+                if waiter.price is not None:
+                    waiter.cost = waiter.price()
                 check_cost(self.key, self._limits, waiter.cost)  # limits may have been lowered since
             except RatequeueError as exc:
                 waiter.future.set_exception(exc)

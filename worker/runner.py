@@ -87,8 +87,11 @@ class JobRunner:
         account = state.account
         pair = pair_field(account, spec.name)
         gate = await self._gate(account, spec)
-        rule = self._rules.get(pair, spec.charge_rule)
-        charge = job.charge_under(rule)
+
+        def price() -> int:  # called when the reservation is made: a rule learned meanwhile applies
+            return job.charge_under(self._rules.get(pair, spec.charge_rule))
+
+        charge = price()
         if charge > gate.limits.tpm:
             err = RequestTooLargeError(charge, gate.limits.tpm, spec.name)
             await self.outcomes.fail(batch_id, job, err.code, err.reason, param="body")
@@ -99,8 +102,6 @@ class JobRunner:
             if time.time() > deadline:
                 await self._give_up(batch_id, job, "deadline_exceeded")
                 return True
-            rule = self._rules.get(pair, spec.charge_rule)  # may have been learned meanwhile
-            charge = job.charge_under(rule)
             parked = await self.parking.state(account, spec.name)
             if parked is not None:
                 wait = await self.parking.take_probe(account, spec.name, s.park_cooldown_seconds)
@@ -109,18 +110,21 @@ class JobRunner:
                     metrics.deferred(spec.name, account, "parked")
                     return False
             try:
-                waited = await gate.acquire(
-                    charge, timeout=max(0.0, min(s.defer_after_seconds, deadline - time.time()))
+                grant = await gate.acquire(
+                    price(), timeout=max(0.0, min(s.defer_after_seconds, deadline - time.time())), price=price
                 )
             except CapacityTimeout as exc:
                 await self.store.defer(batch_id, job.custom_id, max(exc.retry_in, 0.5))
                 metrics.deferred(spec.name, account, "capacity")
                 return False
-            metrics.waited_for_capacity(spec.name, account, waited)
-            repriced = job.charge_under(self._rules.get(pair, spec.charge_rule))
-            if repriced > charge:  # the rule was learned while this job waited: pay the difference
-                self.reconciler.add(key, gate.limits, token_delta=charge - repriced)
-                charge = repriced
+            except RequestTooLargeError as exc:  # limits learned lower, or a dearer rule, meanwhile
+                await self.outcomes.fail(batch_id, job, exc.code, exc.reason, param="body")
+                return True
+            metrics.waited_for_capacity(spec.name, account, grant.waited)
+            charge = price()
+            if charge > grant.cost:  # granted at the old price just before a dearer rule was learned
+                self.reconciler.add(key, gate.limits, token_delta=grant.cost - charge)
+            rule = self._rules.get(pair, spec.charge_rule)
             if parked is None and await self.parking.state(account, spec.name) is not None:
                 # Parked while this job waited for its send time: give the capacity back, wait.
                 self.reconciler.add(key, gate.limits, token_delta=charge, request_delta=1)
@@ -287,9 +291,11 @@ class JobRunner:
     ) -> None:
         """Correct the shared bucket with what the server reported about this request."""
         token_delta = 0
-        if verdict.reason.startswith("rate_limit"):
-            token_delta = charge  # a refused request is not charged tokens (it still counts as a request)
-        elif usage is not None and usage.prompt_tokens and rule == "sum":
+        # A 429 is not refunded, although the server charged it no tokens: it proves our bucket
+        # held more than the server's by at least about `charge`, and keeping the charge pays
+        # that back. Refunding it kept a hidden debt (from requests the server priced higher than
+        # we did) alive for ever: every send after the refund drew another 429.
+        if usage is not None and usage.prompt_tokens and rule == "sum":
             # Under the sum rule the server charged its own prompt count plus the same reserved
             # output, so the difference of the prompt counts is exactly what we over/under-charged.
             token_delta = job.prompt_tokens - usage.prompt_tokens
