@@ -96,6 +96,19 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far, in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_server_pid(redis_url: str) -> int:
+    return int(redis.Redis.from_url(redis_url).info("server")["process_id"])
+
+
 def flush(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     client.flushdb()

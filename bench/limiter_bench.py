@@ -1,18 +1,22 @@
 """Throughput and latency of the shared limiter against a real Redis.
 
 (a) single-cost reserve calls from N concurrent asyncio tasks sharing one connection pool;
-(b) the same reservations made through one `BucketGate`, which batches waiting costs into one call.
+(b) the same reservations made through one `BucketGate`, which batches waiting costs into one call;
+(c) (a) from several processes at once on one bucket, as workers on several hosts would: what the
+    limiter (Redis running the Lua script) sustains, beyond one client process's ceiling.
 
 Limits are set far above the load, so every reservation is granted at once: this measures the
 limiter's own cost (Redis round trip, Lua, Python), not the rate it enforces.
 
     .venv/bin/python bench/limiter_bench.py [--url redis://127.0.0.1:6379/0] [--tasks 64] [--seconds 3]
+        [--processes 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import platform
 import statistics
@@ -89,7 +93,33 @@ async def bench_gate(limiter: TimedLimiter, key: str, tasks: int, seconds: float
     return total / (time.perf_counter() - start), waits
 
 
-async def main(url: str, tasks: int, gate_tasks: int, seconds: float) -> None:
+def _direct_in_process(url: str, key: str, tasks: int, seconds: float, start_at: float) -> tuple[int, list[float]]:
+    """(c): one process's part: wait for the common start, run (a); (reservations, latencies)."""
+
+    async def run() -> tuple[int, list[float]]:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=tasks + 4)
+        client = redis.asyncio.Redis(connection_pool=pool)
+        try:
+            limiter = TimedLimiter(client)
+            await limiter.reserve(key, UNLIMITED, [1])
+            limiter.latencies.clear()
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            await bench_direct(limiter, key, tasks, seconds)
+            return len(limiter.latencies), limiter.latencies
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def bench_processes(url: str, key: str, processes: int, tasks: int, seconds: float) -> tuple[float, list[float]]:
+    start_at = time.time() + 2.0  # every process connected and warm before the clock starts
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        parts = pool.starmap(_direct_in_process, [(url, key, tasks, seconds, start_at)] * processes)
+    return sum(n for n, _ in parts) / seconds, [lat for _, lats in parts for lat in lats]
+
+
+async def main(url: str, tasks: int, gate_tasks: int, seconds: float, processes: int) -> None:
     pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=tasks + 4)
     client = redis.asyncio.Redis(connection_pool=pool)
     info = await client.info("server")
@@ -120,6 +150,13 @@ async def main(url: str, tasks: int, gate_tasks: int, seconds: float) -> None:
             f"in {len(gated.sizes):,} calls (mean batch {mean_batch:.1f}); one call p50 {p50:.2f} ms, "
             f"p99 {p99:.2f} ms; acquire() p50 {a50:.2f} ms, p99 {a99:.2f} ms"
         )
+        if processes > 1:
+            rate, latencies = await asyncio.to_thread(bench_processes, url, key, processes, tasks, seconds)
+            p50, p99 = percentiles(latencies)
+            print(
+                f"(c) single reserve calls from {processes} processes x {tasks} tasks on one bucket: "
+                f"{rate:,.0f} reservations/s; one call p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+            )
     finally:
         await client.delete(key)
         await client.aclose()
@@ -131,5 +168,6 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=64, help="concurrent tasks for (a)")
     parser.add_argument("--gate-tasks", type=int, default=1000, help="concurrent waiters for (b)")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--processes", type=int, default=3, help="client processes for (c); 1 skips it")
     args = parser.parse_args()
-    asyncio.run(main(args.url, args.tasks, args.gate_tasks, args.seconds))
+    asyncio.run(main(args.url, args.tasks, args.gate_tasks, args.seconds, args.processes))

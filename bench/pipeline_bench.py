@@ -8,6 +8,7 @@ against the theoretical minimum.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -15,10 +16,12 @@ from pathlib import Path
 from common import (
     BENCH_REDIS_URL,
     HEADER,
+    cpu_seconds,
     figures,
     flush,
     mixed_workload,
     peak_rss_mb,
+    redis_server_pid,
     worker_env,
     workers,
 )
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--unconfigured", action="store_true",
                     help="leave the limits to the model table's defaults (the workers learn them from headers)")
     ap.add_argument("--no-retry-after", action="store_true", help="the simulator sends no Retry-After headers")
+    ap.add_argument("--timeline", action="store_true", help="print the requests answered in each second")
     args = ap.parse_args()
 
     flush(BENCH_REDIS_URL)
@@ -67,15 +71,23 @@ def main() -> None:
             client = Client(load_settings(env))
             time.sleep(2.0)  # workers connected and warm before the clock starts
             sim.reset()
+            pids = {"workers": [p.pid for p in procs], "simulator": [sim.process.pid],
+                    "redis": [redis_server_pid(BENCH_REDIS_URL)], "producer (this process)": [os.getpid()]}
+            cpu_before = {name: sum(cpu_seconds(pid) for pid in ids) for name, ids in pids.items()}
             started = time.monotonic()
             report = client.submit_batch(mixed_workload(args.jobs, args.seed))
             submitted = time.monotonic() - started
             batch = client.wait(report.batch_id, timeout=3600, poll=0.2)
             wall = time.monotonic() - started
             rss = max(peak_rss_mb(p.pid) for p in procs)
+            cpu = {name: sum(cpu_seconds(pid) for pid in ids) - cpu_before[name] for name, ids in pids.items()}
         stats = sim.stats()
     counts = batch["request_counts"]
     print(f"batch {batch['status']}: {counts}; submit took {submitted:.2f} s")
+    used = ", ".join(f"{name} {secs:.1f}" for name, secs in cpu.items())
+    print(f"CPU seconds during the run (2 cores = {2 * wall:.1f} s available): {used}")
+    if args.timeline:
+        print("requests answered per second:", " ".join(str(r["requests_ok"]) for r in stats["timeline"]))
     row = figures(args.scenario, stats, args.rpm, args.tpm, args.jobs, wall, args.latency_ms / 1000, rss)
     print(HEADER)
     print(row.row())

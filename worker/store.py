@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ class JobStore:
         self._claim = redis.register_script(lua_source("claim_jobs"))
         self._state_ttl = state_ttl
         self._states: dict[str, tuple[float, BatchState]] = {}
+        # Outcomes waiting for the next store call, per batch: (custom_id, outcome, caller's future)
+        self._unstored: dict[str, list[tuple[str, Outcome, asyncio.Future[bool]]]] = {}
+        self._storer: asyncio.Task[None] | None = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -114,20 +118,45 @@ class JobStore:
         await self._redis.hdel(keys.batch_claims(batch_id), custom_id)
 
     async def store(self, batch_id: str, custom_id: str, outcome: Outcome) -> bool:
-        """Record the job's outcome; False if it already had one (nothing changes then)."""
-        stored = await self._store(
-            keys=[keys.batch_results(batch_id), keys.batch_errors(batch_id), keys.batch_meta(batch_id)],
-            args=[
-                custom_id,
-                outcome.kind,
-                outcome.line,
-                outcome.prompt_tokens,
-                outcome.completion_tokens,
-                outcome.cached_tokens,
-                repr(outcome.cost_usd),
-            ],
-        )
-        return bool(stored)
+        """Record the job's outcome; False if it already had one (nothing changes then).
+
+        Returns once the outcome is in Redis. Outcomes stored meanwhile by other coroutines of
+        this loop travel in the same Lua call: one round trip for many jobs, not one each.
+        """
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._unstored.setdefault(batch_id, []).append((custom_id, outcome, future))
+        if self._storer is None:
+            self._storer = asyncio.create_task(self._store_pending())
+        return await future
+
+    async def _store_pending(self) -> None:
+        try:
+            while self._unstored:
+                pending, self._unstored = self._unstored, {}
+                for batch_id, entries in pending.items():
+                    await self._store_batch(batch_id, entries)
+        finally:
+            self._storer = None
+
+    async def _store_batch(self, batch_id: str, entries: list[tuple[str, Outcome, asyncio.Future[bool]]]) -> None:
+        args: list[str | bytes | int] = []
+        for custom_id, o, _ in entries:
+            args += [custom_id, o.kind, o.line, o.prompt_tokens, o.completion_tokens, o.cached_tokens, repr(o.cost_usd)]
+        try:
+            stored = await self._store(
+                keys=[keys.batch_results(batch_id), keys.batch_errors(batch_id), keys.batch_meta(batch_id)], args=args
+            )
+            for (_, _, future), new in zip(entries, stored, strict=True):
+                if not future.done():
+                    future.set_result(bool(new))
+        except asyncio.CancelledError:
+            for _, _, future in entries:
+                future.cancel()
+            raise
+        except Exception as exc:  # every waiting job sees the failure, as if it had called alone
+            for _, _, future in entries:
+                if not future.done():
+                    future.set_exception(exc)
 
     async def record_attempt(self, batch_id: str, custom_id: str, status: int, message: str) -> int:
         """Count one failed upstream attempt of a job; returns the job's attempts so far.
