@@ -3,7 +3,9 @@
 (a) single-cost reserve calls from N concurrent asyncio tasks sharing one connection pool;
 (b) the same reservations made through one `BucketGate`, which batches waiting costs into one call;
 (c) (a) from several processes at once on one bucket, as workers on several hosts would: what the
-    limiter (Redis running the Lua script) sustains, beyond one client process's ceiling.
+    limiter (Redis running the Lua script) sustains, beyond one client process's ceiling;
+(d) single reserve calls made by `redis-benchmark` (C, 50 connections, no pipelining): Redis's
+    own capacity for reserve.lua, without any Python client in the way.
 
 Limits are set far above the load, so every reservation is granted at once: this measures the
 limiter's own cost (Redis round trip, Lua, Python), not the rate it enforces.
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,6 +35,7 @@ import redis.asyncio
 from worker.gate import BucketGate
 from worker.keys import bucket_key
 from worker.limiter import BucketLimits, Limiter, ReserveResult
+from worker.scripts import lua_source
 
 UNLIMITED = BucketLimits(rpm=1e12, tpm=1e15, burst_seconds=1.0)
 
@@ -119,6 +125,28 @@ def bench_processes(url: str, key: str, processes: int, tasks: int, seconds: flo
     return sum(n for n, _ in parts) / seconds, [lat for _, lats in parts for lat in lats]
 
 
+def bench_redis_benchmark(url: str, key: str, requests: int = 100_000) -> str:
+    """(d): redis-benchmark calling reserve.lua with one cost per call; its CSV figures as text."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return "(d) skipped: redis-benchmark is not installed"
+    conn = redis.Redis.from_url(url)
+    sha = conn.script_load(lua_source("reserve"))
+    kw = conn.connection_pool.connection_kwargs
+    args = [str(int(UNLIMITED.rpm)), str(int(UNLIMITED.tpm)), "1", "2000000", "100"]
+    out = subprocess.run(
+        [exe, "--csv", "-n", str(requests), "-c", "50", "-h", str(kw.get("host", "127.0.0.1")),
+         "-p", str(kw.get("port", 6379)), "--dbnum", str(kw.get("db", 0)), "EVALSHA", sha, "1", key, *args],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    conn.delete(key)
+    row = list(csv.DictReader(out.strip().splitlines()))[-1]
+    return (
+        f"(d) redis-benchmark, 50 connections, one reserve.lua call per request: {float(row['rps']):,.0f} "
+        f"reservations/s; p50 {row['p50_latency_ms']} ms, p99 {row['p99_latency_ms']} ms"
+    )
+
+
 async def main(url: str, tasks: int, gate_tasks: int, seconds: float, processes: int) -> None:
     pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=tasks + 4)
     client = redis.asyncio.Redis(connection_pool=pool)
@@ -157,6 +185,7 @@ async def main(url: str, tasks: int, gate_tasks: int, seconds: float, processes:
                 f"(c) single reserve calls from {processes} processes x {tasks} tasks on one bucket: "
                 f"{rate:,.0f} reservations/s; one call p50 {p50:.2f} ms, p99 {p99:.2f} ms"
             )
+        print(await asyncio.to_thread(bench_redis_benchmark, url, key))
     finally:
         await client.delete(key)
         await client.aclose()
