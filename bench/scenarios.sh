@@ -9,6 +9,7 @@ run() {
     1-sum)        $P --scenario "1 correct limits, sum" --charge-rule sum ;;
     1-max)        $P --scenario "1 correct limits, max" --charge-rule max ;;
     1-no-ra)      $P --scenario "1 correct limits, no Retry-After" --no-retry-after ;;
+    1-equal-burst) $P --scenario "1 correct limits, server burst 5 s = ours" --sim-burst-seconds 5 ;;
     2-sum)        $P --scenario "2 limits 10% high, sum" --configured-factor 1.1 --charge-rule sum ;;
     2-max)        $P --scenario "2 limits 10% high, max" --configured-factor 1.1 --charge-rule max ;;
     2-no-ra)      $P --scenario "2 limits 10% high, no Retry-After" --configured-factor 1.1 --no-retry-after ;;
@@ -28,7 +29,7 @@ run() {
   esac
 }
 if [ "${1:-}" = "all" ]; then
-  for s in 1-sum 1-max 1-no-ra 2-sum 2-max 2-no-ra 3-learned 3-learned-max 3-learned-no-ra 4-scale-out \
+  for s in 1-sum 1-max 1-no-ra 1-equal-burst 2-sum 2-max 2-no-ra 3-learned 3-learned-max 3-learned-no-ra 4-scale-out \
            4-scale-out-max 4-scale-out-no-ra 4-naive 5-overhead 5-limiter 6-long 7-big chaos; do
     run "$s"
   done

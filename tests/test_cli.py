@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from sim.process import start_sim
 from tests.conftest import ROOT
+from worker.__main__ import pool_option
 
 RATEQUEUE = [sys.executable, "-c", "from producer.cli import entry; entry()"]
 
@@ -76,3 +78,20 @@ def test_status_results_and_cancel_on_a_configured_redis(tmp_path: Path, redis_u
     missing = subprocess.run([*RATEQUEUE, "status", "batch_nope"], env=env, capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 2 and "no batch" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "pool"),
+    [
+        ([], None),
+        (["--pool=prefork"], "prefork"),
+        (["--pool", "solo", "-l", "INFO"], "solo"),
+        (["-P", "gevent"], "gevent"),
+        (["-Pprefork", "--concurrency=2"], "prefork"),
+        (["--pool=solo", "--pool=prefork"], "prefork"),
+    ],
+)
+def test_the_pool_asked_for_on_the_command_line_is_found(args: list[str], pool: str | None) -> None:
+    # `ratequeue worker --pool=...` must reach Celery's config (see worker/__main__.py); the
+    # prefork case runs end to end in tests/test_metrics_prefork.py.
+    assert pool_option(args) == pool

@@ -23,12 +23,6 @@ from tests.conftest import METRICS_REDIS_URL, ROOT, base_env
 
 REDIS_URL = METRICS_REDIS_URL
 JOBS = 30
-PREFORK_WORKER = """
-from worker.app import app
-app.conf.worker_pool = "prefork"
-app.worker_main(["worker", "--pool=prefork", "--concurrency=2", "--queues=ratequeue", "--without-gossip",
-                 "--without-mingle", "--loglevel=WARNING"])
-"""
 
 
 
@@ -54,9 +48,9 @@ def test_prefork_worker_exports_what_its_children_did(mredis: redis.Redis, tmp_p
         env = base_env(REDIS_URL, sim.url, tmp_path, RATEQUEUE_METRICS_PORT=str(port), RATEQUEUE_CHUNK_SIZE="5",
                        PROMETHEUS_MULTIPROC_DIR=str(multiproc))
         log = (tmp_path / "worker.log").open("wb")
-        # ratequeue's app configures the threads pool, and Celery then reads `--pool=prefork` as "the
-        # default" and keeps threads: prefork has to be configured on the app, as here.
-        command = [sys.executable, "-c", PREFORK_WORKER]
+        # `ratequeue worker --pool=prefork` (python -m worker) must really start the prefork pool,
+        # although the app configures threads (see worker/__main__.py).
+        command = [sys.executable, "-m", "worker", "--pool=prefork", "--concurrency=2"]
         worker = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             client = Client(load_settings(env), publish=None)

@@ -25,10 +25,29 @@ def worker_argv(extra: list[str] | None = None) -> list[str]:
     ]
 
 
+def pool_option(args: list[str]) -> str | None:
+    """The pool asked for with ``--pool=X``, ``--pool X``, ``-P X`` or ``-PX``, if any (the last wins)."""
+    pool = None
+    for i, arg in enumerate(args):
+        if arg.startswith("--pool="):
+            pool = arg.split("=", 1)[1]
+        elif arg in ("--pool", "-P") and i + 1 < len(args):
+            pool = args[i + 1]
+        elif arg.startswith("-P") and len(arg) > 2:
+            pool = arg[2:]
+    return pool
+
+
 def main(extra: list[str] | None = None) -> None:
     from worker.app import app
 
-    app.worker_main(worker_argv(extra if extra is not None else sys.argv[1:]))
+    args = extra if extra is not None else sys.argv[1:]
+    pool = pool_option(args)
+    if pool:
+        # The app configures the threads pool, and Celery then reads a --pool option as "the
+        # default" and keeps threads: a pool asked for on the command line must go in the config.
+        app.conf.worker_pool = pool
+    app.worker_main(worker_argv(args))
 
 
 if __name__ == "__main__":
