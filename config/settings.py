@@ -12,16 +12,15 @@ and FIELD one of RPM, TPM, CONTEXT_WINDOW, MAX_OUTPUT_TOKENS, CHARGE_RULE, e.g.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from config.values import FrozenMap, Secret
 from worker.errors import ConfigError
 from worker.keys import account_fingerprint
 
@@ -49,60 +48,6 @@ _OVERRIDE_FIELDS = {
     "TPM": ("tpm", "int"),
 }
 CHARGE_RULES = ("sum", "max")
-
-
-class Secret:
-    """A string that never shows itself in repr, str, logs or tracebacks; ``reveal()`` returns it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret value itself."""
-        return self._value
-
-    def masked(self) -> str:
-        """``sk-...abcd``: OpenAI's public ``sk-`` prefix and the last 4 characters; all hidden if short."""
-        if len(self._value) < 12:  # the last 4 of a short secret give too much away
-            return "***"
-        prefix = "sk-" if self._value.startswith("sk-") else ""
-        return f"{prefix}...{self._value[-4:]}"
-
-    def __repr__(self) -> str:
-        return f"Secret({self.masked()!r})"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-class FrozenMap(Mapping[str, Any]):
-    """A read-only mapping that, unlike ``MappingProxyType``, pickles (settings cross processes)."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        self._data = dict(data)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __repr__(self) -> str:
-        return repr(self._data)
 
 
 def mangle_model_name(name: str) -> str:

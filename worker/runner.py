@@ -17,16 +17,14 @@ import asyncio
 import logging
 import time
 
-import orjson
-
 from config.models import ModelSpec, ModelTable
 from config.settings import Settings
 from worker import keys, metrics
-from worker.chargerule import ChargeRuleCheck
 from worker.errors import RequestTooLargeError, UnknownModelError
 from worker.feedback import RateLimitHeaders, parse_ratelimit_headers
 from worker.gate import BucketGate, CapacityTimeout, GateRegistry
 from worker.jobs import StoredJob
+from worker.learned import Learned
 from worker.limiter import BucketLimits, Limiter
 from worker.outcomes import Outcomes
 from worker.parking import Parking, pair_field
@@ -62,14 +60,7 @@ class JobRunner:
         self.parking = parking
         self.backoff = Backoff()
         self.in_flight = asyncio.Semaphore(settings.max_in_flight)
-        self._learned: dict[str, tuple[int, int]] = {}  # pair -> (rpm, tpm) the server announced
-        self._loaded: set[str] = set()
-        self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
-        self._rules: dict[str, str] = {}  # pair -> charge rule learned from the server
-        # pair -> (share of the limits in force, time of the last cut): slowed down by 429s that
-        # carry no x-ratelimit-* headers to learn from (multiplicative decrease, additive increase)
-        self._throttle: dict[str, tuple[float, float]] = {}
-        self._rule_check = ChargeRuleCheck()
+        self.learned = Learned(settings, store.redis)
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
         """Run one job; True when its outcome is stored, False when it was deferred."""
@@ -89,7 +80,7 @@ class JobRunner:
         gate = await self._gate(account, spec)
 
         def price() -> int:  # called when the reservation is made: a rule learned meanwhile applies
-            return job.charge_under(self._rules.get(pair, spec.charge_rule))
+            return job.charge_under(self.learned.rule(pair, spec))
 
         charge = price()
         if charge > gate.limits.tpm:
@@ -124,7 +115,7 @@ class JobRunner:
             charge = price()
             if charge > grant.cost:  # granted at the old price just before a dearer rule was learned
                 self.reconciler.add(key, gate.limits, token_delta=grant.cost - charge)
-            rule = self._rules.get(pair, spec.charge_rule)
+            rule = self.learned.rule(pair, spec)
             if parked is None and await self.parking.state(account, spec.name) is not None:
                 # Parked while this job waited for its send time: give the capacity back, wait.
                 self.reconciler.add(key, gate.limits, token_delta=charge, request_delta=1)
@@ -151,17 +142,17 @@ class JobRunner:
                 limit_requests=headers.limit_requests,
                 limit_tokens=headers.limit_tokens,
             )
-            self._learn(account, spec, headers, gate)
+            self.learned.learn_limits(pair, spec, headers, gate)
             if verdict.verdict is Verdict.SUCCESS:
-                self._check_rule(pair, rule, job, headers)
+                self.learned.check_rule(pair, rule, job, headers)
             self._reconcile(key, gate.limits, rule, job, charge, verdict, usage, headers)
             log.info(
                 "upstream model=%s charge=%d status=%s reason=%s latency=%.3fs request_id=%s",
                 spec.name, charge, resp.status, verdict.reason, resp.elapsed, resp.request_id,
             )
             if verdict.verdict is Verdict.SUCCESS:
-                if pair in self._throttle:
-                    self._adjust_throttle(pair, spec, gate, refused=False)
+                if self.learned.throttled(pair):
+                    self.learned.adjust_throttle(pair, spec, gate, refused=False)
                 if parked is not None:
                     log.warning("probe succeeded: %s unparked", pair_field(account, spec.name))
                     await self.parking.unpark(account, spec.name)
@@ -188,7 +179,7 @@ class JobRunner:
                 # One 429 pauses every worker on every host: the gate honours the shared time.
                 await self.limiter.set_not_before(key, delay)
                 if headers.limit_tokens is None and headers.limit_requests is None:
-                    self._adjust_throttle(pair, spec, gate, refused=True)
+                    self.learned.adjust_throttle(pair, spec, gate, refused=True)
                 continue
             if delay > s.defer_after_seconds:
                 await self.store.defer(batch_id, job.custom_id, delay)
@@ -213,70 +204,9 @@ class JobRunner:
 
     async def _gate(self, account: str, spec: ModelSpec) -> BucketGate:
         pair = pair_field(account, spec.name)
-        if self.settings.learn_limits and pair not in self._loaded:
-            self._loaded.add(pair)
-            raw = await self.store.redis.hget(keys.learned_limits(), pair)
-            if raw:
-                known = orjson.loads(raw)
-                self._learned[pair] = (int(known["rpm"]), int(known["tpm"]))
+        await self.learned.load(pair)
         metrics.set_limits(spec.name, account, spec.rpm, spec.tpm, "configured")
-        return self.gates.get(keys.bucket_key(account, spec.name), self._limits(pair, spec))
-
-    def _limits(self, pair: str, spec: ModelSpec) -> BucketLimits:
-        rpm, tpm = self._learned.get(pair, (spec.rpm, spec.tpm))
-        share = self._throttle.get(pair, (1.0, 0.0))[0]
-        return BucketLimits(rpm * share, tpm * share, self.settings.burst_seconds)
-
-    def _adjust_throttle(self, pair: str, spec: ModelSpec, gate: BucketGate, refused: bool) -> None:
-        """With no headers to learn from, the 429s themselves say the limits are set too high:
-        cut the rate by a fifth (at most once a second, since one overrun draws many refusals at
-        once), and give back 0.5% per success until the configured limits are reached again."""
-        share, cut_at = self._throttle.get(pair, (1.0, 0.0))
-        now = time.monotonic()
-        if refused:
-            if now - cut_at < 1.0:
-                return
-            share, cut_at = max(0.05, share * 0.8), now
-            log.warning("%s: 429 without rate-limit headers: slowing to %.0f%% of the limits", pair, share * 100)
-        else:
-            share = min(1.0, share + 0.005)
-        if share >= 1.0:
-            self._throttle.pop(pair, None)
-        else:
-            self._throttle[pair] = (share, cut_at)
-        gate.update_limits(self._limits(pair, spec))
-
-    def _learn(self, account: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate) -> None:
-        """Take the limits the server announces (x-ratelimit-limit-*) over configured ones."""
-        if not self.settings.learn_limits or (headers.limit_requests is None and headers.limit_tokens is None):
-            return
-        pair = pair_field(account, spec.name)
-        rpm, tpm = self._learned.get(pair, (spec.rpm, spec.tpm))
-        new = (headers.limit_requests or rpm, headers.limit_tokens or tpm)
-        if new == (rpm, tpm) and pair in self._learned:
-            return
-        self._learned[pair] = new
-        if new != (gate.limits.rpm, gate.limits.tpm):
-            log.warning("learned limits of %s from the server: %d RPM, %d TPM", pair, *new)
-            gate.update_limits(self._limits(pair, spec))
-            record = orjson.dumps({"rpm": new[0], "tpm": new[1], "at": time.time()})
-            self._background.add(asyncio.ensure_future(self.store.redis.hset(keys.learned_limits(), pair, record)))
-            for task in [t for t in self._background if t.done()]:
-                self._background.discard(task)
-
-    def _check_rule(self, pair: str, rule: str, job: StoredJob, headers: RateLimitHeaders) -> None:
-        seen = self._rule_check.observe(
-            pair, time.monotonic(), headers.remaining_tokens, headers.limit_tokens,
-            job.charge_under("sum"), job.charge_under("max"),
-        )
-        if seen is None or seen == rule:
-            return
-        if self.settings.learn_charge_rule:
-            log.warning("%s: the server charges by the %r rule, not %r: switching", pair, seen, rule)
-            self._rules[pair] = seen
-        else:
-            log.warning("%s: the server seems to charge by the %r rule, not the configured %r "
-                        "(set RATEQUEUE_LEARN_CHARGE_RULE=1 to follow it)", pair, seen, rule)
+        return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
 
     def _reconcile(
         self,

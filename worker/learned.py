@@ -1,0 +1,117 @@
+"""What the server's answers teach one worker process about each (account, model) pair.
+
+- the limits it announces (``x-ratelimit-limit-*``), which override configured ones and are
+  shared with other workers through Redis (``rq:learned``);
+- the charge rule it applies, read off ``x-ratelimit-remaining-tokens`` (``worker/chargerule.py``)
+  and followed when the user allows it;
+- a slowdown after 429s that carry no headers to learn from: cut by a fifth, then recover slowly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+import redis.asyncio as aioredis
+
+from config.models import ModelSpec
+from config.settings import Settings
+from worker import keys
+from worker.chargerule import ChargeRuleCheck
+from worker.feedback import RateLimitHeaders
+from worker.gate import BucketGate
+from worker.jobs import StoredJob
+from worker.limiter import BucketLimits
+
+log = logging.getLogger(__name__)
+
+
+class Learned:
+    """Per-pair knowledge of one event loop; ``pair`` is ``parking.pair_field(account, model)``."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self._limits: dict[str, tuple[int, int]] = {}  # pair -> (rpm, tpm) the server announced
+        self._loaded: set[str] = set()
+        self._rules: dict[str, str] = {}  # pair -> charge rule learned from the server
+        # pair -> (share of the limits in force, time of the last cut)
+        self._throttle: dict[str, tuple[float, float]] = {}
+        self._rule_check = ChargeRuleCheck()
+        self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
+
+    async def load(self, pair: str) -> None:
+        """Take the limits another worker learned for `pair` (once per process)."""
+        if not self.settings.learn_limits or pair in self._loaded:
+            return
+        self._loaded.add(pair)
+        raw = await self.redis.hget(keys.learned_limits(), pair)
+        if raw:
+            known = orjson.loads(raw)
+            self._limits[pair] = (int(known["rpm"]), int(known["tpm"]))
+
+    def rule(self, pair: str, spec: ModelSpec) -> str:
+        """The charge rule in force: learned from the server, else configured."""
+        return self._rules.get(pair, spec.charge_rule)
+
+    def limits(self, pair: str, spec: ModelSpec) -> BucketLimits:
+        """The limits in force: learned (else configured), times the throttle's share."""
+        rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
+        share = self._throttle.get(pair, (1.0, 0.0))[0]
+        return BucketLimits(rpm * share, tpm * share, self.settings.burst_seconds)
+
+    def learn_limits(self, pair: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate) -> None:
+        """Take the limits the server announces (x-ratelimit-limit-*) over configured ones."""
+        if not self.settings.learn_limits or (headers.limit_requests is None and headers.limit_tokens is None):
+            return
+        rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
+        new = (headers.limit_requests or rpm, headers.limit_tokens or tpm)
+        if new == (rpm, tpm) and pair in self._limits:
+            return
+        self._limits[pair] = new
+        if new != (gate.limits.rpm, gate.limits.tpm):
+            log.warning("learned limits of %s from the server: %d RPM, %d TPM", pair, *new)
+            gate.update_limits(self.limits(pair, spec))
+            record = orjson.dumps({"rpm": new[0], "tpm": new[1], "at": time.time()})
+            self._background.add(asyncio.ensure_future(self.redis.hset(keys.learned_limits(), pair, record)))
+            for task in [t for t in self._background if t.done()]:
+                self._background.discard(task)
+
+    def check_rule(self, pair: str, rule: str, job: StoredJob, headers: RateLimitHeaders) -> None:
+        """Account a success in the charge-rule check; switch rules when it says so and that is allowed."""
+        seen = self._rule_check.observe(
+            pair, time.monotonic(), headers.remaining_tokens, headers.limit_tokens,
+            job.charge_under("sum"), job.charge_under("max"),
+        )
+        if seen is None or seen == rule:
+            return
+        if self.settings.learn_charge_rule:
+            log.warning("%s: the server charges by the %r rule, not %r: switching", pair, seen, rule)
+            self._rules[pair] = seen
+        else:
+            log.warning("%s: the server seems to charge by the %r rule, not the configured %r "
+                        "(set RATEQUEUE_LEARN_CHARGE_RULE=1 to follow it)", pair, seen, rule)
+
+    def throttled(self, pair: str) -> bool:
+        return pair in self._throttle
+
+    def adjust_throttle(self, pair: str, spec: ModelSpec, gate: BucketGate, refused: bool) -> None:
+        """With no headers to learn from, the 429s themselves say the limits are set too high:
+        cut the rate by a fifth (at most once a second, since one overrun draws many refusals at
+        once), and give back 0.5% per success until the configured limits are reached again."""
+        share, cut_at = self._throttle.get(pair, (1.0, 0.0))
+        now = time.monotonic()
+        if refused:
+            if now - cut_at < 1.0:
+                return
+            share, cut_at = max(0.05, share * 0.8), now
+            log.warning("%s: 429 without rate-limit headers: slowing to %.0f%% of the limits", pair, share * 100)
+        else:
+            share = min(1.0, share + 0.005)
+        if share >= 1.0:
+            self._throttle.pop(pair, None)
+        else:
+            self._throttle[pair] = (share, cut_at)
+        gate.update_limits(self.limits(pair, spec))
