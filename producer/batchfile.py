@@ -13,8 +13,8 @@ import orjson
 
 from config.models import ModelTable
 from worker.errors import InvalidRequestError, RequestTooLargeError, UnknownModelError
+from worker.estimate import estimate_request
 from worker.jobs import StoredJob
-from worker.tokens import estimate_request
 
 SUPPORTED_URLS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"})
 MAX_CUSTOM_ID = 512

@@ -1,4 +1,4 @@
-"""worker.tokens.estimate_request: output reservation, charge rules, validation, context checks."""
+"""worker.estimate.estimate_request: output reservation, charge rules, validation, context checks."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from config.models import ModelSpec, ModelTable, load_model_table_from
-from worker import tokens
+from worker import estimate
 from worker.encodings import count_text, ensure_offline_encodings, get_encoding
 from worker.errors import InvalidRequestError
-from worker.tokens import Estimate, count_chat_prompt, endpoint_path, estimate_request
+from worker.estimate import Estimate, endpoint_path, estimate_request
+from worker.tokens import count_chat_prompt
 
 CHAT = "/v1/chat/completions"
 
@@ -33,9 +34,9 @@ def table() -> ModelTable:
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings() -> Iterator[None]:
-    tokens._warned_defaulted.clear()
+    estimate._warned_defaulted.clear()
     yield
-    tokens._warned_defaulted.clear()
+    estimate._warned_defaulted.clear()
 
 
 def _body(text: str = "hello world", **extra: Any) -> dict[str, Any]:
@@ -87,7 +88,7 @@ def test_defaulted_output_reserves_the_model_maximum_and_warns_once(
     table: ModelTable, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = table.get("gpt-4o-mini")
-    with caplog.at_level(logging.WARNING, logger="worker.tokens"):
+    with caplog.at_level(logging.WARNING, logger="worker.estimate"):
         first = estimate_request(CHAT, _body(), spec)
         second = estimate_request(CHAT, _body(n=2), spec)
         estimate_request(CHAT, _body(), table.get("gpt-4o"))

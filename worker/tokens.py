@@ -1,4 +1,4 @@
-"""Token counts of requests and the rate-limit charge they take when sent.
+"""Token counts of requests (the charge they take is ``worker/estimate.py``).
 
 Chat prompts follow OpenAI's "How to count tokens with tiktoken" formula: 3 tokens per message,
 the tokens of every string field (role, content, name, tool_call_id, ...), 1 more per ``name``, and 3
@@ -13,26 +13,18 @@ as the plain text it is, never as a special token.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from config.models import ModelSpec
-from worker.encodings import Count, Encoder, get_encoding, text_counter
+from worker.encodings import Count, Encoder, text_counter
 from worker.errors import InvalidRequestError
 
 __all__ = [
-    "Estimate",
     "count_chat_prompt",
     "count_completion_prompt",
     "count_embedding_input",
     "count_responses_input",
-    "endpoint_path",
-    "estimate_request",
 ]
-
-log = logging.getLogger(__name__)
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
@@ -41,26 +33,10 @@ REPLY_PRIMING = 3
 # (85 + 170 per 512px tile, 4 tiles). Larger or wider images cost more; this is an estimate.
 IMAGE_TOKENS_LOW = 85
 IMAGE_TOKENS_DEFAULT = 765
-# /v1/completions produces 16 tokens when max_tokens is not set (OpenAI's API reference).
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 EMBEDDING_MAX_INPUTS = 2048  # inputs per /v1/embeddings request
 
-_KINDS = ("chat/completions", "responses", "completions", "embeddings")
-ENDPOINTS = {f"/v1/{kind}": kind.split("/")[0] for kind in _KINDS}  # path -> endpoint
 _TEXT_PARTS = frozenset(("text", "input_text", "output_text"))
 _IMAGE_PARTS = frozenset(("image_url", "input_image"))
-
-_warned_defaulted: set[str] = set()  # models whose defaulted max output was already logged
-
-
-@dataclass(frozen=True, slots=True)
-class Estimate:
-    """A request's tokens: `charge` is what the TPM bucket is charged when the request is sent."""
-
-    prompt_tokens: int
-    output_tokens: int  # n x the max output reserved
-    output_defaulted: bool  # no max in the request: the model's max (16 for /v1/completions) reserved
-    charge: int
 
 
 def _bad(field: str, reason: str) -> InvalidRequestError:
@@ -238,104 +214,3 @@ def _count_inputs(value: Any, count: Count, field: str, *, allow_empty: bool) ->
         if counts[-1] == 0 and not allow_empty:
             raise _bad(f"{field}[{j}]", "must not be empty")
     return counts
-
-
-def _positive_int(body: Mapping[str, Any], key: str) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if type(value) is not int or value < 1:
-        raise _bad(f"body.{key}", f"must be a positive integer, got {value!r}")
-    return value
-
-
-def _too_long(tokens: int, spec: ModelSpec, field: str = "body", what: str = "the prompt") -> Exception:
-    reason = f"{what} of {tokens} tokens exceeds the context window of {spec.context_window} of {spec.name}"
-    return InvalidRequestError(field, reason, code="context_length_exceeded")
-
-
-def _warn_defaulted(spec: ModelSpec, max_key: str) -> None:
-    if spec.name not in _warned_defaulted:  # once per model and process: batches repeat the omission
-        _warned_defaulted.add(spec.name)
-        log.warning(
-            "%s: requests without %s reserve the model's maximum output (%d tokens per choice) against "
-            "its TPM limit; setting max_tokens raises throughput",
-            spec.name,
-            max_key,
-            spec.max_output_tokens,
-        )
-
-
-def endpoint_path(url: str) -> str:
-    """`url` as a path such as ``/v1/chat/completions``: query dropped, ``/v1`` added if missing."""
-    path = "/" + url.split("?", 1)[0].strip("/")
-    return path if path.startswith("/v1/") else "/v1" + path
-
-
-def estimate_request(url: str, body: Mapping[str, Any], spec: ModelSpec) -> Estimate:
-    """Prompt tokens, reserved output tokens and TPM charge of one request to `spec`'s model.
-
-    The output reserved is n x (max_completion_tokens or max_tokens, or max_output_tokens for
-    /v1/responses); with none set, the model's max_output_tokens (capped by what the prompt leaves
-    of the context window) is reserved and a warning is logged once per model. The charge follows
-    spec.charge_rule: "sum" = prompt + output, "max" = max(prompt, output); embeddings charge the prompt.
-
-    Raises InvalidRequestError naming the field (code ``context_length_exceeded`` when too long).
-    """
-    path = endpoint_path(url)
-    endpoint = ENDPOINTS.get(path)
-    if endpoint is None:
-        raise _bad("url", f"unsupported endpoint {path!r} (supported: {', '.join(ENDPOINTS)})")
-    if path not in spec.endpoints:
-        raise _bad("url", f"{spec.name} is not served at {path} (allowed: {', '.join(spec.endpoints)})")
-    if not isinstance(body, Mapping):
-        raise _bad("body", "must be an object")
-    enc = get_encoding(spec.encoding)
-
-    if endpoint == "embeddings":
-        counts = count_embedding_input(body, enc)
-        for j, tokens in enumerate(counts):
-            if tokens > spec.context_window:
-                field = "body.input" if len(counts) == 1 else f"body.input[{j}]"
-                raise _too_long(tokens, spec, field, "the input")
-        prompt = sum(counts)
-        return Estimate(prompt, 0, output_defaulted=False, charge=prompt)
-
-    n = 1
-    if endpoint == "responses":
-        prompts = [count_responses_input(body, enc)]
-        max_key = "max_output_tokens"
-    elif endpoint == "completions":
-        prompts = count_completion_prompt(body, enc)
-        max_key = "max_tokens"
-        best_of = _positive_int(body, "best_of")  # best_of completions are generated server-side
-        n = max(_positive_int(body, "n") or 1, best_of or 1)
-    else:
-        prompts = [count_chat_prompt(body, enc)]
-        max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        _positive_int(body, "max_tokens")  # validated even when max_completion_tokens wins
-        n = _positive_int(body, "n") or 1
-    explicit = _positive_int(body, max_key)
-    longest = max(prompts, default=0)
-    if explicit is not None:
-        if explicit > spec.max_output_tokens:
-            limit = spec.max_output_tokens
-            raise _bad(f"body.{max_key}", f"{explicit} exceeds {spec.name}'s maximum output of {limit}")
-        if longest + explicit > spec.context_window:
-            raise _too_long(longest + explicit, spec, what=f"the prompt plus {max_key}={explicit}")
-        per_choice = explicit
-    else:
-        if longest > spec.context_window:
-            raise _too_long(longest, spec)
-        if endpoint == "completions":
-            cap = COMPLETIONS_DEFAULT_MAX_TOKENS
-        else:
-            cap = spec.max_output_tokens
-            _warn_defaulted(spec, max_key)
-        # The reply can never outgrow what the prompt leaves of the context window.
-        per_choice = min(cap, spec.context_window - longest)
-
-    prompt = sum(prompts)
-    output = n * per_choice * len(prompts)
-    charge = prompt + output if spec.charge_rule == "sum" else max(prompt, output)
-    return Estimate(prompt, output, output_defaulted=explicit is None, charge=charge)
