@@ -17,6 +17,11 @@ from tests.conftest import base_env
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 
 
+# A server of 60,000 TPM (5 s burst) that charges prompt + max_tokens, answering in 50 ms.
+SERVER_60K_TPM_SUM = ["--rpm", "100000", "--tpm", "60000", "--burst-seconds", "5", "--charge-rule", "sum",
+                      "--latency-ms", "50"]
+
+
 def _jobs(n: int, max_tokens: int = 60) -> list[dict[str, object]]:
     return [{"custom_id": f"l-{i}", "method": "POST", "url": "/v1/chat/completions",
              "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"summarise {i}"}],
@@ -56,8 +61,7 @@ def test_a_server_charging_more_than_configured_is_found_out_and_followed(
     # The server charges prompt + max_tokens ("sum"); the model is configured with "max", which
     # undercharges, so the workers overrun the limit. The drop in x-ratelimit-remaining-tokens
     # shows the server's rule within a window or two, and with learning allowed the workers follow it.
-    args = ["--rpm", "100000", "--tpm", "60000", "--burst-seconds", "5", "--charge-rule", "sum", "--latency-ms", "50"]
-    with start_sim(args) as sim:
+    with start_sim(SERVER_60K_TPM_SUM) as sim:
         env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_CHARGE_RULE="max",
                        RATEQUEUE_MODEL_GPT_4O_MINI_TPM="60000", RATEQUEUE_LEARN_CHARGE_RULE="1",
                        RATEQUEUE_LOG_LEVEL="WARNING")
@@ -92,8 +96,7 @@ def test_a_bucket_as_large_as_the_servers_draws_almost_no_429s(
     # Workers and server both hold 5 s of tokens, so the opening burst and every refill land right
     # on the server's edge, where timing noise draws a few 429s. Those must stay a few: a refused
     # request is not refunded, so each 429 moves our bucket back below the server's.
-    args = ["--rpm", "100000", "--tpm", "60000", "--burst-seconds", "5", "--charge-rule", "sum", "--latency-ms", "50"]
-    with start_sim(args) as sim:
+    with start_sim(SERVER_60K_TPM_SUM) as sim:
         env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_CHARGE_RULE="sum",
                        RATEQUEUE_MODEL_GPT_4O_MINI_TPM="60000", RATEQUEUE_BURST_SECONDS="5")
         start_worker(env)

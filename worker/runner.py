@@ -112,10 +112,10 @@ class JobRunner:
                 await self.outcomes.fail(batch_id, job, exc.code, exc.reason, param="body")
                 return True
             metrics.waited_for_capacity(spec.name, account, grant.waited)
-            charge = price()
+            rule = self.learned.rule(pair, spec)
+            charge = job.charge_under(rule)
             if charge > grant.cost:  # granted at the old price just before a dearer rule was learned
                 self.reconciler.add(key, gate.limits, token_delta=grant.cost - charge)
-            rule = self.learned.rule(pair, spec)
             if parked is None and await self.parking.state(account, spec.name) is not None:
                 # Parked while this job waited for its send time: give the capacity back, wait.
                 self.reconciler.add(key, gate.limits, token_delta=charge, request_delta=1)

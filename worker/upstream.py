@@ -101,8 +101,7 @@ class UpstreamClient:
         t = timeouts or Timeouts()
         # What httpx's AsyncClient would put in each request's extensions; the transport reads it.
         self._timeout = httpx.Timeout(connect=t.connect, read=t.read, write=t.connect, pool=t.pool).as_dict()
-        self._given_transport = transport
-        self._transport: httpx.AsyncBaseTransport | None = None
+        self._transport = transport
         self._max_connections = max_connections
         self._urls: dict[str, httpx.URL] = {}
 
@@ -111,9 +110,8 @@ class UpstreamClient:
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     def _http(self) -> httpx.AsyncBaseTransport:
-        if self._transport is None:  # created on the loop that uses it
-            limits = httpx.Limits(max_connections=self._max_connections)
-            self._transport = self._given_transport or AiohttpTransport(limits=limits, client=self._session)
+        if self._transport is None:  # created on the loop that uses it; _session sets the limit
+            self._transport = AiohttpTransport(client=self._session)
         return self._transport
 
     def _url(self, path: str) -> httpx.URL:
