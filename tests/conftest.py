@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import redis
 
-TEST_DB = 15
+# Databases of the shared Redis on 6379; overridable so that several suites can run at once.
+TEST_DB = int(os.environ.get("RATEQUEUE_TEST_DB", "15"))
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
-METRICS_REDIS_URL = "redis://127.0.0.1:6379/12"  # the monitoring tests' own database
+METRICS_DB = int(os.environ.get("RATEQUEUE_TEST_METRICS_DB", "12"))
+METRICS_REDIS_URL = f"redis://127.0.0.1:6379/{METRICS_DB}"  # the monitoring tests' own database
 ROOT = Path(__file__).resolve().parent.parent
 
 

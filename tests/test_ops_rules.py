@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from config.models import load_model_table_from
 from producer.exporter import RedisCollector
-from tests.conftest import ROOT
+from tests.conftest import METRICS_REDIS_URL, ROOT
 from worker import metrics
 from worker.usage import Usage
 
@@ -78,7 +78,7 @@ def rule_exprs() -> list[str]:
 
 @pytest.fixture
 def rclient() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/12")
+    client = redis.Redis.from_url(METRICS_REDIS_URL)
     client.flushdb()
     yield client
     client.flushdb()
