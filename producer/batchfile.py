@@ -41,6 +41,11 @@ class LineError:
 class Limits:
     max_bytes: int = 200_000_000
     max_lines: int = 50_000
+    # One line's bytes, without its newline; a longer one is skipped unread (see _bounded_lines).
+    max_line_bytes: int = 8 * 1024 * 1024
+
+
+_SKIP_PIECE = 1 << 20  # bytes read at a time while skipping an over-long line
 
 
 class LineValidator:
@@ -60,6 +65,10 @@ class LineValidator:
         body = request.get("body")
         if not isinstance(body, dict):
             raise InvalidRequestError("body", "must be a JSON object")
+        if body.get("stream"):
+            # A streamed answer is a series of events, not one response body: it cannot be stored
+            # as a Batch output line (OpenAI's Batch API refuses it as well).
+            raise InvalidRequestError("body.stream", "streaming is not supported in batches: remove it or set false")
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequestError("body.model", "missing or not a string")
@@ -89,16 +98,17 @@ def read_lines(
 ) -> Iterator[StoredJob | LineError]:
     """Yield, for every input line in order, its job or its error. Blank lines are skipped.
 
-    Lines past ``limits.max_lines`` or past ``limits.max_bytes`` get an error each (the rest of
-    the file is still read, so every line is accounted for).
+    Lines past ``limits.max_lines`` or past ``limits.max_bytes``, and lines longer than
+    ``limits.max_line_bytes``, get an error each (the rest of the file is still read, so every
+    line is accounted for).
     """
     limits = limits or Limits()
     seen: dict[str, int] = {}
     offset = 0
     counted = 0
-    for number, raw in enumerate(stream, start=1):
-        offset += len(raw)
-        if not raw.strip():
+    for number, (raw, size, content) in enumerate(_bounded_lines(stream, limits.max_line_bytes), start=1):
+        offset += size
+        if raw is not None and not raw.strip():
             continue
         counted += 1
         if counted > limits.max_lines:
@@ -111,7 +121,42 @@ def read_lines(
                             f"line {number}: the batch exceeds the limit of {limits.max_bytes} bytes "
                             "(raise RATEQUEUE_MAX_FILE_BYTES)")
             continue
+        if raw is None:
+            yield LineError(number, None, "line_too_large",
+                            f"line {number}: {content} bytes exceeds the limit of "
+                            f"{limits.max_line_bytes} bytes per line (raise RATEQUEUE_MAX_LINE_BYTES)")
+            continue
         yield _parse_line(number, raw, validator, seen)
+
+
+def _bounded_lines(stream: BinaryIO | Iterable[bytes], max_line: int) -> Iterator[tuple[bytes | None, int, int]]:
+    """(line, its size, its size without the newline) for every line; None for the line when it
+    is longer than `max_line` bytes without its newline.
+
+    A stream that has ``readline`` is read in bounded pieces: an over-long line is skipped
+    ``_SKIP_PIECE`` bytes at a time, never held whole (a 100 MB line once took 5 GB and 98 s to
+    reject). Lines of another iterable are already in memory and only measured.
+    """
+    readline = getattr(stream, "readline", None)
+    if readline is None:
+        for raw in stream:
+            content = len(raw) - raw.endswith(b"\n")
+            yield (raw if content <= max_line else None), len(raw), content
+        return
+    while True:
+        raw = readline(max_line + 1)  # +1: the newline of a line of exactly max_line bytes
+        if not raw:
+            return
+        if raw.endswith(b"\n") or len(raw) <= max_line:
+            yield raw, len(raw), len(raw) - raw.endswith(b"\n")
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n"):  # skip the rest of the line
+            raw = readline(_SKIP_PIECE)
+            if not raw:
+                break
+            size += len(raw)
+        yield None, size, size - raw.endswith(b"\n")
 
 
 def _parse_line(number: int, raw: bytes, validator: LineValidator, seen: dict[str, int]) -> StoredJob | LineError:
@@ -151,8 +196,10 @@ def _custom_id_problem(custom_id: object) -> str | None:
     return None
 
 
-def _peek_custom_id(raw: bytes) -> str | None:
+def _peek_custom_id(raw: bytes | None) -> str | None:
     """The custom_id of a line we will not run, if it parses; used only to label its error."""
+    if raw is None:  # too long to have been read
+        return None
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:

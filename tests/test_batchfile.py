@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import time
+import tracemalloc
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -101,3 +106,59 @@ def test_line_and_byte_limits_reject_only_the_lines_past_them(validator: LineVal
     out = _run(validator, lines, Limits(max_bytes=size * 2, max_lines=100))
     assert [type(o).__name__ for o in out] == ["StoredJob"] * 2 + ["LineError"] * 3
     assert "bytes" in out[2].message  # type: ignore[union-attr]
+
+
+def test_stream_true_is_rejected_at_submit(validator: LineValidator) -> None:
+    # A streamed answer cannot be stored as a Batch output line (OpenAI's Batch API refuses it too).
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    off = {**body, "stream": False}
+    err, job = _run(validator, [_line("s", body=body), _line("f", body=off)])
+    assert isinstance(err, LineError) and isinstance(job, StoredJob)
+    assert (err.code, err.param, err.custom_id, err.keyed) == ("invalid_request", "body.stream", "s", True)
+    assert "line 1" in err.message and "stream" in err.message and "not supported" in err.message
+
+
+def test_a_line_over_the_line_limit_is_rejected_and_the_others_run(validator: LineValidator) -> None:
+    big = _line("big", body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 5000}]})
+    lines = [_line("a"), big, _line("b")]
+    limits = Limits(max_line_bytes=4096)
+    for source in (lines, io.BytesIO(b"".join(lines))):  # a list of lines, and a file read in pieces
+        out = list(read_lines(source, validator, limits))
+        assert [type(o).__name__ for o in out] == ["StoredJob", "LineError", "StoredJob"]
+        err = out[1]
+        assert isinstance(err, LineError) and err.code == "line_too_large" and err.line == 2
+        assert str(len(big) - 1) in err.message and "4096" in err.message and "RATEQUEUE_MAX_LINE_BYTES" in err.message
+
+
+def test_a_line_of_exactly_the_limit_is_accepted_with_or_without_its_newline(validator: LineValidator) -> None:
+    line = _line("a")
+    limits = Limits(max_line_bytes=len(line) - 1)  # the newline does not count
+    for data in (line, line.rstrip(b"\n")):
+        [job] = list(read_lines(io.BytesIO(data), validator, limits))
+        assert isinstance(job, StoredJob)
+    [err] = list(read_lines(io.BytesIO(line), validator, Limits(max_line_bytes=len(line) - 2)))
+    assert isinstance(err, LineError) and err.code == "line_too_large"
+
+
+def test_a_100_mb_line_is_skipped_fast_in_bounded_memory(validator: LineValidator, tmp_path: Path) -> None:
+    path = tmp_path / "huge.jsonl"
+    with path.open("wb") as f:
+        f.write(_line("before"))
+        f.write(b'{"custom_id": "huge", "body": {"x": "')
+        block = b"y" * (1 << 20)
+        for _ in range(100):
+            f.write(block)
+        f.write(b'"}}\n')
+        f.write(_line("after"))
+    tracemalloc.start()
+    started = time.perf_counter()
+    with path.open("rb") as stream:
+        out = list(read_lines(stream, validator, Limits(max_bytes=1 << 30)))
+    elapsed = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"100 MB line: {elapsed:.3f} s, peak traced memory {peak / 1e6:.1f} MB")
+    assert [type(o).__name__ for o in out] == ["StoredJob", "LineError", "StoredJob"]
+    assert isinstance(out[1], LineError) and out[1].line == 2 and out[1].code == "line_too_large"
+    assert elapsed < 3.0
+    assert peak < 24 * 1024 * 1024
