@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from config.apikey import read_api_key
 from config.values import FrozenMap, Secret
 from worker.errors import ConfigError
 from worker.keys import account_fingerprint
@@ -70,6 +71,9 @@ class Settings:
     """Everything ratequeue reads from the environment. Times are seconds, sizes bytes."""
 
     redis_url: str | None = None  # None: the CLI starts an embedded Redis
+    # rediss:// certificates are verified (system CAs, or this file's); insecure skips it, warned.
+    redis_ca_file: Path | None = None
+    redis_tls_insecure: bool = False
     api_key: Secret | None = None
     organization: str | None = None
     project: str | None = None
@@ -88,6 +92,7 @@ class Settings:
     job_deadline_seconds: float = 3600.0
     max_file_bytes: int = 200_000_000
     max_lines: int = 50_000
+    max_line_bytes: int = 8 * 1024 * 1024  # one input line, without its newline
     metrics_port: int | None = None
     log_level: str = "INFO"
     visibility_timeout: float = 1800.0
@@ -188,27 +193,7 @@ def normalize_base_url(raw: str, var: str = "OPENAI_BASE_URL") -> str:
 
 
 def _read_api_key(env: _Env) -> Secret | None:
-    direct = env.text("OPENAI_API_KEY")
-    key_file = env.text("OPENAI_API_KEY_FILE")
-    if direct is not None and key_file is not None:
-        raise ConfigError("OPENAI_API_KEY and OPENAI_API_KEY_FILE are both set: set only one")
-    source, value = "OPENAI_API_KEY", direct
-    if key_file is not None:
-        path = Path(key_file).expanduser()
-        source = f"OPENAI_API_KEY_FILE={path}"
-        try:
-            value = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(f"{source}: cannot read the key file: {reason}") from None
-        if not value:
-            raise ConfigError(f"{source}: the key file is empty")
-    if value is None:
-        return None
-    # A key goes into an Authorization header: whitespace inside it is a paste error, never valid.
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise ConfigError(f"{source}: the key contains whitespace or control characters")
-    return Secret(value)
+    return read_api_key(env.text("OPENAI_API_KEY"), env.text("OPENAI_API_KEY_FILE"))
 
 
 def _split_override(var: str) -> tuple[str, str, str]:
@@ -252,6 +237,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     defaults = Settings()
     settings = Settings(
         redis_url=redis_url,
+        redis_ca_file=Path(ca_file).expanduser() if (ca_file := e.text("RATEQUEUE_REDIS_CA_FILE")) else None,
+        redis_tls_insecure=_flag(e, "RATEQUEUE_REDIS_TLS_INSECURE", False),
         api_key=_read_api_key(e),
         organization=e.text("OPENAI_ORG_ID") or e.text("OPENAI_ORGANIZATION"),
         project=e.text("OPENAI_PROJECT_ID"),
@@ -271,6 +258,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         job_deadline_seconds=e.number("RATEQUEUE_JOB_DEADLINE", defaults.job_deadline_seconds),
         max_file_bytes=_int(e, "RATEQUEUE_MAX_FILE_BYTES", defaults.max_file_bytes),
         max_lines=_int(e, "RATEQUEUE_MAX_LINES", defaults.max_lines),
+        max_line_bytes=_int(e, "RATEQUEUE_MAX_LINE_BYTES", defaults.max_line_bytes),
         metrics_port=e.integer("RATEQUEUE_METRICS_PORT", None, minimum=1, maximum=65535),
         log_level=log_level,
         visibility_timeout=e.number("RATEQUEUE_VISIBILITY_TIMEOUT", defaults.visibility_timeout),

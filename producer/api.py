@@ -64,7 +64,7 @@ class Client:
         """
         name = str(source) if isinstance(source, str | Path) else "<stream>"
         batch_id = self._submitter.create_batch(self.settings.account_id, "", name, completion_window, metadata)
-        limits = Limits(self.settings.max_file_bytes, self.settings.max_lines)
+        limits = Limits(self.settings.max_file_bytes, self.settings.max_lines, self.settings.max_line_bytes)
         if isinstance(source, str | Path):
             with open(source, "rb") as stream:
                 report = self._submitter.add(batch_id, read_lines(stream, self._validator, limits))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -285,3 +286,34 @@ def test_bad_model_overrides(var: str, raw: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=var) as info:
         load_settings({var: raw})
     assert reason in str(info.value)
+
+
+def test_a_key_file_readable_by_others_draws_a_warning_naming_file_and_mode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        s = load_settings({"OPENAI_API_KEY_FILE": str(key_file)})
+    assert s.api_key is not None and s.api_key.reveal() == KEY  # still used
+    [record] = [r for r in caplog.records if "OPENAI_API_KEY_FILE" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert str(key_file) in record.getMessage() and "0644" in record.getMessage()
+    assert KEY not in caplog.text and "TESTKEY" not in caplog.text
+    caplog.clear()
+    key_file.chmod(0o600)
+    with caplog.at_level(logging.WARNING):
+        load_settings({"OPENAI_API_KEY_FILE": str(key_file)})
+    assert not caplog.records
+
+
+def test_line_limit_and_redis_tls_settings(tmp_path: Path) -> None:
+    s = load_settings({})
+    assert (s.max_line_bytes, s.redis_tls_insecure, s.redis_ca_file) == (8 * 1024 * 1024, False, None)
+    ca = tmp_path / "ca.pem"
+    s = load_settings({"RATEQUEUE_MAX_LINE_BYTES": "1_000", "RATEQUEUE_REDIS_TLS_INSECURE": "1",
+                       "RATEQUEUE_REDIS_CA_FILE": str(ca)})
+    assert (s.max_line_bytes, s.redis_tls_insecure, s.redis_ca_file) == (1000, True, ca)
+    with pytest.raises(ConfigError, match="RATEQUEUE_MAX_LINE_BYTES"):
+        load_settings({"RATEQUEUE_MAX_LINE_BYTES": "0"})
