@@ -100,6 +100,14 @@ class EmbeddedRedis:
             self._proc.wait()
         self._proc = None
 
+    def kill(self) -> None:
+        """End the server with SIGKILL, as a crash would (what it wrote to its AOF is kept)."""
+        if self._proc is None:
+            return
+        self._proc.kill()
+        self._proc.wait()
+        self._proc = None
+
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
 

@@ -9,6 +9,8 @@
   never holds a chunk that long, because a job that must wait more than ``defer_after_seconds``
   is moved to Redis's deferred set and its chunk acked (Celery countdown/ETA is never used).
 - kombu's Redis pool sized to the slots (its default of 10 loses acks under concurrency).
+- kombu's Redis transport with two fixes (``worker.broker``): with celery/kombu 5.7 a worker
+  holding messages exited when Redis went away.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from celery import Celery
 
 from config.settings import Settings, load_settings
+from worker.broker import TRANSPORT
 
 QUEUE = "ratequeue"
 RUN_CHUNK = "ratequeue.run_chunk"
@@ -29,6 +32,7 @@ def create_app(settings: Settings, set_as_current: bool = True) -> Celery:
     url = settings.redis_url or DEFAULT_REDIS_URL
     app = Celery("ratequeue", broker=url, include=["worker.tasks"], set_as_current=set_as_current)
     app.conf.update(
+        broker_transport=TRANSPORT if url.startswith(("redis://", "rediss://")) else None,
         task_default_queue=QUEUE,
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -1,0 +1,78 @@
+"""Redis going away under busy workers that are NOT restarted: they reconnect in the same process
+and every job completes exactly once (one result line, one upstream call).
+
+celery/kombu 5.7.0 made every worker holding unacked messages exit (status 0) at the first
+Redis restart; ``worker.broker`` is the fix, and this test fails without it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from config.settings import load_settings
+from producer.api import Client
+from producer.embedded import EmbeddedRedis
+from sim.process import start_sim
+from tests.conftest import base_env
+
+StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def _jobs(n: int) -> list[dict[str, Any]]:
+    return [{"custom_id": f"o-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"item {i}"}],
+                      "max_tokens": 20}} for i in range(n)]
+
+
+def _tolerant(fn: Callable[[], Any], timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except _REDIS_DOWN:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def test_redis_killed_and_restarted_three_times_under_busy_workers_loses_and_repeats_nothing(
+    tmp_path: Path, start_worker: StartWorker
+) -> None:
+    jobs = 600
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    try:
+        # 1,200 RPM and 300 ms answers: the batch takes ~30 s, so every kill lands mid-batch with
+        # chunks held (unacked) by both workers and calls in flight.
+        with start_sim(["--rpm", "1200", "--tpm", "10000000", "--latency-ms", "300"]) as sim:
+            env = base_env(server.url, sim.url, tmp_path, RATEQUEUE_CHUNK_SIZE="10", RATEQUEUE_WORKER_SLOTS="4")
+            workers = [start_worker(env), start_worker(env)]
+            client = Client(load_settings(env))
+            batch_id = client.submit_batch(_jobs(jobs)).batch_id
+            for down_for in (1.0, 3.0, 6.0):
+                time.sleep(4.0)
+                assert 0 < _tolerant(lambda: client.status(batch_id))["request_counts"]["completed"] < jobs
+                server.kill()
+                time.sleep(down_for)
+                server.start()
+            deadline = time.monotonic() + 120
+            while _tolerant(lambda: client.status(batch_id))["status"] != "completed":
+                assert time.monotonic() < deadline, _tolerant(lambda: client.status(batch_id))
+                assert [w.poll() for w in workers] == [None, None], "a worker exited"
+                time.sleep(0.5)
+            results = _tolerant(lambda: list(client.iter_results(batch_id)))
+            errors = _tolerant(lambda: list(client.iter_results(batch_id, errors=True)))
+            calls = sim.stats()["calls_by_client_id"]
+            assert [w.poll() for w in workers] == [None, None], "a worker exited"
+    finally:
+        server.stop()
+    assert errors == []
+    assert Counter(line["custom_id"] for line in results) == Counter({f"o-{i}": 1 for i in range(jobs)})
+    per_job = Counter({cid.split("/", 1)[1]: n for cid, n in calls.items()})
+    assert len(per_job) == jobs and max(per_job.values()) == 1, per_job.most_common(3)  # none paid twice

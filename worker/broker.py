@@ -1,0 +1,79 @@
+"""kombu's Redis transport, made to survive a lost connection while tasks hold messages.
+
+The fault (celery 5.7.0 / kombu 5.7.0, not in celery 5.5.3 / kombu 5.5.4): when the broker
+connection breaks, Celery's ``Consumer.on_connection_error_after_connected`` first calls
+``Connection.collect()``, which detaches the transport (``transport.client = None``), then
+``Connection.close()``, which closes the default channel. Closing restores the channel's unacked
+messages, which needs a fresh Redis pool, which reads its parameters from the detached
+transport: ``AttributeError: 'NoneType' object has no attribute 'hostname'``. That error is not a
+connection error, so Celery calls it unrecoverable and the worker exits with status 0. A related
+upstream report is celery/celery#10205.
+
+Two changes, both on the channel:
+
+- A channel keeps the connection parameters it was opened with, so a detached channel can still
+  reach Redis: the messages its running tasks hold are acked or given back through it once Redis
+  answers again.
+- Closing after a lost connection does not push back messages that tasks are still running.
+  Celery 5.7 would requeue them at once, and when Redis is back by then another worker would run
+  the same jobs while this one is still calling upstream for them (paid twice). Their tasks ack
+  or reject them when they end; a worker killed meanwhile leaves them to the visibility timeout.
+  Messages received but not started are still given back at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.worker import state as worker_state
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+
+#: The value of Celery's ``broker_transport`` setting that selects this transport.
+TRANSPORT = "worker.broker:Transport"
+
+
+def _running_task_ids() -> set[str]:
+    """Ids of the tasks this worker process is running now (Celery's own bookkeeping)."""
+    return {request.id for request in tuple(worker_state.active_requests)}
+
+
+class QoS(kombu_redis.QoS):
+    def restore_unacked(self, client: Any = None) -> list[Any]:
+        """Give back unacked messages, except those whose task is still running (see module doc)."""
+        running = _running_task_ids()
+        kept = {
+            tag: message
+            for tag, message in self._delivered.items()
+            if (message.headers or {}).get("id") in running
+        }
+        for tag in kept:
+            del self._delivered[tag]
+        if kept:
+            log.warning(
+                "broker connection closed with %d message(s) still running: left to their tasks to ack", len(kept)
+            )
+        try:
+            return list(super().restore_unacked(client) or [])
+        finally:
+            self._delivered.update(kept)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+    _opened_with: dict[bool, dict[str, Any]]
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        """The Redis connection parameters, remembered for when the transport is detached."""
+        saved = self.__dict__.setdefault("_opened_with", {})
+        if self.connection.client is None and asynchronous in saved:
+            return dict(saved[asynchronous])
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        saved[asynchronous] = dict(params)
+        return params
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
