@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from worker import keys
 from worker.codec import text
+from worker.redact import redact
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ class Parking:
 
     async def park(self, account: str, model: str, reason: str, message: str, cooldown: float) -> None:
         """Pause the pair; no probe before ``cooldown`` seconds have passed."""
-        entry = {"reason": reason, "message": message[:500], "since": time.time(), "cooldown": cooldown}
+        # The message comes from the upstream (already redacted by the runner); redacting again here
+        # keeps a key-shaped string out of the one record every `status` prints, whoever calls.
+        entry = {"reason": reason, "message": redact(message)[:500], "since": time.time(), "cooldown": cooldown}
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.parked_pairs(), pair_field(account, model), orjson.dumps(entry))
             pipe.set(keys.probe_lock(account, model), "parked", px=int(cooldown * 1000))
