@@ -51,6 +51,7 @@ from worker.codec import text
 from worker.errors import RatequeueError
 from worker.limiter import BucketLimits, SyncLimiter
 from worker.metrics_server import HEARTBEAT_STALE_SECONDS, workers_key
+from worker.redis_tls import redis_options
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def serve(settings: Settings, port: int, addr: str = "0.0.0.0") -> int:
     # Fail a scrape fast when Redis is away (ratequeue_redis_up 0) instead of retrying past its timeout.
     client = redis.Redis.from_url(
         settings.redis_url or "redis://127.0.0.1:6379/0",
-        socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1),
+        socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1), **redis_options(settings),
     )
     registry = CollectorRegistry()
     table = load_model_table(settings)
