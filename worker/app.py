@@ -21,6 +21,7 @@ from celery import Celery
 
 from config.settings import Settings, load_settings
 from worker.broker import TRANSPORT
+from worker.redis_tls import broker_use_ssl
 
 QUEUE = "ratequeue"
 RUN_CHUNK = "ratequeue.run_chunk"
@@ -33,6 +34,7 @@ def create_app(settings: Settings, set_as_current: bool = True) -> Celery:
     app = Celery("ratequeue", broker=url, include=["worker.tasks"], set_as_current=set_as_current)
     app.conf.update(
         broker_transport=TRANSPORT if url.startswith(("redis://", "rediss://")) else None,
+        broker_use_ssl=broker_use_ssl(settings),  # rediss:// verified (kombu alone checks nothing)
         task_default_queue=QUEUE,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
