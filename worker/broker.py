@@ -44,13 +44,10 @@ class QoS(kombu_redis.QoS):
     def restore_unacked(self, client: Any = None) -> list[Any]:
         """Give back unacked messages, except those whose task is still running (see module doc)."""
         running = _running_task_ids()
-        kept = {
-            tag: message
-            for tag, message in self._delivered.items()
-            if (message.headers or {}).get("id") in running
-        }
+        delivered: dict[Any, Any] = getattr(self, "_delivered")  # noqa: B009 (kombu annotates it as None)
+        kept = {tag: message for tag, message in delivered.items() if (message.headers or {}).get("id") in running}
         for tag in kept:
-            del self._delivered[tag]
+            del delivered[tag]
         if kept:
             log.warning(
                 "broker connection closed with %d message(s) still running: left to their tasks to ack", len(kept)
@@ -58,7 +55,7 @@ class QoS(kombu_redis.QoS):
         try:
             return list(super().restore_unacked(client) or [])
         finally:
-            self._delivered.update(kept)
+            delivered.update(kept)
 
 
 class Channel(kombu_redis.Channel):

@@ -40,6 +40,7 @@ __all__ = [
     "deferred",
     "in_flight",
     "job_finished",
+    "outcomes_held",
     "record_response",
     "retry",
     "set_limits",
@@ -97,6 +98,11 @@ JOBS = Counter("ratequeue_jobs_total", "Jobs whose outcome was stored: completed
 JOB_FAILURES = Counter("ratequeue_job_failures_total", "Failed jobs by error code.", ["model", "code"])
 IN_FLIGHT = Gauge(
     "ratequeue_in_flight_requests", "Upstream requests sent and not yet answered.", _PAIR, multiprocess_mode="livesum"
+)
+OUTCOMES_HELD = Gauge(
+    "ratequeue_outcomes_held",
+    "Paid answers held in worker memory because Redis cannot take them now (down, loading or full).",
+    multiprocess_mode="livesum",
 )
 LIMIT_REQUESTS = Gauge(
     "ratequeue_limit_requests_per_minute",
@@ -288,3 +294,8 @@ def in_flight(model: str, account: str) -> Iterator[None]:
         yield
     finally:
         gauge.dec()
+
+
+def outcomes_held(change: int) -> None:
+    """Count ``change`` more (or fewer) paid answers waiting in memory for Redis to take them."""
+    OUTCOMES_HELD.inc(change)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,13 +11,22 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 
-from worker import keys
+from worker import keys, metrics
 from worker.codec import text
 from worker.jobs import StoredJob
 from worker.scripts import lua_source
 
 DEFERRED_SEP = "\t"
+# Redis cannot take a write now but will later: gone (restarting), loading its data, or full.
+REDIS_UNAVAILABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
+)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,11 +58,15 @@ class Outcome:
 class JobStore:
     """Async access to batches for the worker's event loop."""
 
+    ATTEMPTS_WHEN_GONE = 1 << 30  # above any max_attempts
+
     def __init__(self, redis: aioredis.Redis, state_ttl: float = 1.0) -> None:
         self._redis = redis
         self._store = redis.register_script(lua_source("store_outcome"))
         self._defer = redis.register_script(lua_source("defer"))
         self._claim = redis.register_script(lua_source("claim_jobs"))
+        self._mark_expired = redis.register_script(lua_source("mark_expired"))
+        self._attempt = redis.register_script(lua_source("record_attempt"))
         self._state_ttl = state_ttl
         self._states: dict[str, tuple[float, BatchState]] = {}
         # Outcomes waiting for the next store call, per batch: (custom_id, outcome, caller's future)
@@ -106,11 +120,9 @@ class JobStore:
         ]
 
     async def mark_expired(self, batch_id: str) -> None:
-        """Move a batch past its completion window to "expired" (its remaining jobs fail as expired)."""
-        meta = keys.batch_meta(batch_id)
-        status = await self._redis.hget(meta, "status")
-        if status is not None and text(status) in ("validating", "in_progress", "finalizing"):
-            await self._redis.hset(meta, "status", "expired")
+        """Move a running batch past its completion window to "expired" (its remaining jobs fail as
+        expired). One Lua call: a batch that ended or was deleted meanwhile is left as it is."""
+        await self._mark_expired(keys=[keys.batch_meta(batch_id)])
         self._states.pop(batch_id, None)
 
     async def release(self, batch_id: str, custom_id: str) -> None:
@@ -143,9 +155,7 @@ class JobStore:
         for custom_id, o, _ in entries:
             args += [custom_id, o.kind, o.line, o.prompt_tokens, o.completion_tokens, o.cached_tokens, repr(o.cost_usd)]
         try:
-            stored = await self._store(
-                keys=[keys.batch_results(batch_id), keys.batch_errors(batch_id), keys.batch_meta(batch_id)], args=args
-            )
+            stored = await self._store_until_accepted(batch_id, args, len(entries))
             for (_, _, future), new in zip(entries, stored, strict=True):
                 if not future.done():
                     future.set_result(bool(new))
@@ -158,17 +168,46 @@ class JobStore:
                 if not future.done():
                     future.set_exception(exc)
 
+    async def _store_until_accepted(self, batch_id: str, args: list[str | bytes | int], count: int) -> Any:
+        """Run ``store_outcome.lua``, retrying for as long as Redis is down, loading or full.
+
+        These outcomes were paid for: dropping one would make its chunk run the call again. So
+        they are held here (the callers wait) until Redis takes them, however long that is. The
+        script is atomic even when Redis is full (it is refused before its first write, never
+        halfway), so a retry cannot count a job twice.
+        """
+        delay, logged = 0.1, 0.0
+        while True:
+            try:
+                return await self._store(
+                    keys=keys.outcome_keys(batch_id),
+                    args=args,
+                )
+            except REDIS_UNAVAILABLE as exc:
+                if time.monotonic() - logged > 30.0:
+                    logged = time.monotonic()
+                    log.warning("holding %d paid outcome(s) of %s until Redis takes them: %s", count, batch_id, exc)
+                metrics.outcomes_held(count)
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    metrics.outcomes_held(-count)
+                delay = min(delay * 2, 2.0)
+
     async def record_attempt(self, batch_id: str, custom_id: str, status: int, message: str) -> int:
         """Count one failed upstream attempt of a job; returns the job's attempts so far.
 
-        Kept in Redis, not in the worker, so a job redelivered after a crash keeps its count.
+        Kept in Redis, not in the worker, so a job redelivered after a crash keeps its count. The
+        job of a batch that is gone (deleted) gets ``ATTEMPTS_WHEN_GONE``: it stops retrying.
         """
         last = orjson.dumps({"status": status, "message": message[:500]})
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(keys.batch_attempts(batch_id), custom_id, 1)
-            pipe.hset(keys.batch_last_failure(batch_id), custom_id, last)
-            count, _ = await pipe.execute()
-        return int(count)
+        count = int(
+            await self._attempt(
+                keys=[keys.batch_meta(batch_id), keys.batch_attempts(batch_id), keys.batch_last_failure(batch_id)],
+                args=[custom_id, last],
+            )
+        )
+        return count if count >= 0 else self.ATTEMPTS_WHEN_GONE
 
     async def attempts(self, batch_id: str, custom_id: str) -> tuple[int, dict[str, Any]]:
         """(attempts so far, last failure) of a job."""

@@ -10,6 +10,7 @@ from typing import Any
 import redis
 from celery import Task, signals
 from celery.exceptions import Reject
+from celery.worker import state as worker_state
 
 from config.models import load_model_table
 from config.settings import load_settings
@@ -18,6 +19,7 @@ from worker.deferred import DeferredMover
 from worker.encodings import ensure_offline_encodings
 from worker.engine import Engine
 from worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server
+from worker.redis_tls import redis_options
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is ours (engine), not httpx's
@@ -53,9 +55,29 @@ def run_chunk(self: Task, batch_id: str, custom_ids: list[str]) -> dict[str, Any
         # the message back. Jobs already stored are skipped when it runs again, and jobs another
         # run holds are left to it. Mostly this is Redis going away for a moment.
         log.warning("chunk of %s (%d jobs) requeued after %s: %s", batch_id, len(custom_ids), type(exc).__name__, exc)
-        time.sleep(1.0)
+        _wait_for_redis()  # giving the message back is a Redis write: a failed one strands it
         raise Reject(exc, requeue=True) from exc
     return {"stored": report.stored, "deferred": report.deferred, "skipped": report.skipped}
+
+
+def _wait_for_redis(poll: float = 1.0) -> None:
+    """Return once Redis answers a PING (at once when it is up), or when the worker is stopping.
+
+    A chunk given back while Redis is down stays in kombu's unacked set until the visibility
+    timeout (30 min by default); given back once Redis answers, it runs again at once.
+    """
+    settings = load_settings()
+    url = settings.redis_url or DEFAULT_REDIS_URL
+    client = redis.Redis.from_url(url, socket_timeout=poll, **redis_options(settings))
+    try:
+        while not (worker_state.should_stop or worker_state.should_terminate):
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                time.sleep(poll)
+    finally:
+        client.close()
 
 
 def _restore_unacked() -> None:
@@ -73,7 +95,7 @@ def _restore_unacked() -> None:
 def _start_mover(sender: Any = None, **_: Any) -> None:
     global _mover, _heartbeat
     settings = load_settings()
-    client = redis.Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
+    client = redis.Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL, **redis_options(settings))
     _mover = DeferredMover(
         client, publish_chunk, chunk_size=settings.chunk_size, restore=_restore_unacked,
         restore_interval=max(1.0, min(30.0, settings.visibility_timeout / 4)),
