@@ -107,6 +107,10 @@ class Settings:
     # Switch a model's charge rule to the one the server is seen to apply (it is always checked
     # and a mismatch logged; switching is the user's call).
     learn_charge_rule: bool = False
+    # A batch and every key of it are deleted from Redis this long after it ends (completed,
+    # failed, cancelled, expired); 7 days, like the results of hosted batch APIs. Set per batch
+    # when it is submitted (the producer's value is stored with it).
+    retention_seconds: float = 7 * 86400.0
     # mangled model name -> {ModelSpec field: value}; excluded from the hash (a mapping is unhashable)
     model_overrides: Mapping[str, Mapping[str, int | str]] = field(
         default_factory=lambda: FrozenMap({}), hash=False
@@ -267,6 +271,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         park_retry_after_seconds=e.number("RATEQUEUE_PARK_RETRY_AFTER", defaults.park_retry_after_seconds),
         learn_limits=_flag(e, "RATEQUEUE_LEARN_LIMITS", True),
         learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", False),
+        retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),
         model_overrides=_read_overrides(e.env),
     )
     # A task still running when the broker's visibility timeout ends is delivered again: a duplicate

@@ -24,10 +24,12 @@ from config.models import ModelTable, load_model_table
 from config.settings import Settings, load_settings
 from producer.batchfile import Limits, LineError, LineValidator, read_lines
 from producer.collect import FINAL_STATUSES, batch_object, iter_lines
+from producer.retention import delete_batch
 from producer.submit import Publish, SubmitReport, Submitter
 from worker import keys
 from worker.codec import text
 from worker.errors import BatchNotFoundError, InvalidRequestError
+from worker.scripts import lua_source
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -48,7 +50,9 @@ class Client:
             from worker.app import publisher
 
             publish = publisher(self.settings)
-        self._submitter = Submitter(self.redis, publish, chunk_size=self.settings.chunk_size)
+        self._submitter = Submitter(
+            self.redis, publish, chunk_size=self.settings.chunk_size, retention=self.settings.retention_seconds
+        )
         self._validator = LineValidator(self.table)
 
     def submit_batch(
@@ -110,6 +114,7 @@ class Client:
 
     def close_batch(self, batch_id: str) -> str:
         """No more jobs will join; the batch completes when its jobs have. Returns the status."""
+        self.status(batch_id)  # raises BatchNotFoundError
         return self._submitter.seal(batch_id)
 
     def status(self, batch_id: str) -> dict[str, Any]:
@@ -150,10 +155,15 @@ class Client:
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Stop dispatching the batch's remaining jobs; they are reported as cancelled."""
-        batch = self.status(batch_id)
-        if batch["status"] not in FINAL_STATUSES:
-            self.redis.hset(keys.batch_meta(batch_id), mapping={"status": "cancelling"})
+        self.status(batch_id)  # raises BatchNotFoundError
+        self.redis.register_script(lua_source("cancel_batch"))(keys=[keys.batch_meta(batch_id)])
         return self.status(batch_id)
+
+    def delete(self, batch_id: str, force: bool = False) -> dict[str, Any]:
+        """Remove the batch and all its keys from Redis now; returns ``{"id", "status"}`` (the
+        status it had). Raises ``BatchNotFoundError``; ``BatchRunningError`` for a batch that has
+        not ended, unless ``force`` (see ``producer.retention.delete_batch``)."""
+        return {"id": batch_id, "status": delete_batch(self.redis, batch_id, force)}
 
     def resume(self, batch_id: str) -> int:
         """Re-enqueue every job of the batch that has no outcome (e.g. its producer died between
@@ -180,15 +190,17 @@ class Client:
 
     def overview(self) -> dict[str, Any]:
         """Queue depth, deferred jobs, parked pairs and the most recent batches."""
-        recent = [text(b) for b in self.redis.zrevrange(keys.batches_index(), 0, 9)]
+        recent = []
+        for batch_id in (text(b) for b in self.redis.zrevrange(keys.batches_index(), 0, 9)):
+            try:
+                recent.append(self.status(batch_id))
+            except BatchNotFoundError:  # expired after its retention: its index entry goes too
+                self.redis.zrem(keys.batches_index(), batch_id)
         return {
             "queue_depth": self.redis.llen("ratequeue"),
             "deferred_jobs": self.redis.zcard(keys.deferred_jobs()),
             "parked": self.parked(),
-            "recent_batches": [
-                {k: b[k] for k in ("id", "status", "request_counts", "cost_usd")}
-                for b in (self.status(i) for i in recent)
-            ],
+            "recent_batches": [{k: b[k] for k in ("id", "status", "request_counts", "cost_usd")} for b in recent],
         }
 
     def close(self) -> None:

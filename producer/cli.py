@@ -98,6 +98,16 @@ def cancel(batch_id: str) -> None:
     click.echo(batch["status"])
 
 
+@main.command()
+@click.argument("batch_id")
+@click.option("--force", is_flag=True, help="Delete even a batch that is still running (its results so far go too).")
+def delete(batch_id: str, force: bool) -> None:
+    """Remove BATCH_ID and all it holds from Redis now (ended batches also expire on their own,
+    RATEQUEUE_RETENTION_SECONDS after they end). A running batch needs --force."""
+    deleted = _client().delete(batch_id, force=force)
+    click.echo(f"deleted {batch_id} ({deleted['status']})")
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def worker(ctx: click.Context) -> None:

@@ -16,7 +16,10 @@ from worker.errors import BatchNotFoundError
 
 PAGE = 1000
 _INT_FIELDS = ("total", "completed", "failed", "prompt_tokens", "completion_tokens", "cached_tokens")
-_TIME_FIELDS = ("created_at", "in_progress_at", "completed_at", "failed_at", "cancelled_at", "expired_at", "expires_at")
+# expires_at ends the completion window (OpenAI's field); retained_until, ratequeue's own, is when
+# an ended batch and its results leave Redis (None while it runs).
+_TIME_FIELDS = ("created_at", "in_progress_at", "completed_at", "failed_at", "cancelled_at", "expired_at", "expires_at",
+                "retained_until")
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "expired"})
 
 

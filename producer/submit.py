@@ -48,8 +48,13 @@ def parse_window(window: str) -> float:
 class Submitter:
     """Stores batches and jobs; ``publish`` puts a chunk message on the queue."""
 
-    def __init__(self, client: redis.Redis, publish: Publish, chunk_size: int = 50, block: int = 500) -> None:
+    def __init__(
+        self, client: redis.Redis, publish: Publish, chunk_size: int = 50, block: int = 500,
+        retention: float | None = None,
+    ) -> None:
+        """``retention``: seconds a batch is kept once ended (None: the Lua scripts' 7 days)."""
         self._redis = client
+        self._retention = repr(float(retention)) if retention else ""  # "": the scripts' default
         self._publish = publish
         self._chunk_size = chunk_size
         self._block = block
@@ -83,6 +88,7 @@ class Submitter:
                 "failed": 0,
                 "sealed": 0,
                 "metadata": orjson.dumps(dict(metadata or {})),
+                "retention": self._retention,  # read by the scripts that end it (store_outcome, seal_batch)
             },
         )
         self._redis.zadd(keys.batches_index(), {batch_id: now})
@@ -141,7 +147,7 @@ class Submitter:
 
     def seal(self, batch_id: str) -> str:
         """Declare the batch's input complete; returns its status."""
-        status = self._seal(keys=[keys.batch_meta(batch_id)], args=["in_progress"])
+        status = self._seal(keys=keys.batch_keys(batch_id), args=["in_progress"])
         return status.decode() if isinstance(status, bytes) else str(status)
 
     def _write_block(
@@ -164,7 +170,7 @@ class Submitter:
             if item.keyed and item.custom_id is not None:
                 order.append(item.custom_id)
                 self._store_outcome(
-                    keys=[keys.batch_results(batch_id), keys.batch_errors(batch_id), meta],
+                    keys=keys.outcome_keys(batch_id),
                     args=[item.custom_id, "error", line, 0, 0, 0, "0"],
                     client=pipe,
                 )

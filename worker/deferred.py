@@ -6,6 +6,11 @@ A job waiting for capacity must never become a duplicate, so waits longer than a
 live in one Redis sorted set instead, and every worker process runs this mover. Claims are leased
 (``claim_due.lua``, ``release_due.lua``): a mover killed between claiming and publishing leaves entries that come due
 again, and a duplicate message that results is harmless (jobs are leased and stored once).
+
+Retention: a batch's own keys expire when it ends (store_outcome.lua), but its members in the
+shared sorted sets cannot. The mover so drops due entries of a batch that has ended or is gone
+(deleted, or expired after its retention) instead of enqueueing them, and walks the batch index
+a page at a time (``prune_index``, every ``prune_interval`` s) removing batches that are gone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from worker import keys
+from worker.codec import text
 from worker.scripts import lua_source
 from worker.store import DEFERRED_SEP
 
@@ -41,6 +47,7 @@ class DeferredMover:
         chunk_size: int = 50,
         restore: Callable[[], None] | None = None,
         restore_interval: float = 10.0,
+        prune_interval: float = 30.0,
     ) -> None:
         self._redis = client
         self._claim = client.register_script(lua_source("claim_due"))
@@ -53,6 +60,9 @@ class DeferredMover:
         self._restore = restore
         self._restore_interval = restore_interval
         self._next_restore = time.monotonic() + restore_interval
+        self._prune_interval = prune_interval
+        self._next_prune = time.monotonic() + prune_interval
+        self._prune_cursor = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ratequeue-deferred", daemon=True)
 
@@ -73,11 +83,34 @@ class DeferredMover:
         for member in texts:
             batch_id, _, custom_id = member.partition(DEFERRED_SEP)
             by_batch[batch_id].append(custom_id)
+        for batch_id in self._not_running(list(by_batch)):
+            log.debug("deferred jobs of ended or deleted batch %s dropped", batch_id)
+            del by_batch[batch_id]
         for batch_id, custom_ids in by_batch.items():
             for i in range(0, len(custom_ids), self._chunk_size):
                 self._publish(batch_id, custom_ids[i : i + self._chunk_size])
         self._release(keys=[keys.deferred_jobs()], args=[lease_score, *texts])
         return len(texts)
+
+    def _not_running(self, batch_ids: list[str]) -> list[str]:
+        """The batches among ``batch_ids`` that are gone or have ended (their jobs need no run)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.hmget(keys.batch_meta(batch_id), ["status", "retained_until"])
+        return [b for b, (status, ended) in zip(batch_ids, pipe.execute(), strict=True) if status is None or ended]
+
+    def prune_index(self, count: int = 500) -> int:
+        """Remove from the batch index, one ZSCAN page per call, the batches whose keys are gone
+        (expired after their retention); returns how many. Repeated calls cover the whole index."""
+        self._prune_cursor, page = self._redis.zscan(keys.batches_index(), self._prune_cursor, count=count)
+        ids = [batch_id for batch_id, _ in page]
+        if not ids:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.exists(keys.batch_meta(text(batch_id)))
+        gone = [batch_id for batch_id, alive in zip(ids, pipe.execute(), strict=True) if not alive]
+        return int(self._redis.zrem(keys.batches_index(), *gone)) if gone else 0
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -87,5 +120,8 @@ class DeferredMover:
                 if self._restore is not None and time.monotonic() >= self._next_restore:
                     self._next_restore = time.monotonic() + self._restore_interval
                     self._restore()
+                if time.monotonic() >= self._next_prune:
+                    self._next_prune = time.monotonic() + self._prune_interval
+                    self.prune_index()
             except Exception as exc:  # the thread must outlive Redis restarts and broker hiccups
                 log.warning("deferred mover: %s; retrying", exc)

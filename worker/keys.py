@@ -75,7 +75,11 @@ def batch_last_failure(batch_id: str) -> str:
 
 
 def batch_keys(batch_id: str) -> list[str]:
-    """Every key of one batch (for deletion)."""
+    """Every key of one batch, meta first: what expires when the batch ends, or goes on delete.
+
+    A key added to a batch must be added here, or it outlives the batch (tests/test_retention.py
+    checks that every ``rq:batch:<id>*`` key of an ended batch carries a TTL).
+    """
     return [
         batch_meta(batch_id),
         batch_jobs(batch_id),
@@ -88,6 +92,12 @@ def batch_keys(batch_id: str) -> list[str]:
         batch_claims(batch_id),
         batch_started(batch_id),
     ]
+
+
+def outcome_keys(batch_id: str) -> list[str]:
+    """The KEYS of store_outcome.lua: results, errors, meta, then the batch's other keys."""
+    first = [batch_results(batch_id), batch_errors(batch_id), batch_meta(batch_id)]
+    return first + [k for k in batch_keys(batch_id) if k not in first]
 
 
 def batch_claims(batch_id: str) -> str:
