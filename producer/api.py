@@ -29,6 +29,8 @@ from producer.submit import Publish, SubmitReport, Submitter
 from worker import keys
 from worker.codec import text
 from worker.errors import BatchNotFoundError, InvalidRequestError
+from worker.redact import configured_secrets, redact_json
+from worker.redis_tls import redis_options
 from worker.scripts import lua_source
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -45,7 +47,7 @@ class Client:
     ) -> None:
         self.settings = settings or load_settings()
         self.table = table or load_model_table(self.settings)
-        self.redis = redis.Redis.from_url(self.settings.redis_url or DEFAULT_REDIS_URL)
+        self.redis = redis.Redis.from_url(self.settings.redis_url or DEFAULT_REDIS_URL, **redis_options(self.settings))
         if publish is None:
             from worker.app import publisher
 
@@ -138,7 +140,8 @@ class Client:
     def iter_results(self, batch_id: str, errors: bool = False) -> Iterator[dict[str, Any]]:
         """Result lines (or, with ``errors=True``, error lines) as dicts, in input order."""
         self.status(batch_id)  # raises BatchNotFoundError
-        for line in iter_lines(self.redis, batch_id, "errors" if errors else "results"):
+        secrets = configured_secrets(self.settings)
+        for line in iter_lines(self.redis, batch_id, "errors" if errors else "results", secrets):
             yield orjson.loads(line)
 
     def result(self, batch_id: str, custom_id: str, timeout: float | None = None) -> dict[str, Any]:
@@ -175,7 +178,8 @@ class Client:
     def parked(self) -> dict[str, dict[str, Any]]:
         """Paused (account, model) pairs: "<account>:<model>" -> {reason, message, since, cooldown}."""
         raw = self.redis.hgetall(keys.parked_pairs())
-        return {text(k): orjson.loads(v) for k, v in raw.items()}
+        # Redacted as read: a record of an older worker may hold the upstream's message verbatim.
+        return {text(k): redact_json(orjson.loads(v), configured_secrets(self.settings)) for k, v in raw.items()}
 
     def unpark(self, model: str | None = None) -> list[str]:
         """Restart parked pairs (all, or those of ``model``); returns the pairs restarted."""

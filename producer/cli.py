@@ -86,7 +86,9 @@ def results(batch_id: str, output: Path, errors: Path | None) -> None:
     client = _client()
     client.status(batch_id)
     errors = errors or errors_path_for(output)
-    n_results, n_errors = write_outputs(client.redis, batch_id, output, errors)
+    from worker.redact import configured_secrets
+
+    n_results, n_errors = write_outputs(client.redis, batch_id, output, errors, configured_secrets(client.settings))
     console.print(f"{output}: {n_results} lines; {errors}: {n_errors} lines")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from producer.submit import INPUT_ERROR_MARK
 from worker import keys
 from worker.codec import text
 from worker.errors import BatchNotFoundError
+from worker.redact import redact
 
 PAGE = 1000
 _INT_FIELDS = ("total", "completed", "failed", "prompt_tokens", "completion_tokens", "cached_tokens")
@@ -55,9 +56,15 @@ def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
     }
 
 
-def iter_lines(client: redis.Redis, batch_id: str, kind: str = "results") -> Iterator[bytes]:
+def iter_lines(
+    client: redis.Redis, batch_id: str, kind: str = "results", secrets: Iterable[str] = ()
+) -> Iterator[bytes]:
     """Stream a batch's result lines (``kind="results"``) or error lines (``"errors"``) in input
-    order, a page of ``PAGE`` at a time: memory does not grow with the batch."""
+    order, a page of ``PAGE`` at a time: memory does not grow with the batch.
+
+    Error lines are redacted (`secrets` and key-shaped strings): one stored by an older worker
+    may hold an upstream message that echoed the key.
+    """
     outcome_key = keys.batch_results(batch_id) if kind == "results" else keys.batch_errors(batch_id)
     order_key = keys.batch_order(batch_id)
     start = 0
@@ -78,17 +85,21 @@ def iter_lines(client: redis.Redis, batch_id: str, kind: str = "results") -> Ite
         for entry in page:
             line = input_errors.get(entry) if entry.startswith(INPUT_ERROR_MARK) else found.get(entry)
             if line is not None:
-                yield line if isinstance(line, bytes) else line.encode()
+                line = line if isinstance(line, bytes) else line.encode()
+                yield redact(line.decode(), secrets).encode() if kind == "errors" else line
 
 
-def write_outputs(client: redis.Redis, batch_id: str, results_path: Path, errors_path: Path) -> tuple[int, int]:
-    """Write the results and errors files (JSONL, input order); returns the line counts."""
+def write_outputs(
+    client: redis.Redis, batch_id: str, results_path: Path, errors_path: Path, secrets: Iterable[str] = ()
+) -> tuple[int, int]:
+    """Write the results and errors files (JSONL, input order; errors redacted, see ``iter_lines``);
+    returns the line counts."""
     counts = []
     for kind, path in (("results", results_path), ("errors", errors_path)):
         n = 0
         tmp = path.with_name(path.name + ".part")
         with tmp.open("wb") as out:
-            for line in iter_lines(client, batch_id, kind):
+            for line in iter_lines(client, batch_id, kind, secrets):
                 out.write(line)
                 out.write(b"\n")
                 n += 1
