@@ -22,13 +22,14 @@ import redis
 
 from config.models import ModelTable, load_model_table
 from config.settings import Settings, load_settings
+from producer import capacity
 from producer.batchfile import Limits, LineError, LineValidator, read_lines
 from producer.collect import FINAL_STATUSES, batch_object, iter_lines
 from producer.retention import delete_batch
 from producer.submit import Publish, SubmitReport, Submitter
 from worker import keys
 from worker.codec import text
-from worker.errors import BatchNotFoundError, InvalidRequestError
+from worker.errors import BatchNotFoundError, InvalidRequestError, RedisFullError
 from worker.redact import configured_secrets, redact_json
 from worker.redis_tls import redis_options
 from worker.scripts import lua_source
@@ -69,17 +70,26 @@ class Client:
         ones run. Returns once every job is stored in Redis and enqueued.
         """
         name = str(source) if isinstance(source, str | Path) else "<stream>"
+        capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
         batch_id = self._submitter.create_batch(self.settings.account_id, "", name, completion_window, metadata)
         limits = Limits(self.settings.max_file_bytes, self.settings.max_lines, self.settings.max_line_bytes)
-        if isinstance(source, str | Path):
-            with open(source, "rb") as stream:
-                report = self._submitter.add(batch_id, read_lines(stream, self._validator, limits))
-        else:
-            report = self._submitter.add(batch_id, read_lines(_as_lines(source), self._validator, limits))
-        if report.by_model:
-            endpoint = ",".join(sorted(report.by_model))
-            self.redis.hset(keys.batch_meta(batch_id), "models", endpoint)
-        self._submitter.seal(batch_id)
+        try:
+            if isinstance(source, str | Path):
+                with open(source, "rb") as stream:
+                    report = self._submitter.add(batch_id, read_lines(stream, self._validator, limits))
+            else:
+                report = self._submitter.add(batch_id, read_lines(_as_lines(source), self._validator, limits))
+            if report.by_model:
+                endpoint = ",".join(sorted(report.by_model))
+                self.redis.hset(keys.batch_meta(batch_id), "models", endpoint)
+            self._submitter.seal(batch_id)
+        except (RedisFullError, redis.exceptions.OutOfMemoryError) as exc:
+            # All or nothing: what was stored goes (deleting needs no memory). Under a maxmemory
+            # no chunk was enqueued yet (see Submitter.add), so none of it has run.
+            delete_batch(self.redis, batch_id, force=True)
+            if isinstance(exc, RedisFullError):
+                raise
+            raise capacity.full_error(self.redis, exc) from exc
         return report
 
     def submit_job(

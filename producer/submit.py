@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import redis
 
+from producer import capacity
 from producer.batchfile import LineError
 from worker import keys, records
 from worker.codec import text
@@ -99,20 +100,28 @@ class Submitter:
         report = SubmitReport(batch_id)
         pending: dict[str, list[str]] = defaultdict(list)
         input_errors = int(self._redis.hget(keys.batch_meta(batch_id), "input_errors") or 0)
+        # Under a maxmemory, chunks are enqueued only once every job is stored: a batch Redis
+        # refuses halfway can then be removed whole before any of it has run (RedisFullError).
+        # Without one, chunks go out as blocks are stored and workers start at once.
+        bounded = capacity.memory(self._redis).bounded
+        held: list[list[str]] | None = [] if bounded else None
+        publish = self._publish if held is None else (lambda _batch, ids: held.append(list(ids)))
         block: list[StoredJob | LineError] = []
         for item in items:
             block.append(item)
             if len(block) >= self._block:
-                input_errors = self._write_block(batch_id, block, input_errors, report)
-                self._publish_full(batch_id, block, pending, report)
+                input_errors = self._write_block(batch_id, block, input_errors, report, bounded)
+                self._publish_full(batch_id, block, pending, report, publish)
                 block = []
         if block:
-            input_errors = self._write_block(batch_id, block, input_errors, report)
-            self._publish_full(batch_id, block, pending, report)
+            input_errors = self._write_block(batch_id, block, input_errors, report, bounded)
+            self._publish_full(batch_id, block, pending, report, publish)
         for custom_ids in pending.values():
             if custom_ids:
-                self._publish(batch_id, custom_ids)
+                publish(batch_id, custom_ids)
                 report.chunks += 1
+        for custom_ids in held or ():
+            self._publish(batch_id, custom_ids)
         return report
 
     def requeue_pending(self, batch_id: str) -> int:
@@ -151,10 +160,19 @@ class Submitter:
         return status.decode() if isinstance(status, bytes) else str(status)
 
     def _write_block(
-        self, batch_id: str, block: Sequence[StoredJob | LineError], input_errors: int, report: SubmitReport
+        self,
+        batch_id: str,
+        block: Sequence[StoredJob | LineError],
+        input_errors: int,
+        report: SubmitReport,
+        bounded: bool = False,
     ) -> int:
+        """Store one block in one transaction: a Redis that is full refuses all of it, not part."""
         meta = keys.batch_meta(batch_id)
-        pipe = self._redis.pipeline(transaction=False)
+        if bounded:
+            size = sum(len(i.dumps()) + capacity.RESULT_ALLOWANCE for i in block if isinstance(i, StoredJob))
+            capacity.ensure_room(self._redis, size)
+        pipe = self._redis.pipeline(transaction=True)
         pipe.hincrby(meta, "total", len(block))
         order: list[str] = []
         jobs: dict[str, bytes] = {}
@@ -193,6 +211,7 @@ class Submitter:
         block: Sequence[StoredJob | LineError],
         pending: dict[str, list[str]],
         report: SubmitReport,
+        publish: Publish,
     ) -> None:
         # Chunks hold one model each, so a throttled model never holds up another model's jobs.
         for item in block:
@@ -200,6 +219,6 @@ class Submitter:
                 chunk = pending[item.model]
                 chunk.append(item.custom_id)
                 if len(chunk) >= self._chunk_size:
-                    self._publish(batch_id, chunk)
+                    publish(batch_id, chunk)
                     report.chunks += 1
                     pending[item.model] = []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,35 @@ REDIS_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
 METRICS_DB = int(os.environ.get("RATEQUEUE_TEST_METRICS_DB", "12"))
 METRICS_REDIS_URL = f"redis://127.0.0.1:6379/{METRICS_DB}"  # the monitoring tests' own database
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def private_redis(*args: str) -> Iterator[str]:
+    """A redis-server of the test's own on a free port (no persistence); yields its URL.
+
+    For tests that change the server's configuration (maxmemory) or stop it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    client.close()
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """`JobStore.store` against the real Redis: outcomes stored once, many in one Lua call, the
-batch's counters and final status right, and a Redis failure seen by every waiting caller."""
+batch's counters and final status right, outcomes held while Redis is full, and other Redis
+errors seen by every waiting caller."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from worker import keys
+from tests.conftest import private_redis
+from worker import keys, metrics
 from worker.store import JobStore, Outcome
 
 
@@ -62,9 +64,39 @@ def test_concurrent_outcomes_share_a_call_and_are_stored_once(redis_url: str, rc
     assert m["status"] == "completed"  # sealed and every job has its outcome
 
 
-def test_a_redis_failure_reaches_every_waiting_caller(redis_url: str) -> None:
+def test_outcomes_are_held_while_redis_is_full_and_stored_once_it_has_room(redis_url: str) -> None:
+    """Paid answers are never dropped: while Redis refuses writes (maxmemory), callers wait."""
+    with private_redis() as url:
+        sync = redis.Redis.from_url(url)
+        sync.hset(keys.batch_meta("b3"), mapping={"total": 5, "sealed": 1, "status": "in_progress"})
+        sync.config_set("maxmemory-policy", "noeviction")
+        sync.config_set("maxmemory", 1)  # every write that needs memory is refused now
+
+        async def main() -> tuple[int, list[bool]]:
+            client = aioredis.Redis.from_url(url)
+            try:
+                waiting = asyncio.gather(*(JobStore(client).store("b3", f"c-{i}", _result(i)) for i in range(5)))
+                await asyncio.sleep(1.0)
+                held = int(metrics.OUTCOMES_HELD._value.get())
+                assert not waiting.done()
+                sync.config_set("maxmemory", 0)
+                return held, await asyncio.wait_for(waiting, 10)
+            finally:
+                await client.aclose()
+
+        held, stored = asyncio.run(main())
+        assert held >= 1 and stored == [True] * 5
+        assert sync.hlen(keys.batch_results("b3")) == 5 and sync.hget(keys.batch_meta("b3"), "completed") == b"5"
+
+
+def test_an_error_that_is_not_redis_unavailable_reaches_every_waiting_caller(
+    redis_url: str, rclient: redis.Redis
+) -> None:
+    rclient.hset(keys.batch_meta("b2"), mapping={"total": 5, "sealed": 1, "status": "in_progress"})
+    rclient.set(keys.batch_results("b2"), "not a hash")  # the script fails with WRONGTYPE
+
     async def main() -> list[BaseException | bool]:
-        client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+        client = aioredis.Redis.from_url(redis_url)
         store = JobStore(client)
         try:
             return await asyncio.wait_for(
@@ -74,4 +106,4 @@ def test_a_redis_failure_reaches_every_waiting_caller(redis_url: str) -> None:
             await client.aclose()
 
     outcomes = asyncio.run(main())
-    assert len(outcomes) == 5 and all(isinstance(o, redis.ConnectionError) for o in outcomes), outcomes
+    assert len(outcomes) == 5 and all(isinstance(o, redis.ResponseError) for o in outcomes), outcomes

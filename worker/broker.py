@@ -9,7 +9,7 @@ transport: ``AttributeError: 'NoneType' object has no attribute 'hostname'``. Th
 connection error, so Celery calls it unrecoverable and the worker exits with status 0. A related
 upstream report is celery/celery#10205.
 
-Two changes, both on the channel:
+Three changes, on the channel and its QoS:
 
 - A channel keeps the connection parameters it was opened with, so a detached channel can still
   reach Redis: the messages its running tasks hold are acked or given back through it once Redis
@@ -19,15 +19,21 @@ Two changes, both on the channel:
   the same jobs while this one is still calling upstream for them (paid twice). Their tasks ack
   or reject them when they end; a worker killed meanwhile leaves them to the visibility timeout.
   Messages received but not started are still given back at once.
+- A message taken off the queue is recorded as unacked before it is handed to Celery; when Redis
+  is full (``maxmemory``, noeviction) that write is refused. kombu then raised, the message
+  (already popped) was lost and the worker exited ("Unrecoverable error: OutOfMemoryError"). Here
+  the write is retried until Redis has room again, with the message held in memory meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
+from redis.exceptions import OutOfMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,20 @@ def _running_task_ids() -> set[str]:
 
 
 class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        """Record a delivered message as unacked; while Redis is full, wait for room (see module doc)."""
+        delay, logged = 0.1, 0.0
+        while True:
+            try:
+                super().append(message, delivery_tag)
+                return
+            except OutOfMemoryError as exc:
+                if time.monotonic() - logged > 30.0:
+                    logged = time.monotonic()
+                    log.warning("Redis is full; holding a received message until it has room: %s", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     def restore_unacked(self, client: Any = None) -> list[Any]:
         """Give back unacked messages, except those whose task is still running (see module doc)."""
         running = _running_task_ids()

@@ -6,8 +6,9 @@
     ├── InvalidRequestError       a request body that can be known to fail (names field and reason)
     │   └── RequestTooLargeError  a request whose charge can never fit the model's TPM limit
     ├── UpstreamError             the upstream API answered with an error (carries status and body)
-    └── BatchError                a batch file or batch id that cannot be used
-        └── BatchNotFoundError
+    ├── BatchError                a batch file or batch id that cannot be used
+    │   └── BatchNotFoundError
+    └── RedisFullError            Redis is at its maxmemory: a batch was refused whole
 """
 
 from __future__ import annotations
@@ -75,3 +76,7 @@ class BatchError(RatequeueError):
 
 class BatchNotFoundError(BatchError):
     """No batch has this id."""
+
+
+class RedisFullError(RatequeueError):
+    """Redis is at (or too near) its ``maxmemory``: the batch was refused and nothing of it kept."""
