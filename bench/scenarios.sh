@@ -24,7 +24,7 @@ run() {
     5-limiter)    $PY bench/limiter_bench.py ;;
     6-long)       $P --scenario "6 10 s latency, 500 in flight" --latency-ms 10000 --rpm 3000 --tpm 100000000 --jobs 4000 ;;
     7-big)        $PY bench/big_batch.py --jobs 100000 ;;
-    chaos)        $PY bench/chaos_bench.py --jobs 5000 --fault-rate 0.05 --kills 5 ;;
+    chaos)        $PY bench/chaos_bench.py --jobs 5000 --fault-rate 0.05 --redis-kills 3 ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }

@@ -119,6 +119,8 @@ class Engine:
 
         def reply(status: int, payload: dict[str, Any], delay: float = 0.0) -> Reply:
             stats.by_status[status] += 1
+            if status == 200 and client_id is not None:
+                stats.answers_by_client_id[client_id] += 1
             if buckets is not None and cfg.ratelimit_headers:
                 _add_ratelimit_headers(headers, buckets)
             return Reply(status, payload, headers, delay)

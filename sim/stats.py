@@ -30,6 +30,7 @@ class Stats:
         self.by_model: dict[str, list[int]] = {}  # model -> [requests_ok, tokens_charged_ok, r429]
         self.timeline: list[list[int]] = []  # second -> [requests_ok, tokens_charged_ok, r429]
         self.calls_by_client_id: Counter[str] = Counter()
+        self.answers_by_client_id: Counter[str] = Counter()  # 200s: answers paid for
 
     def _slot(self, now: float) -> list[int]:
         second = max(0, int(now - self.started))
@@ -85,6 +86,7 @@ class Stats:
                 for model, row in self.by_model.items()
             },
             "calls_by_client_id": dict(self.calls_by_client_id),
+            "answers_by_client_id": dict(self.answers_by_client_id),
         }
         if timeline:
             out["timeline"] = [
