@@ -19,7 +19,8 @@ What a scrape reads (every key is read, never written):
   learned ones (``rq:learned``) when ``RATEQUEUE_LEARN_LIMITS`` is on and the server announced
   some, else this process's model table (the same environment as the workers'); models it does
   not know are skipped;
-- the worker heartbeats (``worker.metrics_server.workers_key``).
+- the worker heartbeats (``worker.metrics_server.workers_key``);
+- ``INFO memory`` (producer/exporter_memory.py), first: a later read failing still leaves them.
 If Redis cannot be read, the scrape has only ``ratequeue_redis_up 0``.
 """
 
@@ -46,6 +47,7 @@ from redis.retry import Retry
 
 from config.models import ModelTable, load_model_table
 from config.settings import Settings, load_settings
+from producer.exporter_memory import memory_families
 from worker import keys
 from worker.codec import text
 from worker.errors import RatequeueError
@@ -103,12 +105,16 @@ class RedisCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         started = time.perf_counter()
+        memory: list[GaugeMetricFamily] = []
         try:
+            # First: with Redis down this one call fails, with no further timeouts in the scrape.
+            memory = memory_families(self._redis)
             families = [*self._queues(), *self._batches(), *self._parked(), *self._buckets(), *self._workers()]
             up = 1.0
         except (redis.RedisError, RatequeueError) as exc:
             log.warning("exporter: cannot read Redis: %s", exc)
             families, up = [], 0.0
+        yield from memory
         yield from families
         yield _gauge("ratequeue_redis_up", "1 if the exporter's last read of Redis succeeded.", up)
         yield _gauge(
@@ -282,7 +288,7 @@ def serve(settings: Settings, port: int, addr: str = "0.0.0.0") -> int:
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="Port of /metrics; 0 picks one.")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 def exporter_command(port: int, host: str) -> None:
-    """Publish queue depth, batches, parked pairs, bucket levels and live workers from Redis."""
+    """Publish queue depth, batches, parked pairs, bucket levels, live workers and memory from Redis."""
     settings = load_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bound = serve(settings, port, host)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -18,14 +19,23 @@ from redis.retry import Retry
 from config.models import load_model_table_from
 from producer.exporter import RECENT_BATCHES, RedisCollector
 from tests.conftest import METRICS_REDIS_URL, ROOT, base_env
+from tests.private_redis import private_redis
 from worker import keys
 from worker.limiter import BucketLimits, SyncLimiter
 from worker.metrics_server import workers_key
 
 REDIS_URL = METRICS_REDIS_URL
 BURST = 5.0
+MAXMEMORY = 20 * 1024 * 1024
 
 
+@pytest.fixture
+def limited_redis(tmp_path: Path) -> Iterator[redis.Redis]:
+    """A private Redis with the production policy: 20 MB, then every write refused."""
+    with private_redis(tmp_path / "redis", "--maxmemory", "20mb", "--maxmemory-policy", "noeviction") as url:
+        client = redis.Redis.from_url(url)
+        yield client
+        client.close()
 
 
 def _registry(client: redis.Redis, learn: bool = True) -> CollectorRegistry:
@@ -149,11 +159,55 @@ def test_live_workers_from_heartbeats(mredis: redis.Redis) -> None:
     assert reg.get_sample_value("ratequeue_worker_last_seen_timestamp_seconds") == pytest.approx(now - 1)
 
 
+def test_redis_memory_against_maxmemory_up_to_full(limited_redis: redis.Redis) -> None:
+    client = limited_redis
+    reg = _registry(client)
+    assert reg.get_sample_value("ratequeue_redis_memory_max_bytes") == MAXMEMORY
+    used = reg.get_sample_value("ratequeue_redis_memory_used_bytes")
+    assert used is not None and 0 < used < MAXMEMORY / 4
+    # Something for every read of a scrape, the bucket's Lua peek included, then fill Redis until it
+    # refuses writes: the scrape that matters most must still read everything.
+    _batch(client, "batch_run", "in_progress", 10, 3, 1, 0.25, 2.0)
+    spec = load_model_table_from().get("gpt-4o-mini")
+    SyncLimiter(client).reserve(keys.bucket_key("acc1", "gpt-4o-mini"), BucketLimits(spec.rpm, spec.tpm, BURST), [1])
+    with pytest.raises(redis.OutOfMemoryError):
+        for i in range(MAXMEMORY // 100_000 + 100):
+            client.set(f"fill:{i}", b"x" * 100_000)
+    used = reg.get_sample_value("ratequeue_redis_memory_used_bytes")
+    assert used is not None and used / MAXMEMORY > 0.95  # what RatequeueRedisMemoryFull compares
+    assert reg.get_sample_value("ratequeue_redis_up") == 1
+    assert reg.get_sample_value("ratequeue_pending_jobs") == 6
+    assert reg.get_sample_value("ratequeue_bucket_level_requests", {"model": "gpt-4o-mini", "account": "acc1"})
+    # Deleting makes room again (what the alerts advise), and the gauge follows.
+    client.delete(*[f"fill:{i}" for i in range(MAXMEMORY // 100_000 + 100)])
+    used = reg.get_sample_value("ratequeue_redis_memory_used_bytes")
+    assert used is not None and used < MAXMEMORY / 4
+
+
+def test_redis_memory_max_is_zero_without_maxmemory(tmp_path: Path) -> None:
+    with private_redis(tmp_path / "redis") as url:
+        client = redis.Redis.from_url(url)
+        reg = _registry(client)
+        assert reg.get_sample_value("ratequeue_redis_memory_max_bytes") == 0
+        assert (reg.get_sample_value("ratequeue_redis_memory_used_bytes") or 0) > 0
+        client.close()
+
+
+def test_memory_is_kept_when_a_later_read_fails(limited_redis: redis.Redis) -> None:
+    limited_redis.set(keys.batches_index(), "not a sorted set")  # the batch read fails: WRONGTYPE
+    reg = _registry(limited_redis)
+    assert reg.get_sample_value("ratequeue_redis_up") == 0
+    assert reg.get_sample_value("ratequeue_pending_jobs") is None
+    assert reg.get_sample_value("ratequeue_redis_memory_max_bytes") == MAXMEMORY
+
+
 def test_redis_down_gives_only_redis_up_zero() -> None:
     client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     reg = _registry(client)
     assert reg.get_sample_value("ratequeue_redis_up") == 0
     assert reg.get_sample_value("ratequeue_pending_jobs") is None
+    assert reg.get_sample_value("ratequeue_redis_memory_used_bytes") is None
+    assert reg.get_sample_value("ratequeue_redis_memory_max_bytes") is None
 
 
 def test_exporter_process_serves_metrics(mredis: redis.Redis, tmp_path: Path) -> None:
@@ -170,6 +224,7 @@ def test_exporter_process_serves_metrics(mredis: redis.Redis, tmp_path: Path) ->
         body = urllib.request.urlopen(url, timeout=5).read().decode()
         assert "ratequeue_pending_jobs 2.0" in body
         assert 'ratequeue_batches{status="in_progress"} 1.0' in body
+        assert "ratequeue_redis_memory_used_bytes " in body and "ratequeue_redis_memory_max_bytes " in body
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0  # SIGTERM is a clean stop (PID 1 in a container too)

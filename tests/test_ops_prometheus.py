@@ -2,7 +2,8 @@
 substituted) and alerts.yml, scrapes a real worker and the exporter while batches run against the
 simulator. Then what Prometheus saw is checked against the simulator's own counts, and every PromQL
 expression of the dashboard and of the rules is evaluated: each must parse, the dashboard's must
-return data."""
+return data. Redis is a private one with a maxmemory, as production's should be (the memory panels
+show nothing without one), which the shared test Redis cannot be given."""
 
 from __future__ import annotations
 
@@ -27,16 +28,17 @@ import yaml
 from config.settings import load_settings
 from producer.api import Client
 from sim.process import SimHandle, start_sim
-from tests.conftest import METRICS_REDIS_URL, ROOT, base_env
+from tests.conftest import ROOT, base_env
+from tests.private_redis import private_redis
 from worker import keys
 
-REDIS_URL = METRICS_REDIS_URL
 PROM = ROOT / "ops" / "prometheus"
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "ratequeue.json"
 # What Grafana puts in place of its variables: every account and model, a window that spans several
 # 1 s scrapes.
 GRAFANA_VARS = {"$__rate_interval": "5s", "$__range": "1m", "$account": ".*", "$model": ".*"}
 JOBS = 40
+MAXMEMORY = 256 * 1024 * 1024
 
 
 def free_ports(n: int) -> list[int]:
@@ -126,6 +128,15 @@ def project_config(worker: int, exporter: int, prometheus: int) -> dict[str, Any
 
 
 @pytest.fixture
+def limited_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
+    """A private Redis with a maxmemory and the production policy: its URL and a client."""
+    with private_redis(tmp_path / "redis", "--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction") as url:
+        client = redis.Redis.from_url(url)
+        yield url, client
+        client.close()
+
+
+@pytest.fixture
 def sim() -> Iterator[SimHandle]:
     # A 1 s burst at 600 RPM draws real 429s from a worker that starts out believing 6000 RPM; a
     # context of 1500 tokens makes the one long prompt fail upstream; 10% of accepted calls get a 5xx.
@@ -143,13 +154,14 @@ def _chat(n: int, words: int = 5) -> bytes:
 
 @pytest.mark.timeout(90)
 def test_dashboard_and_rules_against_a_real_prometheus(
-    mredis: redis.Redis,
+    limited_redis: tuple[str, redis.Redis],
     sim: SimHandle,
     tmp_path: Path,
     start_worker: Callable[[dict[str, str]], subprocess.Popen[bytes]],
 ) -> None:
+    redis_url, mredis = limited_redis
     worker_port, exporter_port, prom_port = free_ports(3)
-    env = base_env(REDIS_URL, sim.url, tmp_path, RATEQUEUE_METRICS_PORT=str(worker_port),
+    env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_METRICS_PORT=str(worker_port),
                    RATEQUEUE_MODEL_GPT_4O_MINI_RPM="6000", RATEQUEUE_CHUNK_SIZE="10",
                    RATEQUEUE_PARK_COOLDOWN="300")
     start_worker(env)
@@ -207,6 +219,9 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
     assert prom.value("max(ratequeue_deferred_jobs)") == 1
     assert prom.value("max(ratequeue_workers_alive)") == 1
     assert prom.value('count(ratequeue_pair_parked_since_timestamp_seconds{reason="insufficient_quota"})') == 1
+    assert prom.value("max(ratequeue_redis_memory_max_bytes)") == MAXMEMORY
+    assert 0 < (prom.value("max(ratequeue_redis_memory_used_bytes)") or 0) < MAXMEMORY / 10
+    assert prom.value("sum(ratequeue_outcomes_held)") == 0
     assert _targets_health(prom) == {"up"}
 
     # Every rule expression parses and evaluates; every dashboard query returns data.

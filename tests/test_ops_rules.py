@@ -132,7 +132,8 @@ def test_dashboard_is_well_formed() -> None:
         assert all(t["datasource"]["uid"] == uid for t in panel["targets"])
     titles = " ".join(p["title"] for p in panels).lower()
     for topic in ("limit", "utilisation", "429", "retries", "latency", "queue depth", "drain", "in-flight",
-                  "bucket level", "cost per hour", "cost per batch", "parked", "failed"):
+                  "bucket level", "cost per hour", "cost per batch", "parked", "failed", "redis memory",
+                  "held"):
         assert topic in titles, topic
 
 
@@ -141,7 +142,8 @@ def test_every_alert_has_severity_and_summary() -> None:
     alerts = [rule for group in groups for rule in group["rules"] if "alert" in rule]
     names = {rule["alert"] for rule in alerts}
     assert {"RatequeueRateLimited", "RatequeueLimitUnderused", "RatequeuePairParked", "RatequeueNoWorkerUp",
-            "RatequeueJobFailureRate", "RatequeueBudgetNearlySpent"} <= names
+            "RatequeueJobFailureRate", "RatequeueBudgetNearlySpent", "RatequeueRedisMemoryNearlyFull",
+            "RatequeueRedisMemoryFull", "RatequeueOutcomesHeld"} <= names
     for rule in alerts:
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
         assert rule["annotations"]["summary"], rule["alert"]

@@ -3,7 +3,7 @@
     .venv/bin/python ops/grafana/dashboard.py          # rewrite ops/grafana/dashboards/ratequeue.json
     .venv/bin/python ops/grafana/dashboard.py --check  # exit 1 if the committed JSON is stale
 
-Grafana loads the committed JSON (provisioned from ops/grafana/dashboards/); tests/test_ops_dashboard.py
+Grafana loads the committed JSON (provisioned from ops/grafana/dashboards/); tests/test_ops_rules.py
 checks that it equals what this script generates, and tests/test_ops_prometheus.py runs every query
 in it against a real Prometheus scraping a real worker and exporter.
 
@@ -73,11 +73,10 @@ def graph(title: str, unit: str, exprs: list[tuple[str, str]], desc: str, w: int
 
 
 def single(title: str, unit: str, exprs: list[tuple[str, str]], desc: str, w: int = 4,
-           red_above: float | None = None) -> stat.Panel:
-    """A stat panel (last value); red at or above `red_above` when given."""
+           red_above: float | None = None, orange_above: float | None = None) -> stat.Panel:
+    """A stat panel (last value); orange at or above `orange_above`, red at or above `red_above`."""
     steps = [Threshold(color="green", value=None)]
-    if red_above is not None:
-        steps.append(Threshold(color="red", value=red_above))
+    steps += [Threshold(color=c, value=v) for c, v in (("orange", orange_above), ("red", red_above)) if v is not None]
     return (
         stat.Panel().id(next(_ids)).title(title).description(desc).unit(unit).datasource(DATASOURCE)
         .targets(_targets(exprs)).height(5).span(w)
@@ -252,6 +251,24 @@ def cost_row() -> Section:
     )
 
 
+def redis_row() -> Section:
+    # Last, so that the panels above keep their ids (links with viewPanel=N point to them).
+    used, limit = "max(ratequeue_redis_memory_used_bytes)", "max(ratequeue_redis_memory_max_bytes > 0)"
+    return (
+        Section("Redis: memory and held answers")
+        .with_panel(graph("Redis memory used vs maxmemory", "bytes", [(used, "used"), (limit, "maxmemory")],
+                          "At maxmemory (policy noeviction) Redis refuses every write: submits fail, workers hold "
+                          "answers. No maxmemory line: none is set."))
+        .with_panel(single("Redis memory (share of maxmemory)", "percentunit", [(f"{used} / {limit}", "used")],
+                           "Alerts: 85% for 5 min (warning), 95% for 1 min (critical). Free memory with "
+                           "`ratequeue delete` or RATEQUEUE_RETENTION_SECONDS, or raise maxmemory.",
+                           w=6, red_above=0.95, orange_above=0.85))
+        .with_panel(single("Paid answers held by workers", "short", [("sum(ratequeue_outcomes_held)", "held")],
+                           "Answers paid for that workers keep in memory because Redis cannot take them (down, "
+                           "loading or full); lost if a worker stops meanwhile.", w=6, red_above=1))
+    )
+
+
 def variable(name: str) -> QueryVariable:
     return (
         QueryVariable(name).label(name).datasource(DATASOURCE)
@@ -267,10 +284,10 @@ def build() -> dict[str, object]:
     dashboard = (
         Dashboard("ratequeue").uid("ratequeue").tags(["ratequeue"]).refresh("30s").time("now-3h", "now")
         .timezone("browser").tooltip(DashboardCursorSync.CROSSHAIR).editable()
-        .description("Limits used, 429s, queues and drain time, cost, parked pairs, failures, workers.")
+        .description("Limits used, 429s, queues and drain time, cost, parked pairs, failures, workers, Redis memory.")
         .with_variable(variable("account")).with_variable(variable("model"))
     )
-    for section in (limits_row(), errors_row(), latency_row(), queue_row(), cost_row()):
+    for section in (limits_row(), errors_row(), latency_row(), queue_row(), cost_row(), redis_row()):
         # An expanded row holds no panels itself: they follow it at the top level, laid out by the SDK.
         dashboard = dashboard.with_row(Row(section.title).id(next(_ids)))
         for panel in section.panels:
