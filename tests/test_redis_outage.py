@@ -78,3 +78,13 @@ def test_redis_killed_and_restarted_three_times_under_busy_workers_loses_and_rep
     assert Counter(line["custom_id"] for line in results) == Counter({f"o-{i}": 1 for i in range(jobs)})
     per_job = Counter({cid.split("/", 1)[1]: n for cid, n in calls.items()})
     assert len(per_job) == jobs and max(per_job.values()) == 1, per_job.most_common(3)  # none paid twice
+
+
+def test_a_worker_stopped_by_an_unrecoverable_error_exits_non_zero(
+    redis_url: str, rclient: redis.Redis, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    """So that a service manager's Restart=on-failure brings it back (Celery's worker_main gave 0)."""
+    rclient.set("ratequeue", "not a list")  # the queue key of the wrong type: BRPOP fails for good
+    worker = start_worker(base_env(redis_url, "http://127.0.0.1:9", tmp_path))
+    assert worker.wait(timeout=60) != 0
+    assert "Unrecoverable error" in "".join(p.read_text() for p in tmp_path.glob("worker-*.log"))

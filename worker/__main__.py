@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Any
+
+from celery import signals
 
 from config.settings import load_settings
 
@@ -47,7 +50,17 @@ def main(extra: list[str] | None = None) -> None:
         # The app configures the threads pool, and Celery then reads a --pool option as "the
         # default" and keeps threads: a pool asked for on the command line must go in the config.
         app.conf.worker_pool = pool
+    # Celery's worker_main drops the worker's exit code: a worker stopped by an unrecoverable
+    # error exited 0, and a Restart=on-failure unit never brought it back. The code is read
+    # off the worker when it shuts down instead.
+    exit_codes: list[int] = []
+
+    def _record(sender: Any = None, **_: Any) -> None:
+        exit_codes.append(int(getattr(sender, "exitcode", 0) or 0))
+
+    signals.worker_shutdown.connect(_record, weak=False)
     app.worker_main(worker_argv(args))
+    sys.exit(max(exit_codes, default=0))
 
 
 if __name__ == "__main__":
