@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from producer.embedded import find_redis_server
+
 # Databases of the shared Redis on 6379; overridable so that several suites can run at once.
 TEST_DB = int(os.environ.get("RATEQUEUE_TEST_DB", "15"))
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
@@ -31,7 +33,7 @@ def private_redis(*args: str) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
+        [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port)

@@ -18,8 +18,7 @@ from redis.retry import Retry
 
 from config.models import load_model_table_from
 from producer.exporter import RECENT_BATCHES, RedisCollector
-from tests.conftest import METRICS_REDIS_URL, ROOT, base_env
-from tests.private_redis import private_redis
+from tests.conftest import METRICS_REDIS_URL, ROOT, base_env, private_redis
 from worker import keys
 from worker.limiter import BucketLimits, SyncLimiter
 from worker.metrics_server import workers_key
@@ -32,7 +31,7 @@ MAXMEMORY = 20 * 1024 * 1024
 @pytest.fixture
 def limited_redis(tmp_path: Path) -> Iterator[redis.Redis]:
     """A private Redis with the production policy: 20 MB, then every write refused."""
-    with private_redis(tmp_path / "redis", "--maxmemory", "20mb", "--maxmemory-policy", "noeviction") as url:
+    with private_redis("--maxmemory", "20mb", "--maxmemory-policy", "noeviction") as url:
         client = redis.Redis.from_url(url)
         yield client
         client.close()
@@ -185,7 +184,7 @@ def test_redis_memory_against_maxmemory_up_to_full(limited_redis: redis.Redis) -
 
 
 def test_redis_memory_max_is_zero_without_maxmemory(tmp_path: Path) -> None:
-    with private_redis(tmp_path / "redis") as url:
+    with private_redis() as url:
         client = redis.Redis.from_url(url)
         reg = _registry(client)
         assert reg.get_sample_value("ratequeue_redis_memory_max_bytes") == 0

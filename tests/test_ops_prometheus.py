@@ -28,8 +28,7 @@ import yaml
 from config.settings import load_settings
 from producer.api import Client
 from sim.process import SimHandle, start_sim
-from tests.conftest import ROOT, base_env
-from tests.private_redis import private_redis
+from tests.conftest import ROOT, base_env, private_redis
 from worker import keys
 
 PROM = ROOT / "ops" / "prometheus"
@@ -130,7 +129,7 @@ def project_config(worker: int, exporter: int, prometheus: int) -> dict[str, Any
 @pytest.fixture
 def limited_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
     """A private Redis with a maxmemory and the production policy: its URL and a client."""
-    with private_redis(tmp_path / "redis", "--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction") as url:
+    with private_redis("--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction") as url:
         client = redis.Redis.from_url(url)
         yield url, client
         client.close()
