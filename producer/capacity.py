@@ -47,13 +47,13 @@ def memory(client: redis.Redis) -> Memory:
     return Memory(int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)))
 
 
-def ensure_room(client: redis.Redis, needed: int) -> Memory:
-    """Raise ``RedisFullError`` unless ``needed`` more bytes fit below ``maxmemory`` with
-    ``KEEP_FREE`` of it to spare; returns the memory figures read."""
+def ensure_room(client: redis.Redis, needed: int, what: str = "this batch") -> Memory:
+    """Raise ``RedisFullError`` unless ``needed`` more bytes (for ``what``) fit below ``maxmemory``
+    with ``KEEP_FREE`` of it to spare; returns the memory figures read."""
     mem = memory(client)
     if mem.bounded and mem.used + needed > mem.limit * (1 - KEEP_FREE):
         raise RedisFullError(
-            f"Redis is full: {mem.describe()}, and this batch needs about {_mb(needed)} more "
+            f"Redis is full: {mem.describe()}, and {what} needs about {_mb(needed)} more "
             f"({KEEP_FREE:.0%} of maxmemory is kept for running batches). Nothing was stored. "
             "Free space (ratequeue delete BATCH, a shorter RATEQUEUE_RETENTION_SECONDS) or raise maxmemory."
         )

@@ -170,8 +170,9 @@ class Submitter:
         """Store one block in one transaction: a Redis that is full refuses all of it, not part."""
         meta = keys.batch_meta(batch_id)
         if bounded:
-            size = sum(len(i.dumps()) + capacity.RESULT_ALLOWANCE for i in block if isinstance(i, StoredJob))
-            capacity.ensure_room(self._redis, size)
+            new = [i for i in block if isinstance(i, StoredJob)]
+            size = sum(len(job.dumps()) + capacity.RESULT_ALLOWANCE for job in new)
+            capacity.ensure_room(self._redis, size, f"storing jobs {report.jobs + 1}-{report.jobs + len(new)}")
         pipe = self._redis.pipeline(transaction=True)
         pipe.hincrby(meta, "total", len(block))
         order: list[str] = []
