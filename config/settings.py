@@ -102,6 +102,12 @@ class Settings:
     # park_retry_after_seconds) sends at most one probe request per park_cooldown_seconds.
     park_cooldown_seconds: float = 60.0
     park_retry_after_seconds: float = 300.0
+    # A park never lasts longer than this, whatever wait the server asked for (100000 s paused a model for 27.8 h).
+    park_max_cooldown_seconds: float = 3600.0
+    # Largest upstream answer kept, both as sent on the wire and once decompressed (a gzip bomb).
+    max_response_bytes: int = 32 << 20
+    # On SIGTERM, calls in flight get this long to finish; then they are cancelled and their chunks requeued.
+    shutdown_grace_seconds: float = 10.0
     # Take the RPM/TPM the server announces in x-ratelimit-limit-* over the model table's.
     learn_limits: bool = True
     # Switch a model's charge rule to the one the server is seen to apply (it is always checked
@@ -269,6 +275,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         defer_after_seconds=e.number("RATEQUEUE_DEFER_AFTER", defaults.defer_after_seconds),
         park_cooldown_seconds=e.number("RATEQUEUE_PARK_COOLDOWN", defaults.park_cooldown_seconds),
         park_retry_after_seconds=e.number("RATEQUEUE_PARK_RETRY_AFTER", defaults.park_retry_after_seconds),
+        park_max_cooldown_seconds=e.number("RATEQUEUE_PARK_MAX_COOLDOWN", defaults.park_max_cooldown_seconds),
+        max_response_bytes=_int(e, "RATEQUEUE_MAX_RESPONSE_BYTES", defaults.max_response_bytes),
+        shutdown_grace_seconds=e.number("RATEQUEUE_SHUTDOWN_GRACE", defaults.shutdown_grace_seconds, allow_zero=True),
         learn_limits=_flag(e, "RATEQUEUE_LEARN_LIMITS", True),
         learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", False),
         retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),

@@ -42,7 +42,7 @@ def test_retry_after_from_the_429_message() -> None:
     msg = ("Rate limit reached for gpt-4o in organization org-X on tokens per min (TPM): Limit 30000, Used 29000, "
            "Requested 1500. Please try again in 1.2s. Visit https://platform.openai.com/account/rate-limits")
     assert retry_after_seconds({}, msg) == pytest.approx(1.2)
-    assert retry_after_seconds({}, "... Please try again in 340ms. ...") == pytest.approx(0.34)
+    assert retry_after_seconds({}, "... Please try again in 340ms. ...") == 0.5  # raised to MIN_SERVER_WAIT
     assert retry_after_seconds({}, "... Please try again in 6m0s. ...") == pytest.approx(360)
     assert retry_after_seconds({}, "Requests ... Please retry after 86400 seconds.") == 86400
     assert retry_after_seconds({}, "no hint here") is None

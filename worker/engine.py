@@ -8,6 +8,11 @@ its chunk to this loop and blocks until the chunk's jobs are stored or deferred.
 to ``max_in_flight`` upstream calls at once (asyncio + sharded httpx clients), so one process keeps
 hundreds of calls in flight at the cost of one thread per chunk, not per call. What happens to
 each job is ``worker.runner``'s business.
+
+Shutdown (issue 8): on SIGTERM Celery waits for running tasks, and a task blocked on a call that
+hangs never ended. ``begin_shutdown`` gives calls in flight a grace period, then cancels every
+running chunk: its leases are dropped and ``WorkerStopping`` is raised to the Celery thread,
+whose task gives the message back for another worker.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +28,7 @@ import uvloop
 
 from config.models import ModelTable
 from config.settings import Settings
+from worker.leases import Leases, run_owner
 from worker.limiter import Limiter
 from worker.parking import Parking
 from worker.runner import JobRunner
@@ -31,6 +36,10 @@ from worker.store import JobStore
 from worker.upstream import Timeouts, UpstreamClient
 
 log = logging.getLogger(__name__)
+
+
+class WorkerStopping(Exception):
+    """The worker is shutting down: the chunk was cancelled and its leases released; requeue it."""
 
 
 @dataclass
@@ -51,6 +60,8 @@ class Engine:
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ratequeue-engine", daemon=True)
         self._thread.start()
+        self._chunks: set[asyncio.Task[ChunkReport]] = set()  # touched on the loop only
+        self._stopping = False
         asyncio.run_coroutine_threadsafe(self._setup(), self._loop).result()
 
     async def _setup(self) -> None:
@@ -65,19 +76,55 @@ class Engine:
             s.api_key.reveal() if s.api_key else None,
             s.organization,
             s.project,
-            Timeouts(connect=s.connect_timeout, read=s.read_timeout),
+            # The whole call, not only each read, ends within the read timeout (a trickling server).
+            Timeouts(connect=s.connect_timeout, read=s.read_timeout, total=s.read_timeout),
             max_connections=s.max_in_flight,
+            max_response_bytes=s.max_response_bytes,
         )
+        self.leases = Leases(self.redis)
         limiter = Limiter(self.redis, horizon_seconds=s.reserve_horizon_seconds)
         self.runner = JobRunner(s, self.table, limiter, self.store, self.client, Parking(self.redis))
 
     def run_chunk(self, batch_id: str, custom_ids: Sequence[str], owner: str | None = None) -> ChunkReport:
         """Run a chunk's jobs to an outcome or a deferral; blocks the calling (Celery) thread.
 
-        ``owner`` (the message id) holds the jobs' leases: another message cannot run them meanwhile.
+        ``owner`` (the message id) names the run that holds the jobs' leases; each run gets an
+        owner of its own, so a copy of the message delivered again meanwhile cannot run them.
+        Raises ``WorkerStopping`` when the worker's shutdown cancelled the chunk.
         """
-        owner = owner or uuid.uuid4().hex
-        return asyncio.run_coroutine_threadsafe(self._run_chunk(batch_id, custom_ids, owner), self._loop).result()
+        run = self._tracked(batch_id, custom_ids, run_owner(owner))
+        return asyncio.run_coroutine_threadsafe(run, self._loop).result()
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Cancel every running chunk ``grace`` seconds from now (and any that starts later).
+
+        Non-blocking, safe from a signal handler: the work is scheduled on the engine's loop.
+        """
+        def cancel_all() -> None:
+            self._stopping = True
+            for task in list(self._chunks):
+                task.cancel()
+            if self._chunks:
+                log.warning("shutdown: %d chunk(s) cancelled after the %.0f s grace period", len(self._chunks), grace)
+
+        self._loop.call_soon_threadsafe(self._loop.call_later, max(0.0, grace), cancel_all)
+
+    async def _tracked(self, batch_id: str, custom_ids: Sequence[str], owner: str) -> ChunkReport:
+        if self._stopping:
+            raise WorkerStopping("the worker is shutting down")
+        task = asyncio.current_task()
+        assert task is not None
+        self._chunks.add(task)
+        try:
+            return await self._run_chunk(batch_id, custom_ids, owner)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # The jobs' calls were cancelled: let the next run take them at once, not after the lease.
+            await asyncio.shield(self.leases.release(batch_id, owner, custom_ids))
+            raise WorkerStopping(f"chunk of {batch_id} cancelled at shutdown") from None
+        finally:
+            self._chunks.discard(task)
 
     def close(self) -> None:
         async def _close() -> None:
@@ -94,16 +141,35 @@ class Engine:
         if state is None:
             log.warning("chunk for unknown batch %s dropped (%d jobs)", batch_id, len(custom_ids))
             return report
-        claimed = await self.store.claim_pending(batch_id, custom_ids, owner, self.settings.visibility_timeout)
+        lease = self.settings.visibility_timeout
+        claimed = await self.store.claim_pending(batch_id, custom_ids, owner, lease)
         report.skipped = len(custom_ids) - len(claimed)
+        if report.skipped:
+            # Jobs another live run holds come back later; dropped, a killed run's would be lost.
+            mine = {job.custom_id for job, _ in claimed}
+            others = [cid for cid in custom_ids if cid not in mine]
+            await self.leases.recheck_later(batch_id, owner, others, min(lease / 2, 30.0))
+        renewer = self._loop.create_task(self._renew(batch_id, owner, [job.custom_id for job, _ in claimed], lease))
         # Every job settles before an error is raised: the message is then given back with no job
         # of this run still calling upstream in the background.
-        done = await asyncio.gather(
-            *(self.runner.run(state, job, started) for job, started in claimed), return_exceptions=True
-        )
+        try:
+            done = await asyncio.gather(
+                *(self.runner.run(state, job, started) for job, started in claimed), return_exceptions=True
+            )
+        finally:
+            renewer.cancel()
         for outcome in done:
             if isinstance(outcome, BaseException):
                 raise outcome
         report.stored = sum(1 for d in done if d)
         report.deferred = len(done) - report.stored
         return report
+
+    async def _renew(self, batch_id: str, owner: str, custom_ids: list[str], lease: float) -> None:
+        """Keep this run's leases alive while it runs: a run may outlast one lease (retries of long calls)."""
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self.leases.renew(batch_id, owner, custom_ids, lease)
+            except Exception as exc:  # Redis away for a moment: the next renewal may work
+                log.warning("lease renewal for %s failed: %s", batch_id, exc)

@@ -6,10 +6,16 @@
     x-ratelimit-limit-requests / -tokens           integers; -1 or 0 mean "unknown" (Azure)
     x-ratelimit-remaining-requests / -tokens       trusted only beside a positive limit
     x-ratelimit-reset-requests / -tokens           Go durations: "1s", "20ms", "6m0s", "1h2m3.5s"
+
+Everything here is read defensively (issue 8): a server-given wait that is not finite, zero,
+negative or garbage is ignored (the caller falls back to its own backoff), a positive one is raised
+to ``MIN_SERVER_WAIT`` (``retry-after: 0`` made 6 attempts in 20 ms) and capped at
+``MAX_SERVER_WAIT`` (``1e308`` must not reach time arithmetic or a Redis PX argument).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -21,53 +27,72 @@ _TRY_AGAIN = re.compile(r"try again in\s+((?:\d+(?:\.\d+)?(?:ms|us|µs|ns|h|m|s)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _RETRY_AFTER_IN_MESSAGE = re.compile(r"retry after (\d+(?:\.\d+)?) seconds?", re.IGNORECASE)
+MIN_SERVER_WAIT = 0.5  # seconds: the least wait a server's word can buy (a 0 is ignored, not obeyed)
+MAX_SERVER_WAIT = 86_400.0  # seconds: a day; longer is read as a day (it parks the pair anyway)
+_MAX_LIMIT = 10**12  # an x-ratelimit-limit-* above this is garbage, not a limit
+
+
+def bounded_wait(seconds: float | None) -> float | None:
+    """A server-given wait made safe: None when not finite or not positive, else within
+    [``MIN_SERVER_WAIT``, ``MAX_SERVER_WAIT``] seconds."""
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return min(max(seconds, MIN_SERVER_WAIT), MAX_SERVER_WAIT)
+
+
+def _number(raw: str) -> float | None:
+    try:
+        return float(raw)
+    except ValueError:
+        return None
 
 
 def parse_duration(text: str) -> float | None:
     """A Go-style duration ("1s", "20ms", "17.28s", "6m0s", "1h2m3.5s") in seconds; None if malformed.
 
-    A bare number is taken as seconds (some proxies send "0.5").
+    A bare number is taken as seconds (some proxies send "0.5"); a negative one is 0, and one
+    that is not finite (or absurdly long) is malformed.
     """
     text = text.strip()
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
+    value = _number(text)
+    if value is None:
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            return None
+        value = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not math.isfinite(value) or value > MAX_SERVER_WAIT * 366:
         return None
-    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    return max(0.0, value)
 
 
 def retry_after_seconds(headers: Mapping[str, str], message: str = "", now: float | None = None) -> float | None:
-    """The wait the server asked for, in seconds, or None when it did not say.
+    """The wait the server asked for, in seconds (see ``bounded_wait``), or None when it did not
+    say anything usable.
 
     Order: ``retry-after-ms``, ``retry-after`` (seconds, then HTTP date), then the body's message
-    ("try again in 1.2s", Azure's "retry after 86400 seconds").
+    ("try again in 1.2s", Azure's "retry after 86400 seconds"); a garbage, zero, negative or
+    non-finite value is skipped and the next source is read.
     """
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
+    ms = _number(headers.get("retry-after-ms") or "")
+    if ms is not None and bounded_wait(ms / 1000.0) is not None:
+        return bounded_wait(ms / 1000.0)
     ra = headers.get("retry-after")
     if ra is not None:
-        try:
-            return max(0.0, float(ra))
-        except ValueError:
+        wait = _number(ra)
+        if wait is None:
             try:
-                when = parsedate_to_datetime(ra).timestamp()
-                return max(0.0, when - (time.time() if now is None else now))
-            except (TypeError, ValueError, IndexError):
-                pass
+                wait = parsedate_to_datetime(ra).timestamp() - (time.time() if now is None else now)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                wait = None
+        if bounded_wait(wait) is not None:
+            return bounded_wait(wait)
     if message:
         m = _TRY_AGAIN.search(message)
         if m:
-            return parse_duration(m.group(1))
+            return bounded_wait(parse_duration(m.group(1)))
         m = _RETRY_AFTER_IN_MESSAGE.search(message)
         if m:
-            return float(m.group(1))
+            return bounded_wait(float(m.group(1)))
     return None
 
 
@@ -95,9 +120,9 @@ def _positive_int(raw: str | None) -> int | None:
         return None
     try:
         value = int(float(raw))
-    except ValueError:
+    except (ValueError, OverflowError):  # "inf" overflows int()
         return None
-    return value if value > 0 else None
+    return value if 0 < value <= _MAX_LIMIT else None
 
 
 def _remaining(raw: str | None, limit: int | None) -> int | None:
@@ -105,8 +130,8 @@ def _remaining(raw: str | None, limit: int | None) -> int | None:
     if raw is None or limit is None:
         return None
     try:
-        return max(0, int(float(raw)))
-    except ValueError:
+        return min(max(0, int(float(raw))), limit)
+    except (ValueError, OverflowError):
         return None
 
 

@@ -34,6 +34,10 @@ class Outcomes:
         if resp.status == 0:
             await self.fail(batch_id, job, reason, f"upstream unreachable: {resp.transport_error}")
             return
+        if resp.too_large:  # nothing of the body was kept to store
+            message = f"HTTP {resp.status} answer {resp.body_problem} (RATEQUEUE_MAX_RESPONSE_BYTES); not stored"
+            await self.fail(batch_id, job, reason, message)
+            return
         line = records.output_line(job.custom_id, resp.status, resp.request_id, resp.body)
         if await self._store.store(batch_id, job.custom_id, Outcome("error", line)):
             metrics.job_finished(job.model, ok=False, code=reason)

@@ -1,10 +1,17 @@
 """What to do with an upstream answer: store it, retry it, or fail the job at once.
 
     classify(response) -> Verdict
-        SUCCESS    2xx
-        RETRY      429 rate_limit_exceeded, 408, 409, 5xx, timeouts, connection errors
+        SUCCESS    2xx with a JSON object body
+        RETRY      429 rate_limit_exceeded, 408, 409, 5xx, timeouts, connection errors, and a 2xx
+                   whose body is not a JSON object ("invalid_response": broken JSON, HTML, empty)
         PARK       429 insufficient_quota, 401 (key refused), a Retry-After beyond the park bound
-        FAIL       400, 403, 404, other 4xx, 429 "Request too large", content filter
+        FAIL       400, 403, 404, other 4xx, 429 "Request too large", content filter, and a 2xx
+                   larger than the response size limit ("response_too_large")
+
+Why an oversize 2xx fails at once while a broken one is retried: the same request gets an answer
+of about the same size again (a huge completion, a misrouted download), and every retry is paid
+for and moves up to the limit over the network again; a broken or empty body is what a proxy
+or a cut connection produces now and then, and a second try usually works.
 
 The wait before a retry honours the server (``retry-after-ms``, ``retry-after`` as seconds or an
 HTTP date, or "Please try again in 1.2s" in a 429 message) and otherwise uses exponential backoff
@@ -48,6 +55,10 @@ def classify(resp: UpstreamResponse, park_after: float = float("inf")) -> Classi
         reason = "timeout" if (resp.transport_error or "").startswith("timeout") else "connection"
         return Classified(Verdict.RETRY, reason)
     if 200 <= resp.status < 300:
+        if resp.too_large:
+            return Classified(Verdict.FAIL, "response_too_large")
+        if resp.body_problem is not None:
+            return Classified(Verdict.RETRY, "invalid_response")
         return Classified(Verdict.SUCCESS, "ok")
     err = resp.error
     code = str(err.get("code") or "")
@@ -84,6 +95,7 @@ class Backoff:
         self._jitter = wait_random_exponential(multiplier=base, max=cap)
 
     def delay(self, attempt: int, classified: Classified) -> float:
+        """Seconds, finite and > 0 when the server said so (``worker.feedback.bounded_wait``)."""
         if classified.retry_after is not None:
             return classified.retry_after
         state = _AttemptState(attempt)

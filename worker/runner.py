@@ -21,7 +21,7 @@ from config.models import ModelSpec, ModelTable
 from config.settings import Settings
 from worker import keys, metrics
 from worker.errors import RequestTooLargeError, UnknownModelError
-from worker.feedback import RateLimitHeaders, parse_ratelimit_headers
+from worker.feedback import MAX_SERVER_WAIT, RateLimitHeaders, parse_ratelimit_headers
 from worker.gate import BucketGate, CapacityTimeout, GateRegistry
 from worker.jobs import StoredJob
 from worker.learned import Learned
@@ -105,7 +105,7 @@ class JobRunner:
                     price(), timeout=max(0.0, min(s.defer_after_seconds, deadline - time.time())), price=price
                 )
             except CapacityTimeout as exc:
-                await self.store.defer(batch_id, job.custom_id, max(exc.retry_in, 0.5))
+                await self.store.defer(batch_id, job.custom_id, _redis_wait(max(exc.retry_in, 0.5)))
                 metrics.deferred(spec.name, account, "capacity")
                 return False
             except RequestTooLargeError as exc:  # limits learned lower, or a dearer rule, meanwhile
@@ -163,7 +163,11 @@ class JobRunner:
                 return True
             message = _message(resp)
             if verdict.verdict is Verdict.PARK:
-                cooldown = max(s.park_cooldown_seconds, verdict.retry_after or 0.0)
+                # The server's wait, but never longer than the cap: it is re-checked by a probe.
+                cooldown = _redis_wait(max(s.park_cooldown_seconds, min(
+                    verdict.retry_after or 0.0, max(s.park_max_cooldown_seconds, s.park_cooldown_seconds))))
+                if verdict.retry_after is not None:
+                    message = f"the server asked to wait {verdict.retry_after:.0f} s: {message}"
                 log.error("parking %s for %.0f s: %s", pair_field(account, spec.name), cooldown, verdict.reason)
                 await self.parking.park(account, spec.name, verdict.reason, message, cooldown)
                 await self.store.defer(batch_id, job.custom_id, cooldown)
@@ -173,7 +177,7 @@ class JobRunner:
             if attempts >= s.max_attempts:
                 await self._give_up(batch_id, job, "max_attempts_exceeded")
                 return True
-            delay = self.backoff.delay(attempts, verdict)
+            delay = _redis_wait(self.backoff.delay(attempts, verdict))
             metrics.retry(spec.name, account, verdict.reason)
             if verdict.reason.startswith("rate_limit"):
                 # One 429 pauses every worker on every host: the gate honours the shared time.
@@ -241,4 +245,13 @@ class JobRunner:
 
 
 def _message(resp: UpstreamResponse) -> str:
+    if resp.body_problem is not None and 200 <= resp.status < 300:
+        return resp.describe_problem()  # the body's first bytes: what the server really sent
     return str(resp.error.get("message") or resp.transport_error or f"HTTP {resp.status}")
+
+
+def _redis_wait(seconds: float) -> float:
+    """A wait that is safe to turn into Redis milliseconds (PX, ZADD scores): finite, 0 to a day."""
+    if seconds != seconds:  # NaN: no wait is known; the shortest sane one
+        return 0.5
+    return min(max(seconds, 0.0), MAX_SERVER_WAIT)

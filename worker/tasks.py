@@ -17,7 +17,7 @@ from config.settings import load_settings
 from worker.app import DEFAULT_REDIS_URL, RUN_CHUNK, app, publish_chunk
 from worker.deferred import DeferredMover
 from worker.encodings import ensure_offline_encodings
-from worker.engine import Engine
+from worker.engine import Engine, WorkerStopping
 from worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server
 from worker.redis_tls import redis_options
 
@@ -50,6 +50,10 @@ def run_chunk(self: Task, batch_id: str, custom_ids: list[str]) -> dict[str, Any
     """
     try:
         report = engine().run_chunk(batch_id, custom_ids, owner=self.request.id)
+    except WorkerStopping as exc:
+        # Cancelled at shutdown, leases released: another worker takes the message at once.
+        log.warning("chunk of %s (%d jobs) given back at shutdown", batch_id, len(custom_ids))
+        raise Reject(exc, requeue=True) from exc
     except Exception as exc:
         # Never let a failed task be acked with its jobs unfinished (Celery acks failures): give
         # the message back. Jobs already stored are skipped when it runs again, and jobs another
@@ -104,6 +108,15 @@ def _start_mover(sender: Any = None, **_: Any) -> None:
     start_metrics_server(settings.metrics_port)
     _heartbeat = Heartbeat(client, getattr(sender, "hostname", None)).start()
     engine()  # warm up: encodings and connections before the first chunk arrives
+
+
+@signals.worker_shutting_down.connect
+def _shutting_down(**_: Any) -> None:
+    """SIGTERM (warm shutdown): Celery waits for running tasks, and a call that hangs would hold
+    the worker for ever; calls in flight get the grace period, then their chunks are cancelled
+    and given back (``Engine.begin_shutdown``). Runs in the main process's signal handler."""
+    if _engine is not None:
+        _engine.begin_shutdown(_engine.settings.shutdown_grace_seconds)
 
 
 @signals.worker_process_shutdown.connect

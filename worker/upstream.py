@@ -8,6 +8,11 @@ keeps the httpx client API (timeouts, errors, an injectable transport for tests)
 aiohttp's connector, which has neither problem, hold the connections: 561 calls/s measured on
 the same run. Cookies are never kept (an API client has no use for them, and the jar costs CPU).
 
+Bounds (issue 8): every call has a total deadline (connect + send + the whole body; aiohttp's read
+timeout alone is per read, so a server trickling a byte every few seconds held a call for ever),
+and the body is read within ``max_response_bytes`` on the wire and decompressed
+(``worker.bounded``). What was wrong with a body is reported in ``body_problem``, never raised.
+
 Requests go straight to the transport (``httpx.AsyncBaseTransport.handle_async_request``, httpx's
 public transport API) as ``httpx.Request`` objects with absolute URLs built once per path. The
 ``AsyncClient`` layer on top (URL merging, auth, redirects, the cookie jar) does nothing an API
@@ -16,8 +21,10 @@ call needs here and cost ~24% of a worker's CPU at 1,000 calls/s (py-spy, scenar
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +33,8 @@ import aiohttp
 import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
+
+from worker.bounded import ACCEPT_ENCODING, BodyTooLarge, UnsupportedEncoding, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,8 @@ _KEPT_HEADERS = frozenset((
     "x-should-retry",
     "x-request-id",
 ))
+HEAD_BYTES = 200  # how much of a body that is not a JSON object is kept to show in the error
+TOO_LARGE = "too large"  # prefix of body_problem for an answer over the size limit
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,19 @@ class UpstreamResponse:
     headers: Mapping[str, str] = field(default_factory=dict)
     elapsed: float = 0.0
     transport_error: str | None = None
+    # Why the body is not a JSON object ("not valid JSON", "empty body", "too large: ..."), or None.
+    body_problem: str | None = None
+    head: bytes = b""  # the body's first HEAD_BYTES bytes when body_problem is set
+
+    @property
+    def too_large(self) -> bool:
+        return (self.body_problem or "").startswith(TOO_LARGE)
+
+    def describe_problem(self) -> str:
+        """``HTTP 200 not valid JSON: '{"id": "chatc'``: the problem with the body's first bytes, printable."""
+        shown = self.head.decode("utf-8", "replace")
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
+        return f"HTTP {self.status} {self.body_problem}: {shown!r}"
 
     @property
     def request_id(self) -> str | None:
@@ -70,11 +94,16 @@ class UpstreamResponse:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds; ``read`` is long because a long completion may take minutes to start answering."""
+    """Seconds; ``read`` is long because a long completion may take minutes to start answering.
+
+    ``total`` bounds the whole call (connect, send, every byte of the answer); ``read`` alone is
+    per socket read. None: the same as ``read``.
+    """
 
     connect: float = 10.0
     read: float = 600.0
     pool: float = 10.0
+    total: float | None = None
 
 
 class UpstreamClient:
@@ -89,9 +118,11 @@ class UpstreamClient:
         timeouts: Timeouts | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 1024,
+        max_response_bytes: int = 32 << 20,
     ) -> None:
         self._base_url = base_url.rstrip("/")
-        self._headers = {"content-type": "application/json"}
+        # Only encodings worker.bounded inflates in bounded memory (aiohttp would add br and zstd).
+        self._headers = {"content-type": "application/json", "accept-encoding": ACCEPT_ENCODING}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         if organization:
@@ -101,6 +132,8 @@ class UpstreamClient:
         t = timeouts or Timeouts()
         # What httpx's AsyncClient would put in each request's extensions; the transport reads it.
         self._timeout = httpx.Timeout(connect=t.connect, read=t.read, write=t.connect, pool=t.pool).as_dict()
+        self._total = t.read if t.total is None else t.total
+        self._max_bytes = max_response_bytes
         self._transport = transport
         self._max_connections = max_connections
         self._urls: dict[str, httpx.URL] = {}
@@ -124,8 +157,9 @@ class UpstreamClient:
         """POST ``body`` as JSON to ``path`` (e.g. ``/v1/chat/completions``).
 
         Never raises for HTTP or transport failures: they come back as an ``UpstreamResponse``
-        (status 0 and ``transport_error`` for timeouts and connection errors), so the caller's
-        retry policy sees every failure in one shape.
+        (status 0 and ``transport_error`` for timeouts, the total deadline and connection errors;
+        ``body_problem`` for a body over the size limit, not JSON, or not a JSON object), so the
+        caller's retry policy sees every failure in one shape. Cancellation is raised as usual.
         """
         headers = self._headers
         if client_request_id:
@@ -134,25 +168,50 @@ class UpstreamClient:
             "POST", self._url(path), headers=headers, content=orjson.dumps(body), extensions={"timeout": self._timeout}
         )
         started = time.monotonic()
+        problem: str | None = None
+        raw = b""
         try:
-            resp = await self._http().handle_async_request(request)
-            try:
-                raw = await resp.aread()
-            finally:
-                await resp.aclose()
+            async with asyncio.timeout(self._total):
+                resp = await self._http().handle_async_request(request)
+                try:
+                    raw = await read_bounded(resp, self._max_bytes)
+                except BodyTooLarge as exc:
+                    problem = f"{TOO_LARGE}: {exc}"
+                except (UnsupportedEncoding, zlib.error) as exc:
+                    problem = f"unreadable body: {exc}"
+                finally:
+                    await resp.aclose()
+        except TimeoutError:  # asyncio.timeout's; httpx's own timeouts are not TimeoutError
+            elapsed = time.monotonic() - started
+            return UpstreamResponse(0, None, {}, elapsed, f"timeout: no whole answer within {self._total:g} s")
         except httpx.TimeoutException as exc:
             return UpstreamResponse(0, None, {}, time.monotonic() - started, f"timeout: {type(exc).__name__}")
         except (httpx.TransportError, aiohttp.ClientError) as exc:
             return UpstreamResponse(0, None, {}, time.monotonic() - started, f"connection: {type(exc).__name__}")
         elapsed = time.monotonic() - started
         kept = {name: value for name, value in resp.headers.multi_items() if name in _KEPT_HEADERS}
-        try:
-            parsed: Any = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            parsed = {"error": {"message": raw[:500].decode("utf-8", "replace"), "type": "invalid_response"}}
-        return UpstreamResponse(resp.status_code, parsed, kept, elapsed)
+        if problem is not None:
+            return UpstreamResponse(resp.status_code, None, kept, elapsed, body_problem=problem)
+        return _parsed(resp.status_code, raw, kept, elapsed)
 
     async def aclose(self) -> None:
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
+
+
+def _parsed(status: int, raw: bytes, kept: dict[str, str], elapsed: float) -> UpstreamResponse:
+    """The response with its JSON body; a body that is not a JSON object is described, not trusted."""
+    problem: str | None = None
+    try:
+        parsed: Any = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        parsed, problem = None, "not valid JSON"
+    if problem is None and not isinstance(parsed, dict):
+        problem = "not a JSON object" if raw else "empty body"
+    if problem is None:
+        return UpstreamResponse(status, parsed, kept, elapsed)
+    if not 200 <= status < 300 and parsed is None and raw:
+        # An error page (a proxy's HTML 502): its text is the error message, as before.
+        parsed = {"error": {"message": raw[:500].decode("utf-8", "replace"), "type": "invalid_response"}}
+    return UpstreamResponse(status, parsed, kept, elapsed, body_problem=problem, head=raw[:HEAD_BYTES])
