@@ -31,6 +31,7 @@ from config.settings import Settings
 from worker.leases import Leases, run_owner
 from worker.limiter import Limiter
 from worker.parking import Parking
+from worker.redis_tls import redis_options
 from worker.runner import JobRunner
 from worker.store import JobStore
 from worker.upstream import Timeouts, UpstreamClient
@@ -67,7 +68,8 @@ class Engine:
     async def _setup(self) -> None:
         s = self.settings
         pool = aioredis.BlockingConnectionPool.from_url(
-            s.redis_url or "redis://127.0.0.1:6379/0", max_connections=64, timeout=30, health_check_interval=10
+            s.redis_url or "redis://127.0.0.1:6379/0", max_connections=64, timeout=30, health_check_interval=10,
+            **redis_options(s),
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         self.store = JobStore(self.redis)

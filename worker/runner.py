@@ -30,6 +30,7 @@ from worker.outcomes import Outcomes
 from worker.parking import Parking, pair_field
 from worker.policy import Backoff, Classified, Verdict, classify
 from worker.reconciler import Reconciler
+from worker.redact import configured_secrets, redact_response
 from worker.store import BatchState, JobStore
 from worker.upstream import UpstreamClient, UpstreamResponse
 from worker.usage import Usage, usage_of
@@ -126,6 +127,8 @@ class JobRunner:
                 with metrics.in_flight(spec.name, account):
                     resp = await self.client.post(job.url, job.body, f"{batch_id}/{job.custom_id}")
             verdict = classify(resp, park_after=s.park_retry_after_seconds)
+            if verdict.verdict is not Verdict.SUCCESS:  # the boundary: an upstream error may echo the key
+                resp = redact_response(resp, configured_secrets(s))
             usage = usage_of(resp.body) if verdict.verdict is Verdict.SUCCESS else None
             headers = parse_ratelimit_headers(resp.headers)
             metrics.record_response(

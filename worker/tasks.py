@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -65,18 +66,21 @@ def run_chunk(self: Task, batch_id: str, custom_ids: list[str]) -> dict[str, Any
 
 
 def _wait_for_redis(poll: float = 1.0) -> None:
-    """Return once Redis answers a PING (at once when it is up), or when the worker is stopping.
+    """Return once Redis takes a write (at once when it does), or when the worker is stopping.
 
-    A chunk given back while Redis is down stays in kombu's unacked set until the visibility
-    timeout (30 min by default); given back once Redis answers, it runs again at once.
+    A chunk given back while Redis is down or full (``maxmemory``) stays in kombu's unacked set
+    until the visibility timeout (30 min by default); given back once Redis takes writes again,
+    it runs again at once. The probe is a write because a full Redis still answers PING.
     """
     settings = load_settings()
-    url = settings.redis_url or DEFAULT_REDIS_URL
-    client = redis.Redis.from_url(url, socket_timeout=poll, **redis_options(settings))
+    client = redis.Redis.from_url(
+        settings.redis_url or DEFAULT_REDIS_URL, socket_timeout=poll, **redis_options(settings)
+    )
+    probe = f"rq:probe:writable:{os.getpid()}"
     try:
         while not (worker_state.should_stop or worker_state.should_terminate):
             try:
-                client.ping()
+                client.set(probe, 1, px=5000)
                 return
             except redis.RedisError:
                 time.sleep(poll)
