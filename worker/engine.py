@@ -28,7 +28,7 @@ import uvloop
 
 from config.models import ModelTable
 from config.settings import Settings
-from worker.leases import Leases, run_owner
+from worker.leases import JOB_LEASE_SECONDS, Leases, run_owner
 from worker.limiter import Limiter
 from worker.parking import Parking
 from worker.redis_tls import redis_options
@@ -143,7 +143,7 @@ class Engine:
         if state is None:
             log.warning("chunk for unknown batch %s dropped (%d jobs)", batch_id, len(custom_ids))
             return report
-        lease = self.settings.visibility_timeout
+        lease = min(JOB_LEASE_SECONDS, self.settings.visibility_timeout)  # a copy never waits longer than the broker
         claimed = await self.store.claim_pending(batch_id, custom_ids, owner, lease)
         report.skipped = len(custom_ids) - len(claimed)
         if report.skipped:

@@ -19,51 +19,13 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from worker import keys
+from worker.scripts import lua_source
 from worker.store import DEFERRED_SEP
 
-# KEYS[1] claims hash; ARGV[1] owner, ARGV[2] lease ms (0: release), ARGV[3..] custom_ids.
-# Only leases this owner still holds are touched: a job it deferred (lease dropped) stays free.
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local prefix = ARGV[1] .. ' '
-local n = 0
-for i = 3, #ARGV do
-  local claim = redis.call('HGET', KEYS[1], ARGV[i])
-  if claim and string.sub(claim, 1, #prefix) == prefix then
-    if tonumber(ARGV[2]) > 0 then
-      redis.call('HSET', KEYS[1], ARGV[i], prefix .. (now + tonumber(ARGV[2])))
-    else
-      redis.call('HDEL', KEYS[1], ARGV[i])
-    end
-    n = n + 1
-  end
-end
-return n
-"""
-
-# KEYS: results, errors, claims, deferred set; ARGV[1] owner, ARGV[2] delay ms, ARGV[3] member
-# prefix ("<batch_id>\t"), ARGV[4..] custom_ids. A job with no outcome whose lease another live
-# run holds is put in the deferred set (NX: an entry already there keeps its time).
-_RECHECK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = 0
-for i = 4, #ARGV do
-  local cid = ARGV[i]
-  if redis.call('HEXISTS', KEYS[1], cid) == 0 and redis.call('HEXISTS', KEYS[2], cid) == 0 then
-    local claim = redis.call('HGET', KEYS[3], cid)
-    if claim then
-      local holder, expiry = string.match(claim, '^(%S+) (%d+)$')
-      if holder ~= ARGV[1] and tonumber(expiry) > now then
-        redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[2]), ARGV[3] .. cid)
-        n = n + 1
-      end
-    end
-  end
-end
-return n
-"""
+# How long a run's lease on its jobs lasts; the run renews it every third of that while it runs.
+# Independent of the broker's visibility timeout (30 min): a copy of a message delivered after a
+# worker died finds the dead run's leases gone within a minute, not half an hour.
+JOB_LEASE_SECONDS = 60.0
 
 
 def run_owner(message_id: str | None) -> str:
@@ -76,8 +38,8 @@ class Leases:
     """The lease operations of one event loop's Redis client."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._renew = redis.register_script(_RENEW)
-        self._recheck = redis.register_script(_RECHECK)
+        self._renew = redis.register_script(lua_source("renew_leases"))
+        self._recheck = redis.register_script(lua_source("recheck_later"))
 
     async def renew(self, batch_id: str, owner: str, custom_ids: Sequence[str], lease: float) -> int:
         """Extend this owner's leases to ``lease`` seconds from now; returns how many it still held."""

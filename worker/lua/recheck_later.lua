@@ -1,0 +1,31 @@
+-- recheck_later: defer the jobs of a chunk that another live run holds, to be looked at again.
+--
+-- KEYS[1]  results hash  custom_id -> output line
+-- KEYS[2]  errors hash   custom_id -> error line
+-- KEYS[3]  claims hash   custom_id -> "<owner> <lease expiry in ms>"
+-- KEYS[4]  deferred set  "<batch_id>\t<custom_id>" scored by due time in ms
+-- ARGV[1]  owner of the run asking
+-- ARGV[2]  delay in ms
+-- ARGV[3]  member prefix "<batch_id>\t"
+-- ARGV[4..] custom_ids
+--
+-- A job with no outcome whose lease another live run holds is deferred (NX: an entry already
+-- there keeps its time). Dropped instead, a killed run's jobs would never run; run now, one job
+-- would have two calls open. Returns how many were deferred.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = 0
+for i = 4, #ARGV do
+  local cid = ARGV[i]
+  if redis.call('HEXISTS', KEYS[1], cid) == 0 and redis.call('HEXISTS', KEYS[2], cid) == 0 then
+    local claim = redis.call('HGET', KEYS[3], cid)
+    if claim then
+      local holder, expiry = string.match(claim, '^(%S+) (%d+)$')
+      if holder ~= ARGV[1] and tonumber(expiry) > now then
+        redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[2]), ARGV[3] .. cid)
+        n = n + 1
+      end
+    end
+  end
+end
+return n
