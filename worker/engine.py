@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -125,8 +126,27 @@ class Engine:
             # The jobs' calls were cancelled: let the next run take them at once, not after the lease.
             await asyncio.shield(self.leases.release(batch_id, owner, custom_ids))
             raise WorkerStopping(f"chunk of {batch_id} cancelled at shutdown") from None
+        except Exception:
+            # Mostly Redis going away: the chunk is given back, and its next run must not wait out
+            # this run's leases. Redis may still be away, so keep trying while they would last.
+            await self._release_when_possible(batch_id, owner, custom_ids)
+            raise
         finally:
             self._chunks.discard(task)
+
+    async def _release_when_possible(self, batch_id: str, owner: str, custom_ids: Sequence[str]) -> None:
+        deadline = time.monotonic() + JOB_LEASE_SECONDS
+        delay = 0.2
+        while not self._stopping:
+            try:
+                await self.leases.release(batch_id, owner, custom_ids)
+                return
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:  # past it the leases have expired anyway
+                    log.warning("leases of a failed chunk of %s left to expire: %s", batch_id, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def close(self) -> None:
         async def _close() -> None:
