@@ -8,8 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-# Only what the package needs (see .dockerignore): the metadata first, then the four packages.
+# Only what the package needs (see .dockerignore): the metadata first, then the package:
+# ratequeue/ (whose config, worker, producer and sim are symlinks) and the folders they point to.
 COPY pyproject.toml README.md ./
+COPY ratequeue ./ratequeue
 COPY config ./config
 COPY worker ./worker
 COPY producer ./producer

@@ -18,15 +18,15 @@ from pathlib import Path
 import redis
 from common import BENCH_REDIS_URL, ROOT, flush, mixed_workload, worker_env, workers, write_jsonl
 
-from config.settings import load_settings
-from producer.api import Client
-from sim.process import start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import start_sim
 
 COLLECT = """
 import sys, time
 sys.path.insert(0, {root!r})
 import redis
-from producer.collect import write_outputs
+from ratequeue.producer.collect import write_outputs
 from pathlib import Path
 client = redis.Redis.from_url({url!r})
 t = time.monotonic()

@@ -26,10 +26,10 @@ from typing import Any
 import redis
 from common import ROOT, mixed_workload, worker_env
 
-from config.settings import load_settings
-from producer.api import Client
-from producer.embedded import EmbeddedRedis
-from sim.process import start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.producer.embedded import EmbeddedRedis
+from ratequeue.sim.process import start_sim
 
 
 def _tolerant(fn: Any) -> Any:
@@ -55,8 +55,8 @@ def run(
 
             def start() -> subprocess.Popen[bytes]:
                 log = (tmp / f"worker-{len(procs)}.log").open("wb")
-                p = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT)
+                p = subprocess.Popen([sys.executable, "-m", "ratequeue.worker"], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT)
                 procs.append(p)
                 return p
 

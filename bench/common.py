@@ -19,7 +19,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producer.demo import sample_documents, steady_utilisation  # noqa: E402
+from ratequeue.producer.demo import sample_documents, steady_utilisation  # noqa: E402
 
 BENCH_REDIS_URL = os.environ.get("RATEQUEUE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
@@ -66,12 +66,12 @@ def worker_env(sim_url: str, redis_url: str, rpm: float | None, tpm: float | Non
 
 @contextmanager
 def workers(count: int, env: Mapping[str, str], log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``count`` independent `python -m worker` processes (as on ``count`` hosts)."""
+    """``count`` independent `python -m ratequeue.worker` processes (as on ``count`` hosts)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for n in range(count):
         with (log_dir / f"worker-{n}.log").open("wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "worker"], env=dict(env), stdout=log,
+            procs.append(subprocess.Popen([sys.executable, "-m", "ratequeue.worker"], env=dict(env), stdout=log,
                                           stderr=subprocess.STDOUT, cwd=ROOT))
     try:
         yield procs

@@ -32,10 +32,10 @@ from collections.abc import Sequence
 import redis
 import redis.asyncio
 
-from worker.gate import BucketGate
-from worker.keys import bucket_key
-from worker.limiter import BucketLimits, Limiter, ReserveResult
-from worker.scripts import lua_source
+from ratequeue.jobstore.keys import bucket_key
+from ratequeue.jobstore.scripts import lua_source
+from ratequeue.worker.gate import BucketGate
+from ratequeue.worker.limiter import BucketLimits, Limiter, ReserveResult
 
 UNLIMITED = BucketLimits(rpm=1e12, tpm=1e15, burst_seconds=1.0)
 
@@ -131,7 +131,7 @@ def bench_redis_benchmark(url: str, key: str, requests: int = 100_000) -> str:
     if exe is None:
         return "(d) skipped: redis-benchmark is not installed"
     conn = redis.Redis.from_url(url)
-    sha = conn.script_load(lua_source("reserve"))
+    sha = conn.script_load(lua_source("reserve", "ratequeue.worker"))
     kw = conn.connection_pool.connection_kwargs
     args = [str(int(UNLIMITED.rpm)), str(int(UNLIMITED.tpm)), "1", "2000000", "100"]
     out = subprocess.run(

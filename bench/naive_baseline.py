@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from common import mixed_workload
 
-from sim.process import start_sim
+from ratequeue.sim.process import start_sim
 
 
 def _tokens(body: dict[str, Any]) -> int:

@@ -26,9 +26,9 @@ from common import (
     workers,
 )
 
-from config.settings import load_settings
-from producer.api import Client
-from sim.process import start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import start_sim
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sim.process import start_sim
+from ratequeue.sim.process import start_sim
 
 BODY = (
     b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},'

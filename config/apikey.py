@@ -9,8 +9,8 @@ import logging
 import stat
 from pathlib import Path
 
-from config.values import Secret
-from worker.errors import ConfigError
+from ratequeue.config.values import Secret
+from ratequeue.errors import ConfigError
 
 __all__ = ["read_api_key"]
 

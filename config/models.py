@@ -23,9 +23,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from config.settings import CHARGE_RULES, Settings, mangle_model_name
-from worker.encodings import SUPPORTED_ENCODINGS
-from worker.errors import ConfigError, UnknownModelError
+from ratequeue.config.settings import CHARGE_RULES, Settings, mangle_model_name
+from ratequeue.errors import ConfigError, UnknownModelError
+
+# The tiktoken encodings a model may name: the ones whose rank files ship with ratequeue (offline).
+SUPPORTED_ENCODINGS = frozenset({"o200k_base", "cl100k_base"})
 
 __all__ = ["KINDS", "ModelSpec", "ModelTable", "load_model_table", "load_model_table_from"]
 
@@ -263,7 +265,7 @@ def _build_spec(name: str, fields: _Fields, model_source: str) -> ModelSpec:
 
 
 def _builtin_text() -> str:
-    return resources.files("config").joinpath("models.toml").read_text(encoding="utf-8")
+    return resources.files("ratequeue.config").joinpath("models.toml").read_text(encoding="utf-8")
 
 
 def load_model_table_from(

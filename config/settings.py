@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from config.apikey import read_api_key
-from config.values import FrozenMap, Secret
-from worker.errors import ConfigError
-from worker.keys import account_fingerprint
+from ratequeue.config.apikey import read_api_key
+from ratequeue.config.values import FrozenMap, Secret, account_fingerprint
+from ratequeue.errors import ConfigError
 
 __all__ = [
     "CHARGE_RULES",

@@ -1,12 +1,14 @@
-"""Two value types of the settings: a secret that never shows itself, and a picklable frozen map."""
+"""Value types of the settings (a secret that never shows itself, a picklable frozen map) and the
+account fingerprint computed from them."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["FrozenMap", "Secret"]
+__all__ = ["FrozenMap", "Secret", "account_fingerprint"]
 
 
 class Secret:
@@ -61,3 +63,12 @@ class FrozenMap(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return repr(self._data)
+
+
+def account_fingerprint(api_key: str, organization: str | None = None, base_url: str = "") -> str:
+    """A short, stable id of an account that never reveals the key (sha256, 12 hex chars).
+
+    The organization wins over the key when set, since all keys of one organization share one limit.
+    """
+    ident = f"org:{organization}" if organization else f"key:{api_key}"
+    return hashlib.sha256(f"{base_url}|{ident}".encode()).hexdigest()[:12]

@@ -1,6 +1,6 @@
 """The Python API other services import.
 
-    from producer.api import submit_batch, submit_job, status, wait, iter_results
+    from ratequeue import submit_batch, submit_job, status, wait, iter_results
 
     batch = submit_batch("prompts.jsonl")            # stored in Redis before it returns
     wait(batch.batch_id)                             # until completed / cancelled / expired
@@ -20,19 +20,20 @@ from typing import Any, BinaryIO
 import orjson
 import redis
 
-from config.models import ModelTable, load_model_table
-from config.settings import Settings, load_settings
-from producer import capacity
-from producer.batchfile import Limits, LineError, LineValidator, read_lines
-from producer.collect import FINAL_STATUSES, batch_object, iter_lines
-from producer.retention import delete_batch
-from producer.submit import Publish, SubmitReport, Submitter
-from worker import keys
-from worker.codec import text
-from worker.errors import BatchNotFoundError, InvalidRequestError, RedisFullError
-from worker.redact import configured_secrets, redact_json
-from worker.redis_tls import redis_options
-from worker.scripts import lua_source
+from ratequeue.config.models import ModelTable, load_model_table
+from ratequeue.config.settings import Settings, load_settings
+from ratequeue.errors import BatchNotFoundError, InvalidRequestError, RedisFullError
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.scripts import lua_source
+from ratequeue.producer import capacity
+from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
+from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
+from ratequeue.producer.retention import delete_batch
+from ratequeue.producer.submit import SubmitReport, Submitter
+from ratequeue.queue import Publish, publisher
+from ratequeue.redact import configured_secrets, redact_json
+from ratequeue.redis_tls import redis_options
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -50,8 +51,6 @@ class Client:
         self.table = table or load_model_table(self.settings)
         self.redis = redis.Redis.from_url(self.settings.redis_url or DEFAULT_REDIS_URL, **redis_options(self.settings))
         if publish is None:
-            from worker.app import publisher
-
             publish = publisher(self.settings)
         self._submitter = Submitter(
             self.redis, publish, chunk_size=self.settings.chunk_size, retention=self.settings.retention_seconds

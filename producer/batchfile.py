@@ -11,10 +11,10 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from config.models import ModelTable
-from worker.errors import InvalidRequestError, RequestTooLargeError, UnknownModelError
-from worker.estimate import estimate_request
-from worker.jobs import StoredJob
+from ratequeue.config.models import ModelTable
+from ratequeue.errors import InvalidRequestError, RequestTooLargeError, UnknownModelError
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.tokens.estimate import estimate_request
 
 SUPPORTED_URLS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"})
 MAX_CUSTOM_ID = 512

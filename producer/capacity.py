@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.errors import RedisFullError
+from ratequeue.errors import RedisFullError
 
 # Kept free for what already runs: results of admitted batches and broker messages.
 KEEP_FREE = 0.10

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
 
-from worker.errors import RatequeueError
+from ratequeue.errors import RatequeueError
 
 console = Console(stderr=True)
 
 
 def _client():  # type: ignore[no-untyped-def]
-    from producer.api import Client
+    from ratequeue.producer.api import Client
 
     return Client()
 
@@ -36,7 +37,7 @@ def main() -> None:
 @click.option("--window", default="24h", show_default=True, help="Completion window; later jobs expire.")
 def run(input_file: Path, output: Path, errors: Path | None, workers: int, window: str) -> None:
     """Run INPUT_FILE to completion here: Redis, workers, progress, results."""
-    from producer.runner import print_summary, run_file
+    from ratequeue.producer.runner import print_summary, run_file
 
     summary = run_file(input_file, output, errors, workers, window, console=console)
     print_summary(summary, console)
@@ -81,12 +82,12 @@ def resume(batch_id: str | None, model: str | None) -> None:
 @click.option("--errors", "errors", type=click.Path(dir_okay=False, path_type=Path))
 def results(batch_id: str, output: Path, errors: Path | None) -> None:
     """Write the results and errors files of BATCH_ID (what is done so far)."""
-    from producer.collect import errors_path_for, write_outputs
+    from ratequeue.producer.collect import errors_path_for, write_outputs
 
     client = _client()
     client.status(batch_id)
     errors = errors or errors_path_for(output)
-    from worker.redact import configured_secrets
+    from ratequeue.redact import configured_secrets
 
     n_results, n_errors = write_outputs(client.redis, batch_id, output, errors, configured_secrets(client.settings))
     console.print(f"{output}: {n_results} lines; {errors}: {n_errors} lines")
@@ -114,9 +115,8 @@ def delete(batch_id: str, force: bool) -> None:
 @click.pass_context
 def worker(ctx: click.Context) -> None:
     """Start a worker (a Celery worker of ratequeue's queue); extra args go to Celery."""
-    from worker.__main__ import main as worker_main
-
-    worker_main(list(ctx.args))
+    # The worker replaces this process: the producer's side never loads the worker runtime.
+    os.execv(sys.executable, [sys.executable, "-m", "ratequeue.worker", *ctx.args])
 
 
 @main.command()
@@ -126,16 +126,16 @@ def worker(ctx: click.Context) -> None:
 @click.option("-w", "--workers", default=2, show_default=True)
 def demo(jobs: int, output: Path, workers: int) -> None:
     """Process built-in sample documents; with no API key, against the local simulator."""
-    from producer.demo import run_demo
+    from ratequeue.producer.demo import run_demo
 
     run_demo(jobs, output, workers, console)
 
 
 def _attach_sim() -> None:
-    from sim.cli import sim_command
+    from ratequeue.sim.cli import sim_command
 
     main.add_command(sim_command, name="sim")
-    from producer.exporter import exporter_command
+    from ratequeue.producer.exporter import exporter_command
 
     main.add_command(exporter_command, name="exporter")
 

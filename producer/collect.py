@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 import redis
 
-from producer.submit import INPUT_ERROR_MARK
-from worker import keys
-from worker.codec import text
-from worker.errors import BatchNotFoundError
-from worker.redact import redact
+from ratequeue.errors import BatchNotFoundError
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.codec import text
+from ratequeue.producer.submit import INPUT_ERROR_MARK
+from ratequeue.redact import redact
 
 PAGE = 1000
 _INT_FIELDS = ("total", "completed", "failed", "prompt_tokens", "completion_tokens", "cached_tokens")

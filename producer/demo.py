@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 from rich.console import Console
 
-from config.settings import load_settings
-from producer.runner import print_summary, run_file
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.runner import print_summary, run_file
 
 DEMO_MODEL = "gpt-4o-mini"
 DEMO_RPM = 1500
@@ -30,7 +30,7 @@ _TASKS = (
 
 
 def sample_documents() -> list[dict[str, str]]:
-    text = (resources.files("producer") / "samples" / "documents.jsonl").read_text(encoding="utf-8")
+    text = (resources.files("ratequeue.producer") / "samples" / "documents.jsonl").read_text(encoding="utf-8")
     return [orjson.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -88,7 +88,7 @@ def run_demo(jobs: int, output: Path, workers: int, console: Console) -> None:
         console.print(f"OPENAI_API_KEY is set: running against {settings.base_url}")
         print_summary(run_file(input_path, output, workers=workers, console=console), console)
         return
-    from sim.process import start_sim
+    from ratequeue.sim.process import start_sim
 
     args = ["--rpm", str(DEMO_RPM), "--tpm", str(DEMO_TPM), "--latency-ms", "300", "--per-token-ms", "3"]
     with start_sim(args) as sim:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from worker.errors import ConfigError
+from ratequeue.errors import ConfigError
 
 
 def find_redis_server() -> str:

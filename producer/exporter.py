@@ -45,15 +45,15 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from config.models import ModelTable, load_model_table
-from config.settings import Settings, load_settings
-from producer.exporter_memory import memory_families
-from worker import keys
-from worker.codec import text
-from worker.errors import RatequeueError
-from worker.limiter import BucketLimits, SyncLimiter
-from worker.metrics_server import HEARTBEAT_STALE_SECONDS, workers_key
-from worker.redis_tls import redis_options
+from ratequeue.config.models import ModelTable, load_model_table
+from ratequeue.config.settings import Settings, load_settings
+from ratequeue.errors import RatequeueError
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.codec import text
+from ratequeue.producer.exporter_memory import memory_families
+from ratequeue.redis_tls import redis_options
+from ratequeue.worker.limiter import BucketLimits, SyncLimiter
+from ratequeue.worker.metrics_server import HEARTBEAT_STALE_SECONDS, workers_key
 
 log = logging.getLogger(__name__)
 

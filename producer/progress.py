@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from producer.collect import FINAL_STATUSES
+from ratequeue.producer.collect import FINAL_STATUSES
 
 WINDOW = 10.0  # seconds of history the rates are measured over
 

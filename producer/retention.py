@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import redis
 
-from worker import keys
-from worker.codec import text
-from worker.errors import BatchError, BatchNotFoundError
-from worker.scripts import lua_source
-from worker.store import DEFERRED_SEP
+from ratequeue.errors import BatchNotFoundError, BatchRunningError
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.keys import DEFERRED_SEP
+from ratequeue.jobstore.scripts import lua_source
 
 _GLOB_SPECIAL = "\\*?[]^-"
-
-
-class BatchRunningError(BatchError):
-    """A batch that has not ended cannot be deleted without ``force``."""
 
 
 def delete_batch(client: redis.Redis, batch_id: str, force: bool = False) -> str:

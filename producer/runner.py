@@ -16,10 +16,10 @@ from typing import Any
 
 from rich.console import Console
 
-from config.settings import Settings, load_settings
-from producer.collect import errors_path_for, write_outputs
-from producer.embedded import EmbeddedRedis
-from producer.progress import follow
+from ratequeue.config.settings import Settings, load_settings
+from ratequeue.producer.collect import errors_path_for, write_outputs
+from ratequeue.producer.embedded import EmbeddedRedis
+from ratequeue.producer.progress import follow
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,15 @@ def redis_for(settings: Settings, console: Console) -> Iterator[str]:
 
 @contextlib.contextmanager
 def local_workers(count: int, env: Mapping[str, str], log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start ``count`` worker processes (``python -m worker``); stop them on exit."""
+    """Start ``count`` worker processes (``python -m ratequeue.worker``); stop them on exit."""
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for n in range(count):
         log = (log_dir / f"worker-{n}.log").open("ab")
         procs.append(
-            subprocess.Popen([sys.executable, "-m", "worker"], env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                [sys.executable, "-m", "ratequeue.worker"], env=dict(env), stdout=log, stderr=subprocess.STDOUT
+            )
         )
         log.close()
     try:
@@ -90,7 +92,7 @@ def run_file(
         env["RATEQUEUE_REDIS_URL"] = url
         settings = load_settings(env)
         os.environ["RATEQUEUE_REDIS_URL"] = url  # the Celery app of this process publishes there
-        from producer.api import Client
+        from ratequeue.producer.api import Client
 
         client = Client(settings)
         with local_workers(workers, env, settings.data_dir / "logs"):

@@ -10,21 +10,21 @@ from __future__ import annotations
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis
 
-from producer import capacity
-from producer.batchfile import LineError
-from worker import keys, records
-from worker.codec import text
-from worker.jobs import StoredJob
-from worker.scripts import lua_source
+from ratequeue.jobstore import keys, records
+from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.jobstore.scripts import lua_source
+from ratequeue.producer import capacity
+from ratequeue.producer.batchfile import LineError
+from ratequeue.queue import Publish
 
-Publish = Callable[[str, Sequence[str]], None]
 INPUT_ERROR_MARK = "\x00"  # order-list entries "\x00<n>" point at input_errors[n]
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

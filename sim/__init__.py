@@ -1,6 +1,6 @@
 """An OpenAI-compatible API simulator that judges clients: per-model RPM/TPM buckets charged at arrival,
 OpenAI's headers and error bodies, seeded faults, and ``/sim/stats`` to count what the client did.
 
-Independent of ``worker``, ``producer`` and ``config`` on purpose. Start it with ``python -m sim`` /
+Independent of ``worker``, ``producer`` and ``config`` on purpose. Start it with ``python -m ratequeue.sim`` /
 ``ratequeue sim``, or from Python with ``sim.process.start_sim``.
 """

@@ -1,8 +1,8 @@
-"""``python -m sim``: the simulator's command line."""
+"""``python -m ratequeue.sim``: the simulator's command line."""
 
 from __future__ import annotations
 
-from sim.cli import sim_command
+from ratequeue.sim.cli import sim_command
 
 if __name__ == "__main__":
-    sim_command(prog_name="python -m sim")
+    sim_command(prog_name="python -m ratequeue.sim")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from sim.config import ModelLimits
+from ratequeue.sim.config import ModelLimits
 
 
 class Bucket:

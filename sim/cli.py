@@ -1,4 +1,4 @@
-"""``ratequeue sim`` / ``python -m sim``: run the OpenAI-compatible simulator."""
+"""``ratequeue sim`` / ``python -m ratequeue.sim``: run the OpenAI-compatible simulator."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from sim.config import CHARGE_RULES, PROMPT_ESTIMATES, ConfigError, SimConfig, parse_model_spec
-from sim.engine import Engine
-from sim.server import serve
-from sim.tokens import PromptCounter
+from ratequeue.sim.config import CHARGE_RULES, PROMPT_ESTIMATES, ConfigError, SimConfig, parse_model_spec
+from ratequeue.sim.engine import Engine
+from ratequeue.sim.server import serve
+from ratequeue.sim.tokens import PromptCounter
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:

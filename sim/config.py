@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sim import catalog
+from ratequeue.sim import catalog
 
 CHARGE_RULES = ("sum", "max")
 PROMPT_ESTIMATES = ("tiktoken", "chars")

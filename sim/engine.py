@@ -15,15 +15,15 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from sim import errors
-from sim.buckets import ModelBuckets
-from sim.config import ModelLimits, SimConfig, mask_key
-from sim.durations import ceil_ms, format_wait
-from sim.plan import RequestInvalid, plan_request
-from sim.render import render
-from sim.responses import Filler
-from sim.stats import Stats
-from sim.tokens import PromptCounter
+from ratequeue.sim import errors
+from ratequeue.sim.buckets import ModelBuckets
+from ratequeue.sim.config import ModelLimits, SimConfig, mask_key
+from ratequeue.sim.durations import ceil_ms, format_wait
+from ratequeue.sim.plan import RequestInvalid, plan_request
+from ratequeue.sim.render import render
+from ratequeue.sim.responses import Filler
+from ratequeue.sim.stats import Stats
+from ratequeue.sim.tokens import PromptCounter
 
 _FAULT_STATUSES = (500, 502, 503)
 

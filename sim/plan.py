@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from sim import errors
-from sim.config import ModelLimits, SimConfig
-from sim.tokens import Prompt, PromptCounter
+from ratequeue.sim import errors
+from ratequeue.sim.config import ModelLimits, SimConfig
+from ratequeue.sim.tokens import Prompt, PromptCounter
 
 # Endpoint kind -> the body field holding the prompt (also what must be present).
 PROMPT_FIELD = {"chat": "messages", "embeddings": "input", "responses": "input", "completions": "prompt"}

@@ -118,7 +118,7 @@ def _drain(
 
 
 def start_sim(args: Sequence[str] = (), timeout: float = 15, python: str | None = None) -> SimHandle:
-    """Start ``python -m sim --port 0 *args`` and wait until ``/health`` answers.
+    """Start ``python -m ratequeue.sim --port 0 *args`` and wait until ``/health`` answers.
 
     ``timeout`` is in seconds. Raises SimError (with the process output) if it exits or is not ready in time.
     """
@@ -127,7 +127,7 @@ def start_sim(args: Sequence[str] = (), timeout: float = 15, python: str | None 
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
-        [python or sys.executable, "-m", "sim", "--port", "0", *args],
+        [python or sys.executable, "-m", "ratequeue.sim", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -7,9 +7,9 @@ from typing import Any
 
 import orjson
 
-from sim import catalog
-from sim.plan import PROMPT_FIELD, Plan
-from sim.responses import (
+from ratequeue.sim import catalog
+from ratequeue.sim.plan import PROMPT_FIELD, Plan
+from ratequeue.sim.responses import (
     Filler,
     chat_body,
     choose_output,

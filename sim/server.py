@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from sim import errors
-from sim.config import ConfigError
-from sim.engine import Engine
+from ratequeue.sim import errors
+from ratequeue.sim.config import ConfigError
+from ratequeue.sim.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.embedded import find_redis_server
+from ratequeue.producer.embedded import find_redis_server
 
 # Databases of the shared Redis on 6379; overridable so that several suites can run at once.
 TEST_DB = int(os.environ.get("RATEQUEUE_TEST_DB", "15"))
@@ -96,13 +96,13 @@ def base_env(redis_url: str, sim_url: str, tmp_path: Path, **extra: str) -> dict
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], subprocess.Popen[bytes]]]:
-    """Start `python -m worker` processes with an environment; all are stopped after the test."""
+    """Start `python -m ratequeue.worker` processes with an environment; all are stopped after the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = (tmp_path / f"worker-{len(procs)}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-m", "ratequeue.worker"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
         procs.append(proc)
         return proc
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from config.models import load_model_table
-from config.settings import load_settings
-from producer.batchfile import Limits, LineError, LineValidator, read_lines
-from worker.jobs import StoredJob
+from ratequeue.config.models import load_model_table
+from ratequeue.config.settings import load_settings
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from worker.chargerule import ChargeRuleCheck, judge
-from worker.jobs import StoredJob
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.worker.chargerule import ChargeRuleCheck, judge
 
 
 def test_judge_picks_the_rule_that_explains_the_server() -> None:

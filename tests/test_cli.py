@@ -10,11 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sim.process import start_sim
+from ratequeue.sim.process import start_sim
+from ratequeue.worker.__main__ import pool_option
 from tests.conftest import ROOT
-from worker.__main__ import pool_option
 
-RATEQUEUE = [sys.executable, "-c", "from producer.cli import entry; entry()"]
+RATEQUEUE = [sys.executable, "-c", "from ratequeue.producer.cli import entry; entry()"]
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import click
 import pytest
 import yaml
 
-from producer.cli import main
+from ratequeue.producer.cli import main
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -59,7 +59,7 @@ def test_each_project_command_is_a_real_cli_command(name: str) -> None:
     assert isinstance(command, list) and command[0] == "ratequeue", command
     parent = click.Context(main, info_name="ratequeue")
     sub = main.get_command(parent, command[1])
-    assert sub is not None, f"`ratequeue {command[1]}` is not a command of producer.cli.main"
+    assert sub is not None, f"`ratequeue {command[1]}` is not a command of ratequeue.producer.cli.main"
     sub.make_context(command[1], list(command[2:]), parent=parent)  # raises on an unknown option or bad value
 
 
@@ -140,6 +140,9 @@ def test_the_dockerfile_copies_what_it_installs() -> None:
     assert packages is not None
     for pattern in re.findall(r'"(\w+)\*"', packages.group(1)):
         assert pattern in copied, f"package {pattern} is installed from pyproject but not copied"
+        for link in (ROOT / pattern).iterdir():  # the folders the package's symlinks point to
+            if link.is_symlink():
+                assert link.resolve().relative_to(ROOT).as_posix() in copied, link
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     for source in copied:
         assert f"!{source.rstrip('/')}" in ignore or f"!{source.rstrip('/')}/" in ignore, source

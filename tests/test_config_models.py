@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from config.models import ModelSpec, ModelTable, load_model_table, load_model_table_from
-from config.settings import load_settings
-from worker.errors import ConfigError, UnknownModelError
+from ratequeue.config.models import ModelSpec, ModelTable, load_model_table, load_model_table_from
+from ratequeue.config.settings import load_settings
+from ratequeue.errors import ConfigError, UnknownModelError
 
 
 @pytest.fixture(scope="module")

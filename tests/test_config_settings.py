@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import Secret, Settings, load_settings, mangle_model_name, normalize_base_url
-from worker.errors import ConfigError
-from worker.keys import account_fingerprint
+from ratequeue.config.settings import Secret, Settings, load_settings, mangle_model_name, normalize_base_url
+from ratequeue.config.values import account_fingerprint
+from ratequeue.errors import ConfigError
 
 KEY = "sk-proj-TESTKEY0123456789abcdefWXYZ"
 

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from config.settings import load_settings
-from producer.api import Client
-from sim.process import start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import start_sim
 from tests.conftest import base_env
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]

@@ -7,9 +7,9 @@ from email.utils import format_datetime
 
 import pytest
 
-from worker.feedback import parse_duration, parse_ratelimit_headers, retry_after_seconds
-from worker.policy import Backoff, Classified, Verdict, classify
-from worker.upstream import UpstreamResponse
+from ratequeue.worker.feedback import parse_duration, parse_ratelimit_headers, retry_after_seconds
+from ratequeue.worker.policy import Backoff, Classified, Verdict, classify
+from ratequeue.worker.upstream import UpstreamResponse
 
 
 @pytest.mark.parametrize(

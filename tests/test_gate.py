@@ -19,10 +19,10 @@ import pytest
 import redis
 import redis.asyncio
 
-from worker.errors import RequestTooLargeError
-from worker.gate import BucketGate, CapacityTimeout, GateRegistry
-from worker.keys import bucket_key
-from worker.limiter import BucketLimits, Limiter, ReserveResult
+from ratequeue.errors import RequestTooLargeError
+from ratequeue.jobstore.keys import bucket_key
+from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry
+from ratequeue.worker.limiter import BucketLimits, Limiter, ReserveResult
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 FAST = BucketLimits(rpm=12000, tpm=10_000_000, burst_seconds=0.5)  # 200 req/s, capacity 100
@@ -285,7 +285,7 @@ def test_pump_survives_redis_outage(key: str, caplog: pytest.LogCaptureFixture) 
         finally:
             server.close()
 
-    with caplog.at_level(logging.WARNING, logger="worker.gate"):
+    with caplog.at_level(logging.WARNING, logger="ratequeue.worker.gate"):
         run(main, url=f"redis://127.0.0.1:{port}/0")
     assert any("reserve on" in rec.message for rec in caplog.records)
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from config.settings import load_settings
-from producer.api import Client
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.worker.feedback import MAX_SERVER_WAIT, MIN_SERVER_WAIT, parse_ratelimit_headers, retry_after_seconds
+from ratequeue.worker.policy import Backoff, Verdict, classify
+from ratequeue.worker.upstream import Timeouts, UpstreamClient, UpstreamResponse
 from tests.conftest import base_env
 from tests.hostile_server import HostileServer
-from worker.feedback import MAX_SERVER_WAIT, MIN_SERVER_WAIT, parse_ratelimit_headers, retry_after_seconds
-from worker.policy import Backoff, Verdict, classify
-from worker.upstream import Timeouts, UpstreamClient, UpstreamResponse
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 CHAT = "/v1/chat/completions"

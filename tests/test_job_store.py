@@ -10,9 +10,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from ratequeue.jobstore import keys
+from ratequeue.worker import metrics
+from ratequeue.worker.store import JobStore, Outcome
 from tests.conftest import private_redis
-from worker import keys, metrics
-from worker.store import JobStore, Outcome
 
 
 class CountingStore(JobStore):

@@ -10,9 +10,9 @@ import time
 import redis
 import redis.asyncio as aioredis
 
-from worker import keys
-from worker.leases import Leases, run_owner
-from worker.store import DEFERRED_SEP
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.keys import DEFERRED_SEP
+from ratequeue.worker.leases import Leases, run_owner
 
 
 def _claims(rclient: redis.Redis, batch: str) -> dict[str, tuple[str, int]]:

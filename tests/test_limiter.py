@@ -10,9 +10,9 @@ import pytest
 import redis
 import redis.asyncio
 
-from worker.errors import ConfigError, RequestTooLargeError
-from worker.keys import bucket_key
-from worker.limiter import BucketLevels, BucketLimits, Limiter, LimiterError, ReserveResult, SyncLimiter
+from ratequeue.errors import ConfigError, RequestTooLargeError
+from ratequeue.jobstore.keys import bucket_key
+from ratequeue.worker.limiter import BucketLevels, BucketLimits, Limiter, LimiterError, ReserveResult, SyncLimiter
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 LIMITS = BucketLimits(rpm=6000, tpm=60000, burst_seconds=1.0)  # 100 requests, 1000 tokens; per second

@@ -17,8 +17,8 @@ import uuid
 import pytest
 import redis
 
-from worker.keys import bucket_key
-from worker.limiter import BucketLimits, SyncLimiter
+from ratequeue.jobstore.keys import bucket_key
+from ratequeue.worker.limiter import BucketLimits, SyncLimiter
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 LIMITS = BucketLimits(rpm=6000, tpm=600000, burst_seconds=1.0)  # 100 req/s and 10,000 tokens/s

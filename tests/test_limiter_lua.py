@@ -16,8 +16,8 @@ import pytest
 import redis
 from redis.commands.core import Script
 
-from worker.keys import bucket_key
-from worker.scripts import lua_source
+from ratequeue.jobstore.keys import bucket_key
+from ratequeue.jobstore.scripts import lua_source
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RPM, TPM, BURST = 6000, 60000, 1.0
@@ -44,7 +44,8 @@ def key(r: redis.Redis) -> Iterator[str]:
 
 @pytest.fixture
 def scripts(r: redis.Redis) -> Scripts:
-    return {n: r.register_script(lua_source(n)) for n in ("reserve", "reconcile", "set_not_before", "peek")}
+    names = ("reserve", "reconcile", "set_not_before", "peek")
+    return {n: r.register_script(lua_source(n, "ratequeue.worker")) for n in names}
 
 
 def reserve(

@@ -15,16 +15,16 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from tests.conftest import METRICS_REDIS_URL, ROOT
-from worker import metrics
-from worker.metrics_server import (
+from ratequeue.worker import metrics
+from ratequeue.worker.metrics_server import (
     Heartbeat,
     multiprocess_mode,
     start_metrics_server,
     stop_metrics_server,
     workers_key,
 )
-from worker.usage import Usage
+from ratequeue.worker.usage import Usage
+from tests.conftest import METRICS_REDIS_URL, ROOT
 
 REDIS_URL = METRICS_REDIS_URL
 
@@ -185,8 +185,8 @@ def test_metrics_server_serves_the_registry_and_survives_a_busy_port(pair: tuple
 _PREFORK = textwrap.dedent(
     """
     import multiprocessing, os, sys, urllib.request
-    from worker import metrics
-    from worker.metrics_server import mark_process_dead, multiprocess_mode, start_metrics_server
+    from ratequeue.worker import metrics
+    from ratequeue.worker.metrics_server import mark_process_dead, multiprocess_mode, start_metrics_server
 
     def child(crash):
         metrics.record_response("m", "acc", status=200, outcome="success", reason="ok", latency_s=0.5, charge=10)

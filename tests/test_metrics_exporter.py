@@ -16,12 +16,12 @@ from prometheus_client import CollectorRegistry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from config.models import load_model_table_from
-from producer.exporter import RECENT_BATCHES, RedisCollector
+from ratequeue.config.models import load_model_table_from
+from ratequeue.jobstore import keys
+from ratequeue.producer.exporter import RECENT_BATCHES, RedisCollector
+from ratequeue.worker.limiter import BucketLimits, SyncLimiter
+from ratequeue.worker.metrics_server import workers_key
 from tests.conftest import METRICS_REDIS_URL, ROOT, base_env, private_redis
-from worker import keys
-from worker.limiter import BucketLimits, SyncLimiter
-from worker.metrics_server import workers_key
 
 REDIS_URL = METRICS_REDIS_URL
 BURST = 5.0
@@ -210,10 +210,10 @@ def test_redis_down_gives_only_redis_up_zero() -> None:
 
 
 def test_exporter_process_serves_metrics(mredis: redis.Redis, tmp_path: Path) -> None:
-    """`python -m producer.exporter` (what `ratequeue exporter` runs) prints its port and serves /metrics."""
+    """`python -m ratequeue.producer.exporter` (what `ratequeue exporter` runs) prints its port and serves /metrics."""
     _batch(mredis, "batch_x", "in_progress", 3, 1, 0, 0.0, 1.0)
     env = base_env(REDIS_URL, "http://127.0.0.1:9", tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "producer.exporter", "--port", "0", "--host", "127.0.0.1"],
+    proc = subprocess.Popen([sys.executable, "-m", "ratequeue.producer.exporter", "--port", "0", "--host", "127.0.0.1"],
                             env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None

@@ -16,9 +16,9 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from config.settings import load_settings
-from producer.api import Client
-from sim.process import start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import start_sim
 from tests.conftest import METRICS_REDIS_URL, ROOT, base_env
 
 REDIS_URL = METRICS_REDIS_URL
@@ -47,10 +47,10 @@ def test_prefork_worker_exports_what_its_children_did(mredis: redis.Redis, tmp_p
     with start_sim(["--rpm", "6000", "--tpm", "2000000", "--latency-ms", "20"]) as sim:
         env = base_env(REDIS_URL, sim.url, tmp_path, RATEQUEUE_METRICS_PORT=str(port), RATEQUEUE_CHUNK_SIZE="5",
                        PROMETHEUS_MULTIPROC_DIR=str(multiproc))
-        log = (tmp_path / "worker.log").open("wb")
-        # `ratequeue worker --pool=prefork` (python -m worker) must really start the prefork pool,
+        log = (tmp_path / "ratequeue.worker.log").open("wb")
+        # `ratequeue worker --pool=prefork` (python -m ratequeue.worker) must really start the prefork pool,
         # although the app configures threads (see worker/__main__.py).
-        command = [sys.executable, "-m", "worker", "--pool=prefork", "--concurrency=2"]
+        command = [sys.executable, "-m", "ratequeue.worker", "--pool=prefork", "--concurrency=2"]
         worker = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             client = Client(load_settings(env), publish=None)
@@ -73,7 +73,7 @@ def test_prefork_worker_exports_what_its_children_did(mredis: redis.Redis, tmp_p
             assert _sample(body, "ratequeue_in_flight_requests") == 0
             assert _sample(body, "ratequeue_cost_usd_total") == pytest.approx(batch["cost_usd"], rel=1e-9)
             children = {int(m.group(1)) for f in multiproc.iterdir() if (m := re.search(r"_(\d+)\.db$", f.name))}
-            assert "(prefork)" in (tmp_path / "worker.log").read_text()
+            assert "(prefork)" in (tmp_path / "ratequeue.worker.log").read_text()
             assert children - {worker.pid}, "the values were written by the pool's child processes"
         finally:
             worker.terminate()

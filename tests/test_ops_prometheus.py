@@ -25,11 +25,11 @@ import pytest
 import redis
 import yaml
 
-from config.settings import load_settings
-from producer.api import Client
-from sim.process import SimHandle, start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.jobstore import keys
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import SimHandle, start_sim
 from tests.conftest import ROOT, base_env, private_redis
-from worker import keys
 
 PROM = ROOT / "ops" / "prometheus"
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "ratequeue.json"
@@ -165,7 +165,7 @@ def test_dashboard_and_rules_against_a_real_prometheus(
                    RATEQUEUE_PARK_COOLDOWN="300")
     start_worker(env)
     exporter = subprocess.Popen(
-        [sys.executable, "-m", "producer.exporter", "--port", str(exporter_port), "--host", "127.0.0.1"],
+        [sys.executable, "-m", "ratequeue.producer.exporter", "--port", str(exporter_port), "--host", "127.0.0.1"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     prom = Prometheus(project_config(worker_port, exporter_port, prom_port), tmp_path, prom_port)

@@ -18,11 +18,11 @@ import redis
 import yaml
 from prometheus_client import REGISTRY, generate_latest
 
-from config.models import load_model_table_from
-from producer.exporter import RedisCollector
+from ratequeue.config.models import load_model_table_from
+from ratequeue.producer.exporter import RedisCollector
+from ratequeue.worker import metrics
+from ratequeue.worker.usage import Usage
 from tests.conftest import METRICS_REDIS_URL, ROOT
-from worker import metrics
-from worker.usage import Usage
 
 OPS = ROOT / "ops"
 PROM = OPS / "prometheus"

@@ -9,10 +9,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from config.settings import load_settings
-from producer.api import Client
-from producer.collect import write_outputs
-from sim.process import SimHandle, start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.producer.collect import write_outputs
+from ratequeue.sim.process import SimHandle, start_sim
 from tests.conftest import base_env
 
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import redis
 
-from config.settings import load_settings
-from producer.api import Client
-from sim.process import start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.errors import RedisFullError
+from ratequeue.jobstore import keys
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import start_sim
 from tests.conftest import base_env, private_redis
-from worker import keys
-from worker.errors import RedisFullError
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import redis
 
-from config.settings import load_settings
-from producer.api import Client
-from producer.embedded import EmbeddedRedis
-from sim.process import start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.producer.embedded import EmbeddedRedis
+from ratequeue.sim.process import start_sim
 from tests.conftest import base_env
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.settings import Settings, load_settings
-from producer.api import Client
-from producer.exporter import serve
-from sim.process import start_sim
+from ratequeue.config.settings import Settings, load_settings
+from ratequeue.producer.api import Client
+from ratequeue.producer.exporter import serve
+from ratequeue.queue import create_app
+from ratequeue.sim.process import start_sim
 from tests.conftest import base_env
 from tests.test_failure_kinds import StartWorker
-from worker.app import create_app
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -127,7 +127,7 @@ def test_the_configured_ca_is_trusted(tls_redis: tuple[str, Path]) -> None:
 def test_the_opt_out_connects_with_a_warning(tls_redis: tuple[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     url, _ = tls_redis
     for settings in (_settings(url, RATEQUEUE_REDIS_TLS_INSECURE="1"), _settings(url + "?ssl_cert_reqs=none")):
-        with caplog.at_level(logging.WARNING, logger="worker.redis_tls"):
+        with caplog.at_level(logging.WARNING, logger="ratequeue.redis_tls"):
             assert _broker_connects(settings)
             assert _producer_connects(settings)
     assert "certificate checks are off" in caplog.text

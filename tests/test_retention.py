@@ -14,17 +14,16 @@ import orjson
 import pytest
 import redis
 
-from config.settings import load_settings
-from producer.api import Client
-from producer.retention import BatchRunningError
-from sim.process import SimHandle, start_sim
+from ratequeue.config.settings import load_settings
+from ratequeue.errors import BatchNotFoundError, BatchRunningError, ConfigError
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.scripts import lua_source
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import SimHandle, start_sim
+from ratequeue.worker.deferred import DeferredMover
 from tests.conftest import base_env
 from tests.test_cli import RATEQUEUE, _env
-from worker import keys
-from worker.codec import text
-from worker.deferred import DeferredMover
-from worker.errors import BatchNotFoundError, ConfigError
-from worker.scripts import lua_source
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 
@@ -161,7 +160,7 @@ def test_marking_expired_and_counting_attempts_never_recreate_or_leak(redis_url:
 
     import redis.asyncio as aioredis
 
-    from worker.store import JobStore
+    from ratequeue.worker.store import JobStore
 
     _fake_batch(rclient, "b3", total=1)
     rclient.delete(keys.batch_attempts("b3"), keys.batch_last_failure("b3"))

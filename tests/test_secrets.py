@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from config.settings import load_settings
-from producer.api import Client
-from producer.collect import errors_path_for, write_outputs
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.producer.collect import errors_path_for, write_outputs
+from ratequeue.redact import REDACTED, redact, redact_json
 from tests.conftest import base_env
 from tests.test_failure_kinds import StartWorker
-from worker.redact import REDACTED, redact, redact_json
 
 # Not sk- shaped: only the exact match on the configured key can catch it.
 KEY = "azkey0123456789abcdefSECRETVALUE"
@@ -198,8 +198,8 @@ def test_an_upstream_that_echoes_the_key_leaves_it_nowhere(
 def test_records_written_before_redaction_are_redacted_when_read(redis_url: str, tmp_path: Path) -> None:
     # An older worker stored the upstream's words verbatim: status, parked() and the errors
     # output still never show the key.
-    from worker import keys, records
-    from worker.parking import pair_field
+    from ratequeue.jobstore import keys, records
+    from ratequeue.worker.parking import pair_field
 
     env = base_env(redis_url, "http://127.0.0.1:9", tmp_path, OPENAI_API_KEY=KEY)
     client = Client(load_settings(env), publish=lambda *_: None)
@@ -219,8 +219,8 @@ def test_records_written_before_redaction_are_redacted_when_read(redis_url: str,
 
 
 def test_redact_response_covers_the_body_and_every_text_field() -> None:
-    from worker.redact import redact_response
-    from worker.upstream import UpstreamResponse
+    from ratequeue.redact import redact_response
+    from ratequeue.worker.upstream import UpstreamResponse
 
     resp = UpstreamResponse(401, {"error": {"message": f"bad {KEY}"}}, {"x-request-id": "req_1"}, 0.5,
                             transport_error=f"connection: Bearer {KEY}")

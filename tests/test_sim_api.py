@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sim.process import SimError, SimHandle, start_sim
+from ratequeue.sim.process import SimError, SimHandle, start_sim
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sim.process import SimHandle, start_sim
+from ratequeue.sim.process import SimHandle, start_sim
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -7,13 +7,13 @@ import math
 import pytest
 import tiktoken
 
-from sim import catalog
-from sim.buckets import Bucket
-from sim.config import ConfigError, ModelSpec, SimConfig, mask_key, parse_model_spec
-from sim.durations import ceil_ms, format_duration, format_wait
-from sim.plan import RequestInvalid, plan_request
-from sim.responses import Filler, choose_output
-from sim.tokens import PromptCounter, seed_tiktoken_cache
+from ratequeue.sim import catalog
+from ratequeue.sim.buckets import Bucket
+from ratequeue.sim.config import ConfigError, ModelSpec, SimConfig, mask_key, parse_model_spec
+from ratequeue.sim.durations import ceil_ms, format_duration, format_wait
+from ratequeue.sim.plan import RequestInvalid, plan_request
+from ratequeue.sim.responses import Filler, choose_output
+from ratequeue.sim.tokens import PromptCounter, seed_tiktoken_cache
 
 pytestmark = pytest.mark.timeout(30)
 

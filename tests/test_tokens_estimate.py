@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from config.models import ModelSpec, ModelTable, load_model_table_from
-from worker import estimate
-from worker.encodings import count_text, ensure_offline_encodings, get_encoding
-from worker.errors import InvalidRequestError
-from worker.estimate import Estimate, endpoint_path, estimate_request
-from worker.tokens import count_chat_prompt
+from ratequeue.config.models import ModelSpec, ModelTable, load_model_table_from
+from ratequeue.errors import InvalidRequestError
+from ratequeue.tokens import estimate
+from ratequeue.tokens.count import count_chat_prompt
+from ratequeue.tokens.encodings import count_text, ensure_offline_encodings, get_encoding
+from ratequeue.tokens.estimate import Estimate, endpoint_path, estimate_request
 
 CHAT = "/v1/chat/completions"
 
@@ -88,7 +88,7 @@ def test_defaulted_output_reserves_the_model_maximum_and_warns_once(
     table: ModelTable, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = table.get("gpt-4o-mini")
-    with caplog.at_level(logging.WARNING, logger="worker.estimate"):
+    with caplog.at_level(logging.WARNING, logger="ratequeue.tokens.estimate"):
         first = estimate_request(CHAT, _body(), spec)
         second = estimate_request(CHAT, _body(n=2), spec)
         estimate_request(CHAT, _body(), table.get("gpt-4o"))

@@ -34,7 +34,7 @@ socket.getaddrinfo = _refuse
 """
 
 LOAD = """
-from worker.encodings import get_encoding
+from ratequeue.tokens.encodings import get_encoding
 import tiktoken
 assert get_encoding("o200k_base").encode_ordinary("hello world") == [24912, 2375]
 assert get_encoding("cl100k_base").encode_ordinary("hello world") == [15339, 1917]
@@ -73,7 +73,7 @@ def test_default_cache_dir_under_home(tmp_path: Path) -> None:
 
 def test_given_cache_dir_and_empty_variable(tmp_path: Path) -> None:
     # An empty TIKTOKEN_CACHE_DIR disables tiktoken's cache (forcing a download): treated as unset.
-    code = "from pathlib import Path\nfrom worker.encodings import ensure_offline_encodings\n"
+    code = "from pathlib import Path\nfrom ratequeue.tokens.encodings import ensure_offline_encodings\n"
     code += f"ensure_offline_encodings(Path({str(tmp_path / 'c')!r}))\n" + LOAD
     out = _run(code, {"TIKTOKEN_CACHE_DIR": "", "HOME": str(tmp_path / "home")})
     assert out == str(tmp_path / "c")
@@ -101,8 +101,8 @@ def test_unwritable_cache_dir_is_a_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     code = """
-from worker.encodings import ensure_offline_encodings
-from worker.errors import ConfigError
+from ratequeue.tokens.encodings import ensure_offline_encodings
+from ratequeue.errors import ConfigError
 try:
     ensure_offline_encodings()
 except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""``python -m worker``: start a ratequeue Celery worker (what ``ratequeue worker`` runs)."""
+"""``python -m ratequeue.worker``: start a ratequeue Celery worker (what ``ratequeue worker`` runs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import signals
 
-from config.settings import load_settings
+from ratequeue.config.settings import load_settings
 
 
 def worker_argv(extra: list[str] | None = None) -> list[str]:
@@ -42,7 +42,7 @@ def pool_option(args: list[str]) -> str | None:
 
 
 def main(extra: list[str] | None = None) -> None:
-    from worker.app import app
+    from ratequeue.worker.app import app
 
     args = extra if extra is not None else sys.argv[1:]
     pool = pool_option(args)

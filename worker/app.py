@@ -1,85 +1,17 @@
-"""The Celery application: broker settings chosen for a job queue that must not lose or repeat jobs.
-
-- acks_late + reject_on_worker_lost: a message is acked only after its jobs are stored or
-  deferred; a killed worker's messages come back.
-- prefetch multiplier 1 with a threads pool of ``worker_slots``: a worker holds no more chunks
-  than it is running (no hoarding while other workers idle).
-- no result backend: it halves throughput, and outcomes live in ratequeue's own store.
-- the visibility timeout bounds how long a killed worker's chunk stays invisible; a live worker
-  never holds a chunk that long, because a job that must wait more than ``defer_after_seconds``
-  is moved to Redis's deferred set and its chunk acked (Celery countdown/ETA is never used).
-- kombu's Redis pool sized to the slots (its default of 10 loses acks under concurrency).
-- kombu's Redis transport with two fixes (``worker.broker``): with celery/kombu 5.7 a worker
-  holding messages exited when Redis went away.
-"""
+"""The worker's Celery app: the shared one (``ratequeue.queue``) with the worker's tasks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from celery import Celery
+from ratequeue.config.settings import load_settings
+from ratequeue.queue import DEFAULT_REDIS_URL, QUEUE, RUN_CHUNK, create_app
 
-from config.settings import Settings, load_settings
-from worker.broker import TRANSPORT
-from worker.redis_tls import broker_use_ssl
+__all__ = ["DEFAULT_REDIS_URL", "QUEUE", "RUN_CHUNK", "app", "publish_chunk"]
 
-QUEUE = "ratequeue"
-RUN_CHUNK = "ratequeue.run_chunk"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def create_app(settings: Settings, set_as_current: bool = True) -> Celery:
-    """A Celery app wired to ``settings.redis_url`` (the local default when unset)."""
-    url = settings.redis_url or DEFAULT_REDIS_URL
-    app = Celery("ratequeue", broker=url, include=["worker.tasks"], set_as_current=set_as_current)
-    app.conf.update(
-        broker_transport=TRANSPORT if url.startswith(("redis://", "rediss://")) else None,
-        broker_use_ssl=broker_use_ssl(settings),  # rediss:// verified (kombu alone checks nothing)
-        task_default_queue=QUEUE,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_ignore_result=True,
-        result_backend=None,
-        worker_prefetch_multiplier=1,
-        worker_concurrency=settings.worker_slots,
-        worker_pool="threads",
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
-            "max_connections": settings.worker_slots * 2 + 10,
-            "socket_keepalive": True,
-            "health_check_interval": 10,
-            # A consumer sweeps for messages of killed workers on every idle poll, not every 10th,
-            # and a sweeper killed while holding kombu's mutex blocks others for 60 s, not 300.
-            "unacked_restore_throttle": 1,
-            "unacked_mutex_expire": 60,
-        },
-        broker_pool_limit=settings.worker_slots + 4,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
-        worker_hijack_root_logger=False,
-    )
-    return app
-
-
-app = create_app(load_settings())
+app = create_app(load_settings(), tasks=["ratequeue.worker.tasks"])
 
 
 def publish_chunk(batch_id: str, custom_ids: Sequence[str]) -> None:
     """Put one chunk message (a batch id and up to ``chunk_size`` custom_ids) on the queue."""
     app.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)
-
-
-def publisher(settings: Settings) -> Callable[[str, Sequence[str]], None]:
-    """A ``publish_chunk`` for the broker of ``settings`` (producers may talk to any deployment)."""
-    if (settings.redis_url or DEFAULT_REDIS_URL) == (app.conf.broker_url or DEFAULT_REDIS_URL):
-        return publish_chunk
-    other = create_app(settings, set_as_current=False)
-
-    def publish(batch_id: str, custom_ids: Sequence[str]) -> None:
-        other.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)
-
-    return publish

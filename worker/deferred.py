@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from worker import keys
-from worker.codec import text
-from worker.scripts import lua_source
-from worker.store import DEFERRED_SEP
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.keys import DEFERRED_SEP
+from ratequeue.jobstore.scripts import lua_source
 
 log = logging.getLogger(__name__)
 

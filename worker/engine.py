@@ -27,15 +27,15 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import uvloop
 
-from config.models import ModelTable
-from config.settings import Settings
-from worker.leases import JOB_LEASE_SECONDS, Leases, run_owner
-from worker.limiter import Limiter
-from worker.parking import Parking
-from worker.redis_tls import redis_options
-from worker.runner import JobRunner
-from worker.store import JobStore
-from worker.upstream import Timeouts, UpstreamClient
+from ratequeue.config.models import ModelTable
+from ratequeue.config.settings import Settings
+from ratequeue.redis_tls import redis_options
+from ratequeue.worker.leases import JOB_LEASE_SECONDS, Leases, run_owner
+from ratequeue.worker.limiter import Limiter
+from ratequeue.worker.parking import Parking
+from ratequeue.worker.runner import JobRunner
+from ratequeue.worker.store import JobStore
+from ratequeue.worker.upstream import Timeouts, UpstreamClient
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from worker.errors import RatequeueError
-from worker.limiter import BucketLimits, Limiter, LimiterError, check_cost
+from ratequeue.errors import RatequeueError
+from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError, check_cost
 
 __all__ = ["BucketGate", "CapacityTimeout", "GateRegistry", "Grant"]
 

@@ -16,14 +16,14 @@ import time
 import orjson
 import redis.asyncio as aioredis
 
-from config.models import ModelSpec
-from config.settings import Settings
-from worker import keys
-from worker.chargerule import ChargeRuleCheck
-from worker.feedback import RateLimitHeaders
-from worker.gate import BucketGate
-from worker.jobs import StoredJob
-from worker.limiter import BucketLimits
+from ratequeue.config.models import ModelSpec
+from ratequeue.config.settings import Settings
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.worker.chargerule import ChargeRuleCheck
+from ratequeue.worker.feedback import RateLimitHeaders
+from ratequeue.worker.gate import BucketGate
+from ratequeue.worker.limiter import BucketLimits
 
 log = logging.getLogger(__name__)
 

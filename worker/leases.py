@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
-from worker import keys
-from worker.scripts import lua_source
-from worker.store import DEFERRED_SEP
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.keys import DEFERRED_SEP
+from ratequeue.jobstore.scripts import lua_source
 
 # How long a run's lease on its jobs lasts; the run renews it every third of that while it runs.
 # Independent of the broker's visibility timeout (30 min): a copy of a message delivered after a

@@ -22,8 +22,8 @@ from typing import Any, Generic, TypeVar
 import redis
 import redis.asyncio
 
-from worker.errors import ConfigError, RatequeueError, RequestTooLargeError
-from worker.scripts import lua_source
+from ratequeue.errors import ConfigError, RatequeueError, RequestTooLargeError
+from ratequeue.jobstore.scripts import lua_source
 
 __all__ = [
     "BucketLevels",
@@ -38,7 +38,9 @@ __all__ = [
 T = TypeVar("T")
 
 # The scripts ship as package data of `worker` (worker/lua/*.lua), read through importlib.resources.
-_LUA: dict[str, str] = {name: lua_source(name) for name in ("reserve", "reconcile", "set_not_before", "peek")}
+_LUA: dict[str, str] = {
+    name: lua_source(name, "ratequeue.worker") for name in ("reserve", "reconcile", "set_not_before", "peek")
+}
 # bucket_key() is ``rq:bucket:{<12 hex account>:<model>}``; the model is only wanted for messages.
 _MODEL_IN_KEY = re.compile(r"\{[^:}]*:([^}]*)\}")
 

@@ -4,7 +4,7 @@ jobs waited for capacity, what is in flight.
 Every function here is cheap (a label lookup and an add) and never raises: a metric must never
 fail a job. Names follow ``ratequeue_<thing>_<unit>`` (counters end in ``_total``, times are
 seconds). Labels are few and closed: ``model``, ``account`` (the 12-hex fingerprint of
-``worker.keys.account_fingerprint``, never a key), and small fixed vocabularies (``outcome``,
+``ratequeue.config.values.account_fingerprint``, never a key), and small fixed vocabularies (``outcome``,
 ``status_class``, ``kind``, ``reason``, ``type``, ``source``). Free-form values (an upstream error
 code, a retry reason) pass through :func:`_bounded`, which folds anything unexpected into
 ``other``.
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from worker.usage import Usage
+from ratequeue.worker.usage import Usage
 
 if TYPE_CHECKING:
-    from config.models import ModelSpec
+    from ratequeue.config.models import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from config.models import ModelSpec
-from worker import metrics, records
-from worker.jobs import StoredJob
-from worker.store import JobStore, Outcome
-from worker.upstream import UpstreamResponse
-from worker.usage import Usage
+from ratequeue.config.models import ModelSpec
+from ratequeue.jobstore import records
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.worker import metrics
+from ratequeue.worker.store import JobStore, Outcome
+from ratequeue.worker.upstream import UpstreamResponse
+from ratequeue.worker.usage import Usage
 
 
 class Outcomes:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import orjson
 import redis.asyncio as aioredis
 
-from worker import keys
-from worker.codec import text
-from worker.redact import redact
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.codec import text
+from ratequeue.redact import redact
 
 
 @dataclass(frozen=True)

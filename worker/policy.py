@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from tenacity import wait_random_exponential
 
-from worker.feedback import retry_after_seconds
-from worker.upstream import UpstreamResponse
+from ratequeue.worker.feedback import retry_after_seconds
+from ratequeue.worker.upstream import UpstreamResponse
 
 _RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from worker.limiter import BucketLimits, Limiter
+from ratequeue.worker.limiter import BucketLimits, Limiter
 
 log = logging.getLogger(__name__)
 

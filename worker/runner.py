@@ -17,23 +17,24 @@ import asyncio
 import logging
 import time
 
-from config.models import ModelSpec, ModelTable
-from config.settings import Settings
-from worker import keys, metrics
-from worker.errors import RequestTooLargeError, UnknownModelError
-from worker.feedback import MAX_SERVER_WAIT, RateLimitHeaders, parse_ratelimit_headers
-from worker.gate import BucketGate, CapacityTimeout, GateRegistry
-from worker.jobs import StoredJob
-from worker.learned import Learned
-from worker.limiter import BucketLimits, Limiter
-from worker.outcomes import Outcomes
-from worker.parking import Parking, pair_field
-from worker.policy import Backoff, Classified, Verdict, classify
-from worker.reconciler import Reconciler
-from worker.redact import configured_secrets, redact_response
-from worker.store import BatchState, JobStore
-from worker.upstream import UpstreamClient, UpstreamResponse
-from worker.usage import Usage, usage_of
+from ratequeue.config.models import ModelSpec, ModelTable
+from ratequeue.config.settings import Settings
+from ratequeue.errors import RequestTooLargeError, UnknownModelError
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.redact import configured_secrets, redact_response
+from ratequeue.worker import metrics
+from ratequeue.worker.feedback import MAX_SERVER_WAIT, RateLimitHeaders, parse_ratelimit_headers
+from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry
+from ratequeue.worker.learned import Learned
+from ratequeue.worker.limiter import BucketLimits, Limiter
+from ratequeue.worker.outcomes import Outcomes
+from ratequeue.worker.parking import Parking, pair_field
+from ratequeue.worker.policy import Backoff, Classified, Verdict, classify
+from ratequeue.worker.reconciler import Reconciler
+from ratequeue.worker.store import BatchState, JobStore
+from ratequeue.worker.upstream import UpstreamClient, UpstreamResponse
+from ratequeue.worker.usage import Usage, usage_of
 
 log = logging.getLogger(__name__)
 

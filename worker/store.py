@@ -13,12 +13,13 @@ import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from worker import keys, metrics
-from worker.codec import text
-from worker.jobs import StoredJob
-from worker.scripts import lua_source
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.jobstore.keys import DEFERRED_SEP
+from ratequeue.jobstore.scripts import lua_source
+from ratequeue.worker import metrics
 
-DEFERRED_SEP = "\t"
 # Redis cannot take a write now but will later: gone (restarting), loading its data, or full.
 REDIS_UNAVAILABLE = (
     redis_errors.ConnectionError,

@@ -13,14 +13,14 @@ from celery import Task, signals
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
 
-from config.models import load_model_table
-from config.settings import load_settings
-from worker.app import DEFAULT_REDIS_URL, RUN_CHUNK, app, publish_chunk
-from worker.deferred import DeferredMover
-from worker.encodings import ensure_offline_encodings
-from worker.engine import Engine, WorkerStopping
-from worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server
-from worker.redis_tls import redis_options
+from ratequeue.config.models import load_model_table
+from ratequeue.config.settings import load_settings
+from ratequeue.redis_tls import redis_options
+from ratequeue.tokens.encodings import ensure_offline_encodings
+from ratequeue.worker.app import DEFAULT_REDIS_URL, RUN_CHUNK, app, publish_chunk
+from ratequeue.worker.deferred import DeferredMover
+from ratequeue.worker.engine import Engine, WorkerStopping
+from ratequeue.worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is ours (engine), not httpx's

@@ -34,7 +34,7 @@ import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
-from worker.bounded import ACCEPT_ENCODING, BodyTooLarge, UnsupportedEncoding, read_bounded
+from ratequeue.worker.bounded import ACCEPT_ENCODING, BodyTooLarge, UnsupportedEncoding, read_bounded
 
 log = logging.getLogger(__name__)
 

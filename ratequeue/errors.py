@@ -7,7 +7,8 @@
     │   └── RequestTooLargeError  a request whose charge can never fit the model's TPM limit
     ├── UpstreamError             the upstream API answered with an error (carries status and body)
     ├── BatchError                a batch file or batch id that cannot be used
-    │   └── BatchNotFoundError
+    │   ├── BatchNotFoundError
+    │   └── BatchRunningError     a batch that has not ended cannot be deleted without force
     └── RedisFullError            Redis is at its maxmemory: a batch was refused whole
 """
 
@@ -76,6 +77,10 @@ class BatchError(RatequeueError):
 
 class BatchNotFoundError(BatchError):
     """No batch has this id."""
+
+
+class BatchRunningError(BatchError):
+    """A batch that has not ended cannot be deleted without ``force``."""
 
 
 class RedisFullError(RatequeueError):

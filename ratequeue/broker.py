@@ -38,7 +38,7 @@ from redis.exceptions import OutOfMemoryError
 log = logging.getLogger(__name__)
 
 #: The value of Celery's ``broker_transport`` setting that selects this transport.
-TRANSPORT = "worker.broker:Transport"
+TRANSPORT = "ratequeue.broker:Transport"
 
 
 def _running_task_ids() -> set[str]:

@@ -11,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from config.settings import Settings
-from worker.upstream import UpstreamResponse
+from ratequeue.config.settings import Settings
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Answer = TypeVar("_Answer", bound="DataclassInstance")
 
 __all__ = ["REDACTED", "SK_REDACTED", "configured_secrets", "redact", "redact_json", "redact_response"]
 
@@ -66,18 +70,21 @@ def redact_json(value: Any, secrets: Iterable[str] = ()) -> Any:
     return value
 
 
-def redact_response(resp: UpstreamResponse, secrets: Iterable[str] = ()) -> UpstreamResponse:
-    """`resp` with every text it carries redacted: what the worker keeps of a failed call.
+def redact_response(resp: _Answer, secrets: Iterable[str] = ()) -> _Answer:
+    """`resp` (a dataclass, the worker's ``UpstreamResponse``) with every text it carries redacted:
+    what the worker keeps of a failed call.
 
     The body is walked as JSON; every other str or bytes field (the transport error, and whatever
     else describes the answer, such as the raw first bytes of a body that is not JSON) is redacted
     as text. Bytes go through ``surrogateescape`` so that what is not a secret stays byte for byte.
     """
     secrets = tuple(secrets)
-    changes: dict[str, Any] = {"body": redact_json(resp.body, secrets)}
+    changes: dict[str, Any] = {}
     for f in dataclasses.fields(resp):
         value = getattr(resp, f.name)
-        if f.name != "body" and isinstance(value, str):
+        if f.name == "body":
+            changes[f.name] = redact_json(value, secrets)
+        elif isinstance(value, str):
             changes[f.name] = redact(value, secrets)
         elif isinstance(value, bytes):
             shown = redact(value.decode("utf-8", "surrogateescape"), secrets)

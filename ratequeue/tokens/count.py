@@ -16,8 +16,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from worker.encodings import Count, Encoder, text_counter
-from worker.errors import InvalidRequestError
+from ratequeue.errors import InvalidRequestError
+from ratequeue.tokens.encodings import Count, Encoder, text_counter
 
 __all__ = [
     "count_chat_prompt",

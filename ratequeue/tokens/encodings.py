@@ -22,7 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from worker.errors import ConfigError
+from ratequeue.config.models import SUPPORTED_ENCODINGS
+from ratequeue.errors import ConfigError
 
 if TYPE_CHECKING:
     import tiktoken
@@ -50,7 +51,9 @@ _RANK_FILES: dict[str, tuple[str, str]] = {
     ),
 }
 
-SUPPORTED_ENCODINGS: frozenset[str] = frozenset(_RANK_FILES)
+# Every encoding the model table may name must have its rank file here.
+if frozenset(_RANK_FILES) != SUPPORTED_ENCODINGS:  # pragma: no cover - a packaging mistake
+    raise ImportError("config.models.SUPPORTED_ENCODINGS and the shipped rank files differ")
 
 _ENV_VAR = "TIKTOKEN_CACHE_DIR"
 

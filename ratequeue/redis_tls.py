@@ -16,7 +16,7 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from config.settings import Settings
+from ratequeue.config.settings import Settings
 
 __all__ = ["broker_use_ssl", "redis_options", "tls_options"]
 

@@ -12,15 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from config.models import ModelSpec
-from worker.encodings import get_encoding
-from worker.errors import InvalidRequestError
-from worker.tokens import (
+from ratequeue.config.models import ModelSpec
+from ratequeue.errors import InvalidRequestError
+from ratequeue.tokens.count import (
     count_chat_prompt,
     count_completion_prompt,
     count_embedding_input,
     count_responses_input,
 )
+from ratequeue.tokens.encodings import get_encoding
 
 __all__ = ["ENDPOINTS", "Estimate", "endpoint_path", "estimate_request"]
 

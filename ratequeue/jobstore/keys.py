@@ -6,18 +6,9 @@ script touching several of them stays in one cluster slot.
 
 from __future__ import annotations
 
-import hashlib
-
 PREFIX = "rq"
-
-
-def account_fingerprint(api_key: str, organization: str | None = None, base_url: str = "") -> str:
-    """A short, stable id of an account that never reveals the key (sha256, 12 hex chars).
-
-    The organization wins over the key when set, since all keys of one organization share one limit.
-    """
-    ident = f"org:{organization}" if organization else f"key:{api_key}"
-    return hashlib.sha256(f"{base_url}|{ident}".encode()).hexdigest()[:12]
+# Between batch id and custom_id in members of the deferred set (custom_ids may hold anything else).
+DEFERRED_SEP = "\t"
 
 
 def bucket_key(account: str, model: str) -> str:
