@@ -11,6 +11,7 @@ import redis
 
 from ratequeue.errors import BatchNotFoundError
 from ratequeue.jobstore import keys
+from ratequeue.jobstore.batches import FINAL, BatchStatus
 from ratequeue.jobstore.codec import text
 from ratequeue.producer.submit import INPUT_ERROR_MARK
 from ratequeue.redact import redact
@@ -19,9 +20,9 @@ PAGE = 1000
 _INT_FIELDS = ("total", "completed", "failed", "prompt_tokens", "completion_tokens", "cached_tokens")
 # expires_at ends the completion window (OpenAI's field); retained_until, ratequeue's own, is when
 # an ended batch and its results leave Redis (None while it runs).
-_TIME_FIELDS = ("created_at", "in_progress_at", "completed_at", "failed_at", "cancelled_at", "expired_at", "expires_at",
-                "retained_until")
-FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "expired"})
+_TIME_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelling_at",
+                "cancelled_at", "expired_at", "expires_at", "retained_until")
+FINAL_STATUSES = frozenset(status.value for status in FINAL)  # the state machine's (jobstore/batches.py)
 
 
 def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
         "endpoint": meta.get("endpoint") or None,
         "input_file_id": meta.get("input_file") or None,
         "completion_window": meta.get("completion_window", "24h"),
-        "status": meta.get("status", "validating"),
+        "status": meta.get("status", BatchStatus.VALIDATING.value),
         "output_file_id": None,
         "error_file_id": None,
         **times,

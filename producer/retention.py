@@ -1,6 +1,6 @@
 """Deleting a batch from Redis, all at once (``Client.delete``, ``ratequeue delete``).
 
-Ended batches need no deleting: store_outcome.lua and seal_batch.lua set every key of a batch to
+Ended batches need no deleting: the script that ends a batch (_batch_end.lua) sets every key of a batch to
 expire ``RATEQUEUE_RETENTION_SECONDS`` after it ends. What expiry cannot reach are the members a
 batch leaves in the shared sorted sets (the batch index and the deferred set): the delete below
 removes them; after an expiry, the workers' deferred mover drops them (worker/deferred.py).
@@ -12,9 +12,8 @@ import redis
 
 from ratequeue.errors import BatchNotFoundError, BatchRunningError
 from ratequeue.jobstore import keys
-from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.batches import BatchStore
 from ratequeue.jobstore.keys import DEFERRED_SEP
-from ratequeue.jobstore.scripts import lua_source
 
 _GLOB_SPECIAL = "\\*?[]^-"
 
@@ -29,17 +28,19 @@ def delete_batch(client: redis.Redis, batch_id: str, force: bool = False) -> str
     Forced, it goes at once: workers drop chunks of a batch that is gone, and an outcome that
     comes back later is not stored (store_outcome.lua never recreates a batch).
     """
-    script = client.register_script(lua_source("delete_batch"))
-    deleted, *status = script(keys=[keys.batches_index(), *keys.batch_keys(batch_id)], args=[batch_id, int(force)])
-    if not status:
+    deleted, status = BatchStore(client).delete(batch_id, force)
+    if status is None:
         raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis")
     if not deleted:
         raise BatchRunningError(
-            f"batch {batch_id} is still {text(status[0])}: cancel it and wait for it to end, "
+            f"batch {batch_id} is still {status.value}: cancel it and wait for it to end, "
             "or delete it anyway with --force (force=True)"
         )
+    # The shared sets live in other Cluster slots than the batch: removed after its keys. A
+    # producer that dies in between leaves members the workers drop (worker/deferred.py).
+    client.zrem(keys.batches_index(), batch_id)
     purge_deferred(client, batch_id)
-    return text(status[0])
+    return status.value
 
 
 def purge_deferred(client: redis.Redis, batch_id: str) -> int:

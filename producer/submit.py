@@ -7,20 +7,17 @@ in Redis before ``submit`` returns, and a producer that dies halfway leaves a ba
 
 from __future__ import annotations
 
-import secrets
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import redis
 
 from ratequeue.jobstore import keys, records
+from ratequeue.jobstore.batches import BatchStore
 from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.jobs import StoredJob
-from ratequeue.jobstore.scripts import lua_source
 from ratequeue.producer import capacity
 from ratequeue.producer.batchfile import LineError
 from ratequeue.queue import Publish
@@ -59,8 +56,7 @@ class Submitter:
         self._publish = publish
         self._chunk_size = chunk_size
         self._block = block
-        self._store_outcome = client.register_script(lua_source("store_outcome"))
-        self._seal = client.register_script(lua_source("seal_batch"))
+        self._batches = BatchStore(client)
 
     def create_batch(
         self,
@@ -70,30 +66,16 @@ class Submitter:
         completion_window: str = "24h",
         metadata: Mapping[str, Any] | None = None,
     ) -> str:
-        """Create an empty, unsealed batch; returns its id."""
-        batch_id = f"batch_{secrets.token_hex(12)}"
-        now = time.time()
-        self._redis.hset(
-            keys.batch_meta(batch_id),
-            mapping={
-                "id": batch_id,
-                "status": "validating",
-                "account": account,
-                "endpoint": endpoint,
-                "input_file": input_file,
-                "completion_window": completion_window,
-                "created_at": int(now),
-                "expires_at": int(now + parse_window(completion_window)),
-                "total": 0,
-                "completed": 0,
-                "failed": 0,
-                "sealed": 0,
-                "metadata": orjson.dumps(dict(metadata or {})),
-                "retention": self._retention,  # read by the scripts that end it (store_outcome, seal_batch)
-            },
-        )
-        self._redis.zadd(keys.batches_index(), {batch_id: now})
-        return batch_id
+        """Create an empty, unsealed batch (status validating); returns its id."""
+        fields = {
+            "account": account,
+            "endpoint": endpoint,
+            "input_file": input_file,
+            "completion_window": completion_window,
+            "metadata": dict(metadata or {}),
+            "retention": self._retention,  # read by the scripts that end it (_batch_end.lua)
+        }
+        return self._batches.create(parse_window(completion_window), fields)
 
     def add(self, batch_id: str, items: Iterable[StoredJob | LineError]) -> SubmitReport:
         """Store every job and error of ``items`` and enqueue the jobs in chunks of one model."""
@@ -155,9 +137,9 @@ class Submitter:
         return count
 
     def seal(self, batch_id: str) -> str:
-        """Declare the batch's input complete; returns its status."""
-        status = self._seal(keys=keys.batch_keys(batch_id), args=["in_progress"])
-        return status.decode() if isinstance(status, bytes) else str(status)
+        """Declare the batch's input complete; returns its status (ended already if every job has
+        its outcome)."""
+        return self._batches.seal(batch_id).value
 
     def _write_block(
         self,
@@ -188,11 +170,7 @@ class Submitter:
             line = records.error_line(item.custom_id, item.code, item.message, item.line, item.param)
             if item.keyed and item.custom_id is not None:
                 order.append(item.custom_id)
-                self._store_outcome(
-                    keys=keys.outcome_keys(batch_id),
-                    args=[item.custom_id, "error", line, 0, 0, 0, "0"],
-                    client=pipe,
-                )
+                self._batches.store_outcomes(batch_id, [item.custom_id, "error", line, 0, 0, 0, "0"], pipe)
             else:
                 pipe.rpush(keys.batch_input_errors(batch_id), line)
                 pipe.hincrby(meta, "failed", 1)

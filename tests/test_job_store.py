@@ -11,6 +11,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ratequeue.jobstore import keys
+from ratequeue.jobstore.batches import OutcomeArgs
 from ratequeue.worker import metrics
 from ratequeue.worker.store import JobStore, Outcome
 from tests.conftest import private_redis
@@ -22,13 +23,13 @@ class CountingStore(JobStore):
     def __init__(self, client: aioredis.Redis) -> None:
         super().__init__(client)
         self.calls = 0
-        real = self._store
+        real = self._batches.store_outcomes
 
-        async def counted(*args: object, **kwargs: object) -> object:
+        async def counted(batch_id: str, args: OutcomeArgs) -> list[int]:
             self.calls += 1
-            return await real(*args, **kwargs)  # type: ignore[arg-type]
+            return await real(batch_id, args)
 
-        self._store = counted  # type: ignore[assignment]
+        self._batches.store_outcomes = counted  # type: ignore[method-assign]
 
 
 def _result(i: int) -> Outcome:

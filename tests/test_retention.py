@@ -42,7 +42,7 @@ def _offline(redis_url: str, retention: str = "600", **extra: str) -> Client:
 
 def _batch_keys(r: redis.Redis, batch_id: str) -> dict[str, int]:
     """Every key of the batch in this database -> its PTTL (ms; -1 = no expiry)."""
-    return {k.decode(): int(r.pttl(k)) for k in r.scan_iter(match=f"rq:batch:{batch_id}*", count=1000)}
+    return {k.decode(): int(r.pttl(k)) for k in r.scan_iter(match=f"rq:batch:{{{batch_id}}}*", count=1000)}
 
 
 def _batch_bytes(r: redis.Redis, batch_id: str) -> int:
@@ -145,13 +145,13 @@ def test_seal_batch_ends_a_finished_batch_with_ttls_and_refuses_an_unknown_one(r
     _fake_batch(rclient, "b2", total=1, sealed=0)
     _store(rclient, "b2", ("c0", "result"))
     assert all(ttl == -1 for ttl in _batch_keys(rclient, "b2").values())  # not sealed yet
-    assert seal(keys=keys.batch_keys("b2"), args=["in_progress"]) == b"completed"
+    assert seal(keys=keys.batch_keys("b2")) == b"completed"
     _assert_all_expire(rclient, "b2", 5000)
     rclient.pexpire(keys.batch_meta("b2"), 3000)
-    assert seal(keys=keys.batch_keys("b2"), args=["in_progress"]) == b"completed"  # again: no change
+    assert seal(keys=keys.batch_keys("b2")) == b"completed"  # again: no change
     assert rclient.pttl(keys.batch_meta("b2")) <= 3000
     with pytest.raises(redis.ResponseError, match="no batch"):
-        seal(keys=keys.batch_keys("nope"), args=["in_progress"])
+        seal(keys=keys.batch_keys("nope"))
     assert not rclient.exists(keys.batch_meta("nope"))
 
 

@@ -4,6 +4,11 @@
 -- KEYS[2]  errors hash   custom_id -> error line
 -- KEYS[3]  claims hash   custom_id -> "<owner> <lease expiry in ms>"
 -- KEYS[4]  deferred set  "<batch_id>\t<custom_id>" scored by due time in ms
+-- Redis Cluster: the one job-store script that mixes a batch's keys (slot of {<batch_id>}) with
+-- a shared key (the deferred set, its own slot), so it fails with CROSSSLOT on a cluster. Kept
+-- as one call on a single Redis, where the check and the defer cannot be split by a finishing
+-- job; on a cluster it would become two calls (check the leases, then defer.lua), which is safe
+-- too: a job deferred after it finished is skipped by claim_jobs.lua when it comes due.
 -- ARGV[1]  owner of the run asking
 -- ARGV[2]  delay in ms
 -- ARGV[3]  member prefix "<batch_id>\t"
