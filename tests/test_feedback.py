@@ -128,3 +128,19 @@ def test_backoff_honours_the_server_else_full_jitter_with_a_cap() -> None:
     delays = [b.delay(n, Classified(Verdict.RETRY, "server_error")) for n in range(1, 12) for _ in range(50)]
     assert all(0 <= d <= 8.0 for d in delays)
     assert max(delays) > 4 and min(delays) < 0.5  # jitter spreads the waits
+
+
+def test_reason_and_deferral_values_are_the_labels_dashboards_and_alerts_match() -> None:
+    """ops/ matches these label values (retries by reason, 429s by type, deferrals by reason): the
+    enums replaced strings without changing one."""
+    from ratequeue.worker import metrics
+    from ratequeue.worker.attempt import Deferral
+    from ratequeue.worker.policy import Reason
+
+    assert {r.value for r in Reason} >= set(metrics._RATE_LIMIT_TYPES) | set(metrics._RETRY_REASONS) | {"ok"}
+    assert [d.value for d in Deferral] == ["capacity", "backoff", "parked"]
+    assert {r for r in Reason if r.rate_limited} == {Reason.RATE_LIMIT_REQUESTS, Reason.RATE_LIMIT_TOKENS}
+    assert [v.value for v in Verdict] == ["success", "retry", "park", "fail"]
+    labels = [classify(_resp(429, {"message": "x", "type": "requests"})).reason,
+              classify(_resp(408, {"message": "x"})).reason, classify(_resp(400, {"code": "content_filter"})).reason]
+    assert labels == ["rate_limit_requests", "http_408", "content_filter"] and all(type(x) is str for x in labels)

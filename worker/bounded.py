@@ -77,6 +77,13 @@ async def read_bounded(resp: httpx.Response, limit: int) -> bytes:
     length = resp.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise BodyTooLarge(limit, f"Content-Length {length}")
+    if resp.is_stream_consumed:
+        # A response built whole in memory (httpx.Response(content=...), as httpx.MockTransport
+        # returns) was read, and decoded, by its constructor: there is no stream left to count.
+        body = resp.content
+        if len(body) > limit:
+            raise BodyTooLarge(limit, "decompressed")
+        return body
     inflater = _inflater(resp.headers)
     parts: list[bytes] = []
     wire = kept = 0

@@ -32,17 +32,55 @@ _RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class Verdict(enum.Enum):
+    """What to do with the job; the values are the ``outcome`` label of the upstream metrics."""
+
     SUCCESS = "success"
     RETRY = "retry"
     PARK = "park"  # the (account, model) cannot work for a while: pause it, keep its jobs queued
     FAIL = "fail"
 
 
+class Reason(enum.StrEnum):
+    """Why an answer got its verdict. The values are the metrics' ``reason``/``type`` labels and the
+    stored error codes, exactly as before the enum existed: dashboards and alerts in ``ops/`` match
+    them, so a value here must never change. Control flow tests members, never string prefixes.
+
+    Two members stand for open families whose label is carried in ``Classified.detail``:
+    ``HTTP_STATUS`` (``http_<status>``) and ``UPSTREAM_CODE`` (the server's own error code).
+    """
+
+    OK = "ok"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    INVALID_RESPONSE = "invalid_response"
+    RESPONSE_TOO_LARGE = "response_too_large"
+    RATE_LIMIT_REQUESTS = "rate_limit_requests"
+    RATE_LIMIT_TOKENS = "rate_limit_tokens"
+    INSUFFICIENT_QUOTA = "insufficient_quota"
+    REQUEST_TOO_LARGE = "request_too_large"
+    LONG_RETRY_AFTER = "long_retry_after"
+    INVALID_API_KEY = "invalid_api_key"
+    SERVER_ERROR = "server_error"
+    HTTP_STATUS = "http_status"  # label: http_<status>, in Classified.detail
+    UPSTREAM_CODE = "upstream_code"  # label: the server's error code, in Classified.detail
+
+    @property
+    def rate_limited(self) -> bool:
+        """A 429 refusal for our rate: the pair's shared "not before" applies to every worker."""
+        return self in (Reason.RATE_LIMIT_REQUESTS, Reason.RATE_LIMIT_TOKENS)
+
+
 @dataclass(frozen=True)
 class Classified:
     verdict: Verdict
-    reason: str  # low-cardinality label: "ok", "rate_limit_tokens", "server_error", "timeout", ...
+    kind: Reason
     retry_after: float | None = None  # seconds the server asked us to wait, if it said
+    detail: str | None = None  # the label of an open family (HTTP_STATUS, UPSTREAM_CODE)
+
+    @property
+    def reason(self) -> str:
+        """The low-cardinality label: "ok", "rate_limit_tokens", "http_408", "content_filter", ..."""
+        return self.detail or str(self.kind.value)
 
 
 def classify(resp: UpstreamResponse, park_after: float = float("inf")) -> Classified:
@@ -52,40 +90,49 @@ def classify(resp: UpstreamResponse, park_after: float = float("inf")) -> Classi
     retrying (Azure's daily quota says "retry after 86400 seconds").
     """
     if resp.status == 0:
-        reason = "timeout" if (resp.transport_error or "").startswith("timeout") else "connection"
-        return Classified(Verdict.RETRY, reason)
+        # UpstreamClient's transport_error starts with the failure's class: "timeout: ..." or "connection: ..."
+        timed_out = (resp.transport_error or "").startswith("timeout")
+        return Classified(Verdict.RETRY, Reason.TIMEOUT if timed_out else Reason.CONNECTION)
     if 200 <= resp.status < 300:
         if resp.too_large:
-            return Classified(Verdict.FAIL, "response_too_large")
+            return Classified(Verdict.FAIL, Reason.RESPONSE_TOO_LARGE)
         if resp.body_problem is not None:
-            return Classified(Verdict.RETRY, "invalid_response")
-        return Classified(Verdict.SUCCESS, "ok")
+            return Classified(Verdict.RETRY, Reason.INVALID_RESPONSE)
+        return Classified(Verdict.SUCCESS, Reason.OK)
     err = resp.error
     code = str(err.get("code") or "")
     etype = str(err.get("type") or "")
     message = str(err.get("message") or "")
     if resp.status == 429:
         if code == "insufficient_quota" or etype == "insufficient_quota":
-            return Classified(Verdict.PARK, "insufficient_quota")
+            return Classified(Verdict.PARK, Reason.INSUFFICIENT_QUOTA)
         if message.startswith("Request too large"):
-            return Classified(Verdict.FAIL, "request_too_large")
-        kind = "requests" if etype.startswith("requests") else "tokens"
+            return Classified(Verdict.FAIL, Reason.REQUEST_TOO_LARGE)
+        # OpenAI's 429 type is "requests" or "tokens" (sometimes with a suffix such as "requests_usage").
+        kind = Reason.RATE_LIMIT_REQUESTS if etype.startswith("requests") else Reason.RATE_LIMIT_TOKENS
         wait = retry_after_seconds(resp.headers, message)
         if wait is not None and wait > park_after:
-            return Classified(Verdict.PARK, "long_retry_after", wait)
-        return Classified(Verdict.RETRY, f"rate_limit_{kind}", wait)
+            return Classified(Verdict.PARK, Reason.LONG_RETRY_AFTER, wait)
+        return Classified(Verdict.RETRY, kind, wait)
     if resp.status == 401:
-        return Classified(Verdict.PARK, "invalid_api_key")
+        return Classified(Verdict.PARK, Reason.INVALID_API_KEY)
     should_retry = resp.headers.get("x-should-retry")
     if should_retry == "false":
-        return Classified(Verdict.FAIL, f"http_{resp.status}")
+        return _http_status(Verdict.FAIL, resp.status)
     if resp.status in _RETRY_STATUSES or resp.status >= 500 or should_retry == "true":
-        reason = "server_error" if resp.status >= 500 else f"http_{resp.status}"
         wait = retry_after_seconds(resp.headers, message)
         if wait is not None and wait > park_after:
-            return Classified(Verdict.PARK, "long_retry_after", wait)
-        return Classified(Verdict.RETRY, reason, wait)
-    return Classified(Verdict.FAIL, code or f"http_{resp.status}")
+            return Classified(Verdict.PARK, Reason.LONG_RETRY_AFTER, wait)
+        if resp.status >= 500:
+            return Classified(Verdict.RETRY, Reason.SERVER_ERROR, wait)
+        return _http_status(Verdict.RETRY, resp.status, wait)
+    if code:
+        return Classified(Verdict.FAIL, Reason.UPSTREAM_CODE, detail=code)
+    return _http_status(Verdict.FAIL, resp.status)
+
+
+def _http_status(verdict: Verdict, status: int, wait: float | None = None) -> Classified:
+    return Classified(verdict, Reason.HTTP_STATUS, wait, detail=f"http_{status}")
 
 
 class Backoff:

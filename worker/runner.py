@@ -1,14 +1,16 @@
 """One job, from its chunk to its stored outcome (or a deferral): the heart of the worker.
 
-    parked pair?   -> defer, unless this job takes the one probe of the cooldown
-    gate.acquire   -> wait for the shared bucket; past defer_after: defer (frees the chunk slot)
-    call upstream  -> learn limits from the headers, reconcile the bucket
-    SUCCESS        -> store the result (and unpark the pair if this was the probe)
-    FAIL           -> store the upstream error
-    PARK           -> park the pair, defer the job (it stays queued, not failed)
-    RETRY          -> count the attempt in Redis; a 429 sets the pair's shared "not before" so every
-                      worker pauses; other errors back off (tenacity full jitter) here or, if long,
-                      in the deferred set. Waiting for capacity never counts as an attempt.
+A run is a loop of passes; each pass is a few steps with one job each:
+
+    start      the batch stopped? the model unknown? the request over the TPM limit? -> fail now
+    admit      past the deadline -> give up; pair parked -> defer, unless this job takes the probe
+    acquire    wait for the shared bucket; past defer_after: defer (frees the chunk slot)
+    send       call upstream, classify the answer (``worker.policy``), redact an error
+    learn      limits and the charge rule from the headers; reconcile the bucket
+    settle     store / retry / park / defer (``worker.settle``)
+
+Each pass ends in a ``Step`` (``worker.attempt``): stored, deferred, or again. Its metrics are
+recorded once, by ``worker.attempt.observe``, whatever the branch.
 """
 
 from __future__ import annotations
@@ -24,19 +26,23 @@ from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redact import configured_secrets, redact_response
 from ratequeue.worker import metrics
-from ratequeue.worker.feedback import MAX_SERVER_WAIT, RateLimitHeaders, parse_ratelimit_headers
-from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry
+from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
+from ratequeue.worker.feedback import parse_ratelimit_headers
+from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
 from ratequeue.worker.learned import Learned
-from ratequeue.worker.limiter import BucketLimits, Limiter
+from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.outcomes import Outcomes
-from ratequeue.worker.parking import Parking, pair_field
-from ratequeue.worker.policy import Backoff, Classified, Verdict, classify
+from ratequeue.worker.parking import Parked, Parking, pair_field
+from ratequeue.worker.policy import Verdict, classify
 from ratequeue.worker.reconciler import Reconciler
+from ratequeue.worker.settle import DEADLINE_EXCEEDED, Settler, redis_wait
 from ratequeue.worker.store import BatchState, JobStore
-from ratequeue.worker.upstream import UpstreamClient, UpstreamResponse
-from ratequeue.worker.usage import Usage, usage_of
+from ratequeue.worker.upstream import UpstreamClient
+from ratequeue.worker.usage import usage_of
 
 log = logging.getLogger(__name__)
+
+_STOPPED = {"batch_cancelled": "was cancelled", "batch_expired": "expired"}  # stop code -> what happened
 
 
 class JobRunner:
@@ -60,140 +66,116 @@ class JobRunner:
         self.outcomes = Outcomes(store)
         self.client = client
         self.parking = parking
-        self.backoff = Backoff()
         self.in_flight = asyncio.Semaphore(settings.max_in_flight)
         self.learned = Learned(settings, store.redis)
+        self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
         """Run one job; True when its outcome is stored, False when it was deferred."""
-        batch_id, s = state.batch_id, self.settings
+        run = await self._start(state, job, started)
+        if run is None:
+            return True
+        while True:
+            done = Pass()
+            try:
+                step = done.step = await self._pass(run, done)
+            finally:
+                observe(run, done)
+            if step.end is not End.AGAIN:
+                return step.end is End.STORED
+            if step.delay is not None:
+                await asyncio.sleep(step.delay)
+
+    async def _start(self, state: BatchState, job: StoredJob, started: float) -> JobRun | None:
+        """The job's run, or None when it failed before any call (its error line is stored)."""
+        batch_id = state.batch_id
         stop_code = await self._stop_code(state)
         if stop_code:
-            what = "was cancelled" if stop_code == "batch_cancelled" else "expired"
-            await self.outcomes.fail(batch_id, job, stop_code, f"the batch {what} before this request ran")
-            return True
+            message = f"the batch {_STOPPED[stop_code]} before this request ran"
+            await self.outcomes.fail(batch_id, job, stop_code, message)
+            return None
         try:
             spec = self.table.get(job.model)
         except UnknownModelError as exc:
             await self.outcomes.fail(batch_id, job, "model_not_found", str(exc), param="body.model")
-            return True
-        account = state.account
-        pair = pair_field(account, spec.name)
-        gate = await self._gate(account, spec)
-
-        def price() -> int:  # called when the reservation is made: a rule learned meanwhile applies
-            return job.charge_under(self.learned.rule(pair, spec))
-
-        charge = price()
+            return None
+        gate = await self._gate(state.account, spec)
+        run = JobRun(batch_id, job, spec, state.account, gate, started + self.settings.job_deadline_seconds)
+        charge = self._price(run)
         if charge > gate.limits.tpm:
             err = RequestTooLargeError(charge, gate.limits.tpm, spec.name)
             await self.outcomes.fail(batch_id, job, err.code, err.reason, param="body")
-            return True
-        key = keys.bucket_key(account, spec.name)
-        deadline = started + s.job_deadline_seconds
-        while True:
-            if time.time() > deadline:
-                await self._give_up(batch_id, job, "deadline_exceeded")
-                return True
-            parked = await self.parking.state(account, spec.name)
-            if parked is not None:
-                wait = await self.parking.take_probe(account, spec.name, s.park_cooldown_seconds)
-                if wait is not None:
-                    await self.store.defer(batch_id, job.custom_id, wait)
-                    metrics.deferred(spec.name, account, "parked")
-                    return False
-            try:
-                grant = await gate.acquire(
-                    price(), timeout=max(0.0, min(s.defer_after_seconds, deadline - time.time())), price=price
-                )
-            except CapacityTimeout as exc:
-                await self.store.defer(batch_id, job.custom_id, _redis_wait(max(exc.retry_in, 0.5)))
-                metrics.deferred(spec.name, account, "capacity")
-                return False
-            except RequestTooLargeError as exc:  # limits learned lower, or a dearer rule, meanwhile
-                await self.outcomes.fail(batch_id, job, exc.code, exc.reason, param="body")
-                return True
-            metrics.waited_for_capacity(spec.name, account, grant.waited)
-            rule = self.learned.rule(pair, spec)
-            charge = job.charge_under(rule)
-            if charge > grant.cost:  # granted at the old price just before a dearer rule was learned
-                self.reconciler.add(key, gate.limits, token_delta=grant.cost - charge)
-            if parked is None and await self.parking.state(account, spec.name) is not None:
-                # Parked while this job waited for its send time: give the capacity back, wait.
-                self.reconciler.add(key, gate.limits, token_delta=charge, request_delta=1)
-                await self.store.defer(batch_id, job.custom_id, s.park_cooldown_seconds)
-                metrics.deferred(spec.name, account, "parked")
-                return False
-            async with self.in_flight:
-                with metrics.in_flight(spec.name, account):
-                    resp = await self.client.post(job.url, job.body, f"{batch_id}/{job.custom_id}")
-            verdict = classify(resp, park_after=s.park_retry_after_seconds)
-            if verdict.verdict is not Verdict.SUCCESS:  # the boundary: an upstream error may echo the key
-                resp = redact_response(resp, configured_secrets(s))
-            usage = usage_of(resp.body) if verdict.verdict is Verdict.SUCCESS else None
-            headers = parse_ratelimit_headers(resp.headers)
-            metrics.record_response(
-                spec.name,
-                account,
-                status=resp.status,
-                outcome=verdict.verdict.value,
-                reason=verdict.reason,
-                latency_s=resp.elapsed,
-                charge=charge,
-                usage=usage,
-                cost_usd=metrics.cost_usd(spec, usage),
-                estimated_prompt_tokens=job.prompt_tokens,
-                limit_requests=headers.limit_requests,
-                limit_tokens=headers.limit_tokens,
-            )
-            self.learned.learn_limits(pair, spec, headers, gate)
-            if verdict.verdict is Verdict.SUCCESS:
-                self.learned.check_rule(pair, rule, job, headers)
-            self._reconcile(key, gate.limits, rule, job, charge, verdict, usage, headers)
-            log.info(
-                "upstream model=%s charge=%d status=%s reason=%s latency=%.3fs request_id=%s",
-                spec.name, charge, resp.status, verdict.reason, resp.elapsed, resp.request_id,
-            )
-            if verdict.verdict is Verdict.SUCCESS:
-                if self.learned.throttled(pair):
-                    self.learned.adjust_throttle(pair, spec, gate, refused=False)
-                if parked is not None:
-                    log.warning("probe succeeded: %s unparked", pair_field(account, spec.name))
-                    await self.parking.unpark(account, spec.name)
-                await self.outcomes.succeed(batch_id, job, spec, resp, usage or Usage())
-                return True
-            if verdict.verdict is Verdict.FAIL:
-                await self.outcomes.upstream_error(batch_id, job, resp, verdict.reason)
-                return True
-            message = _message(resp)
-            if verdict.verdict is Verdict.PARK:
-                # The server's wait, but never longer than the cap: it is re-checked by a probe.
-                cooldown = _redis_wait(max(s.park_cooldown_seconds, min(
-                    verdict.retry_after or 0.0, max(s.park_max_cooldown_seconds, s.park_cooldown_seconds))))
-                if verdict.retry_after is not None:
-                    message = f"the server asked to wait {verdict.retry_after:.0f} s: {message}"
-                log.error("parking %s for %.0f s: %s", pair_field(account, spec.name), cooldown, verdict.reason)
-                await self.parking.park(account, spec.name, verdict.reason, message, cooldown)
-                await self.store.defer(batch_id, job.custom_id, cooldown)
-                metrics.deferred(spec.name, account, "parked")
-                return False
-            attempts = await self.store.record_attempt(batch_id, job.custom_id, resp.status, message)
-            if attempts >= s.max_attempts:
-                await self._give_up(batch_id, job, "max_attempts_exceeded")
-                return True
-            delay = _redis_wait(self.backoff.delay(attempts, verdict))
-            metrics.retry(spec.name, account, verdict.reason)
-            if verdict.reason.startswith("rate_limit"):
-                # One 429 pauses every worker on every host: the gate honours the shared time.
-                await self.limiter.set_not_before(key, delay)
-                if headers.limit_tokens is None and headers.limit_requests is None:
-                    self.learned.adjust_throttle(pair, spec, gate, refused=True)
-                continue
-            if delay > s.defer_after_seconds:
-                await self.store.defer(batch_id, job.custom_id, delay)
-                metrics.deferred(spec.name, account, "backoff")
-                return False
-            await asyncio.sleep(delay)
+            return None
+        return run
+
+    async def _pass(self, run: JobRun, done: Pass) -> Step:
+        """One try: admit, acquire, send, learn, settle; fills ``done`` as it goes."""
+        if time.time() > run.deadline:
+            return await self.settler.give_up(run, DEADLINE_EXCEEDED)
+        parked = await self.parking.state(run.account, run.spec.name)
+        if parked is not None:
+            wait = await self.parking.take_probe(run.account, run.spec.name, self.settings.park_cooldown_seconds)
+            if wait is not None:
+                return await self.settler.defer(run, wait, Deferral.PARKED)
+        grant = await self._acquire(run)
+        if isinstance(grant, Step):
+            return grant
+        done.waited = grant.waited
+        rule = self.learned.rule(run.pair, run.spec)
+        charge = run.job.charge_under(rule)
+        if charge > grant.cost:  # granted at the old price just before a dearer rule was learned
+            self.reconciler.add(run.key, run.gate.limits, token_delta=grant.cost - charge)
+        if await self._parked_meanwhile(run, parked, charge):
+            return await self.settler.defer(run, self.settings.park_cooldown_seconds, Deferral.PARKED)
+        sent = done.sent = await self._send(run, rule, charge, probe=parked is not None)
+        self._learn(run, sent)
+        return await self.settler.settle(run, sent)
+
+    def _price(self, run: JobRun) -> int:
+        """The job's charge under the rule in force now (a rule learned meanwhile applies)."""
+        return run.job.charge_under(self.learned.rule(run.pair, run.spec))
+
+    async def _acquire(self, run: JobRun) -> Grant | Step:
+        """Capacity from the shared bucket, or the step that ends the pass without it."""
+        timeout = max(0.0, min(self.settings.defer_after_seconds, run.deadline - time.time()))
+        try:
+            return await run.gate.acquire(self._price(run), timeout=timeout, price=lambda: self._price(run))
+        except CapacityTimeout as exc:
+            return await self.settler.defer(run, redis_wait(max(exc.retry_in, 0.5)), Deferral.CAPACITY)
+        except RequestTooLargeError as exc:  # limits learned lower, or a dearer rule, meanwhile
+            await self.outcomes.fail(run.batch_id, run.job, exc.code, exc.reason, param="body")
+            return STORED
+
+    async def _parked_meanwhile(self, run: JobRun, parked: Parked | None, charge: int) -> bool:
+        """Was the pair parked while this job waited for its send time? Then give the capacity back."""
+        if parked is not None or await self.parking.state(run.account, run.spec.name) is None:
+            return False
+        self.reconciler.add(run.key, run.gate.limits, token_delta=charge, request_delta=1)
+        return True
+
+    async def _send(self, run: JobRun, rule: str, charge: int, probe: bool) -> Sent:
+        """Call upstream and classify the answer; an error answer is redacted here."""
+        async with self.in_flight:
+            with metrics.in_flight(run.spec.name, run.account):
+                resp = await self.client.post(run.job.url, run.job.body, f"{run.batch_id}/{run.job.custom_id}")
+        verdict = classify(resp, park_after=self.settings.park_retry_after_seconds)
+        success = verdict.verdict is Verdict.SUCCESS
+        if not success:  # the boundary: an upstream error may echo the key
+            resp = redact_response(resp, configured_secrets(self.settings))
+        usage = usage_of(resp.body) if success else None
+        return Sent(resp, verdict, rule, charge, usage, parse_ratelimit_headers(resp.headers), probe)
+
+    def _learn(self, run: JobRun, sent: Sent) -> None:
+        """What the answer teaches: the limits, the charge rule, the bucket's true level."""
+        self.learned.learn_limits(run.pair, run.spec, sent.headers, run.gate)
+        if sent.verdict.verdict is Verdict.SUCCESS:
+            self.learned.check_rule(run.pair, sent.rule, run.job, sent.headers)
+        self._reconcile(run, sent)
+        log.info(
+            "upstream model=%s charge=%d status=%s reason=%s latency=%.3fs request_id=%s",
+            run.spec.name, sent.charge, sent.resp.status, sent.verdict.reason, sent.resp.elapsed,
+            sent.resp.request_id,
+        )
 
     async def _stop_code(self, state: BatchState) -> str | None:
         if state.status in ("cancelling", "cancelled"):
@@ -205,57 +187,30 @@ class JobRunner:
             return "batch_expired"
         return None
 
-    async def _give_up(self, batch_id: str, job: StoredJob, code: str) -> None:
-        attempts, last = await self.store.attempts(batch_id, job.custom_id)
-        history = {"attempts": attempts, "last_status": last.get("status"), "last_message": last.get("message", "")}
-        await self.outcomes.gave_up(batch_id, job, code, history)
-
     async def _gate(self, account: str, spec: ModelSpec) -> BucketGate:
         pair = pair_field(account, spec.name)
         await self.learned.load(pair)
         metrics.set_limits(spec.name, account, spec.rpm, spec.tpm, "configured")
         return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
 
-    def _reconcile(
-        self,
-        key: str,
-        limits: BucketLimits,
-        rule: str,
-        job: StoredJob,
-        charge: int,
-        verdict: Classified,
-        usage: Usage | None,
-        headers: RateLimitHeaders,
-    ) -> None:
+    def _reconcile(self, run: JobRun, sent: Sent) -> None:
         """Correct the shared bucket with what the server reported about this request."""
         token_delta = 0
+        usage, headers = sent.usage, sent.headers
         # A 429 is not refunded, although the server charged it no tokens: it proves our bucket
         # held more than the server's by at least about `charge`, and keeping the charge pays
         # that back. Refunding it kept a hidden debt (from requests the server priced higher than
         # we did) alive for ever: every send after the refund drew another 429.
-        if usage is not None and usage.prompt_tokens and rule == "sum":
+        if usage is not None and usage.prompt_tokens and sent.rule == "sum":
             # Under the sum rule the server charged its own prompt count plus the same reserved
             # output, so the difference of the prompt counts is exactly what we over/under-charged.
-            token_delta = job.prompt_tokens - usage.prompt_tokens
+            token_delta = run.job.prompt_tokens - usage.prompt_tokens
         if token_delta == 0 and headers.remaining_tokens is None and headers.remaining_requests is None:
             return
         self.reconciler.add(
-            key,
-            limits,
+            run.key,
+            run.gate.limits,
             token_delta=token_delta,
             remaining_tokens=headers.remaining_tokens,
             remaining_requests=headers.remaining_requests,
         )
-
-
-def _message(resp: UpstreamResponse) -> str:
-    if resp.body_problem is not None and 200 <= resp.status < 300:
-        return resp.describe_problem()  # the body's first bytes: what the server really sent
-    return str(resp.error.get("message") or resp.transport_error or f"HTTP {resp.status}")
-
-
-def _redis_wait(seconds: float) -> float:
-    """A wait that is safe to turn into Redis milliseconds (PX, ZADD scores): finite, 0 to a day."""
-    if seconds != seconds:  # NaN: no wait is known; the shortest sane one
-        return 0.5
-    return min(max(seconds, 0.0), MAX_SERVER_WAIT)
