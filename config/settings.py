@@ -88,6 +88,8 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     max_attempts: int = 6
+    # A chunk message whose run fails (not a Redis error) this many times is dead-lettered.
+    max_chunk_failures: int = 5
     job_deadline_seconds: float = 3600.0
     max_file_bytes: int = 200_000_000
     max_lines: int = 50_000
@@ -264,6 +266,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         connect_timeout=e.number("RATEQUEUE_CONNECT_TIMEOUT", defaults.connect_timeout),
         read_timeout=e.number("RATEQUEUE_READ_TIMEOUT", defaults.read_timeout),
         max_attempts=_int(e, "RATEQUEUE_MAX_ATTEMPTS", defaults.max_attempts),
+        max_chunk_failures=_int(e, "RATEQUEUE_MAX_CHUNK_FAILURES", defaults.max_chunk_failures),
         job_deadline_seconds=e.number("RATEQUEUE_JOB_DEADLINE", defaults.job_deadline_seconds),
         max_file_bytes=_int(e, "RATEQUEUE_MAX_FILE_BYTES", defaults.max_file_bytes),
         max_lines=_int(e, "RATEQUEUE_MAX_LINES", defaults.max_lines),

@@ -24,8 +24,8 @@ from ratequeue.config.models import ModelTable, load_model_table
 from ratequeue.config.settings import Settings, load_settings
 from ratequeue.errors import BatchNotFoundError, InvalidRequestError, RedisFullError
 from ratequeue.jobstore import keys
+from ratequeue.jobstore.batches import BatchStatus, BatchStore
 from ratequeue.jobstore.codec import text
-from ratequeue.jobstore.scripts import lua_source
 from ratequeue.producer import capacity
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
 from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
@@ -56,6 +56,7 @@ class Client:
             self.redis, publish, chunk_size=self.settings.chunk_size, retention=self.settings.retention_seconds
         )
         self._validator = LineValidator(self.table)
+        self._batches = BatchStore(self.redis)
 
     def submit_batch(
         self,
@@ -79,8 +80,7 @@ class Client:
             else:
                 report = self._submitter.add(batch_id, read_lines(_as_lines(source), self._validator, limits))
             if report.by_model:
-                endpoint = ",".join(sorted(report.by_model))
-                self.redis.hset(keys.batch_meta(batch_id), "models", endpoint)
+                self._batches.describe(batch_id, models=",".join(sorted(report.by_model)))
             self._submitter.seal(batch_id)
         except (RedisFullError, redis.exceptions.OutOfMemoryError) as exc:
             # All or nothing: what was stored goes (deleting needs no memory). Under a maxmemory
@@ -110,8 +110,10 @@ class Client:
         own_batch = batch_id is None
         if batch_id is None:
             batch_id = self._submitter.create_batch(self.settings.account_id, url, "<submit_job>")
-        elif not self.redis.exists(keys.batch_meta(batch_id)):
+        elif (joined := self._batches.status(batch_id)) is None:
             raise BatchNotFoundError(f"no batch {batch_id!r}")
+        elif joined is not BatchStatus.VALIDATING:  # closed, cancelled or past its window: no job joins
+            raise InvalidRequestError("batch_id", f"batch {batch_id} is {joined.value}: it takes no more jobs")
         elif self.redis.hexists(keys.batch_jobs(batch_id), custom_id):
             raise InvalidRequestError("custom_id", f"{custom_id!r} is already in batch {batch_id}")
         self._submitter.add(batch_id, [job])
@@ -167,8 +169,8 @@ class Client:
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Stop dispatching the batch's remaining jobs; they are reported as cancelled."""
-        self.status(batch_id)  # raises BatchNotFoundError
-        self.redis.register_script(lua_source("cancel_batch"))(keys=[keys.batch_meta(batch_id)])
+        if self._batches.cancel(batch_id) is None:  # one Lua call: an ended batch keeps its status
+            raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis")
         return self.status(batch_id)
 
     def delete(self, batch_id: str, force: bool = False) -> dict[str, Any]:
@@ -202,7 +204,7 @@ class Client:
         return restarted
 
     def overview(self) -> dict[str, Any]:
-        """Queue depth, deferred jobs, parked pairs and the most recent batches."""
+        """Queue depth, deferred jobs, parked pairs, dead-lettered chunks and the most recent batches."""
         recent = []
         for batch_id in (text(b) for b in self.redis.zrevrange(keys.batches_index(), 0, 9)):
             try:
@@ -213,6 +215,8 @@ class Client:
             "queue_depth": self.redis.llen("ratequeue"),
             "deferred_jobs": self.redis.zcard(keys.deferred_jobs()),
             "parked": self.parked(),
+            # Chunks that failed RATEQUEUE_MAX_CHUNK_FAILURES times (newest first; their jobs failed).
+            "dead_lettered_chunks": [orjson.loads(r) for r in self.redis.lrange(keys.dead_letters(), 0, 9)],
             "recent_batches": [{k: b[k] for k in ("id", "status", "request_counts", "cost_usd")} for b in recent],
         }
 

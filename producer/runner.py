@@ -89,12 +89,11 @@ def run_file(
     errors_path = errors_path or errors_path_for(results_path)
     started = time.monotonic()
     with redis_for(settings, console) as url:
-        env["RATEQUEUE_REDIS_URL"] = url
+        env["RATEQUEUE_REDIS_URL"] = url  # the workers' environment; this process gets settings
         settings = load_settings(env)
-        os.environ["RATEQUEUE_REDIS_URL"] = url  # the Celery app of this process publishes there
         from ratequeue.producer.api import Client
 
-        client = Client(settings)
+        client = Client(settings)  # publishes through an app of its own, built from these settings
         with local_workers(workers, env, settings.data_dir / "logs"):
             report = client.submit_batch(input_path, completion_window)
             console.print(

