@@ -8,8 +8,8 @@ gates of several processes share the refill fairly) before asking again. So a pr
 one Redis call per bucket per `retry_in`, whatever the number of waiters; the pump exits when idle.
 
 A waiter given up before its grant (timeout or cancellation) is charged nothing; one given up after
-its grant but before its send time is refunded. Redis failures are logged and retried with backoff;
-waiters keep waiting until their own timeout.
+its grant but before its send time is refunded. Redis failures are logged and retried with backoff
+(tenacity: exponential, jittered, capped); waiters keep waiting until their own timeout.
 """
 
 from __future__ import annotations
@@ -21,8 +21,17 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random_exponential,
+)
+
 from ratequeue.errors import RatequeueError
-from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError, check_cost
+from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError, ReserveResult, check_cost
 
 __all__ = ["BucketGate", "CapacityTimeout", "GateRegistry", "Grant"]
 
@@ -30,6 +39,14 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_MIN = 0.05  # seconds; first retry after a Redis error
 _BACKOFF_MAX = 2.0
+# Reservations: 0.05 s doubling up to 2 s, each drawn from [half, all] of that: half fixed (Redis
+# is not asked again at once), half random (the gates of many processes do not retry in step).
+_RESERVE_WAIT = wait_exponential(multiplier=_BACKOFF_MIN / 2, max=_BACKOFF_MAX / 2) + wait_random_exponential(
+    multiplier=_BACKOFF_MIN / 2, max=_BACKOFF_MAX / 2
+)
+# Refunds: 0.1 s doubling, 6 tries in all (~3 s), then dropped: a lost refund only makes us slower.
+_REFUND_WAIT = wait_exponential(multiplier=2 * _BACKOFF_MIN, max=_BACKOFF_MAX)
+_REFUND_ATTEMPTS = 6
 
 
 class CapacityTimeout(RatequeueError):
@@ -186,26 +203,9 @@ class BucketGate:
 
     async def _pump(self) -> None:
         loop = asyncio.get_running_loop()
-        failures = 0
         try:
-            while batch := self._take_batch():
-                self._next_attempt = loop.time()
-                try:
-                    result = await self.limiter.reserve(self.key, self._limits, [w.cost for w in batch])
-                except asyncio.CancelledError:
-                    self._requeue(batch)
-                    raise
-                except Exception as exc:  # Redis down or restarting: keep the waiters, retry later
-                    self._requeue(batch)
-                    failures += 1
-                    delay = min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** (failures - 1)) * random.uniform(0.5, 1)
-                    log.warning(
-                        "reserve on %s failed (%s); retrying in %.2fs", self.key, exc, delay,
-                        exc_info=not isinstance(exc, LimiterError),  # anything else is a bug: show it
-                    )
-                    await self._sleep(delay)
-                    continue
-                failures = 0
+            while reserved := await self._reserve_next():
+                batch, result = reserved
                 received = loop.time()  # after Redis's now: releasing from here is never early
                 for waiter, wait in zip(batch, result.waits, strict=False):
                     self._grant(waiter, received + wait)
@@ -216,6 +216,37 @@ class BucketGate:
                     await self._sleep(max(result.retry_in, self.min_interval * random.uniform(0.5, 1.5)))
         finally:
             self._pump_task = None
+
+    async def _reserve_next(self) -> tuple[list[_Waiter], ReserveResult] | None:
+        """Reserve for the next batch of waiters; None once none is left.
+
+        Redis down or restarting: the batch goes back to the queue and the reservation is retried
+        with backoff for as long as waiters are left (each gives up at its own timeout). Each
+        attempt takes a fresh batch: waiters that gave up meanwhile are skipped, new ones joined.
+        The backoff sleep is the pump's own, so new limits or a head giving up cut it short.
+        """
+        retrying = AsyncRetrying(wait=_RESERVE_WAIT, sleep=self._sleep, before_sleep=self._log_reserve_failure,
+                                 reraise=True)  # stop_never: the waiters' timeouts bound the wait
+        async for attempt in retrying:
+            with attempt:
+                batch = self._take_batch()
+                if not batch:
+                    return None
+                self._next_attempt = asyncio.get_running_loop().time()
+                try:
+                    return batch, await self.limiter.reserve(self.key, self._limits, [w.cost for w in batch])
+                except BaseException:  # Redis failed, or the pump is cancelled: keep the waiters
+                    self._requeue(batch)
+                    raise
+        raise AssertionError("unreachable: AsyncRetrying retries for ever or raises")
+
+    def _log_reserve_failure(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "reserve on %s failed (%s); retrying in %.2fs", self.key, exc, delay,
+            exc_info=exc if not isinstance(exc, LimiterError) else None,  # anything else is a bug: show it
+        )
 
     def _take_batch(self) -> list[_Waiter]:
         batch: list[_Waiter] = []
@@ -290,24 +321,29 @@ class BucketGate:
             self._refund_task = asyncio.get_running_loop().create_task(self._flush_refunds())
 
     async def _flush_refunds(self) -> None:
-        failures = 0
         try:
             while self._refund_requests:
-                tokens, requests = self._refund_tokens, self._refund_requests
-                self._refund_tokens = self._refund_requests = 0
                 try:
-                    await self.limiter.reconcile(self.key, self._limits, tokens, requests)
-                    failures = 0
-                except Exception as exc:
-                    failures += 1
-                    if failures > 5:  # dropping a refund only makes us slower, never over the limit
-                        log.warning("dropping refund of %d tokens on %s: %s", tokens, self.key, exc)
-                        continue
-                    self._refund_tokens += tokens
-                    self._refund_requests += requests
-                    await asyncio.sleep(min(_BACKOFF_MAX, _BACKOFF_MIN * 2**failures))
+                    async for attempt in AsyncRetrying(wait=_REFUND_WAIT, stop=stop_after_attempt(_REFUND_ATTEMPTS)):
+                        with attempt:
+                            await self._send_refunds()
+                except RetryError as exc:  # dropping a refund only makes us slower, never over the limit
+                    log.warning("dropping refund of %d tokens on %s: %s", self._refund_tokens, self.key,
+                                exc.last_attempt.exception())
+                    self._refund_tokens = self._refund_requests = 0
         finally:
             self._refund_task = None
+
+    async def _send_refunds(self) -> None:
+        """Send the refunds due so far in one call; on failure they stay due (with any new ones)."""
+        tokens, requests = self._refund_tokens, self._refund_requests
+        self._refund_tokens = self._refund_requests = 0
+        try:
+            await self.limiter.reconcile(self.key, self._limits, tokens, requests)
+        except BaseException:
+            self._refund_tokens += tokens
+            self._refund_requests += requests
+            raise
 
 
 class GateRegistry:
