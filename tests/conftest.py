@@ -1,14 +1,29 @@
-"""Shared fixtures: the real Redis on 6379 (a database of its own), the simulator, workers."""
+"""Shared fixtures: the real Redis on 6379 (a database of its own), the simulator, workers; the
+one way tests wait for background work (`wait_until`); and the test kinds (markers).
+
+Test kinds, registered in pyproject.toml and selected with ``pytest -m unit`` (or ``integration``,
+``e2e``, ``"not e2e"``):
+
+    unit         no I/O beyond temporary files: pure functions, in-memory objects
+    integration  the real Redis (the fixtures' database or a private redis-server) or an HTTP
+                 server run inside the test process
+    e2e          real worker processes or other subprocesses (simulator, CLI, Prometheus, ...)
+
+A test marked explicitly (per test or with a module's ``pytestmark``) keeps its mark; any other
+is marked by the fixtures it uses (`start_worker`: e2e; `redis_url`, `rclient`, `mredis`:
+integration), else unit. Exactly one kind per test, so the groups partition the suite.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +37,66 @@ REDIS_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
 METRICS_DB = int(os.environ.get("RATEQUEUE_TEST_METRICS_DB", "12"))
 METRICS_REDIS_URL = f"redis://127.0.0.1:6379/{METRICS_DB}"  # the monitoring tests' own database
 ROOT = Path(__file__).resolve().parent.parent
+
+KINDS = ("unit", "integration", "e2e")
+# The fixtures that make a test of a kind; the first kind found in this order wins.
+_KIND_FIXTURES = {"e2e": {"start_worker"}, "integration": {"redis_url", "rclient", "mredis"}}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give each test without an explicit kind marker the kind of the fixtures it uses."""
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in KINDS):
+            continue
+        used = set(getattr(item, "fixturenames", ()))
+        kind = next((k for k, fixtures in _KIND_FIXTURES.items() if used & fixtures), "unit")
+        item.add_marker(kind)
+
+
+def _explain(what: str, timeout: float, explain: Callable[[], object] | None) -> str:
+    detail = f": {explain()}" if explain is not None else ""
+    return f"timed out after {timeout} s waiting for {what}{detail}"
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str = "the condition",
+    poll: float = 0.05,
+    explain: Callable[[], object] | None = None,
+) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds.
+
+    The way to wait for background work (a worker, a server, a task): a fixed sleep is either too
+    short on a loaded machine or wastes time on a fast one. `timeout` is the bound past which the
+    behaviour counts as broken, so make it generous; `explain` adds context to the failure.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(_explain(what, timeout, explain))
+        time.sleep(poll)
+
+
+async def async_wait_until(
+    predicate: Callable[[], object] | Callable[[], Awaitable[object]],
+    timeout: float,
+    what: str = "the condition",
+    poll: float = 0.01,
+    explain: Callable[[], object] | None = None,
+) -> None:
+    """`wait_until` for a test's own event loop: `predicate` may be a coroutine function, and the
+    loop keeps running (the background task being waited for needs it) between polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(_explain(what, timeout, explain))
+        await asyncio.sleep(poll)
 
 
 @contextlib.contextmanager

@@ -13,16 +13,17 @@ import redis.asyncio
 from ratequeue.errors import ConfigError, RequestTooLargeError
 from ratequeue.jobstore.keys import bucket_key
 from ratequeue.worker.limiter import BucketLevels, BucketLimits, Limiter, LimiterError, ReserveResult, SyncLimiter
+from tests.conftest import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 LIMITS = BucketLimits(rpm=6000, tpm=60000, burst_seconds=1.0)  # 100 requests, 1000 tokens; per second
 
 pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.fixture
-def r() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the fixtures' clean database (REDIS_URL is the same, for the async client)."""
+    client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
 
@@ -86,10 +87,11 @@ def test_fractional_cost_is_rounded_up(r: redis.Redis, key: str) -> None:
 
 def test_reconcile_and_peek_return_levels(r: redis.Redis, key: str) -> None:
     limiter = SyncLimiter(r)
-    limiter.reserve(key, LIMITS, [800])
+    reserved = limiter.reserve(key, LIMITS, [800])
     levels = limiter.reconcile(key, LIMITS, token_delta=-100, request_delta=0, remaining_requests=42)
     assert isinstance(levels, BucketLevels)
-    assert levels.tokens == pytest.approx(100, abs=20)  # 1000 - 800 - 100 + refill of a few ms
+    refill = 1000 * (levels.now_us - reserved.now_us) / 1e6  # on Redis's clock: however slow the machine
+    assert levels.tokens == pytest.approx(min(1000, 1000 - 800 - 100 + refill), abs=1e-3)
     assert levels.requests == 42
     assert (levels.request_capacity, levels.token_capacity) == (100, 1000)
     peeked = limiter.peek(key, LIMITS)
@@ -100,12 +102,16 @@ def test_reconcile_and_peek_return_levels(r: redis.Redis, key: str) -> None:
 
 def test_set_not_before(r: redis.Redis, key: str) -> None:
     limiter = SyncLimiter(r, horizon_seconds=0.1)
+    seconds, micros = r.time()
+    before_us = seconds * 1_000_000 + micros
     limiter.set_not_before(key, 0.5)
     levels = limiter.peek(key, LIMITS)
-    assert levels.not_before_ms * 1000 - levels.now_us == pytest.approx(500_000, abs=20_000)
+    # 0.5 s after Redis's clock when it was set (ms resolution): between our two readings of it.
+    not_before_us = levels.not_before_ms * 1000
+    assert before_us + 500_000 - 1000 <= not_before_us <= levels.now_us + 500_000
     res = limiter.reserve(key, LIMITS, [1])
     assert res.granted == 0
-    assert res.retry_in == pytest.approx(0.4, abs=0.02)
+    assert res.retry_in == pytest.approx((not_before_us - res.now_us) / 1e6 - 0.1, abs=1e-3)
     with pytest.raises(ValueError):
         limiter.set_not_before(key, -1)
 

@@ -164,6 +164,7 @@ def test_status_class() -> None:
     ]
 
 
+@pytest.mark.e2e  # a forked process holds the port
 def test_metrics_server_serves_the_registry_and_survives_a_busy_port(pair: tuple[str, str]) -> None:
     model, account = pair
     metrics.retry(model, account, "timeout")
@@ -211,6 +212,7 @@ _PREFORK = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e  # a Python subprocess
 def test_prefork_children_are_merged_in_multiprocess_mode(tmp_path: Path) -> None:
     """PROMETHEUS_MULTIPROC_DIR: values written by forked children are served by the parent,
     and a dead child's in-flight gauge stops counting once it is marked dead."""

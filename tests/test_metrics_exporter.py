@@ -158,6 +158,7 @@ def test_live_workers_from_heartbeats(mredis: redis.Redis) -> None:
     assert reg.get_sample_value("ratequeue_worker_last_seen_timestamp_seconds") == pytest.approx(now - 1)
 
 
+@pytest.mark.integration  # a private redis-server
 def test_redis_memory_against_maxmemory_up_to_full(limited_redis: redis.Redis) -> None:
     client = limited_redis
     reg = _registry(client)
@@ -183,6 +184,7 @@ def test_redis_memory_against_maxmemory_up_to_full(limited_redis: redis.Redis) -
     assert used is not None and used < MAXMEMORY / 4
 
 
+@pytest.mark.integration  # a private redis-server
 def test_redis_memory_max_is_zero_without_maxmemory(tmp_path: Path) -> None:
     with private_redis() as url:
         client = redis.Redis.from_url(url)
@@ -192,6 +194,7 @@ def test_redis_memory_max_is_zero_without_maxmemory(tmp_path: Path) -> None:
         client.close()
 
 
+@pytest.mark.integration  # a private redis-server
 def test_memory_is_kept_when_a_later_read_fails(limited_redis: redis.Redis) -> None:
     limited_redis.set(keys.batches_index(), "not a sorted set")  # the batch read fails: WRONGTYPE
     reg = _registry(limited_redis)
@@ -200,6 +203,7 @@ def test_memory_is_kept_when_a_later_read_fails(limited_redis: redis.Redis) -> N
     assert reg.get_sample_value("ratequeue_redis_memory_max_bytes") == MAXMEMORY
 
 
+@pytest.mark.integration  # connects to a closed port
 def test_redis_down_gives_only_redis_up_zero() -> None:
     client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     reg = _registry(client)
@@ -209,6 +213,7 @@ def test_redis_down_gives_only_redis_up_zero() -> None:
     assert reg.get_sample_value("ratequeue_redis_memory_max_bytes") is None
 
 
+@pytest.mark.e2e  # the exporter process
 def test_exporter_process_serves_metrics(mredis: redis.Redis, tmp_path: Path) -> None:
     """`python -m ratequeue.producer.exporter` (what `ratequeue exporter` runs) prints its port and serves /metrics."""
     _batch(mredis, "batch_x", "in_progress", 3, 1, 0, 0.0, 1.0)

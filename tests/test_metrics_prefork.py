@@ -22,6 +22,7 @@ from ratequeue.sim.process import start_sim
 from tests.conftest import METRICS_REDIS_URL, ROOT, base_env
 
 REDIS_URL = METRICS_REDIS_URL
+pytestmark = pytest.mark.e2e  # prefork worker processes
 JOBS = 30
 
 

@@ -29,7 +29,7 @@ from ratequeue.config.settings import load_settings
 from ratequeue.jobstore import keys
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import SimHandle, start_sim
-from tests.conftest import ROOT, base_env, private_redis
+from tests.conftest import ROOT, base_env, private_redis, wait_until
 
 PROM = ROOT / "ops" / "prometheus"
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "ratequeue.json"
@@ -52,14 +52,6 @@ def free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float, explain: Callable[[], object] = str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}: {explain()}")
-        time.sleep(0.2)
-
-
 class Prometheus:
     """A Prometheus server process and its HTTP API."""
 
@@ -77,7 +69,7 @@ class Prometheus:
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir,
         )
-        wait_for("Prometheus to be ready", self.ready, 20)
+        wait_until(self.ready, 20, "Prometheus to be ready", poll=0.2)
 
     def ready(self) -> bool:
         assert self.process.poll() is None, "prometheus exited; see prometheus.log"
@@ -171,8 +163,8 @@ def test_dashboard_and_rules_against_a_real_prometheus(
     prom = Prometheus(project_config(worker_port, exporter_port, prom_port), tmp_path, prom_port)
     try:
         # Prometheus hands new targets to its scrapers about 5 s after start: wait for every one.
-        wait_for("every target to be scraped", lambda: _targets_health(prom) == {"up"}, 30,
-                 lambda: [(t["scrapeUrl"], t["lastError"]) for t in prom.api("targets")["activeTargets"]])
+        wait_until(lambda: _targets_health(prom) == {"up"}, 30, "every target to be scraped", poll=0.2,
+                   explain=lambda: [(t["scrapeUrl"], t["lastError"]) for t in prom.api("targets")["activeTargets"]])
         _run(prom, mredis, sim, env, time.time())
     finally:
         prom.stop()
@@ -190,10 +182,16 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
     # The provider says the quota is spent: the next job parks its (account, model) and waits.
     sim.configure(quota_usd=0.0)
     client.submit_job({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
-    wait_for("the pair to be parked", lambda: mredis.hlen(keys.parked_pairs()) == 1, 15)
-    wait_for("Prometheus to see the parked pair", lambda: prom.value("max(ratequeue_parked_pairs)") == 1, 10)
-    wait_for("every rule to be evaluated", lambda: _rules_health(prom) == {"ok"}, 10)
-    time.sleep(2)  # two more scrapes of the final state
+    wait_until(lambda: mredis.hlen(keys.parked_pairs()) == 1, 30, "the pair to be parked", poll=0.2)
+    wait_until(lambda: prom.value("max(ratequeue_parked_pairs)") == 1, 30, "Prometheus to see the parked pair",
+               poll=0.2)
+    wait_until(lambda: _rules_health(prom) == {"ok"}, 30, "every rule to be evaluated", poll=0.2)
+    # Scrapes of the final state: Prometheus has every call the simulator answered (not a fixed
+    # sleep, which a busy machine's late scrape would outlast).
+    def scraped_final_counts() -> bool:
+        return bool(prom.value("sum(ratequeue_upstream_requests_total)") == sim.stats(timeline=False)["requests_total"])
+
+    wait_until(scraped_final_counts, 30, "Prometheus to scrape the final counts", poll=0.2)
 
     # What Prometheus saw agrees with the simulator's own counts and the batch's.
     stats = sim.stats(timeline=False)

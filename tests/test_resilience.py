@@ -19,7 +19,7 @@ from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
 from ratequeue.producer.embedded import EmbeddedRedis
 from ratequeue.sim.process import SimHandle, start_sim
-from tests.conftest import base_env
+from tests.conftest import base_env, wait_until
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 
@@ -28,13 +28,6 @@ def _jobs(n: int, prefix: str = "j") -> list[dict[str, Any]]:
     return [{"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
              "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"item {i}"}],
                       "max_tokens": 20}} for i in range(n)]
-
-
-def _until(predicate: Callable[[], bool], timeout: float, poll: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(poll)
 
 
 @pytest.fixture
@@ -50,7 +43,7 @@ def test_insufficient_quota_parks_the_pair_with_one_probe_per_cooldown(
     start_worker(env)
     client = Client(load_settings(env))
     report = client.submit_batch(_jobs(60))
-    _until(lambda: bool(client.parked()), timeout=20)
+    wait_until(lambda: bool(client.parked()), 20, "the pair to be parked")
     [(pair, why)] = client.parked().items()
     assert pair.endswith(":gpt-4o-mini") and why["reason"] == "insufficient_quota"
     time.sleep(1.0)  # calls already in flight when the quota ran out come back meanwhile

@@ -16,7 +16,7 @@ import pytest
 
 from ratequeue.sim.process import SimError, SimHandle, start_sim
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.e2e]  # the simulator runs as a subprocess
 
 BASELINE: dict[str, Any] = {
     "models": None,

@@ -13,7 +13,7 @@ import pytest
 
 from ratequeue.sim.process import SimHandle, start_sim
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.e2e]  # the simulator runs as a subprocess
 
 GO_DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?(s|ms|µs|ns))$|^0s$")
 RATE_HEADERS = (
