@@ -178,10 +178,8 @@ class JobRunner:
         )
 
     async def _stop_code(self, state: BatchState) -> str | None:
-        if state.status in ("cancelling", "cancelled"):
-            return "batch_cancelled"
-        if state.status == "expired":
-            return "batch_expired"
+        if state.stop_code is not None:  # cancelling/cancelled, or finalizing/expired (the batch store's rule)
+            return state.stop_code
         if state.expires_at is not None and time.time() > state.expires_at:
             await self.store.mark_expired(state.batch_id)
             return "batch_expired"
