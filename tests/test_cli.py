@@ -14,6 +14,8 @@ from ratequeue.sim.process import start_sim
 from ratequeue.worker.__main__ import pool_option
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.e2e  # subprocesses
+
 RATEQUEUE = [sys.executable, "-c", "from ratequeue.producer.cli import entry; entry()"]
 
 

@@ -34,6 +34,7 @@ def project_services() -> dict[str, dict[str, Any]]:
     return {name: svc for name, svc in services().items() if "build" in svc}
 
 
+@pytest.mark.e2e
 def test_compose_file_matches_the_compose_specification() -> None:
     checker = Path(sys.executable).parent / "check-jsonschema"
     assert checker.exists(), "check-jsonschema missing: it is a dev dependency (pip install -e '.[dev]')"

@@ -25,7 +25,7 @@ from ratequeue.producer.api import Client
 from ratequeue.worker.feedback import MAX_SERVER_WAIT, MIN_SERVER_WAIT, parse_ratelimit_headers, retry_after_seconds
 from ratequeue.worker.policy import Backoff, Verdict, classify
 from ratequeue.worker.upstream import Timeouts, UpstreamClient, UpstreamResponse
-from tests.conftest import base_env
+from tests.conftest import base_env, wait_until
 from tests.hostile_server import HostileServer
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
@@ -152,13 +152,6 @@ def _job(i: int) -> dict[str, Any]:
     return {"custom_id": f"h-{i}", "method": "POST", "url": CHAT, "body": BODY}
 
 
-def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 def test_a_broken_json_200_fails_after_retries_with_its_first_bytes(
     redis_url: str, tmp_path: Path, start_worker: StartWorker, hostile: HostileServer
 ) -> None:
@@ -202,7 +195,7 @@ def test_sigterm_stops_a_worker_with_a_hanging_call_and_another_finishes_the_job
     hanging = start_worker(hanging_env)
     client = Client(load_settings(hanging_env))
     report = client.submit_batch([_job(i) for i in range(3)])
-    _until(lambda: hostile.stats()["calls"].get("hang", 0) >= 3, 30, "the calls never started")
+    wait_until(lambda: hostile.stats()["calls"].get("hang", 0) >= 3, 30, "the calls never started")
     stopped = time.monotonic()
     hanging.send_signal(signal.SIGTERM)
     hanging.wait(timeout=30)

@@ -39,10 +39,12 @@ def _promtool(*args: str) -> str:
 
 
 @pytest.mark.parametrize("config", ["prometheus.yml", "prometheus-local.yml"])
+@pytest.mark.e2e
 def test_promtool_checks_the_configs(config: str) -> None:
     _promtool("check", "config", config)
 
 
+@pytest.mark.e2e
 def test_promtool_checks_and_unit_tests_the_rules() -> None:
     _promtool("check", "rules", "alerts.yml")
     assert "SUCCESS" in _promtool("test", "rules", "alerts_test.yml")

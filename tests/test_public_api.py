@@ -6,6 +6,8 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+
 import ratequeue
 from ratequeue import errors
 from ratequeue.producer import api
@@ -23,6 +25,7 @@ def test_all_holds_the_producer_api_and_every_error() -> None:
     assert ratequeue.Client is api.Client and ratequeue.RedisFullError is errors.RedisFullError
 
 
+@pytest.mark.e2e
 def test_importing_ratequeue_loads_neither_the_producer_nor_the_worker() -> None:
     loaded = "sorted(m for m in sys.modules if m.startswith(('ratequeue.producer', 'ratequeue.worker', 'celery')))"
     code = f"import sys, ratequeue; from ratequeue.jobstore import keys; print({loaded})"

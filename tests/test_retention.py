@@ -22,7 +22,7 @@ from ratequeue.jobstore.scripts import lua_source
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import SimHandle, start_sim
 from ratequeue.worker.deferred import DeferredMover
-from tests.conftest import base_env
+from tests.conftest import base_env, wait_until
 from tests.test_cli import RATEQUEUE, _env
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
@@ -57,13 +57,6 @@ def _assert_all_expire(r: redis.Redis, batch_id: str, within_ms: int) -> None:
     ttls = _batch_keys(r, batch_id)
     assert keys.batch_meta(batch_id) in ttls and keys.batch_order(batch_id) in ttls, ttls
     assert all(0 < ttl <= within_ms for ttl in ttls.values()), ttls
-
-
-def _until(predicate: Callable[[], bool], timeout: float, poll: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(poll)
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -306,7 +299,7 @@ def test_ended_batches_expire_and_leave_zero_bytes(
     assert long.wait(cancelled, timeout=30)["status"] == "cancelled"
     _assert_all_expire(rclient, cancelled, 600_000)
     batch = long.wait(expired, timeout=30)
-    _until(lambda: long.status(expired)["retained_until"] is not None, timeout=30)
+    wait_until(lambda: long.status(expired)["retained_until"] is not None, timeout=30)
     assert batch["status"] == "expired"
     _assert_all_expire(rclient, expired, 600_000)
 
@@ -330,15 +323,15 @@ def test_delete_of_a_running_batch_with_a_worker_leaves_nothing_behind(
     start_worker(env)
     client = Client(load_settings(env))
     batch_id = client.submit_batch(_jobs(40, model="gpt-4o")).batch_id
-    _until(lambda: client.status(batch_id)["request_counts"]["completed"] > 0, timeout=30)
-    _until(lambda: bool(_deferred_members(rclient, batch_id)), timeout=30)
+    wait_until(lambda: client.status(batch_id)["request_counts"]["completed"] > 0, timeout=30)
+    wait_until(lambda: bool(_deferred_members(rclient, batch_id)), timeout=30)
     with pytest.raises(BatchRunningError):
         client.delete(batch_id)
     assert client.delete(batch_id, force=True)["status"] == "in_progress"
     assert _batch_keys(rclient, batch_id) == {} and not _deferred_members(rclient, batch_id)
     # Calls in flight come back, deferred jobs come due: none of it brings the batch back.
     time.sleep(4.0)
-    _until(lambda: not _deferred_members(rclient, batch_id), timeout=20)
+    wait_until(lambda: not _deferred_members(rclient, batch_id), timeout=20)
     assert _batch_keys(rclient, batch_id) == {}
     with pytest.raises(BatchNotFoundError):
         client.status(batch_id)

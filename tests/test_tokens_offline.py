@@ -130,6 +130,8 @@ def test_the_network_guard_works(tmp_path: Path) -> None:
     # Without seeding, tiktoken tries to download: the guard above must catch it, or the tests prove nothing.
     code = """
 import tiktoken
+
+pytestmark = pytest.mark.e2e  # subprocesses
 try:
     tiktoken.get_encoding("cl100k_base")
 except Exception as exc:

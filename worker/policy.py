@@ -15,15 +15,14 @@ or a cut connection produces now and then, and a second try usually works.
 
 The wait before a retry honours the server (``retry-after-ms``, ``retry-after`` as seconds or an
 HTTP date, or "Please try again in 1.2s" in a 429 message) and otherwise uses exponential backoff
-with full jitter (tenacity's ``wait_random_exponential``); see ``worker.feedback``.
+with full jitter (as tenacity's ``wait_random_exponential``); see ``worker.feedback``.
 """
 
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass
-
-from tenacity import wait_random_exponential
 
 from ratequeue.worker.feedback import retry_after_seconds
 from ratequeue.worker.upstream import UpstreamResponse
@@ -136,21 +135,19 @@ def _http_status(verdict: Verdict, status: int, wait: float | None = None) -> Cl
 
 
 class Backoff:
-    """Seconds to wait before retry ``attempt`` (1-based): the server's word, else full jitter."""
+    """Seconds to wait before retry ``attempt`` (1-based): the server's word, else full jitter.
+
+    Full jitter is what tenacity's ``wait_random_exponential`` draws, written out: a job's attempts
+    span Celery deliveries and workers (the count lives in Redis), so no tenacity retry loop owns
+    them. tenacity drives the loops that do run in one place (``worker.gate``, ``worker.store``).
+    """
 
     def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
-        self._jitter = wait_random_exponential(multiplier=base, max=cap)
+        self._base = base
+        self._cap = cap
 
     def delay(self, attempt: int, classified: Classified) -> float:
         """Seconds, finite and > 0 when the server said so (``worker.feedback.bounded_wait``)."""
         if classified.retry_after is not None:
             return classified.retry_after
-        state = _AttemptState(attempt)
-        return float(self._jitter(state))  # type: ignore[arg-type]
-
-
-class _AttemptState:
-    """The one field of tenacity's RetryCallState that its wait strategies read."""
-
-    def __init__(self, attempt_number: int) -> None:
-        self.attempt_number = attempt_number
+        return random.uniform(0.0, min(self._cap, self._base * 2 ** max(0, attempt - 1)))
