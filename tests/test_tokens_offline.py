@@ -14,6 +14,9 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # every test runs a subprocess
 ROOT = Path(__file__).resolve().parent.parent
 O200K = (
     "fb374d419588a4632f3f557e76b4b70aebbca790",
@@ -130,8 +133,6 @@ def test_the_network_guard_works(tmp_path: Path) -> None:
     # Without seeding, tiktoken tries to download: the guard above must catch it, or the tests prove nothing.
     code = """
 import tiktoken
-
-pytestmark = pytest.mark.e2e  # subprocesses
 try:
     tiktoken.get_encoding("cl100k_base")
 except Exception as exc:
