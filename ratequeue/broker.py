@@ -36,11 +36,17 @@ from typing import Any
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import OutOfMemoryError
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 log = logging.getLogger(__name__)
 
 #: The value of Celery's ``broker_transport`` setting that selects this transport.
 TRANSPORT = "ratequeue.broker:Transport"
+
+
+def worker_stopping() -> bool:
+    """True once Celery's worker was told to stop (warm or cold): waits should end."""
+    return bool(worker_state.should_stop or worker_state.should_terminate)
 
 
 def _running_task_ids() -> set[str]:
@@ -51,17 +57,16 @@ def _running_task_ids() -> set[str]:
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: Any) -> None:
         """Record a delivered message as unacked; while Redis is full, wait for room (see module doc)."""
-        delay, logged = 0.1, 0.0
-        while True:
-            try:
-                super().append(message, delivery_tag)
-                return
-            except OutOfMemoryError as exc:
-                if time.monotonic() - logged > 30.0:
-                    logged = time.monotonic()
-                    log.warning("Redis is full; holding a received message until it has room: %s", exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        logged = [0.0]
+
+        def held(state: RetryCallState) -> None:  # one line per 30 s of a full Redis, not per try
+            if time.monotonic() - logged[0] > 30.0:
+                logged[0] = time.monotonic()
+                exc = state.outcome.exception() if state.outcome is not None else None
+                log.warning("Redis is full; holding a received message until it has room: %s", exc)
+
+        Retrying(retry=retry_if_exception_type(OutOfMemoryError), wait=wait_exponential(multiplier=0.1, max=2.0),
+                 before_sleep=held, reraise=True)(super().append, message, delivery_tag)
 
     def restore_unacked(self, client: Any = None) -> list[Any]:
         """Give back unacked messages, except those whose task is still running (see module doc)."""

@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import uvloop
+from tenacity import AsyncRetrying, stop_after_delay, stop_when_event_set, wait_exponential
 
 from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
@@ -64,7 +64,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="ratequeue-engine", daemon=True)
         self._thread.start()
         self._chunks: set[asyncio.Task[ChunkReport]] = set()  # touched on the loop only
-        self._stopping = False
+        self._stopping = threading.Event()  # set at shutdown; read by tenacity too
         asyncio.run_coroutine_threadsafe(self._setup(), self._loop).result()
 
     async def _setup(self) -> None:
@@ -118,7 +118,7 @@ class Engine:
         Non-blocking, safe from a signal handler: the work is scheduled on the engine's loop.
         """
         def cancel_all() -> None:
-            self._stopping = True
+            self._stopping.set()
             for task in list(self._chunks):
                 task.cancel()
             if self._chunks:
@@ -127,7 +127,7 @@ class Engine:
         self._loop.call_soon_threadsafe(self._loop.call_later, max(0.0, grace), cancel_all)
 
     async def _tracked(self, batch_id: str, custom_ids: Sequence[str], owner: str) -> ChunkReport:
-        if self._stopping:
+        if self._stopping.is_set():
             raise WorkerStopping("the worker is shutting down")
         task = asyncio.current_task()
         assert task is not None
@@ -135,7 +135,7 @@ class Engine:
         try:
             return await self._run_chunk(batch_id, custom_ids, owner)
         except asyncio.CancelledError:
-            if not self._stopping:
+            if not self._stopping.is_set():
                 raise
             # The jobs' calls were cancelled: let the next run take them at once, not after the lease.
             await asyncio.shield(self.leases.release(batch_id, owner, custom_ids))
@@ -149,18 +149,16 @@ class Engine:
             self._chunks.discard(task)
 
     async def _release_when_possible(self, batch_id: str, owner: str, custom_ids: Sequence[str]) -> None:
-        deadline = time.monotonic() + JOB_LEASE_SECONDS
-        delay = 0.2
-        while not self._stopping:
-            try:
-                await self.leases.release(batch_id, owner, custom_ids)
-                return
-            except Exception as exc:
-                if time.monotonic() + delay > deadline:  # past it the leases have expired anyway
-                    log.warning("leases of a failed chunk of %s left to expire: %s", batch_id, exc)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        """Release the leases, retrying (0.2 s doubling to 2 s) for as long as they would last."""
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            stop=stop_after_delay(JOB_LEASE_SECONDS) | stop_when_event_set(self._stopping),
+            reraise=True,
+        )
+        try:
+            await retrying(self.leases.release, batch_id, owner, custom_ids)
+        except Exception as exc:  # past the lease's life it has expired anyway
+            log.warning("leases of a failed chunk of %s left to expire: %s", batch_id, exc)
 
     def close(self) -> None:
         async def _close() -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 from celery import Task
 from celery.exceptions import Reject
-from celery.worker import state as worker_state
+from tenacity import Retrying, retry_if_exception_type, wait_fixed
 
 from ratequeue import broker
 from ratequeue.config.models import load_model_table
@@ -103,12 +102,9 @@ class WorkerRuntime:
         client = redis.Redis.from_url(s.redis_url or DEFAULT_REDIS_URL, socket_timeout=poll, **redis_options(s))
         probe = f"rq:probe:writable:{os.getpid()}"
         try:
-            while not (worker_state.should_stop or worker_state.should_terminate):
-                try:
-                    client.set(probe, 1, px=5000)
-                    return
-                except redis.RedisError:
-                    time.sleep(poll)
+            Retrying(retry=retry_if_exception_type(redis.RedisError), wait=wait_fixed(poll),
+                     stop=lambda _: broker.worker_stopping(), retry_error_callback=lambda _: None,
+                     )(client.set, probe, 1, px=5000)
         finally:
             client.close()
 
