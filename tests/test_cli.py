@@ -97,3 +97,13 @@ def test_the_pool_asked_for_on_the_command_line_is_found(args: list[str], pool: 
     # `ratequeue worker --pool=...` must reach Celery's config (see worker/__main__.py); the
     # prefork case runs end to end in tests/test_metrics_prefork.py.
     assert pool_option(args) == pool
+
+
+def test_the_cli_loads_neither_the_simulator_nor_the_exporter_until_their_command_runs() -> None:
+    """They pull in aiohttp and prometheus-client: ~0.3 s on every invocation, --help included."""
+    slow = ("ratequeue.sim", "ratequeue.producer.exporter", "aiohttp")
+    code = f"import sys; import ratequeue.producer.cli; print(sorted(m for m in sys.modules if m.startswith({slow})))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    shown = subprocess.run([*RATEQUEUE, "sim", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--rpm" in shown and "sim [OPTIONS]" in shown  # the real command, loaded on use
