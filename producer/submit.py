@@ -151,17 +151,15 @@ class Submitter:
     ) -> int:
         """Store one block in one transaction: a Redis that is full refuses all of it, not part."""
         meta = keys.batch_meta(batch_id)
+        jobs = {item.custom_id: item.dumps() for item in block if isinstance(item, StoredJob)}
         if bounded:
-            new = [i for i in block if isinstance(i, StoredJob)]
-            size = sum(len(job.dumps()) + capacity.RESULT_ALLOWANCE for job in new)
-            capacity.ensure_room(self._redis, size, f"storing jobs {report.jobs + 1}-{report.jobs + len(new)}")
+            size = sum(len(raw) + capacity.RESULT_ALLOWANCE for raw in jobs.values())
+            capacity.ensure_room(self._redis, size, f"storing jobs {report.jobs + 1}-{report.jobs + len(jobs)}")
         pipe = self._redis.pipeline(transaction=True)
         pipe.hincrby(meta, "total", len(block))
         order: list[str] = []
-        jobs: dict[str, bytes] = {}
         for item in block:
             if isinstance(item, StoredJob):
-                jobs[item.custom_id] = item.dumps()
                 order.append(item.custom_id)
                 report.jobs += 1
                 report.by_model[item.model] = report.by_model.get(item.model, 0) + 1

@@ -30,13 +30,14 @@ Three changes, on the channel and its QoS:
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import OutOfMemoryError
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
+from ratequeue.retrying import warn_every
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,12 @@ def _running_task_ids() -> set[str]:
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: Any) -> None:
         """Record a delivered message as unacked; while Redis is full, wait for room (see module doc)."""
-        logged = [0.0]
-
-        def held(state: RetryCallState) -> None:  # one line per 30 s of a full Redis, not per try
-            if time.monotonic() - logged[0] > 30.0:
-                logged[0] = time.monotonic()
-                exc = state.outcome.exception() if state.outcome is not None else None
-                log.warning("Redis is full; holding a received message until it has room: %s", exc)
-
+        try:  # every delivery passes here: the retry loop is built only when Redis is full
+            super().append(message, delivery_tag)
+            return
+        except OutOfMemoryError:
+            pass
+        held = warn_every(log, 30.0, "Redis is full; holding a received message until it has room: %s")
         Retrying(retry=retry_if_exception_type(OutOfMemoryError), wait=wait_exponential(multiplier=0.1, max=2.0),
                  before_sleep=held, reraise=True)(super().append, message, delivery_tag)
 

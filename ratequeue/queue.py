@@ -79,6 +79,11 @@ def publisher(settings: Settings) -> Publish:
     app = create_app(settings, set_as_current=False)
 
     def publish(batch_id: str, custom_ids: Sequence[str]) -> None:
-        app.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)
+        send_chunk(app, batch_id, custom_ids)
 
     return publish
+
+
+def send_chunk(app: Celery, batch_id: str, custom_ids: Sequence[str]) -> None:
+    """Put one chunk message (a batch id and up to ``chunk_size`` custom_ids) on ``app``'s queue."""
+    app.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)

@@ -21,6 +21,7 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "ratequeue"
 SHARED = ("ratequeue.jobstore", "ratequeue.tokens", "ratequeue.queue", "ratequeue.broker", "ratequeue.redact",
+          "ratequeue.retrying",
           "ratequeue.redis_tls")
 # What running a worker means: the producer (and a service importing ratequeue) must not load it.
 WORKER_RUNTIME = ("ratequeue.worker.app", "ratequeue.worker.tasks", "ratequeue.worker.engine",

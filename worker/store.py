@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.batches import AsyncBatchStore, BatchStatus
@@ -19,6 +20,7 @@ from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.jobstore.scripts import lua_source
+from ratequeue.retrying import warn_every
 from ratequeue.worker import metrics
 
 # Redis cannot take a write now but will later: gone (restarting), loading its data, or full.
@@ -199,18 +201,11 @@ class JobStore:
         While they wait, the outcomes count in the ``ratequeue_outcomes_held`` gauge; the warning
         is logged at most once per 30 s of one outage.
         """
-        # Imported here, not at the top: this method is the module's only user of tenacity.
-        from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
-
-        logged_at: float | None = None
-
-        def log_held(state: RetryCallState) -> None:
-            nonlocal logged_at
-            now = time.monotonic()
-            if logged_at is None or now - logged_at > 30.0:
-                logged_at = now
-                exc = state.outcome.exception() if state.outcome is not None else None
-                log.warning("holding %d paid outcome(s) of %s until Redis takes them: %s", count, batch_id, exc)
+        try:  # every flush of outcomes passes here: the retry loop is built only when Redis refuses
+            return await self._batches.store_outcomes(batch_id, args)
+        except REDIS_UNAVAILABLE:
+            pass
+        log_held = warn_every(log, 30.0, f"holding {count} paid outcome(s) of {batch_id} until Redis takes them: %s")
 
         async def hold(delay: float) -> None:
             metrics.outcomes_held(count)

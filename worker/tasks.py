@@ -21,7 +21,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_fixed
 from ratequeue import broker
 from ratequeue.config.models import load_model_table
 from ratequeue.config.settings import Settings
-from ratequeue.queue import DEFAULT_REDIS_URL, QUEUE, RUN_CHUNK
+from ratequeue.queue import DEFAULT_REDIS_URL, send_chunk
 from ratequeue.redis_tls import redis_options
 from ratequeue.tokens.encodings import ensure_offline_encodings
 from ratequeue.worker.deadletter import DeadLetters
@@ -110,7 +110,7 @@ class WorkerRuntime:
 
     def publish_chunk(self, batch_id: str, custom_ids: Sequence[str]) -> None:
         """Put one chunk message on the queue through this worker's app."""
-        self.app.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)
+        send_chunk(self.app, batch_id, custom_ids)
 
     # Celery signal handlers (connected by worker.app.build_worker) ---------------------------
 
