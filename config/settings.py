@@ -12,6 +12,8 @@ and FIELD one of RPM, TPM, CONTEXT_WINDOW, MAX_OUTPUT_TOKENS, CHARGE_RULE, e.g.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
 import re
@@ -27,6 +29,7 @@ from ratequeue.errors import ConfigError
 __all__ = [
     "CHARGE_RULES",
     "DEFAULT_BASE_URL",
+    "DEFAULT_REDIS_URL",
     "FrozenMap",
     "Secret",
     "Settings",
@@ -34,9 +37,21 @@ __all__ = [
     "mangle_model_name",
     "normalize_base_url",
     "parse_int",
+    "redact_url",
+    "shown_redis_url",
 ]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"  # what every command but run/demo uses when none is set
+# RATEQUEUE_* variables that are not settings but are read by someone: the CLI (DEBUG), the test
+# suite and benchmarks, docker-compose and Grafana's provisioning. They must not be warned about.
+_NOT_SETTINGS = frozenset({
+    "RATEQUEUE_DEBUG", "RATEQUEUE_TEST_DB", "RATEQUEUE_TEST_METRICS_DB", "RATEQUEUE_BENCH_REDIS_URL",
+    "RATEQUEUE_PROMETHEUS_URL", "RATEQUEUE_DASHBOARDS_DIR", "RATEQUEUE_REDIS_MAXMEMORY",
+})
+_warned_unknown: set[str] = set()
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _OVERRIDE_PREFIX = "RATEQUEUE_MODEL_"
 # FIELD suffix of an override variable -> (ModelSpec field, value kind)
@@ -55,7 +70,7 @@ def mangle_model_name(name: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", name.upper())
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
     """`url` with any password replaced by ``***`` (redis://:pw@host -> redis://:***@host)."""
     parts = urlsplit(url)
     if parts.password is None:
@@ -134,7 +149,7 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "redis_url" and value is not None:
-                value = _redact_url(value)
+                value = redact_url(value)
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 
@@ -144,8 +159,10 @@ class _Env:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
+        self.read: set[str] = set()  # every variable asked for: the settings there are
 
     def text(self, var: str) -> str | None:
+        self.read.add(var)
         value = self.env.get(var, "").strip()
         return value or None
 
@@ -285,6 +302,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),
         model_overrides=_read_overrides(e.env),
     )
+    _warn_unknown(e)
     # A task still running when the broker's visibility timeout ends is delivered again: a duplicate
     # upstream call. One upstream call can take the whole read timeout, so the timeout must exceed it.
     if settings.visibility_timeout <= settings.read_timeout:
@@ -315,3 +333,33 @@ def _flag(env: _Env, var: str, default: bool) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{var}={raw!r}: must be true or false")
+
+
+def shown_redis_url(url: str | None) -> str:
+    """The Redis URL in use as it may be shown: ``url`` or the default, password redacted."""
+    return redact_url(url or DEFAULT_REDIS_URL)
+
+
+def debug_requested(env: Mapping[str, str] | None = None) -> bool:
+    """``RATEQUEUE_DEBUG`` is on: the CLI shows tracebacks instead of one-line errors."""
+    try:
+        return _flag(_Env(os.environ if env is None else env), "RATEQUEUE_DEBUG", False)
+    except ConfigError:
+        return False
+
+
+def _warn_unknown(env: _Env) -> None:
+    """One warning per process for each ``RATEQUEUE_*`` variable that is no setting (a typo is
+    otherwise silently ignored), naming the closest known name. Per-model overrides are checked
+    by ``_read_overrides``."""
+    known = sorted(v for v in env.read | _NOT_SETTINGS if v.startswith("RATEQUEUE_"))
+    for var in sorted(env.env):
+        if (not var.startswith("RATEQUEUE_") or var in known or var.startswith(_OVERRIDE_PREFIX)
+                or var in _warned_unknown):
+            continue
+        _warned_unknown.add(var)
+        close = difflib.get_close_matches(var, known, n=1, cutoff=0.6)
+        if close:
+            log.warning("%s is not a ratequeue setting; did you mean %s?", var, close[0])
+        else:
+            log.warning("%s is not a ratequeue setting (see the README for the list)", var)

@@ -12,6 +12,10 @@ environment (``RATEQUEUE_REDIS_URL``, ...). Workers (``ratequeue worker``) do th
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -21,11 +25,12 @@ import orjson
 import redis
 
 from ratequeue.config.models import ModelTable, load_model_table
-from ratequeue.config.settings import Settings, load_settings
-from ratequeue.errors import BatchNotFoundError, InvalidRequestError, RedisFullError
+from ratequeue.config.settings import DEFAULT_REDIS_URL, Settings, load_settings, shown_redis_url
+from ratequeue.errors import BatchError, BatchNotFoundError, InvalidRequestError, RedisFullError, UsageError
 from ratequeue.jobstore import keys
-from ratequeue.jobstore.batches import BatchStatus, BatchStore
+from ratequeue.jobstore.batches import BatchExistsError, BatchStatus, BatchStore
 from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, live_workers
 from ratequeue.producer import capacity
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
 from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
@@ -35,7 +40,11 @@ from ratequeue.queue import Publish, publisher
 from ratequeue.redact import configured_secrets, redact_json
 from ratequeue.redis_tls import redis_options
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+log = logging.getLogger(__name__)
+
+# Connecting gives up after this long: an unreachable (firewalled) Redis is said at once, not hung on.
+REDIS_CONNECT_TIMEOUT = 5.0
+BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Client:
@@ -49,7 +58,10 @@ class Client:
     ) -> None:
         self.settings = settings or load_settings()
         self.table = table or load_model_table(self.settings)
-        self.redis = redis.Redis.from_url(self.settings.redis_url or DEFAULT_REDIS_URL, **redis_options(self.settings))
+        self.redis = redis.Redis.from_url(
+            self.settings.redis_url or DEFAULT_REDIS_URL, socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+            **redis_options(self.settings),
+        )
         if publish is None:
             publish = publisher(self.settings)
         self._submitter = Submitter(
@@ -63,15 +75,38 @@ class Client:
         source: str | Path | BinaryIO | Iterable[Mapping[str, Any]],
         completion_window: str = "24h",
         metadata: Mapping[str, Any] | None = None,
+        batch_id: str | None = None,
     ) -> SubmitReport:
         """Submit a Batch-format JSONL file (path or binary stream) or an iterable of request dicts.
 
         Invalid lines become error lines of the batch (naming line, field and reason); the valid
-        ones run. Returns once every job is stored in Redis and enqueued.
+        ones run. Returns once every job is stored in Redis and enqueued. Raises ``UsageError``
+        for an input with no requests (nothing is kept).
+
+        With ``batch_id`` (1-64 letters, digits, ``_``, ``-``) submitting is idempotent: the same
+        id and input again return the stored batch (``report.existing``) and queue nothing, also
+        when two submits race; the same id with another input raises ``BatchError`` naming both.
+        A stream or iterable given with a ``batch_id`` is read into memory first (its sha256 is
+        compared before anything is stored). A file's sha256 is kept as ``input_sha256``.
         """
         name = str(source) if isinstance(source, str | Path) else "<stream>"
+        if batch_id is not None and not BATCH_ID.fullmatch(batch_id):
+            raise UsageError(f"batch id {batch_id!r}: use 1 to 64 letters, digits, '_' or '-'")
+        digest = ""
+        if isinstance(source, str | Path):
+            with open(source, "rb") as stream:
+                digest = hashlib.file_digest(stream, "sha256").hexdigest()
+        elif batch_id is not None:
+            raw = source.read() if hasattr(source, "read") else b"\n".join(_as_lines(source))
+            digest, source = hashlib.sha256(raw).hexdigest(), io.BytesIO(raw)
         capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
-        batch_id = self._submitter.create_batch(self.settings.account_id, "", name, completion_window, metadata)
+        try:
+            batch_id = self._submitter.create_batch(
+                self.settings.account_id, "", name, completion_window, metadata, batch_id, digest
+            )
+        except BatchExistsError:
+            assert batch_id is not None
+            return self._submitted_before(batch_id, name, digest)
         limits = Limits(self.settings.max_file_bytes, self.settings.max_lines, self.settings.max_line_bytes)
         try:
             if isinstance(source, str | Path):
@@ -79,6 +114,9 @@ class Client:
                     report = self._submitter.add(batch_id, read_lines(stream, self._validator, limits))
             else:
                 report = self._submitter.add(batch_id, read_lines(_as_lines(source), self._validator, limits))
+            if report.jobs + report.errors == 0:  # blank: a batch of nothing would "complete" at once
+                delete_batch(self.redis, batch_id, force=True)
+                raise UsageError(f"{name} has no requests")
             if report.by_model:
                 self._batches.describe(batch_id, models=",".join(sorted(report.by_model)))
             self._submitter.seal(batch_id)
@@ -90,6 +128,19 @@ class Client:
                 raise
             raise capacity.full_error(self.redis, exc) from exc
         return report
+
+    def _submitted_before(self, batch_id: str, name: str, digest: str) -> SubmitReport:
+        """The report of a batch id in use: the same input (sha256) is the same batch, queued once."""
+        meta = {text(k): text(v) for k, v in self.redis.hgetall(keys.batch_meta(batch_id)).items()}
+        if not meta:
+            raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis (it was deleted meanwhile)")
+        stored = meta.get("input_sha256", "")
+        if stored != digest:
+            raise BatchError(
+                f"batch id {batch_id} is taken by {meta.get('input_file') or '<unknown>'} "
+                f"(sha256 {stored[:12] or '?'}); {name} differs (sha256 {digest[:12]})"
+            )
+        return SubmitReport(batch_id, existing=True)
 
     def submit_job(
         self,
@@ -137,13 +188,23 @@ class Client:
     def wait(self, batch_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         """Block until the batch reaches a final status; returns the Batch object.
 
-        Raises ``TimeoutError`` after ``timeout`` seconds.
+        Raises ``TimeoutError`` after ``timeout`` seconds. Warns once (``logging``) when no worker
+        has sent a heartbeat lately: nothing runs the batch until one starts.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        checked_workers = False
         while True:
             batch = self.status(batch_id)
             if batch["status"] in FINAL_STATUSES:
                 return batch
+            if not checked_workers:
+                checked_workers = True
+                if live_workers(self.redis) == 0:
+                    log.warning(
+                        "no live worker on %s (none sent a heartbeat in the last %g s): batch %s waits until "
+                        "one starts (ratequeue worker, with the same RATEQUEUE_REDIS_URL)",
+                        shown_redis_url(self.settings.redis_url), HEARTBEAT_STALE_SECONDS, batch_id,
+                    )
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"batch {batch_id} still {batch['status']} after {timeout} s")
             time.sleep(poll)
@@ -241,8 +302,9 @@ def default_client() -> Client:
     return _default
 
 
-def submit_batch(source: Any, completion_window: str = "24h", client: Client | None = None) -> SubmitReport:
-    return (client or default_client()).submit_batch(source, completion_window)
+def submit_batch(source: Any, completion_window: str = "24h", client: Client | None = None,
+                 batch_id: str | None = None) -> SubmitReport:
+    return (client or default_client()).submit_batch(source, completion_window, batch_id=batch_id)
 
 
 def submit_job(body: Mapping[str, Any], url: str = "/v1/chat/completions", custom_id: str | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,21 +13,71 @@ from typing import Any
 import click
 from rich.console import Console
 
-from ratequeue.errors import RatequeueError
+from ratequeue.producer.cli_errors import ExitCode, check_writable, run_main, state
 
 console = Console(stderr=True)
 
 
 def _client():  # type: ignore[no-untyped-def]
+    from ratequeue.config.settings import load_settings, shown_redis_url
     from ratequeue.producer.api import Client
 
-    return Client()
+    settings = load_settings()
+    state.redis_url = shown_redis_url(settings.redis_url)
+    _say_redis(settings.redis_url)
+    return Client(settings)
+
+
+def _say_redis(configured: str | None) -> None:
+    """One dim line naming the Redis a command talks to (the default is easy to hit by mistake)."""
+    from ratequeue.config.settings import shown_redis_url
+
+    note = "" if configured else " (default; set RATEQUEUE_REDIS_URL to change)"
+    console.print(f"redis: {shown_redis_url(configured)}{note}", style="dim", markup=False, highlight=False)
+
+
+class _WindowType(click.ParamType):
+    """A completion window ("24h", "30m", "7d"), checked by the parser submit uses."""
+
+    name = "window"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from ratequeue.producer.submit import parse_window
+
+        try:
+            parse_window(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value).strip()
+
+
+WINDOW = _WindowType()
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
 @click.group()
 @click.version_option(package_name="ratequeue")
-def main() -> None:
-    """Rate-limit-aware batch queue for OpenAI-style APIs."""
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (or RATEQUEUE_DEBUG=1).")
+def main(debug: bool) -> None:
+    """Rate-limit-aware batch queue for OpenAI-style APIs.
+
+    Exit codes: 0 every line succeeded; 1 some lines failed or were rejected (or the batch ended
+    cancelled, expired or failed); 2 usage or configuration error; 130 interrupted.
+    """
+    state.debug = debug
+    # Warnings of ratequeue's modules (an unknown RATEQUEUE_* variable, no live worker) as
+    # "warning: ..." lines on stderr.
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LevelFormatter())
+    logger = logging.getLogger("ratequeue")
+    if not logger.handlers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
 
 
 @main.command()
@@ -35,33 +86,90 @@ def main() -> None:
               help="Results file (Batch output format, input order).")
 @click.option("--errors", "errors", type=click.Path(dir_okay=False, path_type=Path),
               help="Errors file (default: OUTPUT with .errors before the suffix).")
-@click.option("-w", "--workers", default=1, show_default=True, help="Local worker processes to start.")
-@click.option("--window", default="24h", show_default=True, help="Completion window; later jobs expire.")
-def run(input_file: Path, output: Path, errors: Path | None, workers: int, window: str) -> None:
+@click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Local worker processes to start.")
+@click.option("--window", default="24h", show_default=True, type=WINDOW, help="Completion window; later jobs expire.")
+@click.pass_context
+def run(ctx: click.Context, input_file: Path, output: Path, errors: Path | None, workers: int, window: str) -> None:
     """Run INPUT_FILE to completion here: Redis, workers, progress, results."""
+    from ratequeue.config.settings import load_settings
+    from ratequeue.producer.collect import errors_path_for
     from ratequeue.producer.runner import print_summary, run_file
 
+    # Checked before anything is submitted: a path that cannot be written would be found only
+    # after the whole batch was paid for.
+    check_writable(output, "-o")
+    check_writable(errors or errors_path_for(output), "--errors" if errors else "-o's errors file")
+    if (configured := load_settings().redis_url) is not None:
+        _say_redis(configured)  # else run starts (and names) an embedded one
     summary = run_file(input_file, output, errors, workers, window, console=console)
     print_summary(summary, console)
+    ctx.exit(_batch_exit_code(summary.batch, str(input_file), str(summary.errors_path)))
+
+
+def _batch_exit_code(batch: dict[str, Any], source: str, see: str) -> int:
+    """0 when the batch completed with no failed line, else 1 (said on stderr when every line failed)."""
+    counts = batch["request_counts"]
+    if counts["total"] and counts["failed"] == counts["total"]:
+        click.echo(f"error: every line of {source} failed; see {see}", err=True)
+    if batch["status"] == "completed" and counts["failed"] == 0:
+        return ExitCode.OK
+    return ExitCode.FAILED
 
 
 @main.command()
 @click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--window", default="24h", show_default=True)
-def submit(input_file: Path, window: str) -> None:
-    """Submit INPUT_FILE to the configured Redis for workers elsewhere; prints the batch id."""
-    report = _client().submit_batch(input_file, window)
+@click.option("--window", default="24h", show_default=True, type=WINDOW)
+@click.option("--batch-id", help="Use this id (1-64 of A-Z a-z 0-9 _ -); submitting the same file again under it "
+              "returns the batch already queued.")
+@click.pass_context
+def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | None) -> None:
+    """Submit INPUT_FILE to the configured Redis for workers elsewhere; prints the batch id.
+    Exits 1 when input lines were rejected (they are in the batch's errors file)."""
+    report = _client().submit_batch(input_file, window, batch_id=batch_id)
+    if report.existing:
+        console.print(f"batch {report.batch_id} was submitted before from this input: nothing queued again",
+                      markup=False, highlight=False)
+        click.echo(report.batch_id)
+        return
     console.print(f"{report.jobs} jobs queued, {report.errors} input lines rejected")
     click.echo(report.batch_id)
+    if report.errors and not report.jobs:
+        click.echo(f"error: every line of {input_file} was rejected; see ratequeue results {report.batch_id} -o FILE",
+                   err=True)
+    ctx.exit(ExitCode.FAILED if report.errors else ExitCode.OK)
 
 
 @main.command()
 @click.argument("batch_id", required=False)
-def status(batch_id: str | None) -> None:
+@click.option("--wait", "wait", is_flag=True,
+              help="Poll until BATCH_ID ends; exit 0 if it completed with no failed line, else 1.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="With --wait: give up after this many seconds (exit 1).")
+@click.pass_context
+def status(ctx: click.Context, batch_id: str | None, wait: bool, timeout: float | None) -> None:
     """Print the Batch object of BATCH_ID as JSON; with no id, the queue, parked pairs and
     recent batches."""
+    if (wait or timeout is not None) and not batch_id:
+        raise click.UsageError("--wait and --timeout need a BATCH_ID")
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout goes with --wait")
     client = _client()
-    click.echo(json.dumps(client.status(batch_id) if batch_id else client.overview(), indent=2))
+    if not batch_id:
+        click.echo(json.dumps(client.overview(), indent=2))
+        return
+    if not wait:
+        click.echo(json.dumps(client.status(batch_id), indent=2))
+        return
+    try:
+        batch = client.wait(batch_id, timeout)
+    except TimeoutError as exc:
+        click.echo(json.dumps(client.status(batch_id), indent=2))
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(ExitCode.FAILED)
+    click.echo(json.dumps(batch, indent=2))
+    counts = batch["request_counts"]
+    ctx.exit(ExitCode.OK if batch["status"] == "completed" and counts["failed"] == 0 else ExitCode.FAILED)
 
 
 @main.command()
@@ -86,6 +194,8 @@ def results(batch_id: str, output: Path, errors: Path | None) -> None:
     """Write the results and errors files of BATCH_ID (what is done so far)."""
     from ratequeue.producer.collect import errors_path_for, write_outputs
 
+    check_writable(output, "-o")
+    check_writable(errors or errors_path_for(output), "--errors" if errors else "-o's errors file")
     client = _client()
     client.status(batch_id)
     errors = errors or errors_path_for(output)
@@ -166,8 +276,9 @@ main.add_command(_LazyCommand("exporter", "ratequeue.producer.exporter:exporter_
 
 
 def entry() -> None:
-    try:
-        main(standalone_mode=True)
-    except RatequeueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
+    """The ``ratequeue`` console script: one-line errors and the documented exit codes."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -33,13 +33,16 @@ class SubmitReport:
     errors: int = 0
     chunks: int = 0
     by_model: dict[str, int] = field(default_factory=dict)
+    existing: bool = False  # submitted before under this batch id: this call queued nothing
 
 
 def parse_window(window: str) -> float:
     """Seconds in a completion window like "24h", "30m", "7d"; raises ValueError."""
-    window = window.strip()
-    if len(window) < 2 or window[-1] not in _WINDOW_UNITS or not window[:-1].isdigit():
-        raise ValueError(f"completion window {window!r} must look like 24h, 30m or 7d")
+    given, window = window, window.strip()
+    if len(window) < 2 or window[-1] not in _WINDOW_UNITS or not window[:-1].isdigit() or not int(window[:-1]):
+        raise ValueError(
+            f"{given!r}: a completion window is a whole number (1 or more) and a unit, s, m, h or d (24h, 30m, 7d)"
+        )
     return int(window[:-1]) * _WINDOW_UNITS[window[-1]]
 
 
@@ -65,8 +68,12 @@ class Submitter:
         input_file: str = "",
         completion_window: str = "24h",
         metadata: Mapping[str, Any] | None = None,
+        batch_id: str | None = None,
+        input_sha256: str = "",
     ) -> str:
-        """Create an empty, unsealed batch (status validating); returns its id."""
+        """Create an empty, unsealed batch (status validating); returns its id. ``input_sha256``:
+        hex digest of the raw input bytes, kept in the meta. Raises ``BatchExistsError`` for a
+        ``batch_id`` in use."""
         fields = {
             "account": account,
             "endpoint": endpoint,
@@ -74,8 +81,9 @@ class Submitter:
             "completion_window": completion_window,
             "metadata": dict(metadata or {}),
             "retention": self._retention,  # read by the scripts that end it (_batch_end.lua)
+            "input_sha256": input_sha256,
         }
-        return self._batches.create(parse_window(completion_window), fields)
+        return self._batches.create(parse_window(completion_window), fields, batch_id)
 
     def add(self, batch_id: str, items: Iterable[StoredJob | LineError]) -> SubmitReport:
         """Store every job and error of ``items`` and enqueue the jobs in chunks of one model."""

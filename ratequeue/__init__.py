@@ -27,6 +27,7 @@ from ratequeue.errors import (
     RequestTooLargeError,
     UnknownModelError,
     UpstreamError,
+    UsageError,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ __all__ = [
     "SubmitReport",
     "UnknownModelError",
     "UpstreamError",
+    "UsageError",
     "iter_results",
     "status",
     "submit_batch",

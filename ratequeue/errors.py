@@ -6,6 +6,8 @@
     ├── InvalidRequestError       a request body that can be known to fail (names field and reason)
     │   └── RequestTooLargeError  a request whose charge can never fit the model's TPM limit
     ├── UpstreamError             the upstream API answered with an error (carries status and body)
+    ├── UsageError                an argument that cannot be used (a path that cannot be written,
+    │                             an input with no requests)
     ├── BatchError                a batch file or batch id that cannot be used
     │   ├── BatchNotFoundError
     │   └── BatchRunningError     a batch that has not ended cannot be deleted without force
@@ -69,6 +71,10 @@ class UpstreamError(RatequeueError):
         self.message = message
         self.code = code
         self.body = body
+
+
+class UsageError(RatequeueError):
+    """An argument that cannot be used: a path that cannot be written, an input with no requests."""
 
 
 class BatchError(RatequeueError):

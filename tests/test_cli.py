@@ -50,7 +50,7 @@ def test_run_writes_results_and_errors_and_a_summary(tmp_path: Path) -> None:
         env = _env(tmp_path, OPENAI_BASE_URL=sim.url, OPENAI_API_KEY="sk-cli-test-00000000")
         proc = subprocess.run([*RATEQUEUE, "run", str(src), "-o", str(tmp_path / "out.jsonl")], env=env,
                               capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # a line was rejected
     assert "25 completed, 1 failed of 26" in proc.stderr
     results = [orjson.loads(x) for x in (tmp_path / "out.jsonl").read_bytes().splitlines()]
     assert [r["custom_id"] for r in results] == [f"r{n}" for n in range(25)]

@@ -24,6 +24,8 @@ from typing import Any
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server, values
 
+from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, workers_key
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -37,15 +39,9 @@ __all__ = [
     "workers_key",
 ]
 
-HEARTBEAT_STALE_SECONDS = 30.0  # a worker silent this long counts as down
 _FORGET_SECONDS = 3600.0  # heartbeats older than this are removed
 
 _servers: list[Any] = []
-
-
-def workers_key() -> str:
-    """Sorted set: worker name -> time of its last heartbeat (s since epoch)."""
-    return "rq:workers"
 
 
 def multiprocess_mode() -> bool:

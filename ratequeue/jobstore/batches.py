@@ -13,7 +13,8 @@ pasted into the scripts that may end a batch (see ``scripts.py``)::
 A final status (``FINAL``) is never written again; ``delete`` refuses a batch that has not ended
 unless forced. The meta hash ``keys.batch_meta`` holds, besides the status: ``id``, ``account``,
 ``endpoint``, ``input_file``, ``completion_window``, ``metadata`` (JSON), ``retention`` (s, ""
-for the default), ``models``; counters ``total``, ``completed``, ``failed``, ``input_errors``,
+for the default), ``models``, ``input_sha256`` (hex sha256 of the raw input bytes, "" when
+unknown); counters ``total``, ``completed``, ``failed``, ``input_errors``,
 token and cost totals; ``sealed``; times ``created_at``, ``expires_at``, ``<status>_at``,
 ``retained_until`` (s since epoch, from Redis's clock).
 
@@ -32,6 +33,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from ratequeue.errors import BatchError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.scripts import lua_source
@@ -63,6 +65,10 @@ _DESCRIPTIVE = frozenset({"endpoint", "input_file", "models"})
 _SCRIPTS = ("create_batch", "seal_batch", "store_outcome", "cancel_batch", "expire_batch", "delete_batch")
 
 
+class BatchExistsError(BatchError):
+    """``create`` was given the id of a batch that exists (the script refuses it atomically)."""
+
+
 def status_of(raw: Any) -> BatchStatus | None:
     """A script's or HGET's reply as a status (None: no such batch)."""
     return None if raw is None else BatchStatus(text(raw))
@@ -90,11 +96,17 @@ class BatchStore:
         self._redis = client
         self._scripts = {name: client.register_script(lua_source(name)) for name in _SCRIPTS}
 
-    def create(self, window_s: float, fields: Mapping[str, Any]) -> str:
+    def create(self, window_s: float, fields: Mapping[str, Any], batch_id: str | None = None) -> str:
         """A new batch in ``validating`` with ``fields`` (dict values stored as JSON); returns its
-        id. Also listed in the batch index, a shared set in another Cluster slot: a second call."""
-        batch_id = new_batch_id()
-        created_ms = self._scripts["create_batch"](*_create(batch_id, window_s, {"id": batch_id, **fields}))
+        id (``batch_id``, else a new one). Also listed in the batch index, a shared set in another
+        Cluster slot: a second call. Raises ``BatchExistsError`` for an id already in use."""
+        batch_id = batch_id or new_batch_id()
+        try:
+            created_ms = self._scripts["create_batch"](*_create(batch_id, window_s, {"id": batch_id, **fields}))
+        except redis.ResponseError as exc:
+            if "batch exists" not in str(exc):
+                raise
+            raise BatchExistsError(f"batch {batch_id} exists") from exc
         self._redis.zadd(keys.batches_index(), {batch_id: int(created_ms) / 1000})
         return batch_id
 
