@@ -352,14 +352,16 @@ def _warn_unknown(env: _Env) -> None:
     """One warning per process for each ``RATEQUEUE_*`` variable that is no setting (a typo is
     otherwise silently ignored), naming the closest known name. Per-model overrides are checked
     by ``_read_overrides``."""
-    known = sorted(v for v in env.read | _NOT_SETTINGS if v.startswith("RATEQUEUE_"))
+    prefix = "RATEQUEUE_"
+    settings = sorted(v[len(prefix):] for v in env.read | {"RATEQUEUE_DEBUG"} if v.startswith(prefix))
     for var in sorted(env.env):
-        if (not var.startswith("RATEQUEUE_") or var in known or var.startswith(_OVERRIDE_PREFIX)
-                or var in _warned_unknown):
+        if (not var.startswith(prefix) or var in env.read or var in _NOT_SETTINGS
+                or var.startswith(_OVERRIDE_PREFIX) or var in _warned_unknown):
             continue
         _warned_unknown.add(var)
-        close = difflib.get_close_matches(var, known, n=1, cutoff=0.6)
+        # Compared without the prefix every name shares, or any name would look close.
+        close = difflib.get_close_matches(var[len(prefix):], settings, n=1, cutoff=0.6)
         if close:
-            log.warning("%s is not a ratequeue setting; did you mean %s?", var, close[0])
+            log.warning("%s is not a ratequeue setting; did you mean %s%s?", var, prefix, close[0])
         else:
             log.warning("%s is not a ratequeue setting (see the README for the list)", var)

@@ -232,10 +232,11 @@ def worker(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("-n", "--jobs", default=300, show_default=True, help="Sample documents to process.")
+@click.option("-n", "--jobs", default=300, show_default=True, type=click.IntRange(min=1),
+              help="Sample documents to process.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("demo-results.jsonl"), show_default=True)
-@click.option("-w", "--workers", default=2, show_default=True)
+@click.option("-w", "--workers", default=2, show_default=True, type=click.IntRange(min=1))
 def demo(jobs: int, output: Path, workers: int) -> None:
     """Process built-in sample documents; with no API key, against the local simulator."""
     from ratequeue.producer.demo import run_demo

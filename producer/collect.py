@@ -110,8 +110,10 @@ def write_outputs(
 
 
 def errors_path_for(results_path: Path) -> Path:
-    """Where the errors file goes beside a results file: out.jsonl -> out.errors.jsonl."""
-    suffix = "".join(results_path.suffixes) or ".jsonl"
-    stem = results_path.name[: -len(suffix)] if results_path.suffixes else results_path.name
-    return results_path.with_name(f"{stem}.errors{suffix}")
+    """Where the errors file goes beside a results file: ``.errors`` before the last suffix
+    (out.jsonl -> out.errors.jsonl, out.v2.jsonl -> out.v2.errors.jsonl); a name with no suffix
+    gets ``.errors.jsonl`` (out -> out.errors.jsonl)."""
+    if not results_path.suffix:
+        return results_path.with_name(f"{results_path.name}.errors.jsonl")
+    return results_path.with_name(f"{results_path.stem}.errors{results_path.suffix}")
 

@@ -283,3 +283,26 @@ def test_ctrl_c_exits_130_without_a_traceback(tmp_path: Path, requests_file: Pat
     stderr += rest
     assert proc.returncode == 130
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "interrupted"
+
+
+# The worker names its Redis ----------------------------------------------------------------
+
+def test_the_worker_says_which_redis_it_connects_to(tmp_path: Path) -> None:
+    env = _env(tmp_path, RATEQUEUE_REDIS_URL="redis://:hunter2hunter2@127.0.0.1:1/0")
+    proc = subprocess.Popen([sys.executable, "-m", "ratequeue.worker"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+
+    def said() -> bool:
+        assert proc.stdout is not None
+        seen.append(proc.stdout.readline())
+        return "Cannot connect" in seen[-1]
+
+    try:
+        wait_until(said, timeout=60, what="the worker's first connection error")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    output = "".join(seen)
+    assert "connecting to Redis at redis://:***@127.0.0.1:1/0" in output
+    assert "hunter2" not in output

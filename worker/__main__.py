@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -9,8 +10,10 @@ from typing import Any
 
 from celery import signals
 
-from ratequeue.config.settings import Settings, load_settings
+from ratequeue.config.settings import Settings, load_settings, shown_redis_url
 from ratequeue.worker.app import build_worker
+
+log = logging.getLogger("ratequeue.worker")
 
 
 def worker_argv(settings: Settings, extra: list[str] | None = None) -> list[str]:
@@ -60,6 +63,10 @@ def main(extra: list[str] | None = None) -> None:
         exit_codes.append(int(getattr(sender, "exitcode", 0) or 0))
 
     signals.worker_shutdown.connect(_record, weak=False)
+    # Where the worker connects, said once logging is set up: Celery's own retry lines name its
+    # transport class, not the URL, and a worker left on the default Redis waits there for ever.
+    where = shown_redis_url(settings.redis_url) + ("" if settings.redis_url else " (default; set RATEQUEUE_REDIS_URL)")
+    signals.after_setup_logger.connect(lambda **_: log.info("connecting to Redis at %s", where), weak=False)
     app.worker_main(worker_argv(settings, args))
     sys.exit(max(exit_codes, default=0))
 

@@ -20,9 +20,10 @@ from tenacity import Retrying, retry_if_exception_type, wait_fixed
 
 from ratequeue import broker
 from ratequeue.config.models import load_model_table
-from ratequeue.config.settings import Settings
+from ratequeue.config.settings import Settings, shown_redis_url
 from ratequeue.queue import DEFAULT_REDIS_URL, send_chunk
 from ratequeue.redis_tls import redis_options
+from ratequeue.retrying import warn_every
 from ratequeue.tokens.encodings import ensure_offline_encodings
 from ratequeue.worker.deadletter import DeadLetters
 from ratequeue.worker.deferred import DeferredMover
@@ -104,6 +105,8 @@ class WorkerRuntime:
         try:
             Retrying(retry=retry_if_exception_type(redis.RedisError), wait=wait_fixed(poll),
                      stop=lambda _: broker.worker_stopping(), retry_error_callback=lambda _: None,
+                     before_sleep=warn_every(log, 30.0, f"Redis at {shown_redis_url(s.redis_url)} takes no "
+                                             "writes (%s): chunks wait until it does"),
                      )(client.set, probe, 1, px=5000)
         finally:
             client.close()
