@@ -21,14 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
-import redis
 
 from ratequeue.config.settings import debug_requested, load_settings, shown_redis_url
 from ratequeue.errors import BatchError, ConfigError, RatequeueError, UsageError
 from ratequeue.redact import redact
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = ["ExitCode", "check_writable", "describe", "run_main", "state"]
 
@@ -79,9 +81,9 @@ def _redis_url() -> str:
         return "RATEQUEUE_REDIS_URL"
 
 
-def _connection_reason(exc: redis.ConnectionError | redis.TimeoutError) -> str:
+def _connection_reason(exc: redis.RedisError) -> str:
     message = str(exc).lower()
-    if isinstance(exc, redis.TimeoutError) or "timed out" in message or "timeout" in message:
+    if "timed out" in message or "timeout" in message:
         return "timed out"
     for marker, reason in (("refused", "connection refused"), ("name or service not known", "host not found"),
                            ("nodename nor servname", "host not found"), ("name resolution", "host not found"),
@@ -91,7 +93,11 @@ def _connection_reason(exc: redis.ConnectionError | redis.TimeoutError) -> str:
     return redact(str(exc)).rstrip(".")
 
 
-def _redis_message(exc: redis.RedisError) -> str:
+def _redis_message(exc: redis.RedisError) -> str | None:
+    """The message of a Redis error that is the deployment's, not a bug (None for the others:
+    a script error keeps its traceback)."""
+    import redis  # loaded already, since a Redis error was raised; not at import: --help stays fast
+
     url = _redis_url()
     if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
         if ":***@" in url or "WRONGPASS" in str(exc) or "invalid username-password" in str(exc):
@@ -100,7 +106,9 @@ def _redis_message(exc: redis.RedisError) -> str:
                 "put it in RATEQUEUE_REDIS_URL (redis://:PASSWORD@host:port/db)")
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         return f"cannot reach Redis at {url} ({_connection_reason(exc)}); set RATEQUEUE_REDIS_URL"
-    return f"Redis at {url}: {redact(str(exc))}"
+    if isinstance(exc, redis.ReadOnlyError | redis.exceptions.NoPermissionError | redis.OutOfMemoryError):
+        return f"Redis at {url}: {redact(str(exc))}"
+    return None
 
 
 def _os_message(exc: OSError) -> str:
@@ -112,8 +120,10 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
     """The one-line message and exit code of an expected failure; None for a bug (shown as is)."""
     if isinstance(exc, KeyboardInterrupt | click.exceptions.Abort):
         return "interrupted", ExitCode.INTERRUPTED
-    if isinstance(exc, redis.RedisError):
-        return f"error: {_redis_message(exc)}", ExitCode.USAGE
+    redis_module = sys.modules.get("redis")  # no Redis error without redis loaded
+    if redis_module is not None and isinstance(exc, redis_module.RedisError):
+        message = _redis_message(exc)
+        return None if message is None else (f"error: {message}", ExitCode.USAGE)
     if isinstance(exc, RatequeueError):
         # A RatequeueError's text is ours (never a secret); a BatchError is an unusable id or file.
         code = ExitCode.USAGE if isinstance(exc, ConfigError | UsageError | BatchError) else ExitCode.FAILED

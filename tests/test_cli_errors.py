@@ -135,6 +135,11 @@ def test_a_black_holed_host_fails_within_the_connect_timeout(tmp_path: Path) -> 
     assert elapsed < 30  # the connect timeout is 5 s; generous for a loaded machine
 
 
+def test_a_bad_setting_is_one_line(tmp_path: Path) -> None:
+    proc = _cli(tmp_path, "status", RATEQUEUE_REDIS_URL=UNREACHABLE, RATEQUEUE_CHUNK_SIZE="lots")
+    assert (proc.returncode, _last_line(proc)) == (2, "error: RATEQUEUE_CHUNK_SIZE='lots': not an integer")
+
+
 def test_a_missing_batch_is_one_line(tmp_path: Path, redis_url: str) -> None:
     for args in (["status", "batch_nope"], ["cancel", "batch_nope"], ["delete", "batch_nope"],
                  ["results", "batch_nope", "-o", "x.jsonl"], ["resume", "batch_nope"]):

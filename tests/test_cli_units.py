@@ -89,3 +89,18 @@ def test_expected_failures_map_to_one_line_and_a_code(monkeypatch: pytest.Monkey
     assert describe(FileNotFoundError(2, "No such file or directory", "x.jsonl")) == (
         "error: x.jsonl: no such file or directory", ExitCode.USAGE)
     assert describe(ZeroDivisionError()) is None  # a bug keeps its traceback
+
+
+def test_the_default_redis_is_named_as_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+    from ratequeue.producer.cli import _say_redis
+
+    _say_redis(None)
+    _say_redis("redis://:pw-123456@h:1/2")
+    assert capsys.readouterr().err.splitlines() == [
+        "redis: redis://127.0.0.1:6379/0 (default; set RATEQUEUE_REDIS_URL to change)",
+        "redis: redis://:***@h:1/2",
+    ]
+
+
+def test_a_script_error_is_a_bug_and_keeps_its_traceback() -> None:
+    assert describe(redis.ResponseError("ERR user_script:1: Script attempted to access nonexistent global")) is None

@@ -105,8 +105,8 @@ class WorkerRuntime:
         try:
             Retrying(retry=retry_if_exception_type(redis.RedisError), wait=wait_fixed(poll),
                      stop=lambda _: broker.worker_stopping(), retry_error_callback=lambda _: None,
-                     before_sleep=warn_every(log, 30.0, f"Redis at {shown_redis_url(s.redis_url)} takes no "
-                                             "writes (%s): chunks wait until it does"),
+                     before_sleep=warn_every(log, 30.0, "Redis at " + shown_redis_url(s.redis_url).replace("%", "%%")
+                                             + " takes no writes (%s): chunks wait until it does"),
                      )(client.set, probe, 1, px=5000)
         finally:
             client.close()
