@@ -12,8 +12,6 @@ and FIELD one of RPM, TPM, CONTEXT_WINDOW, MAX_OUTPUT_TOKENS, CHARGE_RULE, e.g.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import logging
 import math
 import os
 import re
@@ -23,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ratequeue.config.apikey import read_api_key
+from ratequeue.config.unknown import warn_unknown
 from ratequeue.config.values import FrozenMap, Secret, account_fingerprint
 from ratequeue.errors import ConfigError
 
@@ -41,17 +40,8 @@ __all__ = [
     "shown_redis_url",
 ]
 
-log = logging.getLogger(__name__)
-
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"  # what every command but run/demo uses when none is set
-# RATEQUEUE_* variables that are not settings but are read by someone: the CLI (DEBUG), the test
-# suite and benchmarks, docker-compose and Grafana's provisioning. They must not be warned about.
-_NOT_SETTINGS = frozenset({
-    "RATEQUEUE_DEBUG", "RATEQUEUE_TEST_DB", "RATEQUEUE_TEST_METRICS_DB", "RATEQUEUE_BENCH_REDIS_URL",
-    "RATEQUEUE_PROMETHEUS_URL", "RATEQUEUE_DASHBOARDS_DIR", "RATEQUEUE_REDIS_MAXMEMORY",
-})
-_warned_unknown: set[str] = set()
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _OVERRIDE_PREFIX = "RATEQUEUE_MODEL_"
 # FIELD suffix of an override variable -> (ModelSpec field, value kind)
@@ -302,7 +292,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),
         model_overrides=_read_overrides(e.env),
     )
-    _warn_unknown(e)
+    warn_unknown(e.env, e.read)
     # A task still running when the broker's visibility timeout ends is delivered again: a duplicate
     # upstream call. One upstream call can take the whole read timeout, so the timeout must exceed it.
     if settings.visibility_timeout <= settings.read_timeout:
@@ -346,22 +336,3 @@ def debug_requested(env: Mapping[str, str] | None = None) -> bool:
         return _flag(_Env(os.environ if env is None else env), "RATEQUEUE_DEBUG", False)
     except ConfigError:
         return False
-
-
-def _warn_unknown(env: _Env) -> None:
-    """One warning per process for each ``RATEQUEUE_*`` variable that is no setting (a typo is
-    otherwise silently ignored), naming the closest known name. Per-model overrides are checked
-    by ``_read_overrides``."""
-    prefix = "RATEQUEUE_"
-    settings = sorted(v[len(prefix):] for v in env.read | {"RATEQUEUE_DEBUG"} if v.startswith(prefix))
-    for var in sorted(env.env):
-        if (not var.startswith(prefix) or var in env.read or var in _NOT_SETTINGS
-                or var.startswith(_OVERRIDE_PREFIX) or var in _warned_unknown):
-            continue
-        _warned_unknown.add(var)
-        # Compared without the prefix every name shares, or any name would look close.
-        close = difflib.get_close_matches(var[len(prefix):], settings, n=1, cutoff=0.6)
-        if close:
-            log.warning("%s is not a ratequeue setting; did you mean %s%s?", var, prefix, close[0])
-        else:
-            log.warning("%s is not a ratequeue setting (see the README for the list)", var)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -26,12 +25,13 @@ import redis
 
 from ratequeue.config.models import ModelTable, load_model_table
 from ratequeue.config.settings import DEFAULT_REDIS_URL, Settings, load_settings, shown_redis_url
-from ratequeue.errors import BatchError, BatchNotFoundError, InvalidRequestError, RedisFullError, UsageError
+from ratequeue.errors import BatchNotFoundError, InvalidRequestError, RedisFullError, UsageError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.batches import BatchExistsError, BatchStatus, BatchStore
 from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, live_workers
 from ratequeue.producer import capacity
+from ratequeue.producer.batch_ids import check_batch_id, file_sha256, submitted_before
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
 from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
 from ratequeue.producer.retention import delete_batch
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 # Connecting gives up after this long: an unreachable (firewalled) Redis is said at once, not hung on.
 REDIS_CONNECT_TIMEOUT = 5.0
-BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Client:
@@ -90,12 +89,11 @@ class Client:
         compared before anything is stored). A file's sha256 is kept as ``input_sha256``.
         """
         name = str(source) if isinstance(source, str | Path) else "<stream>"
-        if batch_id is not None and not BATCH_ID.fullmatch(batch_id):
-            raise UsageError(f"batch id {batch_id!r}: use 1 to 64 letters, digits, '_' or '-'")
+        if batch_id is not None:
+            check_batch_id(batch_id)
         digest = ""
         if isinstance(source, str | Path):
-            with open(source, "rb") as stream:
-                digest = hashlib.file_digest(stream, "sha256").hexdigest()
+            digest = file_sha256(source)
         elif batch_id is not None:
             raw = source.read() if hasattr(source, "read") else b"\n".join(_as_lines(source))
             digest, source = hashlib.sha256(raw).hexdigest(), io.BytesIO(raw)
@@ -106,7 +104,7 @@ class Client:
             )
         except BatchExistsError:
             assert batch_id is not None
-            return self._submitted_before(batch_id, name, digest)
+            return submitted_before(self.redis, batch_id, name, digest)
         limits = Limits(self.settings.max_file_bytes, self.settings.max_lines, self.settings.max_line_bytes)
         try:
             if isinstance(source, str | Path):
@@ -128,19 +126,6 @@ class Client:
                 raise
             raise capacity.full_error(self.redis, exc) from exc
         return report
-
-    def _submitted_before(self, batch_id: str, name: str, digest: str) -> SubmitReport:
-        """The report of a batch id in use: the same input (sha256) is the same batch, queued once."""
-        meta = {text(k): text(v) for k, v in self.redis.hgetall(keys.batch_meta(batch_id)).items()}
-        if not meta:
-            raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis (it was deleted meanwhile)")
-        stored = meta.get("input_sha256", "")
-        if stored != digest:
-            raise BatchError(
-                f"batch id {batch_id} is taken by {meta.get('input_file') or '<unknown>'} "
-                f"(sha256 {stored[:12] or '?'}); {name} differs (sha256 {digest[:12]})"
-            )
-        return SubmitReport(batch_id, existing=True)
 
     def submit_job(
         self,

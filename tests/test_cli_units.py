@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from ratequeue.config import settings as settings_module
+from ratequeue.config import unknown
 from ratequeue.config.settings import load_settings, shown_redis_url
 from ratequeue.errors import BatchNotFoundError, ConfigError, UsageError
 from ratequeue.producer.cli_errors import ExitCode, check_writable, describe, state
@@ -29,7 +29,7 @@ def test_the_errors_file_sits_beside_the_results_file(results: str, errors: str)
 
 @pytest.fixture
 def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(settings_module, "_warned_unknown", set())
+    monkeypatch.setattr(unknown, "_warned", set())
 
 
 def test_an_unknown_variable_is_warned_once_with_the_closest_name(
