@@ -92,19 +92,25 @@ def main(debug: bool) -> None:
 @click.pass_context
 def run(ctx: click.Context, input_file: Path, output: Path, errors: Path | None, workers: int, window: str) -> None:
     """Run INPUT_FILE to completion here: Redis, workers, progress, results."""
-    from ratequeue.config.settings import load_settings
-    from ratequeue.producer.collect import errors_path_for
     from ratequeue.producer.runner import print_summary, run_file
 
-    # Checked before anything is submitted: a path that cannot be written would be found only
-    # after the whole batch was paid for.
-    check_writable(output, "-o")
-    check_writable(errors or errors_path_for(output), "--errors" if errors else "-o's errors file")
-    if (configured := load_settings().redis_url) is not None:
-        _say_redis(configured)  # else run starts (and names) an embedded one
+    _before_running(output, errors)
     summary = run_file(input_file, output, errors, workers, window, console=console)
     print_summary(summary, console)
     ctx.exit(_batch_exit_code(summary.batch, str(input_file), str(summary.errors_path)))
+
+
+def _before_running(output: Path, errors: Path | None) -> None:
+    """What ``run`` and ``demo`` check and say before any work: the output paths can be written
+    (else it would be found only after the whole batch was paid for), and the Redis used when one
+    is configured (else an embedded one is started, and named)."""
+    from ratequeue.config.settings import load_settings
+    from ratequeue.producer.collect import errors_path_for
+
+    check_writable(output, "-o")
+    check_writable(errors or errors_path_for(output), "--errors" if errors else "-o's errors file")
+    if (configured := load_settings().redis_url) is not None:
+        _say_redis(configured)
 
 
 def _batch_exit_code(batch: dict[str, Any], source: str, see: str) -> int:
@@ -241,6 +247,7 @@ def demo(jobs: int, output: Path, workers: int) -> None:
     """Process built-in sample documents; with no API key, against the local simulator."""
     from ratequeue.producer.demo import run_demo
 
+    _before_running(output, None)
     run_demo(jobs, output, workers, console)
 
 
