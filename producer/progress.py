@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
+from rich.table import Table
 from rich.text import Text
 
 from ratequeue.producer.collect import FINAL_STATUSES
@@ -136,8 +137,10 @@ def follow(
             batch = status()
             lines = view.update(batch, time.monotonic())
             counts = batch["request_counts"]
-            bar = ProgressBar(total=counts["total"] or None, completed=counts["completed"] + counts["failed"])
-            live.update(Group(Text(lines[0]), bar, *(Text(f"  {line}") for line in lines[1:])), refresh=True)
+            head = Table.grid(padding=(0, 1))  # a bar of its own width: a full-width one hides the lines below
+            head.add_row(ProgressBar(total=counts["total"] or None, completed=counts["completed"] + counts["failed"],
+                                     width=30), Text(lines[0]))
+            live.update(Group(head, *(Text(f"  {line}") for line in lines[1:])), refresh=True)
             if batch["status"] in FINAL_STATUSES:
                 return batch
             time.sleep(poll)

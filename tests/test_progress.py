@@ -3,11 +3,13 @@ per-model counters kept at submit and settle, and the lines the live display pri
 
 from __future__ import annotations
 
+import io
 import time
 
 import orjson
 import pytest
 import redis
+from rich.console import Console
 
 from ratequeue.config.models import load_model_table
 from ratequeue.config.settings import load_settings
@@ -27,7 +29,7 @@ from ratequeue.producer.model_progress import (
     model_limits,
     pause_words,
 )
-from ratequeue.producer.progress import ProgressView
+from ratequeue.producer.progress import ProgressView, follow
 
 CONFIGURED = ModelLimits(rpm=600, tpm=60_000, source="configured")
 
@@ -240,3 +242,20 @@ def test_limits_are_the_learned_ones_when_the_workers_learned_them(redis_url: st
     assert model_limits(r, table, "default", "gpt-4o-mini") == ModelLimits(500, 20_000, "learned")
     assert model_limits(r, table, "other-account", "gpt-4o-mini").source == "configured"  # type: ignore[union-attr]
     assert model_limits(r, table, "default", "no-such-model") is None
+
+
+@pytest.mark.unit
+def test_follow_redraws_on_a_terminal_and_prints_lines_to_a_log() -> None:
+    mini = {"gpt-4o-mini": ModelCounts(total=2, charge=200)}
+    states = [_batch(mini), _batch({"gpt-4o-mini": ModelCounts(total=2, completed=2, charge=200, charge_done=200)},
+                                   "completed")]
+    for terminal in (True, False):
+        out = io.StringIO()
+        console = Console(file=out, force_terminal=terminal, width=200)
+        final = follow(iter(states).__next__, console, poll=0, limits_of=lambda model: CONFIGURED)
+        assert final["status"] == "completed"
+        shown = out.getvalue()
+        assert "gpt-4o-mini: 2 done · 0 in flight · 0 waiting" in shown
+        assert ("\x1b[" in shown) is terminal  # redrawn in place only on a terminal
+        if not terminal:  # a log gets the first poll and the last
+            assert shown.count("batch_x: ") == 2 and "batch_x: 2/2 done, 0 failed, ETA 0s" in shown
