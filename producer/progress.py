@@ -78,6 +78,7 @@ class ProgressView:
         self._meters: dict[str, RateMeter] = {}
         self._limits: dict[str, ModelLimits | None] = {}
         self.eta: float | None = None
+        self.paced_by: dict[str, str] = {}  # model -> what set its ETA (see model_eta)
         self.paused: frozenset[str] = frozenset()
 
     def update(self, batch: dict[str, Any], now: float) -> list[str]:
@@ -91,6 +92,7 @@ class ProgressView:
             limits = self._limits_for(model)
             rpm, tpm = meter.per_minute()
             etas[model], why = model_eta(counts, limits, rpm, meter.seconds)
+            self.paced_by[model] = why
             lines.append(_model_line(model, counts, limits, rpm, tpm, etas[model], why))
         self.paused = frozenset(m for m, raw in batch.get("models", {}).items() if raw.get("paused"))
         self.eta = 0.0 if batch["status"] in FINAL_STATUSES else batch_eta(etas)
