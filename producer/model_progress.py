@@ -7,7 +7,8 @@ completed / failed / charge done as outcomes are stored (store_outcome.lua). Job
 the live leases of the claims hash, which holds only jobs still running (store_outcome.lua drops
 a job's lease with its outcome), so reading it costs what the workers' concurrency is, not what
 the batch size is. A counter of jobs in flight was the other choice; a worker killed mid-call
-would leave it wrong for good, while its leases expire.
+would leave it wrong for good, while its leases expire. "In flight" so means taken by a worker:
+sent, or waiting in that worker for its share of the limit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from ratequeue.config.models import ModelTable
 from ratequeue.errors import UnknownModelError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
-from ratequeue.redact import redact
 
 # What a parked pair's reason (worker/policy.py Reason values) means, in words.
 _PAUSE_WORDS = {
@@ -111,17 +111,18 @@ def pause_words(reason: str, message: str, cooldown: float) -> str:
 
 
 def read_pauses(client: redis.Redis, account: str, models: Iterable[str]) -> dict[str, Pause]:
-    """The parked pairs (worker/parking.py) of ``account`` among ``models``, in words."""
-    fields = [keys.pair_field(account, model) for model in models]
+    """The parked pairs (worker/parking.py) of ``account`` among ``models``, in words (never the
+    upstream's own message, which may quote the key)."""
+    fields = {model: keys.pair_field(account, model) for model in models}
     if not fields:
         return {}
     found = {}
-    for field, raw in zip(fields, client.hmget(keys.parked_pairs(), fields), strict=True):
+    for model, raw in zip(fields, client.hmget(keys.parked_pairs(), list(fields.values())), strict=True):
         if raw is not None:
             record = orjson.loads(raw)
-            message = redact(str(record.get("message", "")))  # an older worker's record may echo a key
-            words = pause_words(str(record.get("reason", "")), message, float(record.get("cooldown", 0)))
-            found[field.removeprefix(f"{account}:")] = Pause(str(record.get("reason", "")), words)
+            reason = str(record.get("reason", ""))
+            found[model] = Pause(reason, pause_words(reason, str(record.get("message", "")),
+                                                     float(record.get("cooldown", 0))))
     return found
 
 
