@@ -95,7 +95,8 @@ class ProgressView:
             self.paced_by[model] = why
             lines.append(_model_line(model, counts, limits, rpm, tpm, etas[model], why))
         self.paused = frozenset(m for m, raw in batch.get("models", {}).items() if raw.get("paused"))
-        self.eta = 0.0 if batch["status"] in FINAL_STATUSES else batch_eta(etas)
+        # no per-model counters (a batch stored by an older version, or still empty): unknown
+        self.eta = 0.0 if batch["status"] in FINAL_STATUSES else batch_eta(etas) if etas else None
         counts = batch["request_counts"]
         head = (f"{batch['id']}: {counts['completed'] + counts['failed']}/{counts['total']} done, "
                 f"{counts['failed']} failed, ETA {format_eta(self.eta)}")

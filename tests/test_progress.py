@@ -137,6 +137,8 @@ def test_the_batch_line_names_the_model_that_sets_the_eta() -> None:
     assert [line.split(":")[0] for line in lines] == ["gpt-4o-mini", "gpt-4o"]
     final, *_ = view.update(_batch({"gpt-4o-mini": ModelCounts(total=1, completed=1)}, "completed"), now=1.0)
     assert final.endswith("ETA 0s")
+    unknown = {"id": "batch_x", "status": "in_progress", "request_counts": {"total": 9, "completed": 0, "failed": 0}}
+    assert view.update(unknown, now=2.0) == ["batch_x: 0/9 done, 0 failed, ETA ?"]  # no counters: no guess
 
 
 @pytest.mark.unit
