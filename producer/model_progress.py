@@ -133,6 +133,9 @@ def read_model_counts(client: redis.Redis, batch_id: str, account: str, running:
         counter, _, model = text(field).partition(":")
         if counter in _COUNTERS:
             counters.setdefault(model, {})[counter] = int(value)
+    # A model with outcomes but no jobs counted was submitted before these counters existed
+    # (outcomes stored since an upgrade): its counts would mislead, so it is left out.
+    counters = {model: c for model, c in counters.items() if "jobs" in c}
     if not counters:
         return {}
     in_flight = _in_flight(client, batch_id, list(counters)) if running else {}

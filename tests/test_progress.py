@@ -213,6 +213,14 @@ def test_counters_per_model_are_kept_at_submit_and_as_outcomes_are_stored(redis_
     assert not client.redis.exists(keys.batch_models(report.batch_id))
 
 
+def test_a_batch_submitted_before_the_counters_gets_no_per_model_counts(redis_url: str) -> None:
+    client = _client(redis_url)
+    report = client.submit_batch([_line("m0"), _line("m1")])
+    client.redis.delete(keys.batch_models(report.batch_id))  # as an older version stored it
+    BatchStore(client.redis).store_outcomes(report.batch_id, _outcome("m0"))  # an upgraded worker counts it
+    assert client.status(report.batch_id)["models"] == {}  # not "1 done of 0"
+
+
 def test_in_flight_of_several_models_is_read_from_the_leased_jobs(redis_url: str) -> None:
     client = _client(redis_url)
     report = client.submit_batch([_line("m0"), _line("m1"), _line("o0", "gpt-4o")])
