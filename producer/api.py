@@ -34,6 +34,7 @@ from ratequeue.producer import capacity
 from ratequeue.producer.batch_ids import check_batch_id, file_sha256, submitted_before
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
 from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
+from ratequeue.producer.model_progress import ModelLimits, model_limits
 from ratequeue.producer.retention import delete_batch
 from ratequeue.producer.submit import SubmitReport, Submitter
 from ratequeue.queue import Publish, publisher
@@ -169,6 +170,11 @@ class Client:
     def status(self, batch_id: str) -> dict[str, Any]:
         """The Batch object (OpenAI's shape, plus ``usage`` and ``cost_usd``)."""
         return batch_object(self.redis, batch_id)
+
+    def model_limits(self, model: str) -> ModelLimits | None:
+        """The per-minute limits ``model`` runs at: learned by the workers, else configured
+        (None for a model the table does not know)."""
+        return model_limits(self.redis, self.table, self.settings.account_id, model)
 
     def wait(self, batch_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         """Block until the batch reaches a final status; returns the Batch object.

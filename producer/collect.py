@@ -13,6 +13,7 @@ from ratequeue.errors import BatchNotFoundError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.batches import FINAL, BatchStatus
 from ratequeue.jobstore.codec import text
+from ratequeue.producer.model_progress import read_model_counts
 from ratequeue.producer.submit import INPUT_ERROR_MARK
 from ratequeue.redact import redact
 
@@ -26,7 +27,9 @@ FINAL_STATUSES = frozenset(status.value for status in FINAL)  # the state machin
 
 
 def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
-    """The batch as an OpenAI Batch object (plus ratequeue's token and cost totals).
+    """The batch as an OpenAI Batch object (plus ratequeue's token and cost totals, and ``models``:
+    per model, its jobs by state, the charged tokens left and why it is paused, if it is; lines
+    rejected at submit count in the batch's totals only).
 
     Raises ``BatchNotFoundError``.
     """
@@ -36,13 +39,15 @@ def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
     meta = {text(k): text(v) for k, v in raw.items()}
     ints = {name: int(meta.get(name, 0) or 0) for name in _INT_FIELDS}
     times = {name: int(meta[name]) if meta.get(name) else None for name in _TIME_FIELDS}
+    status = meta.get("status", BatchStatus.VALIDATING.value)
+    models = read_model_counts(client, batch_id, meta.get("account", ""), running=status not in FINAL_STATUSES)
     return {
         "id": batch_id,
         "object": "batch",
         "endpoint": meta.get("endpoint") or None,
         "input_file_id": meta.get("input_file") or None,
         "completion_window": meta.get("completion_window", "24h"),
-        "status": meta.get("status", BatchStatus.VALIDATING.value),
+        "status": status,
         "output_file_id": None,
         "error_file_id": None,
         **times,
@@ -54,6 +59,7 @@ def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
         },
         "cost_usd": float(meta.get("cost_usd", 0) or 0),
         "metadata": orjson.loads(meta.get("metadata") or "{}"),
+        "models": {model: counts.as_json() for model, counts in models.items()},
     }
 
 

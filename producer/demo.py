@@ -16,6 +16,7 @@ import orjson
 from rich.console import Console
 
 from ratequeue.config.settings import load_settings
+from ratequeue.producer.model_progress import capped_share
 from ratequeue.producer.runner import print_summary, run_file
 
 DEMO_MODEL = "gpt-4o-mini"
@@ -105,6 +106,15 @@ def run_demo(jobs: int, output: Path, workers: int, console: Console) -> None:
     use = steady_utilisation(stats["timeline"], DEMO_RPM, DEMO_TPM)
     r429 = sum(stats["r429"].values())
     console.print(
-        f"limit use over the steady state ({use['seconds']:.0f} s): requests {use['requests']:.1%} of RPM, "
-        f"tokens {use['tokens']:.1%} of TPM; 429 answers: {r429}\noutput: {output.resolve()}"
+        f"limit use over the steady state ({use['seconds']:.0f} s): {limit_use('requests', use['requests'], 'RPM')}, "
+        f"{limit_use('tokens', use['tokens'], 'TPM')}; 429 answers: {r429}\noutput: {output.resolve()}"
     )
+
+
+def limit_use(what: str, share: float, limit: str) -> str:
+    """"tokens at the TPM limit (100%; ...)" or "requests 64% of RPM": never above 100%, which
+    would read as over the limit; more was the bucket's saved capacity (``capped_share``)."""
+    shown, over = capped_share(share)
+    if over:
+        return f"{what} at the {limit} limit ({shown}; the first seconds spent the bucket's saved capacity)"
+    return f"{what} at the {limit} limit ({shown})" if shown == "100%" else f"{what} {shown} of {limit}"

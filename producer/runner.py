@@ -100,7 +100,7 @@ def run_file(
                 f"batch [bold]{report.batch_id}[/bold]: {report.jobs} jobs queued, "
                 f"{report.errors} input lines rejected, {workers} worker process(es)"
             )
-            batch = follow(lambda: client.status(report.batch_id), console)
+            batch = follow(lambda: client.status(report.batch_id), console, limits_of=client.model_limits)
         n_results, n_errors = write_outputs(client.redis, report.batch_id, results_path, errors_path)
         client.close()
     return RunSummary(batch, results_path, errors_path, n_results, n_errors, time.monotonic() - started)

@@ -184,11 +184,24 @@ class Submitter:
                 input_errors += 1
         if jobs:
             pipe.hset(keys.batch_jobs(batch_id), mapping=jobs)  # type: ignore[arg-type]
+            self._count_by_model(batch_id, [item for item in block if isinstance(item, StoredJob)], pipe)
         if order:
             pipe.rpush(keys.batch_order(batch_id), *order)
         pipe.hset(meta, "input_errors", input_errors)
         pipe.execute()
         return input_errors
+
+    @staticmethod
+    def _count_by_model(batch_id: str, jobs: Sequence[StoredJob], pipe: redis.client.Pipeline) -> None:
+        """Add the block's jobs and their charges to the per-model counters (keys.batch_models),
+        in the block's transaction: progress and ETA then read counters, never the jobs."""
+        by_model: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for job in jobs:
+            by_model[job.model][0] += 1
+            by_model[job.model][1] += job.charge
+        for model, (count, charge) in by_model.items():
+            pipe.hincrby(keys.batch_models(batch_id), f"jobs:{model}", count)
+            pipe.hincrby(keys.batch_models(batch_id), f"charge:{model}", charge)
 
     def _publish_full(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ def test_demo_without_a_key_runs_against_the_simulator_with_embedded_redis(tmp_p
     assert "embedded redis-server" in proc.stderr
     assert "40 completed, 0 failed of 40" in proc.stderr
     assert "429 answers: 0" in proc.stderr
+    [use] = [line for line in proc.stderr.splitlines() if line.startswith("limit use over the steady state")]
+    assert all(int(share) <= 100 for share in re.findall(r"(\d+)%", use)), use  # never reads as over a limit
     assert len(out.read_bytes().splitlines()) == 40
     # the embedded Redis kept an append-only file in the data directory
     assert list((tmp_path / "data" / "redis").rglob("*.aof*"))

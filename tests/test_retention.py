@@ -86,7 +86,8 @@ def _fake_batch(r: redis.Redis, batch_id: str, total: int, retention: str | None
     r.hset(meta, mapping={"id": batch_id, "status": "in_progress", "total": total, "sealed": sealed})
     if retention is not None:
         r.hset(meta, "retention", retention)
-    r.hset(keys.batch_jobs(batch_id), mapping={f"c{i}": "{}" for i in range(total)})
+    # a stored job's model and charge: each outcome counts in the per-model hash (keys.batch_models)
+    r.hset(keys.batch_jobs(batch_id), mapping={f"c{i}": '{"m":"gpt-4o-mini","c":10}' for i in range(total)})
     r.rpush(keys.batch_order(batch_id), *[f"c{i}" for i in range(total)])
     r.hset(keys.batch_claims(batch_id), "c0", "owner 1")
     r.hset(keys.batch_started(batch_id), "c0", "1")
@@ -102,7 +103,9 @@ def test_store_outcome_sets_every_key_to_expire_when_the_batch_ends(rclient: red
     before = time.time()
     assert _store(rclient, "b1", ("c1", "error")) == [1]
     ttls = _batch_keys(rclient, "b1")
-    assert len(ttls) == 10 and all(4000 < ttl <= 5000 for ttl in ttls.values()), ttls
+    # every key but the claims hash: a stored outcome drops its job's lease, so the last went
+    assert len(ttls) == 10 and keys.batch_claims("b1") not in ttls, ttls
+    assert all(4000 < ttl <= 5000 for ttl in ttls.values()), ttls
     meta = {text(k): text(v) for k, v in rclient.hgetall(keys.batch_meta("b1")).items()}
     assert meta["status"] == "completed"
     assert before + 4 <= int(meta["retained_until"]) <= time.time() + 6

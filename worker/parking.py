@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.keys import pair_field as pair_field  # re-exported: the worker imports it from here
 from ratequeue.redact import redact
 
 
@@ -26,10 +27,6 @@ class Parked:
     message: str
     since: float
     cooldown: float
-
-
-def pair_field(account: str, model: str) -> str:
-    return f"{account}:{model}"
 
 
 class Parking:

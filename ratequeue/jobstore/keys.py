@@ -92,18 +92,34 @@ def batch_keys(batch_id: str) -> list[str]:
         batch_last_failure(batch_id),
         batch_claims(batch_id),
         batch_started(batch_id),
+        batch_models(batch_id),
     ]
 
 
 def outcome_keys(batch_id: str) -> list[str]:
-    """The KEYS of store_outcome.lua: results, errors, meta, then the batch's other keys."""
-    first = [batch_results(batch_id), batch_errors(batch_id), batch_meta(batch_id)]
+    """The KEYS of store_outcome.lua: results, errors, meta, jobs, claims, models, then the
+    batch's other keys."""
+    first = [batch_results(batch_id), batch_errors(batch_id), batch_meta(batch_id), batch_jobs(batch_id),
+             batch_claims(batch_id), batch_models(batch_id)]
     return first + [k for k in batch_keys(batch_id) if k not in first]
+
+
+def batch_models(batch_id: str) -> str:
+    """Hash: per-model counters of one batch, fields ``"<counter>:<model>"`` (counter first: a
+    model name may hold colons). Counters: ``jobs`` and ``charge`` (tokens the limiter charges,
+    summed over its jobs) added at submit; ``completed``, ``failed`` and ``charge_done`` added as
+    outcomes are stored (store_outcome.lua). Read by ratequeue/producer/model_progress.py."""
+    return f"{_batch(batch_id)}:models"
 
 
 def batch_claims(batch_id: str) -> str:
     """Hash: custom_id -> "<owner> <lease expiry ms>" of the run currently executing the job."""
     return f"{_batch(batch_id)}:claims"
+
+
+def pair_field(account: str, model: str) -> str:
+    """The field of one (account, model) in the shared hashes ``parked_pairs`` and ``learned_limits``."""
+    return f"{account}:{model}"
 
 
 def parked_pairs() -> str:
