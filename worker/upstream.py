@@ -184,10 +184,8 @@ class UpstreamClient:
         except TimeoutError:  # asyncio.timeout's; httpx's own timeouts are not TimeoutError
             elapsed = time.monotonic() - started
             return UpstreamResponse(0, None, {}, elapsed, f"timeout: no whole answer within {self._total:g} s")
-        except httpx.TimeoutException as exc:
-            return UpstreamResponse(0, None, {}, time.monotonic() - started, f"timeout: {type(exc).__name__}")
         except (httpx.TransportError, aiohttp.ClientError) as exc:
-            return UpstreamResponse(0, None, {}, time.monotonic() - started, f"connection: {type(exc).__name__}")
+            return UpstreamResponse(0, None, {}, time.monotonic() - started, transport_failure(exc))
         elapsed = time.monotonic() - started
         kept = {name: value for name, value in resp.headers.multi_items() if name in _KEPT_HEADERS}
         if problem is not None:
@@ -198,6 +196,29 @@ class UpstreamClient:
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
+
+
+def transport_failure(exc: BaseException) -> str:
+    """``timeout: ReadTimeout`` or ``connection: ConnectError: connection refused by host:port``.
+
+    The aiohttp error under the httpx one decides: httpx-aiohttp maps every
+    ``aiohttp.ClientConnectionError``, a refused connection included, to ``httpx.ConnectTimeout``
+    (its map lets the base class win), which reported a server that is down as a slow one.
+    """
+    cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
+    if isinstance(cause, aiohttp.ClientError):
+        timed_out = isinstance(cause, aiohttp.ServerTimeoutError | asyncio.TimeoutError)
+        name = type(exc).__name__ if timed_out or not isinstance(exc, httpx.ConnectTimeout) else "ConnectError"
+    else:
+        timed_out = isinstance(exc, httpx.TimeoutException)
+        name = type(exc).__name__
+    if timed_out:
+        return f"timeout: {name}"
+    refused = cause.os_error if isinstance(cause, aiohttp.ClientConnectorError) else None
+    if isinstance(refused, ConnectionRefusedError) and isinstance(cause, aiohttp.ClientConnectorError):
+        return f"connection: {name}: connection refused by {cause.host}:{cause.port}"
+    detail = str(cause) or type(cause).__name__
+    return f"connection: {name}: {detail[:200]}"
 
 
 def _parsed(status: int, raw: bytes, kept: dict[str, str], elapsed: float) -> UpstreamResponse:
