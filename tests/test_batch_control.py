@@ -171,10 +171,11 @@ def test_resume_of_a_parked_pair_runs_its_jobs_at_once_not_after_the_cooldown(
 def test_a_request_larger_than_the_servers_real_tpm_fails_at_once_and_delays_nobody(
     redis_url: str, tmp_path: Path, start_worker: StartWorker
 ) -> None:
-    # The server's real limit (6,000 TPM) is far below the configured 200,000: the worker learns it
-    # from the first answers' headers, or from the server's "Request too large" refusal.
+    # The server's real limit (6,000 TPM) is far below the configured 60,000: the worker learns it
+    # from the first answers' headers, or from the server's "Request too large" refusal. The big
+    # request (~9,000 tokens) is also larger than the configured bucket (60,000 x 5 s / 60 = 5,000).
     with start_sim(["--rpm", "100000", "--tpm", "6000", "--burst-seconds", "60", "--latency-ms", "20"]) as sim:
-        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_CHUNK_SIZE="5")
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_CHUNK_SIZE="5", RATEQUEUE_MODEL_GPT_4O_MINI_TPM="60000")
         start_worker(env)
         client = Client(load_settings(env))
         big = _jobs(1, prefix="big", content="word " * 9000, max_tokens=50)
