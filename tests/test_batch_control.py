@@ -18,13 +18,14 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 
 from ratequeue.config.settings import load_settings
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.batches import BatchStatus, BatchStore
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import SimHandle, start_sim
 from tests.conftest import base_env, wait_until
-
-pytestmark = pytest.mark.e2e
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 RATEQUEUE = [sys.executable, "-c", "from ratequeue.producer.cli import entry; entry()"]
@@ -188,6 +189,7 @@ def test_cancel_fails_deferred_jobs_at_once_not_at_their_turn(
         wait_until(lambda: client.overview()["deferred_jobs"] == 0, 10, "the deferred set to empty")
 
 
+@pytest.mark.e2e  # the CLI in a subprocess
 def test_pause_of_an_unknown_batch_is_one_error_line(redis_url: str, tmp_path: Path) -> None:
     env = base_env(redis_url, "http://127.0.0.1:9", tmp_path)
     proc = subprocess.run([*RATEQUEUE, "pause", "batch_nope"], env=env, capture_output=True, text=True, timeout=60)
@@ -224,3 +226,23 @@ def test_a_request_larger_than_the_servers_real_tpm_fails_at_once_and_delays_nob
             assert tokens is not None and tokens > 9000, message  # ... and the request's tokens
         assert sim.stats(timeline=False)["r429"].get("tokens", 0) == 0  # no small job was refused
         assert orjson.dumps(client.overview()["parked"]) == b"{}"
+
+
+def test_pause_batch_lua_pauses_only_a_running_batch_and_cancel_unpauses(rclient: redis.Redis) -> None:
+    store = BatchStore(rclient)
+    batch_id = store.create(3600, {"account": "acct"})
+    assert store.pause(batch_id) == (BatchStatus.VALIDATING, True)
+    store.seal(batch_id)  # no jobs: completed at once
+    assert store.pause(batch_id, False) == (BatchStatus.COMPLETED, False)
+    assert store.pause(batch_id) == (BatchStatus.COMPLETED, False)  # an ended batch is not paused
+
+    running = store.create(3600, {"account": "acct"})
+    rclient.hset(keys.batch_meta(running), "total", 1)
+    store.seal(running)
+    assert store.pause(running) == (BatchStatus.IN_PROGRESS, True)
+    assert store.pause(running) == (BatchStatus.IN_PROGRESS, True)  # repeating is harmless
+    assert store.cancel(running) is BatchStatus.CANCELLING
+    assert rclient.hget(keys.batch_meta(running), "paused") is None  # cancel unpauses: its jobs fail
+
+    assert store.pause("batch_gone") == (None, False)
+    assert not rclient.exists(keys.batch_meta("batch_gone"))  # not brought back as a bare hash
