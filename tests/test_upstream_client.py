@@ -193,6 +193,8 @@ def test_an_unreadable_body_is_a_problem_not_an_exception(encoding: str, content
     (httpx.ConnectTimeout("connect timed out"), "timeout: ConnectTimeout"),
     (httpx.ConnectError("connection refused"), "connection: ConnectError: connection refused"),
     (httpx.RemoteProtocolError("server disconnected"), "connection: RemoteProtocolError: server disconnected"),
+    (httpx.ConnectError("no route to https://user:pw-1234@proxy.test/v1"),
+     "connection: ConnectError: no route to https://[REDACTED]@proxy.test/v1"),
 ])
 def test_timeouts_and_connection_errors_come_back_as_status_0(raised: Exception, expected: str) -> None:
     def handler(request: httpx.Request) -> httpx.Response:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import zlib
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ _KEPT_HEADERS = frozenset((
 ))
 HEAD_BYTES = 200  # how much of a body that is not a JSON object is kept to show in the error
 TOO_LARGE = "too large"  # prefix of body_problem for an answer over the size limit
+_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")  # user:password@ in a URL
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,8 @@ def transport_failure(exc: BaseException) -> str:
     refused = cause.os_error if isinstance(cause, aiohttp.ClientConnectorError) else None
     if isinstance(refused, ConnectionRefusedError) and isinstance(cause, aiohttp.ClientConnectorError):
         return f"connection: {name}: connection refused by {cause.host}:{cause.port}"
-    detail = str(cause) or type(cause).__name__
+    # The text may quote the URL, whose base may carry credentials (https://user:pw@proxy).
+    detail = _USERINFO.sub(r"\1[REDACTED]@", str(cause) or type(cause).__name__)
     return f"connection: {name}: {detail[:200]}"
 
 
