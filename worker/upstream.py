@@ -210,7 +210,9 @@ def transport_failure(exc: BaseException) -> str:
     cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
     if isinstance(cause, aiohttp.ClientError):
         timed_out = isinstance(cause, aiohttp.ServerTimeoutError | asyncio.TimeoutError)
-        name = type(exc).__name__ if timed_out or not isinstance(exc, httpx.ConnectTimeout) else "ConnectError"
+        name = type(exc).__name__
+        if not timed_out and isinstance(exc, httpx.ConnectTimeout):  # mis-mapped: name what happened
+            name = "ConnectError" if isinstance(cause, aiohttp.ClientConnectorError) else type(cause).__name__
     else:
         timed_out = isinstance(exc, httpx.TimeoutException)
         name = type(exc).__name__
