@@ -26,7 +26,7 @@ import redis
 from ratequeue.config.models import ModelTable, load_model_table
 from ratequeue.config.settings import DEFAULT_REDIS_URL, Settings, load_settings, shown_redis_url
 from ratequeue.errors import BatchNotFoundError, InvalidRequestError, RedisFullError, UsageError
-from ratequeue.jobstore import keys
+from ratequeue.jobstore import deferrals, keys
 from ratequeue.jobstore.batches import BatchExistsError, BatchStatus, BatchStore
 from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, live_workers
@@ -220,8 +220,23 @@ class Client:
             time.sleep(0.1)
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
-        """Stop dispatching the batch's remaining jobs; they are reported as cancelled."""
+        """Stop the batch: within about a second no worker starts a new call for it (calls in
+        flight finish and are stored); its remaining jobs are reported as cancelled."""
+        was_paused = self.redis.hget(keys.batch_meta(batch_id), "paused") == b"1"  # cancel unpauses
         if self._batches.cancel(batch_id) is None:  # one Lua call: an ended batch keeps its status
+            raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis")
+        # Jobs waiting in the deferred set are failed now, not at their turn; a paused batch's
+        # jobs are queued nowhere: they are enqueued again, and workers fail them at once.
+        deferrals.wake_batch(self.redis, batch_id)
+        if was_paused:
+            self._submitter.requeue_pending(batch_id)
+        return self.status(batch_id)
+
+    def pause(self, batch_id: str) -> dict[str, Any]:
+        """Stop the batch's new upstream calls on every worker within about a second, failing
+        nothing: its jobs stay pending (calls in flight finish and are stored). ``resume``
+        restarts it, ``cancel`` ends it. An ended batch is left as it is. Returns the Batch object."""
+        if self._batches.pause(batch_id)[0] is None:
             raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis")
         return self.status(batch_id)
 
@@ -232,10 +247,12 @@ class Client:
         return {"id": batch_id, "status": delete_batch(self.redis, batch_id, force)}
 
     def resume(self, batch_id: str) -> int:
-        """Re-enqueue every job of the batch that has no outcome (e.g. its producer died between
-        storing and enqueueing, or its messages were lost); returns how many. Safe to repeat: a
-        job already running or done is skipped by the workers. Seals the batch."""
+        """Unpause the batch and re-enqueue every job of it that has no outcome (e.g. it was
+        paused, its producer died between storing and enqueueing, or its messages were lost);
+        returns how many. Safe to repeat: a job already running or done is skipped by the
+        workers. Seals the batch."""
         self.status(batch_id)
+        self._batches.pause(batch_id, False)  # first: a job enqueued while paused would be dropped
         return self._submitter.requeue_pending(batch_id)
 
     def parked(self) -> dict[str, dict[str, Any]]:
@@ -252,6 +269,7 @@ class Client:
             if model is None or self.table.resolve(model) == pair_model:
                 self.redis.hdel(keys.parked_pairs(), pair)
                 self.redis.delete(keys.probe_lock(account, pair_model))
+                deferrals.wake_pair(self.redis, account, pair_model)  # its jobs run now, not after the cooldown
                 restarted.append(pair)
         return restarted
 

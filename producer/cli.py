@@ -182,8 +182,8 @@ def status(ctx: click.Context, batch_id: str | None, wait: bool, timeout: float 
 @click.argument("batch_id", required=False)
 @click.option("--model", help="Only restart parked pairs of this model.")
 def resume(batch_id: str | None, model: str | None) -> None:
-    """Restart parked (account, model) pairs; with BATCH_ID, re-enqueue that batch's unfinished
-    jobs instead (e.g. after its producer died)."""
+    """Restart parked (account, model) pairs; with BATCH_ID, unpause that batch and re-enqueue
+    its unfinished jobs instead (e.g. after a pause, or after its producer died)."""
     client = _client()
     if batch_id:
         click.echo(f"{client.resume(batch_id)} jobs re-enqueued")
@@ -217,6 +217,15 @@ def cancel(batch_id: str) -> None:
     """Stop dispatching BATCH_ID's remaining jobs; they are reported as cancelled."""
     batch = _client().cancel(batch_id)
     click.echo(batch["status"])
+
+
+@main.command()
+@click.argument("batch_id")
+def pause(batch_id: str) -> None:
+    """Stop BATCH_ID's new upstream calls on every worker, failing nothing; `resume BATCH_ID`
+    restarts it."""
+    batch = _client().pause(batch_id)
+    click.echo(f"paused {batch_id}" if batch["paused"] else f"not paused: {batch_id} is {batch['status']}")
 
 
 @main.command()

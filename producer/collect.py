@@ -58,6 +58,8 @@ def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
             "cached_tokens": ints["cached_tokens"],
         },
         "cost_usd": float(meta.get("cost_usd", 0) or 0),
+        # ratequeue's extension: paused by Client.pause (the status stays in_progress)
+        "paused": meta.get("paused") == "1",
         "metadata": orjson.loads(meta.get("metadata") or "{}"),
         "models": {model: counts.as_json() for model, counts in models.items()},
     }

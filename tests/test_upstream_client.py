@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
@@ -190,8 +191,10 @@ def test_an_unreadable_body_is_a_problem_not_an_exception(encoding: str, content
 @pytest.mark.parametrize(("raised", "expected"), [
     (httpx.ReadTimeout("read timed out"), "timeout: ReadTimeout"),
     (httpx.ConnectTimeout("connect timed out"), "timeout: ConnectTimeout"),
-    (httpx.ConnectError("connection refused"), "connection: ConnectError"),
-    (httpx.RemoteProtocolError("server disconnected"), "connection: RemoteProtocolError"),
+    (httpx.ConnectError("connection refused"), "connection: ConnectError: connection refused"),
+    (httpx.RemoteProtocolError("server disconnected"), "connection: RemoteProtocolError: server disconnected"),
+    (httpx.ConnectError("no route to https://user:pw-1234@proxy.test/v1"),
+     "connection: ConnectError: no route to https://[REDACTED]@proxy.test/v1"),
 ])
 def test_timeouts_and_connection_errors_come_back_as_status_0(raised: Exception, expected: str) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
@@ -201,6 +204,29 @@ def test_timeouts_and_connection_errors_come_back_as_status_0(raised: Exception,
     assert (resp.status, resp.body, resp.transport_error) == (0, None, expected)
     got = classify(resp)
     assert (got.verdict, got.reason) == (Verdict.RETRY, expected.split(":")[0])
+
+
+@pytest.mark.integration
+def test_a_closed_port_is_a_connection_refused_not_a_timeout() -> None:
+    # The real transport (aiohttp under httpx-aiohttp), a real socket: httpx-aiohttp maps aiohttp's
+    # ClientConnectorError to httpx.ConnectTimeout, so the cause decides, not the mapped class.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+
+    async def go() -> UpstreamResponse:
+        up = UpstreamClient(f"http://127.0.0.1:{port}", "sk-test-key", timeouts=Timeouts(connect=5, read=5))
+        try:
+            return await up.post(CHAT, BODY)
+        finally:
+            await up.aclose()
+
+    started = time.monotonic()
+    resp = asyncio.run(go())
+    assert resp.status == 0 and time.monotonic() - started < 5  # refused at once, no timeout waited
+    assert resp.transport_error == f"connection: ConnectError: connection refused by 127.0.0.1:{port}"
+    got = classify(resp)
+    assert (got.verdict, got.kind) == (Verdict.RETRY, Reason.CONNECTION)
 
 
 def test_the_total_deadline_cuts_a_slow_answer() -> None:
@@ -222,7 +248,7 @@ def test_a_read_error_in_the_middle_of_the_body() -> None:
             raise httpx.ReadError("connection reset")
 
     resp = post(lambda r: httpx.Response(200, stream=Broken()))
-    assert (resp.status, resp.transport_error) == (0, "connection: ReadError")
+    assert (resp.status, resp.transport_error) == (0, "connection: ReadError: connection reset")
 
 
 @pytest.mark.parametrize("make", [

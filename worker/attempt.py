@@ -31,6 +31,7 @@ class End(enum.Enum):
     STORED = "stored"  # the job's outcome is stored (a result or an error line)
     DEFERRED = "deferred"  # the job went to the deferred set; a worker requeues it when due
     AGAIN = "again"  # another pass now, in this coroutine (after ``Step.delay``)
+    DROPPED = "dropped"  # its batch is paused (lease released, no outcome: a resume enqueues it) or gone
 
 
 class Deferral(enum.StrEnum):

@@ -26,6 +26,7 @@ from ratequeue.worker.gate import BucketGate
 from ratequeue.worker.limiter import BucketLimits
 
 log = logging.getLogger(__name__)
+RELOAD_SECONDS = 5.0  # how often the limits other workers learned are read again
 
 
 class Learned:
@@ -35,7 +36,7 @@ class Learned:
         self.settings = settings
         self.redis = redis
         self._limits: dict[str, tuple[int, int]] = {}  # pair -> (rpm, tpm) the server announced
-        self._loaded: set[str] = set()
+        self._loaded: dict[str, float] = {}  # pair -> monotonic time of the last read from Redis
         self._rules: dict[str, str] = {}  # pair -> charge rule learned from the server
         # pair -> (share of the limits in force, time of the last cut)
         self._throttle: dict[str, tuple[float, float]] = {}
@@ -43,14 +44,20 @@ class Learned:
         self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
 
     async def load(self, pair: str) -> None:
-        """Take the limits another worker learned for `pair` (once per process)."""
-        if not self.settings.learn_limits or pair in self._loaded:
+        """Take the limits another worker learned for `pair` (read again every RELOAD_SECONDS:
+        a limit learned lower elsewhere must soon fail a request too large for it here too)."""
+        now = time.monotonic()
+        if not self.settings.learn_limits or now - self._loaded.get(pair, float("-inf")) < RELOAD_SECONDS:
             return
-        self._loaded.add(pair)
+        self._loaded[pair] = now
         raw = await self.redis.hget(keys.learned_limits(), pair)
         if raw:
             known = orjson.loads(raw)
             self._limits[pair] = (int(known["rpm"]), int(known["tpm"]))
+
+    def tpm(self, pair: str, spec: ModelSpec) -> int:
+        """The TPM limit in force, without the throttle: learned from the server, else configured."""
+        return self._limits.get(pair, (spec.rpm, spec.tpm))[1]
 
     def rule(self, pair: str, spec: ModelSpec) -> str:
         """The charge rule in force: learned from the server, else configured."""

@@ -4,7 +4,8 @@ A pair is parked when its quota is spent (429 insufficient_quota), its key is re
 server asks for a wait longer than the park bound. Its jobs are deferred, not failed, and other
 pairs carry on. Once per cooldown one job becomes the probe (a Redis lock set NX with the
 cooldown as TTL, so at most one probe per cooldown across every worker on every host); the probe's
-success, or `ratequeue resume`, unparks the pair.
+success, or `ratequeue resume`, unparks the pair. The jobs it deferred are noted per pair
+(``keys.parked_jobs``) so that unparking makes them due at once, not after the cooldown.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ class Parking:
         self._ttl = cache_ttl
         self._cache: tuple[float, dict[str, Parked]] = (0.0, {})
 
-    async def state(self, account: str, model: str) -> Parked | None:
+    async def state(self, account: str, model: str, fresh: bool = False) -> Parked | None:
+        """The pair's parking record (read at most ``cache_ttl`` s ago, or now if ``fresh``)."""
         fetched, pairs = self._cache
-        if time.monotonic() - fetched > self._ttl:
+        if fresh or time.monotonic() - fetched > self._ttl:
             raw = await self._redis.hgetall(keys.parked_pairs())
             pairs = {text(k): Parked(**orjson.loads(v)) for k, v in raw.items()}
             self._cache = (time.monotonic(), pairs)
@@ -64,10 +66,24 @@ class Parking:
         ttl_ms = await self._redis.pttl(keys.probe_lock(account, model))
         return max(ttl_ms, 100) / 1000.0
 
+    async def note_deferred(self, account: str, model: str, member: str, cooldown: float) -> None:
+        """Remember a job deferred because the pair is parked (``member`` of the deferred set)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(keys.parked_jobs(account, model), member)
+            # Outlives the longest wait it serves; an unpark deletes it before that.
+            pipe.expire(keys.parked_jobs(account, model), int(cooldown) + 3600)
+            await pipe.execute()
+
     async def unpark(self, account: str, model: str) -> None:
+        """Restart the pair: its deferred jobs become due now (the worker's copy of
+        ``jobstore.deferrals.wake_pair``, for a probe that succeeded)."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hdel(keys.parked_pairs(), pair_field(account, model))
             pipe.delete(keys.probe_lock(account, model))
-            await pipe.execute()
+            pipe.smembers(keys.parked_jobs(account, model))
+            pipe.delete(keys.parked_jobs(account, model))
+            *_, waiting, _ = await pipe.execute()
         self._cache = (0.0, {})
+        if waiting:
+            await self._redis.zadd(keys.deferred_jobs(), dict.fromkeys(waiting, 0), xx=True)
 

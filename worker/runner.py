@@ -6,11 +6,17 @@ A run is a loop of passes; each pass is a few steps with one job each:
     admit      past the deadline -> give up; pair parked -> defer, unless this job takes the probe
     acquire    wait for the shared bucket; past defer_after: defer (frees the chunk slot)
     send       call upstream, classify the answer (``worker.policy``), redact an error
+               (just before: the batch cancelled or paused meanwhile? -> give the capacity back)
     learn      limits and the charge rule from the headers; reconcile the bucket
     settle     store / retry / park / defer (``worker.settle``)
 
-Each pass ends in a ``Step`` (``worker.attempt``): stored, deferred, or again. Its metrics are
-recorded once, by ``worker.attempt.observe``, whatever the branch.
+Each pass ends in a ``Step`` (``worker.attempt``): stored, deferred, dropped or again. Its metrics
+are recorded once, by ``worker.attempt.observe``, whatever the branch.
+
+Cancel and pause (issue 10): every pass, and every send, first reads the batch's state, which
+``worker.batchwatch`` keeps fresh within 0.25 s; a wait for the bucket or a backoff sleep is cut
+short when the batch halts. A cancelled batch's job fails as ``batch_cancelled``; a paused one's
+is dropped (lease released, no outcome: ``resume`` enqueues it again). Calls in flight finish.
 """
 
 from __future__ import annotations
@@ -27,16 +33,17 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redact import configured_secrets, redact_response
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
+from ratequeue.worker.batchwatch import BatchState
 from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
 from ratequeue.worker.learned import Learned
 from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.parking import Parked, Parking, pair_field
-from ratequeue.worker.policy import Verdict, classify
+from ratequeue.worker.policy import Reason, Verdict, classify
 from ratequeue.worker.reconciler import Reconciler
 from ratequeue.worker.settle import DEADLINE_EXCEEDED, Settler, redis_wait
-from ratequeue.worker.store import BatchState, JobStore
+from ratequeue.worker.store import JobStore
 from ratequeue.worker.upstream import UpstreamClient
 from ratequeue.worker.usage import usage_of
 
@@ -71,45 +78,67 @@ class JobRunner:
         self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
-        """Run one job; True when its outcome is stored, False when it was deferred."""
-        run = await self._start(state, job, started)
-        if run is None:
-            return True
-        while True:
-            done = Pass()
-            try:
-                step = done.step = await self._pass(run, done)
-            finally:
-                observe(run, done)
-            if step.end is not End.AGAIN:
-                return step.end is End.STORED
-            if step.delay is not None:
-                await asyncio.sleep(step.delay)
+        """Run one job; True when its outcome is stored, False when it was deferred or dropped."""
+        watch = self.store.watch
+        async with watch.watching(state.batch_id):
+            run = await self._start(state, job, started)
+            if isinstance(run, Step):
+                return run.end is End.STORED
+            while True:
+                done = Pass()
+                try:
+                    step = done.step = await self._pass(run, done)
+                finally:
+                    observe(run, done)
+                if step.end is not End.AGAIN:
+                    return step.end is End.STORED
+                if step.delay is not None:
+                    await watch.unless_halted(run.batch_id, asyncio.sleep(step.delay))
 
-    async def _start(self, state: BatchState, job: StoredJob, started: float) -> JobRun | None:
-        """The job's run, or None when it failed before any call (its error line is stored)."""
+    async def _start(self, state: BatchState, job: StoredJob, started: float) -> JobRun | Step:
+        """The job's run, or the step that ended it before any call (stored error, or dropped)."""
         batch_id = state.batch_id
-        stop_code = await self._stop_code(state)
-        if stop_code:
-            message = f"the batch {_STOPPED[stop_code]} before this request ran"
-            await self.outcomes.fail(batch_id, job, stop_code, message)
-            return None
+        halt = await self._halt(batch_id, job)
+        if halt is not None:
+            return halt
         try:
             spec = self.table.get(job.model)
         except UnknownModelError as exc:
             await self.outcomes.fail(batch_id, job, "model_not_found", str(exc), param="body.model")
-            return None
+            return STORED
         gate = await self._gate(state.account, spec)
         run = JobRun(batch_id, job, spec, state.account, gate, started + self.settings.job_deadline_seconds)
         charge = self._price(run)
-        if charge > gate.limits.tpm:
-            err = RequestTooLargeError(charge, gate.limits.tpm, spec.name)
+        tpm = self.learned.tpm(run.pair, spec)  # the server's, once learned (from any worker), else configured
+        if charge > min(tpm, gate.limits.tpm):
+            err = RequestTooLargeError(charge, tpm, spec.name)
             await self.outcomes.fail(batch_id, job, err.code, err.reason, param="body")
-            return None
+            return STORED
         return run
+
+    async def _halt(self, batch_id: str, job: StoredJob) -> Step | None:
+        """The step that ends the job now if its batch stopped, was paused or is gone, else None."""
+        state = await self.store.batch_state(batch_id)
+        if state is not None and state.paused and not state.stopped:
+            # Read again before dropping: a resume unpauses just before it enqueues the jobs again,
+            # and a job dropped on a stale read would then wait for ever.
+            state = await self.store.watch.state(batch_id, max_age=0.0)
+        if state is None:  # deleted: nothing to store, nothing to call
+            return Step(End.DROPPED)
+        stop_code = await self._stop_code(state)
+        if stop_code:
+            message = f"the batch {_STOPPED[stop_code]} before this request ran"
+            await self.outcomes.fail(batch_id, job, stop_code, message)
+            return STORED
+        if state.paused:
+            await self.store.release(batch_id, job.custom_id)
+            return Step(End.DROPPED)
+        return None
 
     async def _pass(self, run: JobRun, done: Pass) -> Step:
         """One try: admit, acquire, send, learn, settle; fills ``done`` as it goes."""
+        if halt := await self._halt(run.batch_id, run.job):
+            return halt
         if time.time() > run.deadline:
             return await self.settler.give_up(run, DEADLINE_EXCEEDED)
         parked = await self.parking.state(run.account, run.spec.name)
@@ -127,6 +156,9 @@ class JobRunner:
             self.reconciler.add(run.key, run.gate.limits, token_delta=grant.cost - charge)
         if await self._parked_meanwhile(run, parked, charge):
             return await self.settler.defer(run, self.settings.park_cooldown_seconds, Deferral.PARKED)
+        if halt := await self._halt(run.batch_id, run.job):  # cancelled or paused while it waited
+            self.reconciler.add(run.key, run.gate.limits, token_delta=charge, request_delta=1)
+            return halt
         sent = done.sent = await self._send(run, rule, charge, probe=parked is not None)
         self._learn(run, sent)
         return await self.settler.settle(run, sent)
@@ -138,8 +170,11 @@ class JobRunner:
     async def _acquire(self, run: JobRun) -> Grant | Step:
         """Capacity from the shared bucket, or the step that ends the pass without it."""
         timeout = max(0.0, min(self.settings.defer_after_seconds, run.deadline - time.time()))
+        acquire = run.gate.acquire(self._price(run), timeout=timeout, price=lambda: self._price(run))
         try:
-            return await run.gate.acquire(self._price(run), timeout=timeout, price=lambda: self._price(run))
+            grant = await self.store.watch.unless_halted(run.batch_id, acquire)
+            # Halted while waiting (nothing charged): the next pass's check ends the job.
+            return Step(End.AGAIN) if grant is None else grant
         except CapacityTimeout as exc:
             return await self.settler.defer(run, redis_wait(max(exc.retry_in, 0.5)), Deferral.CAPACITY)
         except RequestTooLargeError as exc:  # limits learned lower, or a dearer rule, meanwhile
@@ -199,7 +234,12 @@ class JobRunner:
         # held more than the server's by at least about `charge`, and keeping the charge pays
         # that back. Refunding it kept a hidden debt (from requests the server priced higher than
         # we did) alive for ever: every send after the refund drew another 429.
-        if usage is not None and usage.prompt_tokens and sent.rule == "sum":
+        # Except "Request too large": the server refused it before weighing it against its bucket,
+        # so it says nothing about ours, and a charge kept (perhaps larger than the whole bucket)
+        # was a debt that held every request behind it for minutes (issue 10).
+        if sent.verdict.kind is Reason.REQUEST_TOO_LARGE:
+            token_delta = sent.charge
+        elif usage is not None and usage.prompt_tokens and sent.rule == "sum":
             # Under the sum rule the server charged its own prompt count plus the same reserved
             # output, so the difference of the prompt counts is exactly what we over/under-charged.
             token_delta = run.job.prompt_tokens - usage.prompt_tokens

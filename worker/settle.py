@@ -1,7 +1,8 @@
 """Settling an answered call: store it, retry it, park its pair, or defer the job.
 
     SUCCESS  store the result (and unpark the pair if this was the probe)
-    FAIL     store the upstream error
+    FAIL     store the upstream error ("Request too large": as ``request_too_large``, at once; its
+             charge is refunded by the runner: the server weighed it against nothing)
     PARK     park the pair, defer the job (it stays queued, not failed)
     RETRY    count the attempt in Redis (past max_attempts: give up, with the history); a 429 sets
              the pair's shared "not before" so every worker pauses, and goes round again at once
@@ -12,21 +13,27 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from ratequeue.config.settings import Settings
+from ratequeue.errors import RequestTooLargeError
+from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Sent, Step
 from ratequeue.worker.feedback import MAX_SERVER_WAIT
 from ratequeue.worker.learned import Learned
 from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.parking import Parking
-from ratequeue.worker.policy import Backoff, Verdict
+from ratequeue.worker.policy import Backoff, Reason, Verdict
 from ratequeue.worker.store import JobStore
 from ratequeue.worker.upstream import UpstreamResponse
 from ratequeue.worker.usage import Usage
 
 log = logging.getLogger(__name__)
 
+# "Request too large for gpt-4o ... (TPM): Limit 30000, Requested 31538." (OpenAI's 429)
+_LIMIT = re.compile(r"\bLimit (\d+)")
+_REQUESTED = re.compile(r"\bRequested (\d+)")
 # Error codes of jobs the worker gave up on (stored in the error line; the job_failures code label).
 DEADLINE_EXCEEDED = "deadline_exceeded"
 MAX_ATTEMPTS_EXCEEDED = "max_attempts_exceeded"
@@ -57,6 +64,8 @@ class Settler:
         verdict = sent.verdict.verdict
         if verdict is Verdict.SUCCESS:
             return await self._succeed(run, sent)
+        if sent.verdict.kind is Reason.REQUEST_TOO_LARGE:
+            return await self._too_large(run, sent)
         if verdict is Verdict.FAIL:
             await self.outcomes.upstream_error(run.batch_id, run.job, sent.resp, sent.verdict.reason)
             return STORED
@@ -65,8 +74,18 @@ class Settler:
         return await self._retry(run, sent)
 
     async def defer(self, run: JobRun, seconds: float, why: Deferral) -> Step:
-        """Move the job to the deferred set for ``seconds``; its chunk slot is freed."""
+        """Move the job to the deferred set for ``seconds``; its chunk slot is freed.
+
+        A job deferred for a parked pair is noted, so that unparking makes it due at once. If the
+        pair was unparked before the note (this worker's parked state was up to a second old),
+        that unpark could not see it: it is made due here.
+        """
         await self.store.defer(run.batch_id, run.job.custom_id, seconds)
+        if why is Deferral.PARKED:
+            member = f"{run.batch_id}{DEFERRED_SEP}{run.job.custom_id}"
+            await self.parking.note_deferred(run.account, run.spec.name, member, seconds)
+            if await self.parking.state(run.account, run.spec.name, fresh=True) is None:
+                await self.store.defer(run.batch_id, run.job.custom_id, 0.0)
         return Step(End.DEFERRED, why)
 
     async def give_up(self, run: JobRun, code: str) -> Step:
@@ -83,6 +102,15 @@ class Settler:
             log.warning("probe succeeded: %s unparked", run.pair)
             await self.parking.unpark(run.account, run.spec.name)
         await self.outcomes.succeed(run.batch_id, run.job, run.spec, sent.resp, sent.usage or Usage())
+        return STORED
+
+    async def _too_large(self, run: JobRun, sent: Sent) -> Step:
+        """The server can never accept it (larger than its TPM): the same error line as the
+        start-of-run check, with the server's own figures when its message has them."""
+        message = str(sent.resp.error.get("message") or "")
+        limit = _figure(_LIMIT, message) or self.learned.tpm(run.pair, run.spec)
+        err = RequestTooLargeError(_figure(_REQUESTED, message) or sent.charge, limit, run.spec.name)
+        await self.outcomes.fail(run.batch_id, run.job, err.code, f"{err.reason} (said the server)", param="body")
         return STORED
 
     async def _park(self, run: JobRun, sent: Sent) -> Step:
@@ -114,6 +142,11 @@ class Settler:
         if delay > s.defer_after_seconds:
             return await self.defer(run, delay, Deferral.BACKOFF)
         return Step(End.AGAIN, delay=delay)
+
+
+def _figure(pattern: re.Pattern[str], message: str) -> int | None:
+    match = pattern.search(message)
+    return int(match.group(1)) if match else None
 
 
 def failure_message(resp: UpstreamResponse) -> str:

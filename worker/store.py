@@ -1,12 +1,13 @@
-"""The worker's side of the job store in Redis: load jobs, record outcomes once, defer jobs."""
+"""The worker's side of the job store in Redis: load jobs, record outcomes once, defer jobs.
+
+Batch states are read through ``worker.batchwatch`` (fresh within a quarter second)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -15,13 +16,14 @@ from redis import exceptions as redis_errors
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from ratequeue.jobstore import keys
-from ratequeue.jobstore.batches import AsyncBatchStore, BatchStatus
+from ratequeue.jobstore.batches import AsyncBatchStore
 from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.jobstore.scripts import lua_source
 from ratequeue.retrying import warn_every
 from ratequeue.worker import metrics
+from ratequeue.worker.batchwatch import BatchState, BatchWatch
 
 # Redis cannot take a write now but will later: gone (restarting), loading its data, or full.
 REDIS_UNAVAILABLE = (
@@ -31,30 +33,6 @@ REDIS_UNAVAILABLE = (
     redis_errors.ReadOnlyError,
 )
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchState:
-    """What a worker needs to know about a batch before running its jobs."""
-
-    batch_id: str
-    status: str
-    account: str
-    expires_at: float | None
-
-    @property
-    def stopped(self) -> bool:
-        """The batch runs no more jobs: cancelled, past its window (finalizing), or ended."""
-        return self.stop_code is not None or BatchStatus(self.status).final
-
-    @property
-    def stop_code(self) -> str | None:
-        """The error code of the jobs a stopping batch fails without running them, else None."""
-        if self.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
-            return "batch_cancelled"
-        if self.status in (BatchStatus.FINALIZING, BatchStatus.EXPIRED):
-            return "batch_expired"
-        return None
 
 
 @dataclass(frozen=True)
@@ -74,14 +52,13 @@ class JobStore:
 
     ATTEMPTS_WHEN_GONE = 1 << 30  # above any max_attempts
 
-    def __init__(self, redis: aioredis.Redis, state_ttl: float = 1.0) -> None:
+    def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
+        self.watch = BatchWatch(redis)
         self._batches = AsyncBatchStore(redis)
         self._defer = redis.register_script(lua_source("defer"))
         self._claim = redis.register_script(lua_source("claim_jobs"))
         self._attempt = redis.register_script(lua_source("record_attempt"))
-        self._state_ttl = state_ttl
-        self._states: dict[str, tuple[float, BatchState]] = {}
         # Outcomes waiting for the next store call, per batch: (custom_id, outcome, caller's future)
         self._unstored: dict[str, list[tuple[str, Outcome, asyncio.Future[bool]]]] = {}
         self._storer: asyncio.Task[None] | None = None
@@ -91,21 +68,8 @@ class JobStore:
         return self._redis
 
     async def batch_state(self, batch_id: str) -> BatchState | None:
-        """The batch's status, cached for ``state_ttl`` seconds (a cancel is seen within that)."""
-        cached = self._states.get(batch_id)
-        now = time.monotonic()
-        if cached and now - cached[0] < self._state_ttl:
-            return cached[1]
-        status, account, expires = await self._redis.hmget(
-            keys.batch_meta(batch_id), ["status", "account", "expires_at"]
-        )
-        if status is None:
-            return None
-        state = BatchState(
-            batch_id, text(status), text(account or b""), float(expires) if expires else None
-        )
-        self._states[batch_id] = (now, state)
-        return state
+        """The batch's state, read within the last ``worker.batchwatch.POLL_INTERVAL`` seconds."""
+        return await self.watch.state(batch_id)
 
     async def claim_pending(
         self, batch_id: str, custom_ids: Sequence[str], owner: str, lease: float
@@ -137,14 +101,11 @@ class JobStore:
         jobs fail as expired and the last of them ends it as "expired". One Lua call
         (expire_batch.lua): a batch that ended, was cancelled or was deleted meanwhile keeps its
         status. Skipped when this worker already saw it stopping (one call per batch, not per job)."""
-        cached = self._states.get(batch_id)
-        if cached and cached[1].stopped:
+        state = await self.watch.state(batch_id)
+        if state is not None and state.stopped:
             return
         status = await self._batches.expire(batch_id)
-        if cached and status is not None:
-            self._states[batch_id] = (time.monotonic(), replace(cached[1], status=status.value))
-        else:
-            self._states.pop(batch_id, None)
+        self.watch.note_status(batch_id, status.value if status is not None else None)
 
     async def release(self, batch_id: str, custom_id: str) -> None:
         """Drop a job's lease (it was deferred: the run that picks it up next must claim it)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import zlib
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ _KEPT_HEADERS = frozenset((
 ))
 HEAD_BYTES = 200  # how much of a body that is not a JSON object is kept to show in the error
 TOO_LARGE = "too large"  # prefix of body_problem for an answer over the size limit
+_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")  # user:password@ in a URL
 
 
 @dataclass(frozen=True)
@@ -184,10 +186,8 @@ class UpstreamClient:
         except TimeoutError:  # asyncio.timeout's; httpx's own timeouts are not TimeoutError
             elapsed = time.monotonic() - started
             return UpstreamResponse(0, None, {}, elapsed, f"timeout: no whole answer within {self._total:g} s")
-        except httpx.TimeoutException as exc:
-            return UpstreamResponse(0, None, {}, time.monotonic() - started, f"timeout: {type(exc).__name__}")
         except (httpx.TransportError, aiohttp.ClientError) as exc:
-            return UpstreamResponse(0, None, {}, time.monotonic() - started, f"connection: {type(exc).__name__}")
+            return UpstreamResponse(0, None, {}, time.monotonic() - started, transport_failure(exc))
         elapsed = time.monotonic() - started
         kept = {name: value for name, value in resp.headers.multi_items() if name in _KEPT_HEADERS}
         if problem is not None:
@@ -198,6 +198,32 @@ class UpstreamClient:
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
+
+
+def transport_failure(exc: BaseException) -> str:
+    """``timeout: ReadTimeout`` or ``connection: ConnectError: connection refused by host:port``.
+
+    The aiohttp error under the httpx one decides: httpx-aiohttp maps every
+    ``aiohttp.ClientConnectionError``, a refused connection included, to ``httpx.ConnectTimeout``
+    (its map lets the base class win), which reported a server that is down as a slow one.
+    """
+    cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
+    if isinstance(cause, aiohttp.ClientError):
+        timed_out = isinstance(cause, aiohttp.ServerTimeoutError | asyncio.TimeoutError)
+        name = type(exc).__name__
+        if not timed_out and isinstance(exc, httpx.ConnectTimeout):  # mis-mapped: name what happened
+            name = "ConnectError" if isinstance(cause, aiohttp.ClientConnectorError) else type(cause).__name__
+    else:
+        timed_out = isinstance(exc, httpx.TimeoutException)
+        name = type(exc).__name__
+    if timed_out:
+        return f"timeout: {name}"
+    refused = cause.os_error if isinstance(cause, aiohttp.ClientConnectorError) else None
+    if isinstance(refused, ConnectionRefusedError) and isinstance(cause, aiohttp.ClientConnectorError):
+        return f"connection: {name}: connection refused by {cause.host}:{cause.port}"
+    # The text may quote the URL, whose base may carry credentials (https://user:pw@proxy).
+    detail = _USERINFO.sub(r"\1[REDACTED]@", str(cause) or type(cause).__name__)
+    return f"connection: {name}: {detail[:200]}"
 
 
 def _parsed(status: int, raw: bytes, kept: dict[str, str], elapsed: float) -> UpstreamResponse:

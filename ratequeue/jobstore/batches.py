@@ -8,13 +8,15 @@ pasted into the scripts that may end a batch (see ``scripts.py``)::
     create  -> validating --seal--> in_progress --last outcome--> completed
                validating | in_progress --cancel--> cancelling --last outcome / seal--> cancelled
                validating | in_progress --expire--> finalizing --last outcome / seal--> expired
+    paused (a flag, not a status): set on validating / in_progress by pause, cleared by resume
+    and by cancel; workers make no new call for a paused batch (its jobs stay pending).
     failed: final, for a batch refused whole (OpenAI's); nothing in ratequeue sets it yet.
 
 A final status (``FINAL``) is never written again; ``delete`` refuses a batch that has not ended
 unless forced. The meta hash ``keys.batch_meta`` holds, besides the status: ``id``, ``account``,
 ``endpoint``, ``input_file``, ``completion_window``, ``metadata`` (JSON), ``retention`` (s, ""
 for the default), ``models``, ``input_sha256`` (hex sha256 of the raw input bytes, "" when
-unknown); counters ``total``, ``completed``, ``failed``, ``input_errors``,
+unknown), ``paused`` ("1" while paused); counters ``total``, ``completed``, ``failed``, ``input_errors``,
 token and cost totals; ``sealed``; times ``created_at``, ``expires_at``, ``<status>_at``,
 ``retained_until`` (s since epoch, from Redis's clock).
 
@@ -62,7 +64,8 @@ class BatchStatus(StrEnum):
 FINAL = frozenset({BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED})
 _DESCRIPTIVE = frozenset({"endpoint", "input_file", "models"})
 # The scripts, loaded once per store; each is one transition (store_outcome: the job outcome one).
-_SCRIPTS = ("create_batch", "seal_batch", "store_outcome", "cancel_batch", "expire_batch", "delete_batch")
+_SCRIPTS = ("create_batch", "seal_batch", "store_outcome", "cancel_batch", "expire_batch", "delete_batch",
+            "pause_batch")
 
 
 class BatchExistsError(BatchError):
@@ -133,6 +136,12 @@ class BatchStore:
     def expire(self, batch_id: str) -> BatchStatus | None:
         """validating / in_progress -> finalizing (ends as expired); returns the status after."""
         return status_of(self._scripts["expire_batch"](keys=_meta(batch_id)))
+
+    def pause(self, batch_id: str, paused: bool = True) -> tuple[BatchStatus | None, bool]:
+        """Pause a validating / in_progress batch (``paused=False``: unpause any); its status is
+        kept. Returns (status, paused) after the call; status None: no such batch."""
+        status, now_paused = self._scripts["pause_batch"](keys=_meta(batch_id), args=[int(paused)])
+        return status_of(status), bool(now_paused)
 
     def delete(self, batch_id: str, force: bool = False) -> tuple[bool, BatchStatus | None]:
         """Remove every key of an ended batch (any batch with ``force``): (deleted, status it had).

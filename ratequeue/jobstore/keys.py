@@ -132,6 +132,12 @@ def probe_lock(account: str, model: str) -> str:
     return f"{PREFIX}:probe:{{{account}:{model}}}"
 
 
+def parked_jobs(account: str, model: str) -> str:
+    """Set of deferred-set members ("<batch_id>\t<custom_id>") deferred because the pair was
+    parked: unparking makes them due at once instead of after the cooldown."""
+    return f"{PREFIX}:parkedjobs:{{{account}:{model}}}"
+
+
 def learned_limits() -> str:
     """Hash: "<account>:<model>" -> JSON {rpm, tpm, at} announced by the server's headers."""
     return f"{PREFIX}:learned"

@@ -11,6 +11,7 @@
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'validating' or status == 'in_progress' then
   redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', redis.call('TIME')[1])
+  redis.call('HDEL', KEYS[1], 'paused')  -- a cancelled batch is no longer paused: its jobs fail
   return 'cancelling'
 end
 return status
