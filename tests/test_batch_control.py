@@ -194,7 +194,8 @@ def test_pause_of_an_unknown_batch_is_one_error_line(redis_url: str, tmp_path: P
     env = base_env(redis_url, "http://127.0.0.1:9", tmp_path)
     proc = subprocess.run([*RATEQUEUE, "pause", "batch_nope"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == "error: no batch 'batch_nope' in this Redis"
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("redis: ") and lines[1:] == ["error: no batch 'batch_nope' in this Redis"]
 
 
 def test_a_request_larger_than_the_servers_real_tpm_fails_at_once_and_delays_nobody(
