@@ -16,9 +16,11 @@ seconds each worker writes its name and the time into one sorted set (:func:`wor
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -34,6 +36,7 @@ __all__ = [
     "registry",
     "start_metrics_server",
     "stop_metrics_server",
+    "worker_name",
     "workers_key",
 ]
 
@@ -46,6 +49,13 @@ _servers: list[Any] = []
 def workers_key() -> str:
     """Sorted set: worker name -> time of its last heartbeat (s since epoch)."""
     return "rq:workers"
+
+
+def worker_name() -> str:
+    """A name for this worker process, unique even across restarts: a restarted container often
+    has the same host name and pid, and the reaper must never take a live worker for the dead one
+    whose name it reused (``worker.reaper``)."""
+    return f"ratequeue-{os.getpid()}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
 
 
 def multiprocess_mode() -> bool:
@@ -107,7 +117,7 @@ class Heartbeat:
 
     def __init__(self, client: redis.Redis, name: str | None = None, interval: float = 5.0) -> None:
         self._redis = client
-        self.name = name or f"ratequeue@{socket.gethostname()}"
+        self.name = name or worker_name()
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ratequeue-heartbeat", daemon=True)

@@ -1,0 +1,100 @@
+"""Gives back the chunks of workers that stopped heartbeating, within seconds of the heartbeat's
+stale bound instead of at the broker's visibility timeout (30 min).
+
+Issue 10: after ``kill -9`` of every worker, the new workers found the dead ones' chunks unacked
+in kombu's ``unacked`` hash, invisible until the visibility timeout restored them 31.5 minutes
+later. Now every worker runs a reaper thread: every ``interval`` seconds one of them (a short
+Redis lock; only to save work, correctness does not rest on it) reads who holds which unacked
+message (``ratequeue.broker.holders``), and gives back, through ``ratequeue.broker.reclaim``, the
+messages of every holder whose heartbeat (``worker.metrics_server``) is older than the stale
+bound or gone. A holder with nothing left holds no record, so a dead worker is forgotten as soon
+as its last message is back.
+
+Why redelivery is safe for a worker that is only slow or cut off from Redis: a redelivered chunk
+finds its jobs leased by the old run (60 s, renewed while it runs, ``worker.leases``) and re-checks
+them later instead of running them; they run once the old run's leases are gone. For the same
+reason the reaper does not release the old run's leases: a heartbeat that stopped proves no
+death, and a released lease would let a second call start while the first may still be open.
+The jobs of a killed worker so run at most a lease (60 s) after the kill, plus a re-check delay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from redis.exceptions import LockError
+
+from ratequeue import broker
+from ratequeue.worker import metrics
+from ratequeue.worker.metrics_server import HEARTBEAT_STALE_SECONDS, workers_key
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "rq:reaper:lock"
+
+
+class Reaper:
+    """A daemon thread that reclaims the unacked messages of workers whose heartbeat went stale."""
+
+    def __init__(self, client: redis.Redis, app: Any, name: str, interval: float = 5.0,
+                 stale_after: float = HEARTBEAT_STALE_SECONDS) -> None:
+        self._redis = client
+        self._app = app
+        self.name = name  # this worker's heartbeat name: never reaped by itself
+        self._interval = interval
+        self._stale_after = stale_after
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ratequeue-reaper", daemon=True)
+
+    def start(self) -> Reaper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def reap(self) -> dict[str, int]:
+        """One pass: dead holder -> how many of its messages this pass gave back. Raises redis errors."""
+        lock = self._redis.lock(LOCK_KEY, timeout=max(10.0, self._interval * 4), blocking=False)
+        if not lock.acquire():
+            return {}
+        try:
+            return self._reclaim_dead()
+        finally:
+            with contextlib.suppress(LockError):  # expired during a long pass: harmless (see module doc)
+                lock.release()
+
+    def dead_holders(self, held: dict[str, list[str]]) -> dict[str, float | None]:
+        """The holders among ``held`` whose last heartbeat is older than the stale bound, with its
+        age in seconds (None: no heartbeat at all, e.g. a worker stopped since)."""
+        others = [holder for holder in held if holder != self.name]
+        if not others:
+            return {}
+        now = time.time()
+        ages = [None if beat is None else now - beat for beat in self._redis.zmscore(workers_key(), others)]
+        return {holder: age for holder, age in zip(others, ages, strict=True) if age is None or age > self._stale_after}
+
+    def _reclaim_dead(self) -> dict[str, int]:
+        held = broker.holders(self._redis)
+        reclaimed = {}
+        for holder, age in self.dead_holders(held).items():
+            count = reclaimed[holder] = broker.reclaim(self._app, holder, held[holder])
+            if count:
+                metrics.chunks_reclaimed(count)
+                silent = "has no heartbeat" if age is None else f"missed its heartbeats for {age:.0f} s"
+                log.warning("worker %s %s: %d chunk(s) it held given back to the queue", holder, silent, count)
+        return reclaimed
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.reap()
+            except Exception as exc:  # the thread must outlive Redis restarts and broker hiccups
+                log.warning("reaper: %s; retrying", exc)
