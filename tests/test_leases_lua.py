@@ -97,3 +97,17 @@ def test_a_recheck_while_the_mover_republishes_the_job_keeps_it_deferred(
     members = {m.decode(): s for m, s in rclient.zrange(keys.deferred_jobs(), 0, -1, withscores=True)}
     assert list(members) == [f"b{DEFERRED_SEP}held"]  # still there, to be re-checked once the lease is gone
     assert members[f"b{DEFERRED_SEP}held"] <= int(time.time() * 1000) + 30_000
+
+
+def test_a_recheck_is_due_when_the_other_runs_lease_ends_if_that_comes_first(
+    redis_url: str, rclient: redis.Redis
+) -> None:
+    """A killed worker's chunk, given back by the reaper, finds its jobs leased for the rest of the
+    dead run's last lease: they are looked at again when it ends, not a fixed delay later."""
+    now_ms = int(time.time() * 1000)
+    rclient.hset(keys.batch_claims("b"), mapping={"ending": f"dead-run {now_ms + 2_000}",
+                                                  "renewed": f"live-run {now_ms + 60_000}"})
+    assert _run(redis_url, lambda leases: leases.recheck_later("b", "me", ["ending", "renewed"], 30)) == 2
+    due = {m.decode(): s for m, s in rclient.zrange(keys.deferred_jobs(), 0, -1, withscores=True)}
+    assert now_ms + 2_000 <= due[f"b{DEFERRED_SEP}ending"] < now_ms + 2_500
+    assert now_ms + 30_000 <= due[f"b{DEFERRED_SEP}renewed"] < now_ms + 31_000  # at the latest after the delay

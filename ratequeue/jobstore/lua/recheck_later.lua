@@ -10,7 +10,8 @@
 -- job; on a cluster it would become two calls (check the leases, then defer.lua), which is safe
 -- too: a job deferred after it finished is skipped by claim_jobs.lua when it comes due.
 -- ARGV[1]  owner of the run asking
--- ARGV[2]  delay in ms
+-- ARGV[2]  delay in ms: the re-check is due when the holder's lease ends, or this long from now
+--          if that comes first (a live run renews its lease: the re-check finds it renewed and waits again)
 -- ARGV[3]  member prefix "<batch_id>\t"
 -- ARGV[4..] custom_ids
 --
@@ -30,7 +31,7 @@ for i = 4, #ARGV do
     if claim then
       local holder, expiry = string.match(claim, '^(%S+) (%d+)$')
       if holder ~= ARGV[1] and tonumber(expiry) > now then
-        redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), ARGV[3] .. cid)
+        redis.call('ZADD', KEYS[4], math.min(tonumber(expiry), now + tonumber(ARGV[2])), ARGV[3] .. cid)
         n = n + 1
       end
     end
