@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -36,6 +37,7 @@ from ratequeue.worker.reaper import Reaper
 from tests.conftest import base_env, wait_until
 
 QUEUE = Queue("reap", Exchange("reap"), "reap")
+RATEQUEUE = [sys.executable, "-c", "from ratequeue.producer.cli import entry; entry()"]  # the console script
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 
 
@@ -178,9 +180,13 @@ def _jobs(n: int) -> list[dict[str, Any]]:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("resume", [False, True], ids=["new-workers", "new-workers-and-cli-resume"])
 def test_every_worker_killed_mid_batch_new_workers_with_defaults_finish_it_within_two_minutes(
-    redis_url: str, tmp_path: Path, start_worker: StartWorker
+    redis_url: str, tmp_path: Path, start_worker: StartWorker, resume: bool
 ) -> None:
+    """Without ``resume`` the reaper alone brings the batch back; with it, ``ratequeue resume``
+    (a silent no-op before: its chunks found the jobs leased by the dead run, and their re-checks
+    were lost in a race with the deferred mover) must not get in the way nor run a job twice."""
     jobs = 400
     # 1,200 RPM: the batch takes ~20 s, so the kill lands with chunks held and calls in flight.
     with start_sim(["--rpm", "1200", "--tpm", "10000000", "--latency-ms", "500"]) as sim:
@@ -199,6 +205,10 @@ def test_every_worker_killed_mid_batch_new_workers_with_defaults_finish_it_withi
         called = set(sim.stats(timeline=False)["calls_by_client_id"])
         assert 0 < len(stored) < jobs and client.redis.hlen("unacked") > 0  # chunks held by the dead
 
+        if resume:
+            cli = subprocess.run([*RATEQUEUE, "resume", batch_id],
+                                 env=env, capture_output=True, text=True, timeout=60)
+            assert (cli.returncode, cli.stdout, cli.stderr) == (0, f"{jobs - len(stored)} jobs re-enqueued\n", "")
         start_worker(env), start_worker(env)
         wait_until(lambda: client.status(batch_id)["status"] == "completed", 120 - (time.monotonic() - killed_at),
                    "the batch to complete within 2 minutes of the kill",
