@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +34,7 @@ from ratequeue.producer.api import Client
 from ratequeue.queue import create_app
 from ratequeue.sim.process import start_sim
 from ratequeue.worker import metrics
-from ratequeue.worker.metrics_server import workers_key
+from ratequeue.worker.metrics_server import Heartbeat, workers_key
 from ratequeue.worker.reaper import Reaper
 from tests.conftest import base_env, wait_until
 
@@ -147,29 +149,53 @@ def test_the_reaper_takes_back_only_stale_or_silent_holders_and_never_its_own(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     now = time.time()
-    rclient.zadd(workers_key(), {"stale": now - 31, "fresh": now - 2, "me": now - 120})
+    rclient.zadd(workers_key(), {"stale": now - 31, "fresh": now})
     holders = {name: _Holder(redis_url, name) for name in ("stale", "fresh", "me", "silent")}
     try:
         for name, holder in holders.items():
             publish(2, name)
             holder.take(2)
+        heartbeat = Heartbeat(rclient, "me")
+        heartbeat.beat()
+        reaper = Reaper(rclient, app, heartbeat, stale_after=1.0)
+        # Its own beats went through for less than the stale bound: a worker just back from a
+        # Redis outage judges nobody (everyone was silent).
+        assert reaper.reap() == {}
+        wait_until(lambda: heartbeat.steady_for() >= 1.0, 10, "a steady second of heartbeats")
+        rclient.zadd(workers_key(), {"fresh": time.time(), "me": now - 120})  # never reaps itself
         before = metrics.CHUNKS_RECLAIMED._value.get()
-        reaper = Reaper(rclient, app, "me")
         with caplog.at_level(logging.WARNING, logger="ratequeue.worker.reaper"):
             assert reaper.reap() == {"stale": 2, "silent": 2}
         assert sorted(_bodies(rclient)) == ["silent-0", "silent-1", "stale-0", "stale-1"]
         assert sorted(broker.holders(rclient)) == ["fresh", "me"]
         assert metrics.CHUNKS_RECLAIMED._value.get() == before + 4
         warnings = sorted(r.getMessage() for r in caplog.records)
-        assert warnings == ["worker silent has no heartbeat: 2 chunk(s) it held given back to the queue",
-                            "worker stale missed its heartbeats for 31 s: 2 chunk(s) it held given back to the queue"]
+        assert warnings[0] == "worker silent has no heartbeat: 2 chunk(s) it held given back to the queue"
+        assert re.fullmatch(r"worker stale missed its heartbeats for 3\d s: 2 chunk\(s\) it held given back to "
+                            r"the queue", warnings[1]) and len(warnings) == 2
         assert reaper.reap() == {}  # nothing left: the dead are forgotten with their last message
-        rclient.set("rq:reaper:lock", "another reaper")  # one reaper at a time
         rclient.zadd(workers_key(), {"fresh": now - 60})
+        rclient.set("rq:reaper:lock", "another reaper")  # one reaper at a time
         assert reaper.reap() == {}
+        rclient.delete("rq:reaper:lock")
+        assert reaper.reap() == {"fresh": 2}
     finally:
         for holder in holders.values():
             holder.close()
+
+
+def test_a_heartbeat_is_steady_only_while_its_beats_go_through_on_time(rclient: redis.Redis) -> None:
+    heartbeat = Heartbeat(rclient, "me", interval=0.1)
+    assert heartbeat.steady_for() == 0.0  # never beat
+    heartbeat.beat()
+    wait_until(lambda: heartbeat.steady_for() > 0.05, 5, "a steady spell")
+    wait_until(lambda: heartbeat.steady_for() == 0.0, 5, "a beat overdue (a paused process) to end it")
+    with socket.socket() as s:  # a port nothing listens on: Redis away
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    away = Heartbeat(redis.Redis(port=port, socket_connect_timeout=0.5), "me", interval=0.1)
+    away.beat()
+    assert away.steady_for() == 0.0
 
 
 def _jobs(n: int) -> list[dict[str, Any]]:

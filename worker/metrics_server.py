@@ -113,6 +113,7 @@ class Heartbeat:
 
     ``stop()`` removes the entry, so a worker shut down cleanly stops counting at once; a killed one
     stops counting after ``HEARTBEAT_STALE_SECONDS``. Redis errors are logged and retried.
+    :meth:`steady_for` tells the reaper how long this worker's own beats have gone through.
     """
 
     def __init__(self, client: redis.Redis, name: str | None = None, interval: float = 5.0) -> None:
@@ -121,6 +122,8 @@ class Heartbeat:
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ratequeue-heartbeat", daemon=True)
+        self._steady_since: float | None = None  # monotonic: since when every beat went through on time
+        self._last_ok = 0.0
 
     def start(self) -> Heartbeat:
         self.beat()
@@ -136,7 +139,22 @@ class Heartbeat:
         try:
             pipe.execute()
         except redis.RedisError as exc:
+            self._steady_since = None
             log.warning("heartbeat: %s", exc)
+            return
+        ok = time.monotonic()
+        if self._steady_since is None or ok - self._last_ok > 2 * self._interval:
+            self._steady_since = ok
+        self._last_ok = ok
+
+    def steady_for(self) -> float:
+        """Seconds for which every beat of this worker reached Redis on time; 0 after a failed or a
+        late one. Another worker's silence means it is dead only to a worker that was itself heard
+        all along: a Redis outage, or a pause of the whole host, silences every worker at once."""
+        now = time.monotonic()
+        if self._steady_since is None or now - self._last_ok > 2 * self._interval:
+            return 0.0
+        return now - self._steady_since
 
     def stop(self) -> None:
         self._stop.set()

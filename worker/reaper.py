@@ -8,7 +8,9 @@ Redis lock; only to save work, correctness does not rest on it) reads who holds 
 message (``ratequeue.broker.holders``), and gives back, through ``ratequeue.broker.reclaim``, the
 messages of every holder whose heartbeat (``worker.metrics_server``) is older than the stale
 bound or gone. A holder with nothing left holds no record, so a dead worker is forgotten as soon
-as its last message is back.
+as its last message is back. A reaper acts only once its own worker's beats have gone through
+for the stale bound (``Heartbeat.steady_for``): after a Redis outage, or a pause of the whole
+host, every worker is silent at once, and none is dead.
 
 Why redelivery is safe for a worker that is only slow or cut off from Redis: a redelivered chunk
 finds its jobs leased by the old run (60 s, renewed while it runs, ``worker.leases``) and re-checks
@@ -31,7 +33,7 @@ from redis.exceptions import LockError
 
 from ratequeue import broker
 from ratequeue.worker import metrics
-from ratequeue.worker.metrics_server import HEARTBEAT_STALE_SECONDS, workers_key
+from ratequeue.worker.metrics_server import HEARTBEAT_STALE_SECONDS, Heartbeat, workers_key
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +43,12 @@ LOCK_KEY = "rq:reaper:lock"
 class Reaper:
     """A daemon thread that reclaims the unacked messages of workers whose heartbeat went stale."""
 
-    def __init__(self, client: redis.Redis, app: Any, name: str, interval: float = 5.0,
+    def __init__(self, client: redis.Redis, app: Any, heartbeat: Heartbeat, interval: float = 5.0,
                  stale_after: float = HEARTBEAT_STALE_SECONDS) -> None:
         self._redis = client
         self._app = app
-        self.name = name  # this worker's heartbeat name: never reaped by itself
+        self._heartbeat = heartbeat
+        self.name = heartbeat.name  # this worker's: never reaped by itself
         self._interval = interval
         self._stale_after = stale_after
         self._stop = threading.Event()
@@ -62,6 +65,8 @@ class Reaper:
 
     def reap(self) -> dict[str, int]:
         """One pass: dead holder -> how many of its messages this pass gave back. Raises redis errors."""
+        if self._heartbeat.steady_for() < self._stale_after:
+            return {}
         lock = self._redis.lock(LOCK_KEY, timeout=max(10.0, self._interval * 4), blocking=False)
         if not lock.acquire():
             return {}

@@ -125,7 +125,7 @@ class WorkerRuntime:
         s = self.settings
         # First: a worker holding messages without a heartbeat looks dead to the other reapers.
         self._heartbeat = Heartbeat(self.redis, self.name).start()
-        self._reaper = Reaper(self.redis, self.app, self.name).start()
+        self._reaper = Reaper(self.redis, self.app, self._heartbeat).start()
         self._mover = DeferredMover(
             self.redis, self.publish_chunk, chunk_size=s.chunk_size,
             restore=lambda: broker.restore_visible(self.app),
