@@ -139,6 +139,8 @@ def test_a_reclaimed_message_taken_by_another_worker_is_not_reclaimed_again(
         assert again.delivery_tag == first.delivery_tag
         assert broker.reclaim(app, "dead-worker", stale_view["dead-worker"]) == 0
         assert rclient.llen("reap") == 0 and broker.holders(rclient) == {"live-worker": [first.delivery_tag]}
+        again.reject(requeue=True)  # a chunk given back (Reject): kombu's restore clears the record too
+        assert rclient.llen("reap") == 1 and broker.holders(rclient) == {} and rclient.hlen("unacked") == 0
     finally:
         dead.close()
         live.close()
