@@ -35,7 +35,7 @@ from ratequeue.queue import create_app
 from ratequeue.sim.process import start_sim
 from ratequeue.worker import metrics
 from ratequeue.worker.metrics_server import Heartbeat, workers_key
-from ratequeue.worker.reaper import Reaper
+from ratequeue.worker.reaper import LOCK_KEY, Reaper
 from tests.conftest import base_env, wait_until
 
 QUEUE = Queue("reap", Exchange("reap"), "reap")
@@ -175,12 +175,12 @@ def test_the_reaper_takes_back_only_stale_or_silent_holders_and_never_its_own(
         assert warnings[0] == "worker silent has no heartbeat: 2 chunk(s) it held given back to the queue"
         assert re.fullmatch(r"worker stale missed its heartbeats for 3\d s: 2 chunk\(s\) it held given back to "
                             r"the queue", warnings[1]) and len(warnings) == 2
-        assert reaper.reap() == {}  # nothing left: the dead are forgotten with their last message
         rclient.zadd(workers_key(), {"fresh": now - 60})
-        rclient.set("rq:reaper:lock", "another reaper")  # one reaper at a time
-        assert reaper.reap() == {}
-        rclient.delete("rq:reaper:lock")
+        assert reaper.reap() == {}  # one pass per interval (5 s) across the fleet: not its turn yet
+        rclient.delete(LOCK_KEY)
         assert reaper.reap() == {"fresh": 2}
+        rclient.delete(LOCK_KEY)
+        assert reaper.reap() == {}  # nothing left: the dead are forgotten with their last message
     finally:
         for holder in holders.values():
             holder.close()

@@ -9,8 +9,9 @@ its live gauges (in-flight requests) stop counting. Which mode is active is what
 decided at import (it reads the variable itself), so it is read back from the library rather than
 from the environment.
 
-The heartbeat is how the exporter counts live workers without scraping them: every `interval`
-seconds each worker writes its name and the time into one sorted set (:func:`workers_key`).
+The heartbeat is how the exporter counts live workers without scraping them, and how the reaper
+(``worker.reaper``) tells dead workers: every `interval` seconds each worker writes its name and
+Redis's time into one sorted set (:func:`workers_key`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server, values
+
+from ratequeue.jobstore.scripts import lua_source
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ class Heartbeat:
 
     def __init__(self, client: redis.Redis, name: str | None = None, interval: float = 5.0) -> None:
         self._redis = client
+        self._beat = client.register_script(lua_source("heartbeat", "ratequeue.worker"))
         self.name = name or worker_name()
         self._interval = interval
         self._stop = threading.Event()
@@ -131,13 +135,9 @@ class Heartbeat:
         return self
 
     def beat(self) -> None:
-        """Write one heartbeat now (and drop entries older than an hour)."""
-        now = time.time()
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zadd(workers_key(), {self.name: now})
-        pipe.zremrangebyscore(workers_key(), "-inf", now - _FORGET_SECONDS)
+        """Write one heartbeat now, at Redis's clock (and drop entries older than an hour)."""
         try:
-            pipe.execute()
+            self._beat(keys=[workers_key()], args=[self.name, _FORGET_SECONDS])
         except redis.RedisError as exc:
             self._steady_since = None
             log.warning("heartbeat: %s", exc)

@@ -3,8 +3,8 @@ stale bound instead of at the broker's visibility timeout (30 min).
 
 Issue 10: after ``kill -9`` of every worker, the new workers found the dead ones' chunks unacked
 in kombu's ``unacked`` hash, invisible until the visibility timeout restored them 31.5 minutes
-later. Now every worker runs a reaper thread: every ``interval`` seconds one of them (a short
-Redis lock; only to save work, correctness does not rest on it) reads who holds which unacked
+later. Now every worker runs a reaper thread: every ``interval`` seconds one of them (a Redis key taken
+for the interval; it saves work, correctness does not rest on it) reads who holds which unacked
 message (``ratequeue.broker.holders``), and gives back, through ``ratequeue.broker.reclaim``, the
 messages of every holder whose heartbeat (``worker.metrics_server``) is older than the stale
 bound or gone. A holder with nothing left holds no record, so a dead worker is forgotten as soon
@@ -22,14 +22,11 @@ The jobs of a killed worker so run at most a lease (60 s) after the kill, plus a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-import time
 from typing import Any
 
 import redis
-from redis.exceptions import LockError
 
 from ratequeue import broker
 from ratequeue.worker import metrics
@@ -67,14 +64,11 @@ class Reaper:
         """One pass: dead holder -> how many of its messages this pass gave back. Raises redis errors."""
         if self._heartbeat.steady_for() < self._stale_after:
             return {}
-        lock = self._redis.lock(LOCK_KEY, timeout=max(10.0, self._interval * 4), blocking=False)
-        if not lock.acquire():
+        # One pass per interval across the fleet: the first reaper to come takes the turn, which
+        # lapses by itself (a longer pass may overlap the next one: harmless, see ``broker.reclaim``).
+        if not self._redis.set(LOCK_KEY, self.name, nx=True, px=max(1, int(self._interval * 1000))):
             return {}
-        try:
-            return self._reclaim_dead()
-        finally:
-            with contextlib.suppress(LockError):  # expired during a long pass: harmless (see module doc)
-                lock.release()
+        return self._reclaim_dead()
 
     def dead_holders(self, held: dict[str, list[str]]) -> dict[str, float | None]:
         """The holders among ``held`` whose last heartbeat is older than the stale bound, with its
@@ -82,7 +76,8 @@ class Reaper:
         others = [holder for holder in held if holder != self.name]
         if not others:
             return {}
-        now = time.time()
+        seconds, micros = self._redis.time()  # the heartbeats' clock (worker/lua/heartbeat.lua)
+        now = seconds + micros / 1e6
         ages = [None if beat is None else now - beat for beat in self._redis.zmscore(workers_key(), others)]
         return {holder: age for holder, age in zip(others, ages, strict=True) if age is None or age > self._stale_after}
 
