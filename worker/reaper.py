@@ -3,9 +3,9 @@ stale bound instead of at the broker's visibility timeout (30 min).
 
 Issue 10: after ``kill -9`` of every worker, the new workers found the dead ones' chunks unacked
 in kombu's ``unacked`` hash, invisible until the visibility timeout restored them 31.5 minutes
-later. Now every worker runs a reaper thread: every ``interval`` seconds one of them (a Redis key taken
-for the interval; it saves work, correctness does not rest on it) reads who holds which unacked
-message (``ratequeue.broker.holders``), and gives back, through ``ratequeue.broker.reclaim``, the
+later. Now every worker runs a reaper thread: every ``interval`` seconds one of them (a Redis
+key taken for the interval; it saves work, correctness does not rest on it) reads who holds which
+unacked message (``ratequeue.broker.holders``), and gives back, through ``ratequeue.broker.reclaim``, the
 messages of every holder whose heartbeat (``worker.metrics_server``) is older than the stale
 bound or gone. A holder with nothing left holds no record, so a dead worker is forgotten as soon
 as its last message is back. A reaper acts only once its own worker's beats have gone through
@@ -17,7 +17,9 @@ finds its jobs leased by the old run (60 s, renewed while it runs, ``worker.leas
 them later instead of running them; they run once the old run's leases are gone. For the same
 reason the reaper does not release the old run's leases: a heartbeat that stopped proves no
 death, and a released lease would let a second call start while the first may still be open.
-The jobs of a killed worker so run at most a lease (60 s) after the kill, plus a re-check delay.
+A killed worker's chunks so come back ~30-40 s after the kill (stale bound, beat and reaper
+intervals), and its jobs run when its last lease ends (at most 60 s after the kill: the re-check
+is due then, ``recheck_later.lua``).
 """
 
 from __future__ import annotations
