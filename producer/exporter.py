@@ -50,10 +50,10 @@ from ratequeue.config.settings import Settings, load_settings
 from ratequeue.errors import RatequeueError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.heartbeats import live_workers, workers_key
 from ratequeue.producer.exporter_memory import memory_families
 from ratequeue.redis_tls import redis_options
 from ratequeue.worker.limiter import BucketLimits, SyncLimiter
-from ratequeue.worker.metrics_server import HEARTBEAT_STALE_SECONDS, workers_key
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,8 @@ class RedisCollector(Collector):
         return list(families.values())
 
     def _workers(self) -> list[GaugeMetricFamily]:
-        now = time.time()
         newest = self._redis.zrevrange(workers_key(), 0, 0, withscores=True)
-        alive = self._redis.zcount(workers_key(), now - HEARTBEAT_STALE_SECONDS, "+inf")
+        alive = live_workers(self._redis)
         return [
             _gauge("ratequeue_workers_alive", "Workers whose heartbeat is recent.", alive),
             _gauge(

@@ -25,15 +25,27 @@ Three changes, on the channel and its QoS:
   is full (``maxmemory``, noeviction) that write is refused. kombu then raised, the message
   (already popped) was lost and the worker exited ("Unrecoverable error: OutOfMemoryError"). Here
   the write is retried until Redis has room again, with the message held in memory meanwhile.
+
+Who holds what (issue 10): kombu knows which messages are unacked, not who holds them, so a
+killed worker's chunks waited out the visibility timeout (30 min). A worker's channels name it
+(transport option ``ratequeue_holder``, the worker's heartbeat name): a message it takes is
+recorded in :data:`HOLDERS_KEY` (delivery tag -> holder) in the same MULTI as kombu's ``unacked``
+hash and ``unacked_index``, and the record goes with them on ack, reject or restore.
+:func:`reclaim` gives a dead holder's messages back (``worker.reaper`` decides who is dead).
 """
 
 from __future__ import annotations
 
 import logging
+from time import time
 from typing import Any
 
+import redis
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 from redis.exceptions import OutOfMemoryError
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
@@ -43,6 +55,10 @@ log = logging.getLogger(__name__)
 
 #: The value of Celery's ``broker_transport`` setting that selects this transport.
 TRANSPORT = "ratequeue.broker:Transport"
+#: The transport option naming the worker whose channels hold the messages they take.
+HOLDER_OPTION = "ratequeue_holder"
+#: Hash: delivery tag -> the holder of that unacked message (beside kombu's ``unacked`` hash).
+HOLDERS_KEY = "rq:unacked:holders"
 
 
 def worker_stopping() -> bool:
@@ -59,13 +75,32 @@ class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: Any) -> None:
         """Record a delivered message as unacked; while Redis is full, wait for room (see module doc)."""
         try:  # every delivery passes here: the retry loop is built only when Redis is full
-            super().append(message, delivery_tag)
+            self._record_unacked(message, delivery_tag)
             return
         except OutOfMemoryError:
             pass
         held = warn_every(log, 30.0, "Redis is full; holding a received message until it has room: %s")
         Retrying(retry=retry_if_exception_type(OutOfMemoryError), wait=wait_exponential(multiplier=0.1, max=2.0),
-                 before_sleep=held, reraise=True)(super().append, message, delivery_tag)
+                 before_sleep=held, reraise=True)(self._record_unacked, message, delivery_tag)
+
+    def _record_unacked(self, message: Any, delivery_tag: Any) -> None:
+        """kombu's ``QoS.append`` (same keys, same values), plus the holder, in one MULTI."""
+        holder = getattr(self.channel, HOLDER_OPTION)
+        if holder is None:  # not a worker's channel (a producer's, a test's): kombu's own
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()})
+            pipe.hset(self.unacked_key, delivery_tag, dumps([message._raw, delivery["exchange"],
+                                                              delivery["routing_key"]]))
+            pipe.hset(HOLDERS_KEY, delivery_tag, holder)
+            pipe.execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        """kombu's removal (on ack, reject and restore), which drops the holder's record too."""
+        return super()._remove_from_indices(delivery_tag, pipe).hdel(HOLDERS_KEY, delivery_tag)
 
     def restore_unacked(self, client: Any = None) -> list[Any]:
         """Give back unacked messages, except those whose task is still running (see module doc)."""
@@ -87,6 +122,9 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _opened_with: dict[bool, dict[str, Any]]
+    ratequeue_holder: str | None = None  # set from the transport option of the same name
+    # kombu copies these transport options onto the channel (its stub types the exact tuple)
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, HOLDER_OPTION)  # type: ignore[assignment]
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         """The Redis connection parameters, remembered for when the transport is detached."""
@@ -111,3 +149,46 @@ def restore_visible(app: Any, num: int = 100) -> None:
     """
     with app.connection_for_write() as conn:
         conn.default_channel.qos.restore_visible(num=num, interval=1)
+
+
+def holders(client: redis.Redis) -> dict[str, list[str]]:
+    """Who holds which unacked messages: holder -> delivery tags (read from :data:`HOLDERS_KEY`)."""
+    held: dict[str, list[str]] = {}
+    for tag, holder in client.hgetall(HOLDERS_KEY).items():
+        held.setdefault(bytes_to_str(holder), []).append(bytes_to_str(tag))
+    return held
+
+
+def reclaim(app: Any, holder: str, tags: list[str]) -> int:
+    """Put back on their queue the messages among ``tags`` that ``holder`` still holds, exactly as
+    kombu's ``restore_by_tag`` would (same queue, priority step and ``redelivered`` flag); returns
+    how many were put back.
+
+    Each message moves in one WATCH/MULTI transaction that re-reads its holder: a message another
+    reaper put back first, or acked meanwhile, or taken since by another worker (the same delivery
+    tag comes back with a redelivered message), is left alone. Safe to run from any number of
+    processes at once.
+    """
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        with channel.conn_or_acquire() as client:
+            return sum(_restore_if_held(channel, client, holder, tag) for tag in tags)
+
+
+def _restore_if_held(channel: Any, client: redis.Redis, holder: str, tag: str) -> bool:
+    def move(pipe: Any) -> bool:
+        held_by = pipe.hget(HOLDERS_KEY, tag)
+        raw = pipe.hget(channel.unacked_key, tag)
+        pipe.multi()
+        if held_by is None or bytes_to_str(held_by) != holder:
+            return False
+        channel.qos._remove_from_indices(tag, pipe)
+        if raw is None:  # kombu's Channel._restore drops the unacked entry alone: only the record was left
+            return False
+        payload, exchange, routing_key = loads(bytes_to_str(raw))
+        channel._do_restore_message(payload, exchange, routing_key, pipe)
+        return True
+
+    # value_from_callable: the transaction returns move's answer (redis-py types the callable as -> None)
+    return bool(client.transaction(move, HOLDERS_KEY, channel.unacked_key,  # type: ignore[arg-type]
+                                   value_from_callable=True))

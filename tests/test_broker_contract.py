@@ -26,6 +26,10 @@ def test_the_internals_overridden_or_read_exist() -> None:
     assert callable(kombu_redis.QoS.restore_visible) and callable(kombu_redis.Channel._connparams)
     assert isinstance(worker_state.active_requests, type(worker_state.reserved_requests))
     assert broker.Transport.Channel is broker.Channel and broker.Channel.QoS is broker.QoS
+    # The holder record (issue 10): kombu's append copied, its removal extended, its restore reused.
+    assert callable(kombu_redis.QoS._remove_from_indices) and callable(kombu_redis.QoS.pipe_or_acquire)
+    assert callable(kombu_redis.Channel._do_restore_message)
+    assert "unacked_key" in kombu_redis.Channel.from_transport_options  # options copied onto channels
 
 
 class _RunningTask:

@@ -70,3 +70,44 @@ def test_recheck_defers_only_jobs_another_live_run_holds(redis_url: str, rclient
 def test_each_run_of_a_message_has_its_own_owner() -> None:
     first, second = run_owner("msg 1"), run_owner("msg 1")
     assert first != second and first.startswith("msg_1~") and " " not in first
+
+
+def test_a_recheck_while_the_mover_republishes_the_job_keeps_it_deferred(
+    redis_url: str, rclient: redis.Redis
+) -> None:
+    """Issue 10, finding 7: a job a dead run still leased came due, the mover published it, and the
+    chunk's run re-checked it before the mover released its entry. The re-check's ZADD NX kept the
+    mover's lease score, so the release removed the entry: the job was never looked at again (a
+    ``ratequeue resume`` after ``kill -9`` ran only the jobs that lost this race)."""
+    from ratequeue.worker.deferred import DeferredMover
+
+    now_ms = int(time.time() * 1000)
+    rclient.hset(keys.batch_claims("b"), "held", f"dead-run {now_ms + 60_000}")  # a killed worker's lease
+    rclient.hset(keys.batch_meta("b"), "status", "in_progress")
+    rclient.zadd(keys.deferred_jobs(), {f"b{DEFERRED_SEP}held": now_ms - 1})  # due now
+    rechecked: list[int] = []
+
+    def publish_and_run_at_once(batch_id: str, custom_ids: object) -> None:
+        # The fastest worker: takes the chunk before the mover has released its entry.
+        rechecked.append(_run(redis_url, lambda leases: leases.recheck_later(  # type: ignore[arg-type]
+            batch_id, "redelivered-run", list(custom_ids), 30)))  # type: ignore[call-overload]
+
+    mover = DeferredMover(rclient, publish_and_run_at_once)
+    assert mover.move_due() == 1 and rechecked == [1]
+    members = {m.decode(): s for m, s in rclient.zrange(keys.deferred_jobs(), 0, -1, withscores=True)}
+    assert list(members) == [f"b{DEFERRED_SEP}held"]  # still there, to be re-checked once the lease is gone
+    assert members[f"b{DEFERRED_SEP}held"] <= int(time.time() * 1000) + 30_000
+
+
+def test_a_recheck_is_due_when_the_other_runs_lease_ends_if_that_comes_first(
+    redis_url: str, rclient: redis.Redis
+) -> None:
+    """A killed worker's chunk, given back by the reaper, finds its jobs leased for the rest of the
+    dead run's last lease: they are looked at again when it ends, not a fixed delay later."""
+    now_ms = int(time.time() * 1000)
+    rclient.hset(keys.batch_claims("b"), mapping={"ending": f"dead-run {now_ms + 2_000}",
+                                                  "renewed": f"live-run {now_ms + 60_000}"})
+    assert _run(redis_url, lambda leases: leases.recheck_later("b", "me", ["ending", "renewed"], 30)) == 2
+    due = {m.decode(): s for m, s in rclient.zrange(keys.deferred_jobs(), 0, -1, withscores=True)}
+    assert now_ms + 2_000 <= due[f"b{DEFERRED_SEP}ending"] < now_ms + 2_500
+    assert now_ms + 30_000 <= due[f"b{DEFERRED_SEP}renewed"] < now_ms + 31_000  # at the latest after the delay

@@ -55,7 +55,8 @@ class Leases:
         return int(await self._renew(keys=[keys.batch_claims(batch_id)], args=[owner, 0, *custom_ids]))
 
     async def recheck_later(self, batch_id: str, owner: str, custom_ids: Sequence[str], delay: float) -> int:
-        """Defer, by ``delay`` seconds, the jobs among ``custom_ids`` that another live run holds.
+        """Defer the jobs among ``custom_ids`` that another live run holds, until its lease ends or
+        for ``delay`` seconds if that is sooner (a killed run's jobs run as soon as its lease is gone).
 
         Returns how many were deferred; jobs with an outcome are left alone. Raises redis errors.
         """

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "chunk_dead_lettered",
+    "chunks_reclaimed",
     "cost_usd",
     "deferred",
     "in_flight",
@@ -311,3 +312,14 @@ DEAD_LETTERED = Counter(
 def chunk_dead_lettered() -> None:
     """Count one dead-lettered chunk."""
     DEAD_LETTERED.inc()
+
+
+CHUNKS_RECLAIMED = Counter(
+    "ratequeue_chunks_reclaimed_total",
+    "Chunk messages of workers that missed their heartbeats, given back to the queue by a reaper.",
+)
+
+
+def chunks_reclaimed(count: int) -> None:
+    """Count ``count`` chunks taken back from a dead worker."""
+    CHUNKS_RECLAIMED.inc(count)

@@ -9,22 +9,26 @@ its live gauges (in-flight requests) stop counting. Which mode is active is what
 decided at import (it reads the variable itself), so it is read back from the library rather than
 from the environment.
 
-The heartbeat is how the exporter counts live workers without scraping them: every `interval`
-seconds each worker writes its name and the time into one sorted set (:func:`workers_key`).
+The heartbeat is how the exporter counts live workers without scraping them, and how the reaper
+(``worker.reaper``) tells dead workers: every `interval` seconds each worker writes its name and
+Redis's time into one sorted set (:func:`workers_key`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server, values
 
 from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, workers_key
+from ratequeue.jobstore.scripts import lua_source
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +40,20 @@ __all__ = [
     "registry",
     "start_metrics_server",
     "stop_metrics_server",
+    "worker_name",
     "workers_key",
 ]
 
 _FORGET_SECONDS = 3600.0  # heartbeats older than this are removed
 
 _servers: list[Any] = []
+
+
+def worker_name() -> str:
+    """A name for this worker process, unique even across restarts: a restarted container often
+    has the same host name and pid, and the reaper must never take a live worker for the dead one
+    whose name it reused (``worker.reaper``)."""
+    return f"ratequeue-{os.getpid()}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
 
 
 def multiprocess_mode() -> bool:
@@ -99,14 +111,18 @@ class Heartbeat:
 
     ``stop()`` removes the entry, so a worker shut down cleanly stops counting at once; a killed one
     stops counting after ``HEARTBEAT_STALE_SECONDS``. Redis errors are logged and retried.
+    :meth:`steady_for` tells the reaper how long this worker's own beats have gone through.
     """
 
     def __init__(self, client: redis.Redis, name: str | None = None, interval: float = 5.0) -> None:
         self._redis = client
-        self.name = name or f"ratequeue@{socket.gethostname()}"
+        self._beat = client.register_script(lua_source("heartbeat", "ratequeue.worker"))
+        self.name = name or worker_name()
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ratequeue-heartbeat", daemon=True)
+        self._steady_since: float | None = None  # monotonic: since when every beat went through on time
+        self._last_ok = 0.0
 
     def start(self) -> Heartbeat:
         self.beat()
@@ -114,15 +130,26 @@ class Heartbeat:
         return self
 
     def beat(self) -> None:
-        """Write one heartbeat now (and drop entries older than an hour)."""
-        now = time.time()
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zadd(workers_key(), {self.name: now})
-        pipe.zremrangebyscore(workers_key(), "-inf", now - _FORGET_SECONDS)
+        """Write one heartbeat now, at Redis's clock (and drop entries older than an hour)."""
         try:
-            pipe.execute()
+            self._beat(keys=[workers_key()], args=[self.name, _FORGET_SECONDS])
         except redis.RedisError as exc:
+            self._steady_since = None
             log.warning("heartbeat: %s", exc)
+            return
+        ok = time.monotonic()
+        if self._steady_since is None or ok - self._last_ok > 2 * self._interval:
+            self._steady_since = ok
+        self._last_ok = ok
+
+    def steady_for(self) -> float:
+        """Seconds for which every beat of this worker reached Redis on time; 0 after a failed or a
+        late one. Another worker's silence means it is dead only to a worker that was itself heard
+        all along: a Redis outage, or a pause of the whole host, silences every worker at once."""
+        now = time.monotonic()
+        if self._steady_since is None or now - self._last_ok > 2 * self._interval:
+            return 0.0
+        return now - self._steady_since
 
     def stop(self) -> None:
         self._stop.set()

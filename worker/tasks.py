@@ -1,8 +1,9 @@
 """The worker's task and its per-process runtime, built from settings (no module-level state).
 
 ``WorkerRuntime`` owns what one worker process runs beside Celery: the engine (created on first
-use, after a prefork pool's fork, never before), the deferred mover, the heartbeat and the
-metrics server. ``worker.app.build_worker`` registers its task and signal handlers on an app.
+use, after a prefork pool's fork, never before), the deferred mover, the heartbeat, the reaper
+of dead workers' chunks and the metrics server. ``worker.app.build_worker`` registers its task
+and signal handlers on an app.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from ratequeue.tokens.encodings import ensure_offline_encodings
 from ratequeue.worker.deadletter import DeadLetters
 from ratequeue.worker.deferred import DeferredMover
 from ratequeue.worker.engine import Engine, WorkerStopping
-from ratequeue.worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server
+from ratequeue.worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server, worker_name
+from ratequeue.worker.reaper import Reaper
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is ours (engine), not httpx's
@@ -44,6 +46,11 @@ class WorkerRuntime:
         self._engine: Engine | None = None
         self._mover: DeferredMover | None = None
         self._heartbeat: Heartbeat | None = None
+        self._reaper: Reaper | None = None
+        # One name for the heartbeat and for the broker's record of the messages this worker
+        # holds: a reaper gives them back when the heartbeat stops (worker.reaper).
+        self.name = worker_name()
+        app.conf.broker_transport_options = {**app.conf.broker_transport_options, broker.HOLDER_OPTION: self.name}
         self._redis: redis.Redis | None = None
         self._dead_letters: DeadLetters | None = None
 
@@ -119,6 +126,9 @@ class WorkerRuntime:
 
     def on_ready(self, sender: Any = None, **_: Any) -> None:
         s = self.settings
+        # First: a worker holding messages without a heartbeat looks dead to the other reapers.
+        self._heartbeat = Heartbeat(self.redis, self.name).start()
+        self._reaper = Reaper(self.redis, self.app, self._heartbeat).start()
         self._mover = DeferredMover(
             self.redis, self.publish_chunk, chunk_size=s.chunk_size,
             restore=lambda: broker.restore_visible(self.app),
@@ -126,7 +136,6 @@ class WorkerRuntime:
         )
         self._mover.start()
         start_metrics_server(s.metrics_port)
-        self._heartbeat = Heartbeat(self.redis, getattr(sender, "hostname", None)).start()
         self.engine()  # warm up: encodings and connections before the first chunk arrives
 
     def on_shutting_down(self, **_: Any) -> None:
@@ -141,6 +150,8 @@ class WorkerRuntime:
             mark_process_dead(pid)
 
     def on_shutdown(self, **_: Any) -> None:
+        if self._reaper is not None:
+            self._reaper.stop()
         if self._heartbeat is not None:
             self._heartbeat.stop()
         if self._mover is not None:

@@ -4,11 +4,9 @@ warns when there are none (a batch that nobody runs never ends)."""
 
 from __future__ import annotations
 
-import time
-
 import redis
 
-__all__ = ["HEARTBEAT_STALE_SECONDS", "live_workers", "workers_key"]
+__all__ = ["HEARTBEAT_STALE_SECONDS", "live_workers", "redis_now", "workers_key"]
 
 HEARTBEAT_STALE_SECONDS = 30.0  # a worker silent this long counts as down
 
@@ -18,6 +16,13 @@ def workers_key() -> str:
     return "rq:workers"
 
 
+def redis_now(client: redis.Redis) -> float:
+    """Redis's clock (s since epoch): heartbeats are written at it, so hosts whose clocks disagree
+    judge them alike."""
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1e6
+
+
 def live_workers(client: redis.Redis) -> int:
-    """How many workers sent a heartbeat within ``HEARTBEAT_STALE_SECONDS``."""
-    return int(client.zcount(workers_key(), time.time() - HEARTBEAT_STALE_SECONDS, "+inf"))
+    """How many workers sent a heartbeat within ``HEARTBEAT_STALE_SECONDS`` (by Redis's clock)."""
+    return int(client.zcount(workers_key(), redis_now(client) - HEARTBEAT_STALE_SECONDS, "+inf"))

@@ -10,13 +10,17 @@
 -- job; on a cluster it would become two calls (check the leases, then defer.lua), which is safe
 -- too: a job deferred after it finished is skipped by claim_jobs.lua when it comes due.
 -- ARGV[1]  owner of the run asking
--- ARGV[2]  delay in ms
+-- ARGV[2]  delay in ms: the re-check is due when the holder's lease ends, or this long from now
+--          if that comes first (a live run renews its lease: the re-check finds it renewed and waits again)
 -- ARGV[3]  member prefix "<batch_id>\t"
 -- ARGV[4..] custom_ids
 --
--- A job with no outcome whose lease another live run holds is deferred (NX: an entry already
--- there keeps its time). Dropped instead, a killed run's jobs would never run; run now, one job
--- would have two calls open. Returns how many were deferred.
+-- A job with no outcome whose lease another live run holds is deferred. Dropped instead, a killed
+-- run's jobs would never run; run now, one job would have two calls open. Returns how many were
+-- deferred. The entry always takes the new time (no NX): an entry already there may be the
+-- deferred mover's claim of this very job (claim_due.lua), and release_due.lua removes entries
+-- whose score is still that claim's; kept by NX, the re-check was removed with it and the job
+-- never looked at again (issue 10: a resume after kill -9 ran only the jobs that won this race).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = 0
@@ -27,7 +31,7 @@ for i = 4, #ARGV do
     if claim then
       local holder, expiry = string.match(claim, '^(%S+) (%d+)$')
       if holder ~= ARGV[1] and tonumber(expiry) > now then
-        redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[2]), ARGV[3] .. cid)
+        redis.call('ZADD', KEYS[4], math.min(tonumber(expiry), now + tonumber(ARGV[2])), ARGV[3] .. cid)
         n = n + 1
       end
     end
