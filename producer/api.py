@@ -30,6 +30,7 @@ from ratequeue.producer import capacity
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
 from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
 from ratequeue.producer.retention import delete_batch
+from ratequeue.producer.rundir import input_sha256
 from ratequeue.producer.submit import SubmitReport, Submitter
 from ratequeue.queue import Publish, publisher
 from ratequeue.redact import configured_secrets, redact_json
@@ -72,6 +73,8 @@ class Client:
         name = str(source) if isinstance(source, str | Path) else "<stream>"
         capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
         batch_id = self._submitter.create_batch(self.settings.account_id, "", name, completion_window, metadata)
+        if isinstance(source, str | Path):  # how `ratequeue run` finds the batch of an input again
+            self._batches.describe(batch_id, input_sha256=input_sha256(Path(source)))
         limits = Limits(self.settings.max_file_bytes, self.settings.max_lines, self.settings.max_line_bytes)
         try:
             if isinstance(source, str | Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -17,10 +18,28 @@ from ratequeue.errors import RatequeueError
 console = Console(stderr=True)
 
 
-def _client():  # type: ignore[no-untyped-def]
+def _client(redis_url: str | None = None):  # type: ignore[no-untyped-def]
     from ratequeue.producer.api import Client
 
-    return Client()
+    if redis_url is None:
+        return Client()
+    import dataclasses
+
+    from ratequeue.config.settings import load_settings
+
+    return Client(dataclasses.replace(load_settings(), redis_url=redis_url))
+
+
+def _data_dir_redis(data_dir: Path | None) -> contextlib.AbstractContextManager[str | None]:
+    """With --data-dir, the embedded Redis of that run's directory (started for the command)."""
+    if data_dir is None:
+        return contextlib.nullcontext()
+    from ratequeue.producer.embedded import data_dir_redis
+
+    return data_dir_redis(data_dir)
+
+
+_DATA_DIR_HELP = "The data directory of a `ratequeue run` (printed by it): read its embedded Redis."
 
 
 @click.group()
@@ -37,31 +56,51 @@ def main() -> None:
               help="Errors file (default: OUTPUT with .errors before the suffix).")
 @click.option("-w", "--workers", default=1, show_default=True, help="Local worker processes to start.")
 @click.option("--window", default="24h", show_default=True, help="Completion window; later jobs expire.")
-def run(input_file: Path, output: Path, errors: Path | None, workers: int, window: str) -> None:
-    """Run INPUT_FILE to completion here: Redis, workers, progress, results."""
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Redis, AOF and logs here (default: RATEQUEUE_DATA_DIR, else one directory per input).")
+@click.option("--fresh", is_flag=True, help="A new batch, even if this input has an unfinished one.")
+@click.option("--no-check", is_flag=True, help="Skip the upstream key check (GET /v1/models) before starting.")
+def run(input_file: Path, output: Path, errors: Path | None, workers: int, window: str, data_dir: Path | None,
+        fresh: bool, no_check: bool) -> None:
+    """Run INPUT_FILE to completion here: Redis, workers, progress, results. Run again, the same
+    command continues the input's unfinished batch."""
+    from ratequeue.producer.continuation import RunStopped
     from ratequeue.producer.runner import print_summary, run_file
 
-    summary = run_file(input_file, output, errors, workers, window, console=console)
+    try:
+        summary = run_file(input_file, output, errors, workers, window, console=console, data_dir=data_dir,
+                           fresh=fresh, check=not no_check)
+    except RunStopped as stop:
+        console.print(str(stop), markup=False, highlight=False)
+        sys.exit(stop.exit_code)
     print_summary(summary, console)
 
 
 @main.command()
 @click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--window", default="24h", show_default=True)
-def submit(input_file: Path, window: str) -> None:
+@click.option("--no-check", is_flag=True, help="Skip the upstream key check (GET /v1/models) before submitting.")
+def submit(input_file: Path, window: str, no_check: bool) -> None:
     """Submit INPUT_FILE to the configured Redis for workers elsewhere; prints the batch id."""
-    report = _client().submit_batch(input_file, window)
+    client = _client()
+    if not no_check:
+        from ratequeue.producer.preflight import check_upstream
+
+        check_upstream(client.settings)
+    report = client.submit_batch(input_file, window)
     console.print(f"{report.jobs} jobs queued, {report.errors} input lines rejected")
     click.echo(report.batch_id)
 
 
 @main.command()
 @click.argument("batch_id", required=False)
-def status(batch_id: str | None) -> None:
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help=_DATA_DIR_HELP)
+def status(batch_id: str | None, data_dir: Path | None) -> None:
     """Print the Batch object of BATCH_ID as JSON; with no id, the queue, parked pairs and
     recent batches."""
-    client = _client()
-    click.echo(json.dumps(client.status(batch_id) if batch_id else client.overview(), indent=2))
+    with _data_dir_redis(data_dir) as url:
+        client = _client(url)
+        click.echo(json.dumps(client.status(batch_id) if batch_id else client.overview(), indent=2))
 
 
 @main.command()
@@ -82,16 +121,18 @@ def resume(batch_id: str | None, model: str | None) -> None:
 @click.argument("batch_id")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--errors", "errors", type=click.Path(dir_okay=False, path_type=Path))
-def results(batch_id: str, output: Path, errors: Path | None) -> None:
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help=_DATA_DIR_HELP)
+def results(batch_id: str, output: Path, errors: Path | None, data_dir: Path | None) -> None:
     """Write the results and errors files of BATCH_ID (what is done so far)."""
     from ratequeue.producer.collect import errors_path_for, write_outputs
-
-    client = _client()
-    client.status(batch_id)
-    errors = errors or errors_path_for(output)
     from ratequeue.redact import configured_secrets
 
-    n_results, n_errors = write_outputs(client.redis, batch_id, output, errors, configured_secrets(client.settings))
+    errors = errors or errors_path_for(output)
+    with _data_dir_redis(data_dir) as url:
+        client = _client(url)
+        client.status(batch_id)
+        n_results, n_errors = write_outputs(client.redis, batch_id, output, errors,
+                                            configured_secrets(client.settings))
     console.print(f"{output}: {n_results} lines; {errors}: {n_errors} lines")
 
 
@@ -128,9 +169,14 @@ def worker(ctx: click.Context) -> None:
 @click.option("-w", "--workers", default=2, show_default=True)
 def demo(jobs: int, output: Path, workers: int) -> None:
     """Process built-in sample documents; with no API key, against the local simulator."""
+    from ratequeue.producer.continuation import RunStopped
     from ratequeue.producer.demo import run_demo
 
-    run_demo(jobs, output, workers, console)
+    try:
+        run_demo(jobs, output, workers, console)
+    except RunStopped as stop:
+        console.print(str(stop), markup=False, highlight=False)
+        sys.exit(stop.exit_code)
 
 
 class _LazyCommand(click.Command):
