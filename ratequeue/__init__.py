@@ -27,6 +27,7 @@ from ratequeue.errors import (
     RequestTooLargeError,
     UnknownModelError,
     UpstreamError,
+    UpstreamUnusableError,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ __all__ = [
     "SubmitReport",
     "UnknownModelError",
     "UpstreamError",
+    "UpstreamUnusableError",
     "iter_results",
     "status",
     "submit_batch",
