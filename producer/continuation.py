@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from ratequeue.errors import RatequeueError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
@@ -22,6 +24,8 @@ LASTING_PARKS = {
     "invalid_api_key": "upstream refused the key (401); fix OPENAI_API_KEY",
     "insufficient_quota": "upstream quota is spent (429 insufficient_quota); add credit to the account",
 }
+INTERRUPTED = "interrupted"  # the park reason `run` writes at a Ctrl-C (see ``hold_pairs``)
+_HOLD_SECONDS = 7 * 86400.0  # a held pair sends no probe: only the next `run` of the input lifts it
 STALL_SECONDS = 15.0  # no job finished for this long while a model is parked for good: stop
 
 
@@ -64,10 +68,29 @@ def lasting_parks(client: Client, batch_id: str, models: list[str]) -> dict[str,
     return found
 
 
+def hold_pairs(client: Client, batch_id: str, models: list[str]) -> None:
+    """Park the batch's (account, model) pairs with reason ``interrupted``: every worker stops
+    sending their jobs within a second (the parked state is read before each call, cached 1 s),
+    calls already sent finish. Only for a Redis of this run alone: on a shared one it would pause
+    other batches of the same account and model."""
+    account = text(client.redis.hget(keys.batch_meta(batch_id), "account") or b"")
+    record = {"reason": INTERRUPTED, "message": "ratequeue run was interrupted; run it again to continue",
+              "since": time.time(), "cooldown": _HOLD_SECONDS}
+    pipe = client.redis.pipeline(transaction=True)
+    for model in models:
+        pipe.hset(keys.parked_pairs(), f"{account}:{model}", orjson.dumps(record))
+        pipe.set(keys.probe_lock(account, model), "parked", px=int(_HOLD_SECONDS * 1000))
+    pipe.execute()
+
+
 def unpark_lasting(client: Client, batch_id: str, models: list[str]) -> list[str]:
-    """Restart the batch's pairs parked for a lasting reason: the user says it is fixed (and the
-    preflight, unless skipped, has just seen the key accepted)."""
-    return [pair for model in lasting_parks(client, batch_id, models) for pair in client.unpark(model)]
+    """Restart the batch's pairs parked for a lasting reason (the user says it is fixed, and the
+    preflight, unless skipped, has just seen the key accepted) or held by an interrupted run."""
+    account = text(client.redis.hget(keys.batch_meta(batch_id), "account") or b"")
+    held = [pair.partition(":")[2] for pair, record in client.parked().items()
+            if pair.partition(":")[0] == account and record.get("reason") == INTERRUPTED]
+    stopped = {*lasting_parks(client, batch_id, models), *(m for m in held if m in models)}
+    return [pair for model in sorted(stopped) for pair in client.unpark(model)]
 
 
 def watched_status(client: Client, batch_id: str, models: list[str]) -> Callable[[], dict[str, Any]]:

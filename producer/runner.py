@@ -159,7 +159,7 @@ class _Run:
             if status != "validating":
                 restarted = unpark_lasting(client, batch_id, batch_models(client, batch_id))
                 if restarted:
-                    self.console.print(f"restarted paused pairs: {', '.join(restarted)}")
+                    self.console.print(f"[dim]restarted paused pairs: {', '.join(restarted)}[/dim]")
                 requeued = client.resume(batch_id)
                 self.console.print(f"continuing batch [bold]{batch_id}[/bold] of this input: {requeued} "
                                    f"unfinished jobs queued again, {self.worker_count} worker process(es)")
@@ -177,6 +177,11 @@ class _Run:
     def _interrupted(self, results_path: Path, errors_path: Path, resume: str) -> RunStopped:
         self.console.print(f"interrupt: stopping; waiting up to {self.grace:g} s for calls in flight — "
                            "Ctrl-C again to stop at once")
+        if self.batch_id is not None and self.redis is not None and self.client is not None:
+            from ratequeue.producer.continuation import batch_models, hold_pairs
+
+            self.client.redis.connection_pool.disconnect()  # the interrupt may have cut a reply in half
+            hold_pairs(self.client, self.batch_id, batch_models(self.client, self.batch_id))
         if self.workers is not None:
             self.workers.stop(self.grace + 5)  # they give their unfinished chunks back, then exit
         if self.batch_id is None:

@@ -117,9 +117,14 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
-def answers(sim: SimHandle, prefix: str) -> dict[str, int]:
+def calls(sim: SimHandle, prefix: str) -> dict[str, int]:
+    """custom_id -> calls the simulator received for it, for the jobs whose ids start with ``prefix``."""
+    return answers(sim, prefix, "calls_by_client_id")
+
+
+def answers(sim: SimHandle, prefix: str, kind: str = "answers_by_client_id") -> dict[str, int]:
     """custom_id -> answers (200s) the simulator gave it, for the jobs whose ids start with ``prefix``."""
-    by_call = sim.stats(timeline=False)["answers_by_client_id"]
+    by_call = sim.stats(timeline=False)[kind]
     out: dict[str, int] = {}
     for call, n in by_call.items():
         custom_id = call.split("/", 1)[1]
@@ -228,6 +233,10 @@ def test_ctrl_c_stops_writes_and_says_how_to_continue_and_nothing_leaks_into_oth
         wait_until(lambda: any(line.startswith("interrupt: stopping") for line in run.lines), 10,
                    "the interrupt message", explain=lambda: run.stderr)
         assert time.monotonic() - signalled < 5
+        # Dispatching stops within a second (parked pairs are read before each call, cached 1 s);
+        # the margin is the loaded machine's. Calls already sent may still finish.
+        time.sleep(max(0.0, signalled + 3 - time.monotonic()))
+        sent_by_then = sum(calls(slow_sim, "a").values())
         assert run.wait(60) == 130
     finally:
         run.kill()
@@ -238,6 +247,7 @@ def test_ctrl_c_stops_writes_and_says_how_to_continue_and_nothing_leaks_into_oth
     assert 0 < len(done) < jobs and len(set(done)) == len(done)
     wait_until(lambda: not any(running(pid) for pid in kids), 15, "the run's children to end")
     first_answers = answers(slow_sim, "a")
+    assert sum(calls(slow_sim, "a").values()) == sent_by_then
 
     # Another input: another data directory, and not one call of the interrupted batch.
     slow_sim.reset()
