@@ -72,9 +72,12 @@ def run_file(
     console = console or Console(stderr=True)
     env = {**os.environ, **(extra_env or {})}
     settings = load_settings(env)
-    if check:
-        check_upstream(settings)
-    digest = input_sha256(input_path)
+    try:
+        if check:
+            check_upstream(settings)
+        digest = input_sha256(input_path)
+    except KeyboardInterrupt:
+        raise RunStopped("interrupted before anything was sent", _EXIT_INTERRUPTED) from None
     if data_dir is None and not env.get("RATEQUEUE_DATA_DIR"):
         data_dir = run_data_dir(settings.data_dir, digest)
     data_dir = data_dir or settings.data_dir
@@ -119,7 +122,10 @@ class _Run:
             self._kill()
             raise RunStopped(f"interrupt: stopped at once; to continue, run: {resume}", _EXIT_INTERRUPTED) from None
         finally:
-            self._stop()
+            try:
+                self._stop()
+            except KeyboardInterrupt:  # Ctrl-C while the children stop: the files are written already
+                self._kill()
 
     def _run(self, input_path: Path, digest: str, window: str, fresh: bool, results_path: Path,
              errors_path: Path) -> tuple[dict[str, Any], tuple[int, int]]:
@@ -156,7 +162,7 @@ class _Run:
                 self.console.print(f"batch [bold]{batch_id}[/bold] of this input is already {status}: "
                                    "nothing is run again, its results are written again (--fresh runs it anew)")
                 return batch_id, True
-            if status != "validating":
+            if status != "validating":  # sealed: every line of the input is in it
                 restarted = unpark_lasting(client, batch_id, batch_models(client, batch_id))
                 if restarted:
                     self.console.print(f"[dim]restarted paused pairs: {', '.join(restarted)}[/dim]")
@@ -164,9 +170,10 @@ class _Run:
                 self.console.print(f"continuing batch [bold]{batch_id}[/bold] of this input: {requeued} "
                                    f"unfinished jobs queued again, {self.worker_count} worker process(es)")
                 return batch_id, False
-            # Interrupted while being submitted: it may lack lines, so it goes and the input is sent again.
-            client.delete(batch_id, force=True)
-            self.console.print(f"batch {batch_id} was interrupted while being submitted: submitting again")
+            elif self.redis is not None:  # on a shared Redis someone may be submitting it right now
+                # Interrupted while being submitted: it may lack lines, so it goes and the input is sent again.
+                client.delete(batch_id, force=True)
+                self.console.print(f"batch {batch_id} was interrupted while being submitted: submitting again")
         report = client.submit_batch(input_path, window)
         self.console.print(
             f"batch [bold]{report.batch_id}[/bold]: {report.jobs} jobs queued, "
@@ -185,7 +192,7 @@ class _Run:
         if self.workers is not None:
             self.workers.stop(self.grace + 5)  # they give their unfinished chunks back, then exit
         if self.batch_id is None:
-            return RunStopped("interrupted before the batch was submitted", _EXIT_INTERRUPTED)
+            return RunStopped(f"interrupted while submitting; to continue, run: {resume}", _EXIT_INTERRUPTED)
         counts = self._write(results_path, errors_path)
         return RunStopped(f"interrupted: {self._written(counts, results_path, errors_path)}\n"
                           f"to continue, run: {resume}", _EXIT_INTERRUPTED)

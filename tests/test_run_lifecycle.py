@@ -207,6 +207,16 @@ def test_a_key_refused_midway_stops_the_run_and_the_same_command_continues(tmp_p
     assert fixed.returncode == 0, fixed.stderr
     assert "continuing batch" in fixed.stderr
     assert sorted(result_ids(out)) == sorted(f"p-{n}" for n in range(20))
+    # Once more: the batch is complete, nothing is sent again, the files are written again.
+    out.unlink()
+    sent = slow_sim.stats(timeline=False)["requests_total"]
+    again = subprocess.run([*RATEQUEUE, *args], env=user_env(tmp_path, slow_sim.url), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert re.search(r"^batch batch_\w+ of this input is already completed: nothing is run again, its results "
+                     r"are written again \(--fresh runs it anew\)$", again.stderr, re.M), again.stderr
+    assert slow_sim.stats(timeline=False)["requests_total"] == sent
+    assert sorted(result_ids(out)) == sorted(f"p-{n}" for n in range(20))
 
 
 def test_ctrl_c_stops_writes_and_says_how_to_continue_and_nothing_leaks_into_other_runs(
