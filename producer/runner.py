@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from ratequeue.config.settings import Settings, load_settings
+from ratequeue.jobstore import keys
 from ratequeue.producer.children import LocalWorkers
 from ratequeue.producer.collect import FINAL_STATUSES, errors_path_for, write_outputs
 from ratequeue.producer.continuation import RunStopped
@@ -166,6 +167,11 @@ class _Run:
                 restarted = unpark_lasting(client, batch_id, batch_models(client, batch_id))
                 if restarted:
                     self.console.print(f"[dim]restarted paused pairs: {', '.join(restarted)}[/dim]")
+                if self.redis is not None:
+                    # This run's own Redis, its workers not started yet: leases left in it belong to
+                    # workers of a run that is gone (killed at a second Ctrl-C); waiting them out
+                    # (60 s) would only delay their jobs.
+                    client.redis.delete(keys.batch_claims(batch_id))
                 requeued = client.resume(batch_id)
                 self.console.print(f"continuing batch [bold]{batch_id}[/bold] of this input: {requeued} "
                                    f"unfinished jobs queued again, {self.worker_count} worker process(es)")

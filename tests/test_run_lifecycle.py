@@ -309,6 +309,12 @@ def test_the_terminals_ctrl_c_twice_stops_at_once_and_the_batch_can_be_collected
                                capture_output=True, text=True, timeout=60)
     assert collected.returncode == 0, collected.stderr
     assert 0 < len(result_ids(tmp_path / "so-far.jsonl")) < jobs
+    # Stopped at once, it continues all the same (the leases its killed workers held are dropped).
+    again = subprocess.run([*RATEQUEUE, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=90)
+    assert again.returncode == 0, again.stderr
+    assert sorted(result_ids(out)) == sorted(f"t-{n}" for n in range(jobs))
+    assert sum(answers(slow_sim, "t").values()) <= jobs * 1.15
 
 
 def test_run_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path, slow_sim: SimHandle) -> None:
