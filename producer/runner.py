@@ -170,8 +170,9 @@ class _Run:
                 if self.redis is not None:
                     # This run's own Redis, its workers not started yet: leases left in it belong to
                     # workers of a run that is gone (killed at a second Ctrl-C); waiting them out
-                    # (60 s) would only delay their jobs.
-                    client.redis.delete(keys.batch_claims(batch_id))
+                    # (60 s) would only delay their jobs. First-run times go too: a job's deadline
+                    # (RATEQUEUE_JOB_DEADLINE) counts from this run, not from the interrupted one.
+                    client.redis.delete(keys.batch_claims(batch_id), keys.batch_started(batch_id))
                 requeued = client.resume(batch_id)
                 self.console.print(f"continuing batch [bold]{batch_id}[/bold] of this input: {requeued} "
                                    f"unfinished jobs queued again, {self.worker_count} worker process(es)")
