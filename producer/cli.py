@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -18,11 +19,17 @@ from ratequeue.producer.cli_errors import ExitCode, check_writable, run_main, st
 console = Console(stderr=True)
 
 
-def _client():  # type: ignore[no-untyped-def]
+def _client(redis_url: str | None = None):  # type: ignore[no-untyped-def]
+    """A Client of the configured Redis (or of ``redis_url``: a run's embedded one, --data-dir),
+    named on stderr first."""
+    import dataclasses
+
     from ratequeue.config.settings import load_settings, shown_redis_url
     from ratequeue.producer.api import Client
 
     settings = load_settings()
+    if redis_url is not None:
+        settings = dataclasses.replace(settings, redis_url=redis_url)
     state.redis_url = shown_redis_url(settings.redis_url)
     _say_redis(settings.redis_url)
     return Client(settings)
@@ -59,6 +66,18 @@ class _LevelFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+def _data_dir_redis(data_dir: Path | None) -> contextlib.AbstractContextManager[str | None]:
+    """With --data-dir, the embedded Redis of that run's directory (started for the command)."""
+    if data_dir is None:
+        return contextlib.nullcontext()
+    from ratequeue.producer.embedded import data_dir_redis
+
+    return data_dir_redis(data_dir)
+
+
+_DATA_DIR_HELP = "The data directory of a `ratequeue run` (printed by it): read its embedded Redis."
+
+
 @click.group()
 @click.version_option(package_name="ratequeue")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (or RATEQUEUE_DEBUG=1).")
@@ -89,13 +108,20 @@ def main(debug: bool) -> None:
 @click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Local worker processes to start.")
 @click.option("--window", default="24h", show_default=True, type=WINDOW, help="Completion window; later jobs expire.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Redis, AOF and logs here (default: RATEQUEUE_DATA_DIR, else one directory per input).")
+@click.option("--fresh", is_flag=True, help="A new batch, even if this input has an unfinished one.")
+@click.option("--no-check", is_flag=True, help="Skip the upstream key check (GET /v1/models) before starting.")
 @click.pass_context
-def run(ctx: click.Context, input_file: Path, output: Path, errors: Path | None, workers: int, window: str) -> None:
-    """Run INPUT_FILE to completion here: Redis, workers, progress, results."""
+def run(ctx: click.Context, input_file: Path, output: Path, errors: Path | None, workers: int, window: str,
+        data_dir: Path | None, fresh: bool, no_check: bool) -> None:
+    """Run INPUT_FILE to completion here: Redis, workers, progress, results. Run again, the same
+    command continues the input's unfinished batch."""
     from ratequeue.producer.runner import print_summary, run_file
 
     _before_running(output, errors)
-    summary = run_file(input_file, output, errors, workers, window, console=console)
+    summary = run_file(input_file, output, errors, workers, window, console=console, data_dir=data_dir,
+                       fresh=fresh, check=not no_check)
     print_summary(summary, console)
     ctx.exit(_batch_exit_code(summary.batch, str(input_file), str(summary.errors_path)))
 
@@ -128,11 +154,17 @@ def _batch_exit_code(batch: dict[str, Any], source: str, see: str) -> int:
 @click.option("--window", default="24h", show_default=True, type=WINDOW)
 @click.option("--batch-id", help="Use this id (1-64 of A-Z a-z 0-9 _ -); submitting the same file again under it "
               "returns the batch already queued.")
+@click.option("--no-check", is_flag=True, help="Skip the upstream key check (GET /v1/models) before submitting.")
 @click.pass_context
-def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | None) -> None:
+def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | None, no_check: bool) -> None:
     """Submit INPUT_FILE to the configured Redis for workers elsewhere; prints the batch id.
     Exits 1 when input lines were rejected (they are in the batch's errors file)."""
-    report = _client().submit_batch(input_file, window, batch_id=batch_id)
+    client = _client()
+    if not no_check:
+        from ratequeue.producer.preflight import check_upstream
+
+        check_upstream(client.settings)
+    report = client.submit_batch(input_file, window, batch_id=batch_id)
     if report.existing:
         console.print(f"batch {report.batch_id} was submitted before from this input: nothing queued again",
                       markup=False, highlight=False)
@@ -152,15 +184,21 @@ def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | No
               help="Poll until BATCH_ID ends; exit 0 if it completed with no failed line, else 1.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="With --wait: give up after this many seconds (exit 1).")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help=_DATA_DIR_HELP)
 @click.pass_context
-def status(ctx: click.Context, batch_id: str | None, wait: bool, timeout: float | None) -> None:
+def status(ctx: click.Context, batch_id: str | None, wait: bool, timeout: float | None,
+           data_dir: Path | None) -> None:
     """Print the Batch object of BATCH_ID as JSON; with no id, the queue, parked pairs and
     recent batches."""
     if (wait or timeout is not None) and not batch_id:
         raise click.UsageError("--wait and --timeout need a BATCH_ID")
     if timeout is not None and not wait:
         raise click.UsageError("--timeout goes with --wait")
-    client = _client()
+    with _data_dir_redis(data_dir) as url:
+        _status(ctx, _client(url), batch_id, wait, timeout)
+
+
+def _status(ctx: click.Context, client: Any, batch_id: str | None, wait: bool, timeout: float | None) -> None:
     if not batch_id:
         click.echo(json.dumps(client.overview(), indent=2))
         return
@@ -196,18 +234,21 @@ def resume(batch_id: str | None, model: str | None) -> None:
 @click.argument("batch_id")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--errors", "errors", type=click.Path(dir_okay=False, path_type=Path))
-def results(batch_id: str, output: Path, errors: Path | None) -> None:
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help=_DATA_DIR_HELP)
+def results(batch_id: str, output: Path, errors: Path | None, data_dir: Path | None) -> None:
     """Write the results and errors files of BATCH_ID (what is done so far)."""
     from ratequeue.producer.collect import errors_path_for, write_outputs
 
     check_writable(output, "-o")
     check_writable(errors or errors_path_for(output), "--errors" if errors else "-o's errors file")
-    client = _client()
-    client.status(batch_id)
-    errors = errors or errors_path_for(output)
     from ratequeue.redact import configured_secrets
 
-    n_results, n_errors = write_outputs(client.redis, batch_id, output, errors, configured_secrets(client.settings))
+    errors = errors or errors_path_for(output)
+    with _data_dir_redis(data_dir) as url:
+        client = _client(url)
+        client.status(batch_id)
+        n_results, n_errors = write_outputs(client.redis, batch_id, output, errors,
+                                            configured_secrets(client.settings))
     console.print(f"{output}: {n_results} lines; {errors}: {n_errors} lines")
 
 

@@ -124,6 +124,9 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
     if redis_module is not None and isinstance(exc, redis_module.RedisError):
         message = _redis_message(exc)
         return None if message is None else (f"error: {message}", ExitCode.USAGE)
+    exit_code = getattr(exc, "exit_code", None)
+    if isinstance(exc, RatequeueError) and isinstance(exit_code, int):
+        return str(exc), ExitCode(exit_code)  # a run that stopped says what it did (RunStopped)
     if isinstance(exc, RatequeueError):
         # A RatequeueError's text is ours (never a secret); a BatchError is an unusable id or file.
         code = ExitCode.USAGE if isinstance(exc, ConfigError | UsageError | BatchError) else ExitCode.FAILED

@@ -7,6 +7,8 @@ the run used, and how many 429s it drew; with a key it runs the same sample agai
 from __future__ import annotations
 
 import random
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -80,14 +82,24 @@ def steady_utilisation(
     return {"requests": req, "tokens": tok, "binding": max(req, tok), "seconds": float(seconds)}
 
 
+def fresh_demo_dir(root: Path) -> Path:
+    """A new directory per demo under ``root/demos``: two demos at once never share Redis or logs,
+    and a demo has nothing worth continuing (its simulator starts afresh each time)."""
+    (root / "demos").mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=root / "demos"))
+
+
 def run_demo(jobs: int, output: Path, workers: int, console: Console) -> None:
     settings = load_settings()
-    input_path = settings.data_dir / "demo" / "demo-input.jsonl"
+    data_dir = fresh_demo_dir(settings.data_dir)
+    input_path = data_dir / "demo-input.jsonl"
     write_sample_batch(input_path, jobs)
     console.print(f"demo input: {input_path} ({jobs} requests over {len(sample_documents())} documents)")
+    options: dict[str, Any] = {"workers": workers, "console": console, "data_dir": data_dir,
+                               "resume_hint": "ratequeue demo (each demo starts afresh)"}
     if settings.api_key is not None:
         console.print(f"OPENAI_API_KEY is set: running against {settings.base_url}")
-        print_summary(run_file(input_path, output, workers=workers, console=console), console)
+        print_summary(run_file(input_path, output, **options), console)
         return
     from ratequeue.sim.process import start_sim
 
@@ -100,7 +112,7 @@ def run_demo(jobs: int, output: Path, workers: int, console: Console) -> None:
             "RATEQUEUE_MODEL_GPT_4O_MINI_RPM": str(DEMO_RPM),
             "RATEQUEUE_MODEL_GPT_4O_MINI_TPM": str(DEMO_TPM),
         }
-        summary = run_file(input_path, output, workers=workers, extra_env=env, console=console)
+        summary = run_file(input_path, output, extra_env=env, **options)
         stats = sim.stats()
     print_summary(summary, console)
     use = steady_utilisation(stats["timeline"], DEMO_RPM, DEMO_TPM)

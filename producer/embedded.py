@@ -12,11 +12,14 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
 
 from ratequeue.errors import ConfigError
+from ratequeue.producer.children import detached
+from ratequeue.producer.rundir import hold_data_dir
 
 
 def find_redis_server() -> str:
@@ -71,6 +74,7 @@ class EmbeddedRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            **detached(),  # only `run` stops it: a terminal's Ctrl-C does not reach it
         )
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + timeout
@@ -113,3 +117,13 @@ class EmbeddedRedis:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def data_dir_redis(data_dir: Path) -> Iterator[str]:
+    """The URL of the embedded Redis of a run's data directory, started for the block (and its
+    lock held: a run still going there is named). Raises ``ConfigError``, ``DataDirBusyError``."""
+    if not (data_dir / "redis").is_dir():
+        raise ConfigError(f"{data_dir} holds no embedded Redis of a run (no redis/ directory in it)")
+    with hold_data_dir(data_dir), EmbeddedRedis(data_dir / "redis") as server:
+        yield server.url

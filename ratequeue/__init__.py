@@ -27,6 +27,7 @@ from ratequeue.errors import (
     RequestTooLargeError,
     UnknownModelError,
     UpstreamError,
+    UpstreamUnusableError,
     UsageError,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "SubmitReport",
     "UnknownModelError",
     "UpstreamError",
+    "UpstreamUnusableError",
     "UsageError",
     "iter_results",
     "status",

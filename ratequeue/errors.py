@@ -6,6 +6,7 @@
     ├── InvalidRequestError       a request body that can be known to fail (names field and reason)
     │   └── RequestTooLargeError  a request whose charge can never fit the model's TPM limit
     ├── UpstreamError             the upstream API answered with an error (carries status and body)
+    ├── UpstreamUnusableError     before any paid call: key refused or server unreachable
     ├── UsageError                an argument that cannot be used (a path that cannot be written,
     │                             an input with no requests)
     ├── BatchError                a batch file or batch id that cannot be used
@@ -91,3 +92,7 @@ class BatchRunningError(BatchError):
 
 class RedisFullError(RatequeueError):
     """Redis is at (or too near) its ``maxmemory``: the batch was refused and nothing of it kept."""
+
+
+class UpstreamUnusableError(RatequeueError):
+    """Checked before any paid call: the upstream refused the API key, or cannot be reached."""

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from ratequeue.sim import errors
+from ratequeue.sim import catalog, errors
 from ratequeue.sim.buckets import ModelBuckets
 from ratequeue.sim.config import ModelLimits, SimConfig, mask_key
 from ratequeue.sim.durations import ceil_ms, format_wait
@@ -181,6 +181,18 @@ class Engine:
         # Choices are generated side by side, so the longest one sets the time.
         delay += cfg.per_token_ms * out.longest / 1000
         return reply(200, out.body, delay)
+
+    def list_models(self, authorization: str | None) -> Reply:
+        """``GET /v1/models``: the configured models (else the catalogue's), behind the same key
+        check as the API calls; never charged, so a client can check its key for free."""
+        headers = {"x-request-id": f"req_{self.new_id()}", "openai-organization": self.config.organization}
+        if self.config.api_key is not None and not _authorized(authorization, self.config.api_key):
+            self.stats.by_status[401] += 1
+            return Reply(401, errors.invalid_api_key(_sent_key(authorization)), headers, 0.0)
+        self.stats.models_listed += 1
+        names = sorted(self.config.models) or sorted(catalog.PRICES_PER_M)
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "ratequeue-sim"} for name in names]
+        return Reply(200, {"object": "list", "data": data}, headers, 0.0)
 
     def _add_retry_after(self, headers: dict[str, str], wait: float) -> None:
         if self.config.retry_after:

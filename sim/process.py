@@ -133,6 +133,7 @@ def start_sim(args: Sequence[str] = (), timeout: float = 15, python: str | None 
         stdin=subprocess.DEVNULL,
         text=True,
         env=env,
+        start_new_session=True,  # a terminal's Ctrl-C reaches its parent only, which stops it in order
     )
     output: deque[str] = deque(maxlen=200)
     found: list[str] = []

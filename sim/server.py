@@ -78,12 +78,17 @@ def build_app(engine: Engine) -> web.Application:
             return _json(errors.invalid_request(str(exc)), 400)
         return _json(config.to_dict())
 
+    async def list_models(request: web.Request) -> web.StreamResponse:
+        reply = engine.list_models(request.headers.get("Authorization"))
+        return _json(reply.body, reply.status, reply.headers)
+
     async def not_found(request: web.Request) -> web.StreamResponse:
         body = errors.invalid_request(f"Invalid URL ({request.method} {request.path})")
         return _json(body, 404, {"x-request-id": f"req_{engine.new_id()}"})
 
     for path, kind in ENDPOINTS.items():
         app.router.add_post(path, _api_handler(engine, kind))
+    app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/sim/stats", stats)
     app.router.add_post("/sim/reset", reset)

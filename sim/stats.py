@@ -31,6 +31,7 @@ class Stats:
         self.timeline: list[list[int]] = []  # second -> [requests_ok, tokens_charged_ok, r429]
         self.calls_by_client_id: Counter[str] = Counter()
         self.answers_by_client_id: Counter[str] = Counter()  # 200s: answers paid for
+        self.models_listed = 0  # GET /v1/models answered 200 (a client's key check; not an API call)
 
     def _slot(self, now: float) -> list[int]:
         second = max(0, int(now - self.started))
@@ -87,6 +88,7 @@ class Stats:
             },
             "calls_by_client_id": dict(self.calls_by_client_id),
             "answers_by_client_id": dict(self.answers_by_client_id),
+            "models_listed": self.models_listed,
         }
         if timeline:
             out["timeline"] = [

@@ -37,8 +37,10 @@ def test_demo_without_a_key_runs_against_the_simulator_with_embedded_redis(tmp_p
     [use] = [line for line in proc.stderr.splitlines() if line.startswith("limit use over the steady state")]
     assert all(int(share) <= 100 for share in re.findall(r"(\d+)%", use)), use  # never reads as over a limit
     assert len(out.read_bytes().splitlines()) == 40
-    # the embedded Redis kept an append-only file in the data directory
-    assert list((tmp_path / "data" / "redis").rglob("*.aof*"))
+    # the embedded Redis kept an append-only file in a data directory of this demo's own
+    [demo_dir] = (tmp_path / "data" / "demos").iterdir()
+    assert f"data directory: {demo_dir}" in proc.stderr
+    assert list((demo_dir / "redis").rglob("*.aof*"))
 
 
 def test_run_writes_results_and_errors_and_a_summary(tmp_path: Path) -> None:
@@ -67,7 +69,8 @@ def test_status_results_and_cancel_on_a_configured_redis(tmp_path: Path, redis_u
     src.write_bytes(orjson.dumps({"custom_id": "only", "method": "POST", "url": "/v1/embeddings",
                                   "body": {"model": "text-embedding-3-small", "input": "x"}}) + b"\n")
     env = _env(tmp_path, RATEQUEUE_REDIS_URL=redis_url)
-    submitted = subprocess.run([*RATEQUEUE, "submit", str(src)], env=env, capture_output=True, text=True, timeout=60)
+    submitted = subprocess.run([*RATEQUEUE, "submit", "--no-check", str(src)], env=env,  # no upstream here
+                               capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     batch_id = submitted.stdout.strip()
     status = subprocess.run([*RATEQUEUE, "status", batch_id], env=env, capture_output=True, text=True, timeout=60)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+from types import FrameType
 from typing import Any
 
 from celery import signals
@@ -44,6 +46,37 @@ def pool_option(args: list[str]) -> str | None:
     return pool
 
 
+def exit_on_second_stop_signal(sender: Any = None, **_: Any) -> None:
+    """After Celery installs its handlers: the first SIGINT/SIGTERM is Celery's warm shutdown, any
+    later one ends the process at once.
+
+    Celery's answer to a second Ctrl-C, the cold shutdown, raises with the threads pool
+    (``TaskPool does not implement kill_job``), and a warm shutdown waiting on a Redis that went
+    away never ends: such a worker outlived its parent and ignored SIGTERM. Ending at once loses
+    nothing stored: unacked chunk messages come back (visibility timeout), job leases expire.
+    """
+    received: list[int] = []
+
+    def wrap(sig: signal.Signals, celery_handler: Any) -> Any:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            received.append(signum)
+            if len(received) > 1:
+                os.write(2, f"worker: {signal.Signals(signum).name} again: exiting at once\n".encode())
+                os._exit(128 + signum)
+            celery_handler(signum, frame)
+            signal.signal(sig, handler)  # Celery swaps its SIGINT handler for the cold one: ours stays
+
+        return handler
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if callable(current):
+            try:
+                signal.signal(sig, wrap(sig, current))
+            except ValueError:  # not the main thread: leave Celery's handlers as they are
+                return
+
+
 def main(extra: list[str] | None = None) -> None:
     """Load the settings (once), build the worker from them, run it; exits with its exit code."""
     settings = load_settings()
@@ -67,6 +100,7 @@ def main(extra: list[str] | None = None) -> None:
     # transport class, not the URL, and a worker left on the default Redis waits there for ever.
     where = shown_redis_url(settings.redis_url) + ("" if settings.redis_url else " (default; set RATEQUEUE_REDIS_URL)")
     signals.after_setup_logger.connect(lambda **_: log.info("connecting to Redis at %s", where), weak=False)
+    signals.worker_ready.connect(exit_on_second_stop_signal, weak=False)
     app.worker_main(worker_argv(settings, args))
     sys.exit(max(exit_codes, default=0))
 

@@ -62,7 +62,7 @@ class BatchStatus(StrEnum):
 
 
 FINAL = frozenset({BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED})
-_DESCRIPTIVE = frozenset({"endpoint", "input_file", "models"})
+_DESCRIPTIVE = frozenset({"endpoint", "input_file", "models", "input_sha256"})
 # The scripts, loaded once per store; each is one transition (store_outcome: the job outcome one).
 _SCRIPTS = ("create_batch", "seal_batch", "store_outcome", "cancel_batch", "expire_batch", "delete_batch",
             "pause_batch")
