@@ -163,6 +163,7 @@ def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | No
     if not no_check:
         from ratequeue.producer.preflight import check_upstream
 
+        client.redis.ping()  # an unreachable Redis is said first: nothing can be submitted without it
         check_upstream(client.settings)
     report = client.submit_batch(input_file, window, batch_id=batch_id)
     if report.existing:

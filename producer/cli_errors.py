@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from ratequeue.config.settings import debug_requested, load_settings, shown_redis_url
-from ratequeue.errors import BatchError, ConfigError, RatequeueError, UsageError
+from ratequeue.errors import BatchError, ConfigError, RatequeueError, UpstreamUnusableError, UsageError
 from ratequeue.redact import redact
 
 if TYPE_CHECKING:
@@ -129,7 +129,8 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
         return str(exc), ExitCode(exit_code)  # a run that stopped says what it did (RunStopped)
     if isinstance(exc, RatequeueError):
         # A RatequeueError's text is ours (never a secret); a BatchError is an unusable id or file.
-        code = ExitCode.USAGE if isinstance(exc, ConfigError | UsageError | BatchError) else ExitCode.FAILED
+        usage = ConfigError | UsageError | BatchError | UpstreamUnusableError
+        code = ExitCode.USAGE if isinstance(exc, usage) else ExitCode.FAILED
         return f"error: {exc}", code
     if isinstance(exc, OSError):
         return f"error: {_os_message(exc)}", ExitCode.USAGE

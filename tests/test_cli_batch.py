@@ -19,6 +19,8 @@ from tests.test_cli_errors import RATEQUEUE, _cli, _last_line, _requests
 
 pytestmark = pytest.mark.e2e  # subprocesses
 
+SUBMIT = ("submit", "--no-check")  # these tests have no upstream to check the key against
+
 
 @pytest.fixture
 def sim() -> Iterator[SimHandle]:
@@ -33,10 +35,10 @@ def _queued(rclient: redis.Redis) -> int:
 def test_the_same_batch_id_twice_queues_once(tmp_path: Path, redis_url: str, rclient: redis.Redis) -> None:
     src = tmp_path / "in.jsonl"
     src.write_bytes(_requests(120))
-    first = _cli(tmp_path, "submit", str(src), "--batch-id", "nightly-2026-11-29", RATEQUEUE_REDIS_URL=redis_url)
+    first = _cli(tmp_path, *SUBMIT, str(src), "--batch-id", "nightly-2026-11-29", RATEQUEUE_REDIS_URL=redis_url)
     assert (first.returncode, first.stdout.strip()) == (0, "nightly-2026-11-29"), first.stderr
     queued = _queued(rclient)
-    again = _cli(tmp_path, "submit", str(src), "--batch-id", "nightly-2026-11-29", RATEQUEUE_REDIS_URL=redis_url)
+    again = _cli(tmp_path, *SUBMIT, str(src), "--batch-id", "nightly-2026-11-29", RATEQUEUE_REDIS_URL=redis_url)
     assert (again.returncode, again.stdout.strip()) == (0, "nightly-2026-11-29"), again.stderr
     assert "was submitted before from this input: nothing queued again" in again.stderr
     assert _queued(rclient) == queued == 3  # 120 jobs in chunks of 50, enqueued once
@@ -51,7 +53,7 @@ def test_two_concurrent_submits_of_one_id_make_one_batch(tmp_path: Path, redis_u
     from tests.test_cli_errors import _env
 
     env = _env(tmp_path, RATEQUEUE_REDIS_URL=redis_url)
-    procs = [subprocess.Popen([*RATEQUEUE, "submit", str(src), "--batch-id", "race"], env=env, cwd=tmp_path,
+    procs = [subprocess.Popen([*RATEQUEUE, *SUBMIT, str(src), "--batch-id", "race"], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
@@ -65,9 +67,9 @@ def test_the_same_id_with_another_file_names_both(tmp_path: Path, redis_url: str
     one, other = tmp_path / "one.jsonl", tmp_path / "other.jsonl"
     one.write_bytes(_requests(2))
     other.write_bytes(_requests(3))
-    assert _cli(tmp_path, "submit", str(one), "--batch-id", "b1", RATEQUEUE_REDIS_URL=redis_url).returncode == 0
+    assert _cli(tmp_path, *SUBMIT, str(one), "--batch-id", "b1", RATEQUEUE_REDIS_URL=redis_url).returncode == 0
     queued = _queued(rclient)
-    proc = _cli(tmp_path, "submit", str(other), "--batch-id", "b1", RATEQUEUE_REDIS_URL=redis_url)
+    proc = _cli(tmp_path, *SUBMIT, str(other), "--batch-id", "b1", RATEQUEUE_REDIS_URL=redis_url)
     one_sha, other_sha = (hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in (one, other))
     assert (proc.returncode, _last_line(proc)) == (
         2, f"error: batch id b1 is taken by {one} (sha256 {one_sha}); {other} differs (sha256 {other_sha})")
@@ -78,7 +80,7 @@ def test_the_same_id_with_another_file_names_both(tmp_path: Path, redis_url: str
 def test_a_batch_id_is_checked(tmp_path: Path, redis_url: str, rclient: redis.Redis, bad: str) -> None:
     src = tmp_path / "in.jsonl"
     src.write_bytes(_requests(1))
-    proc = _cli(tmp_path, "submit", str(src), "--batch-id", bad, RATEQUEUE_REDIS_URL=redis_url)
+    proc = _cli(tmp_path, *SUBMIT, str(src), "--batch-id", bad, RATEQUEUE_REDIS_URL=redis_url)
     assert (proc.returncode, _last_line(proc)) == (
         2, f"error: batch id {bad!r}: use 1 to 64 letters, digits, '_' or '-'")
     assert list(rclient.scan_iter("rq:batch:*")) == []
@@ -112,7 +114,7 @@ def test_status_wait_exits_0_for_a_clean_batch_and_1_for_one_with_failed_lines(
     clean.write_bytes(_requests(5))
     dirty.write_bytes(_requests(2) + b'{"custom_id": "bad"}\n')
     extra = {k: v for k, v in env.items() if k.startswith(("RATEQUEUE_", "OPENAI_")) and k != "RATEQUEUE_DATA_DIR"}
-    ids = [_cli(tmp_path, "submit", str(f), **extra).stdout.strip() for f in (clean, dirty)]
+    ids = [_cli(tmp_path, *SUBMIT, str(f), **extra).stdout.strip() for f in (clean, dirty)]
     waited = [_cli(tmp_path, "status", batch_id, "--wait", timeout=180, **extra) for batch_id in ids]
     assert [w.returncode for w in waited] == [0, 1], [w.stderr for w in waited]
     assert '"status": "completed"' in waited[0].stdout and '"failed": 1' in waited[1].stdout
@@ -122,7 +124,7 @@ def test_status_wait_exits_0_for_a_clean_batch_and_1_for_one_with_failed_lines(
 def test_status_wait_with_no_worker_warns_and_times_out_with_1(tmp_path: Path, redis_url: str) -> None:
     src = tmp_path / "in.jsonl"
     src.write_bytes(_requests(1))
-    batch_id = _cli(tmp_path, "submit", str(src), RATEQUEUE_REDIS_URL=redis_url).stdout.strip()
+    batch_id = _cli(tmp_path, *SUBMIT, str(src), RATEQUEUE_REDIS_URL=redis_url).stdout.strip()
     proc = _cli(tmp_path, "status", batch_id, "--wait", "--timeout", "1", RATEQUEUE_REDIS_URL=redis_url)
     assert proc.returncode == 1
     assert _last_line(proc) == f"error: batch {batch_id} still in_progress after 1.0 s"

@@ -24,6 +24,8 @@ RATEQUEUE = [sys.executable, "-m", "ratequeue.producer.cli"]
 UNREACHABLE = "redis://127.0.0.1:1/0"
 REFUSED = f"error: cannot reach Redis at {UNREACHABLE} (connection refused); set RATEQUEUE_REDIS_URL"
 
+SUBMIT = ("submit", "--no-check")  # these tests have no upstream to check the key against
+
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RATEQUEUE_", "OPENAI_"))}
@@ -209,7 +211,7 @@ def test_a_bad_window_names_the_accepted_form(tmp_path: Path, requests_file: Pat
 def test_an_empty_input_file_is_a_usage_error(tmp_path: Path, rclient: redis.Redis, redis_url: str) -> None:
     empty = tmp_path / "x.jsonl"
     empty.write_bytes(b"\n  \n")
-    proc = _cli(tmp_path, "submit", str(empty), RATEQUEUE_REDIS_URL=redis_url)
+    proc = _cli(tmp_path, *SUBMIT, str(empty), RATEQUEUE_REDIS_URL=redis_url)
     assert (proc.returncode, _last_line(proc)) == (2, f"error: {empty} has no requests")
     assert _batches(rclient) == [] and rclient.llen("ratequeue") == 0
 
@@ -219,7 +221,7 @@ def test_a_file_of_no_requests_exits_1_naming_where_the_errors_are(
 ) -> None:
     binary = tmp_path / "blob.bin"
     binary.write_bytes(bytes(range(256)) * 8)
-    proc = _cli(tmp_path, "submit", str(binary), RATEQUEUE_REDIS_URL=redis_url)
+    proc = _cli(tmp_path, *SUBMIT, str(binary), RATEQUEUE_REDIS_URL=redis_url)
     batch_id = proc.stdout.strip()
     assert proc.returncode == 1
     assert _last_line(proc) == (f"error: every line of {binary} was rejected; "
@@ -230,7 +232,7 @@ def test_a_file_of_no_requests_exits_1_naming_where_the_errors_are(
 def test_submit_exits_1_when_some_lines_were_rejected(tmp_path: Path, redis_url: str) -> None:
     src = tmp_path / "in.jsonl"
     src.write_bytes(_requests(2) + b'{"custom_id": "bad"}\n')
-    proc = _cli(tmp_path, "submit", str(src), RATEQUEUE_REDIS_URL=redis_url)
+    proc = _cli(tmp_path, *SUBMIT, str(src), RATEQUEUE_REDIS_URL=redis_url)
     assert proc.returncode == 1
     assert "2 jobs queued, 1 input lines rejected" in proc.stderr
     assert proc.stdout.strip().startswith("batch_")
@@ -269,7 +271,7 @@ def test_a_misspelt_variable_is_warned_about_with_the_closest_name(tmp_path: Pat
 # Interrupted ----------------------------------------------------------------------------------
 
 def test_ctrl_c_exits_130_without_a_traceback(tmp_path: Path, requests_file: Path, redis_url: str) -> None:
-    submitted = _cli(tmp_path, "submit", str(requests_file), RATEQUEUE_REDIS_URL=redis_url)
+    submitted = _cli(tmp_path, *SUBMIT, str(requests_file), RATEQUEUE_REDIS_URL=redis_url)
     batch_id = submitted.stdout.strip()
     proc = subprocess.Popen([*RATEQUEUE, "status", batch_id, "--wait"],
                             env=_env(tmp_path, RATEQUEUE_REDIS_URL=redis_url),

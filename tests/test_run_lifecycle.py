@@ -166,7 +166,7 @@ def test_a_wrong_key_stops_run_and_submit_before_any_call(tmp_path: Path, slow_s
     assert time.monotonic() - started < 30  # at once, not "0 req/min ETA ?" for good
     submit = subprocess.run([*RATEQUEUE, "submit", str(src)], env={**env, "RATEQUEUE_REDIS_URL": redis_url},
                             capture_output=True, text=True, timeout=60)
-    assert (submit.returncode, submit.stderr.strip()) == (2, refused)
+    assert (submit.returncode, submit.stderr.strip()) == (2, f"redis: {redis_url}\n{refused}")
     assert slow_sim.stats(timeline=False)["accepted_requests"] == 0
     for out in (run, submit):
         assert "wrong-key" not in out.stdout + out.stderr  # the key never shows
