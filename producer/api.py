@@ -26,19 +26,19 @@ import redis
 from ratequeue.config.models import ModelTable, load_model_table
 from ratequeue.config.settings import DEFAULT_REDIS_URL, Settings, load_settings, shown_redis_url
 from ratequeue.errors import BatchNotFoundError, InvalidRequestError, RedisFullError, UsageError
-from ratequeue.jobstore import deferrals, keys
+from ratequeue.jobstore import keys
 from ratequeue.jobstore.batches import BatchExistsError, BatchStatus, BatchStore
-from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, live_workers
 from ratequeue.producer import capacity
 from ratequeue.producer.batch_ids import check_batch_id, file_sha256, submitted_before
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
 from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
 from ratequeue.producer.model_progress import ModelLimits, model_limits
+from ratequeue.producer.operate import BatchOperations
 from ratequeue.producer.retention import delete_batch
 from ratequeue.producer.submit import SubmitReport, Submitter
 from ratequeue.queue import Publish, publisher
-from ratequeue.redact import configured_secrets, redact_json
+from ratequeue.redact import configured_secrets
 from ratequeue.redis_tls import redis_options
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 REDIS_CONNECT_TIMEOUT = 5.0
 
 
-class Client:
+class Client(BatchOperations):
     """A connection to one ratequeue deployment (its Redis) with the settings and model table."""
 
     def __init__(
@@ -218,77 +218,6 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {custom_id} of {batch_id} has no outcome after {timeout} s")
             time.sleep(0.1)
-
-    def cancel(self, batch_id: str) -> dict[str, Any]:
-        """Stop the batch: within about a second no worker starts a new call for it (calls in
-        flight finish and are stored); its remaining jobs are reported as cancelled."""
-        was_paused = self.redis.hget(keys.batch_meta(batch_id), "paused") == b"1"  # cancel unpauses
-        if self._batches.cancel(batch_id) is None:  # one Lua call: an ended batch keeps its status
-            raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis")
-        # Jobs waiting in the deferred set are failed now, not at their turn; a paused batch's
-        # jobs are queued nowhere: they are enqueued again, and workers fail them at once.
-        deferrals.wake_batch(self.redis, batch_id)
-        if was_paused:
-            self._submitter.requeue_pending(batch_id)
-        return self.status(batch_id)
-
-    def pause(self, batch_id: str) -> dict[str, Any]:
-        """Stop the batch's new upstream calls on every worker within about a second, failing
-        nothing: its jobs stay pending (calls in flight finish and are stored). ``resume``
-        restarts it, ``cancel`` ends it. An ended batch is left as it is. Returns the Batch object."""
-        if self._batches.pause(batch_id)[0] is None:
-            raise BatchNotFoundError(f"no batch {batch_id!r} in this Redis")
-        return self.status(batch_id)
-
-    def delete(self, batch_id: str, force: bool = False) -> dict[str, Any]:
-        """Remove the batch and all its keys from Redis now; returns ``{"id", "status"}`` (the
-        status it had). Raises ``BatchNotFoundError``; ``BatchRunningError`` for a batch that has
-        not ended, unless ``force`` (see ``producer.retention.delete_batch``)."""
-        return {"id": batch_id, "status": delete_batch(self.redis, batch_id, force)}
-
-    def resume(self, batch_id: str) -> int:
-        """Unpause the batch and re-enqueue every job of it that has no outcome (e.g. it was
-        paused, its producer died between storing and enqueueing, or its messages were lost);
-        returns how many. Safe to repeat: a job already running or done is skipped by the
-        workers. Seals the batch."""
-        self.status(batch_id)
-        self._batches.pause(batch_id, False)  # first: a job enqueued while paused would be dropped
-        return self._submitter.requeue_pending(batch_id)
-
-    def parked(self) -> dict[str, dict[str, Any]]:
-        """Paused (account, model) pairs: "<account>:<model>" -> {reason, message, since, cooldown}."""
-        raw = self.redis.hgetall(keys.parked_pairs())
-        # Redacted as read: a record of an older worker may hold the upstream's message verbatim.
-        return {text(k): redact_json(orjson.loads(v), configured_secrets(self.settings)) for k, v in raw.items()}
-
-    def unpark(self, model: str | None = None) -> list[str]:
-        """Restart parked pairs (all, or those of ``model``); returns the pairs restarted."""
-        restarted = []
-        for pair in self.parked():
-            account, _, pair_model = pair.partition(":")
-            if model is None or self.table.resolve(model) == pair_model:
-                self.redis.hdel(keys.parked_pairs(), pair)
-                self.redis.delete(keys.probe_lock(account, pair_model))
-                deferrals.wake_pair(self.redis, account, pair_model)  # its jobs run now, not after the cooldown
-                restarted.append(pair)
-        return restarted
-
-    def overview(self) -> dict[str, Any]:
-        """Queue depth, deferred jobs, parked pairs, dead-lettered chunks and the most recent batches."""
-        recent = []
-        for batch_id in (text(b) for b in self.redis.zrevrange(keys.batches_index(), 0, 9)):
-            try:
-                recent.append(self.status(batch_id))
-            except BatchNotFoundError:  # expired after its retention: its index entry goes too
-                self.redis.zrem(keys.batches_index(), batch_id)
-        return {
-            "queue_depth": self.redis.llen("ratequeue"),
-            "deferred_jobs": self.redis.zcard(keys.deferred_jobs()),
-            "parked": self.parked(),
-            # Chunks that failed RATEQUEUE_MAX_CHUNK_FAILURES times (newest first; their jobs failed).
-            "dead_lettered_chunks": [orjson.loads(r) for r in self.redis.lrange(keys.dead_letters(), 0, 9)],
-            "recent_batches": [{k: b[k] for k in ("id", "status", "request_counts", "cost_usd")} for b in recent],
-        }
 
     def close(self) -> None:
         self.redis.close()

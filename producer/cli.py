@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import logging
 import os
@@ -12,70 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 
 from ratequeue.producer.cli_errors import ExitCode, check_writable, run_main, state
-
-console = Console(stderr=True)
-
-
-def _client(redis_url: str | None = None):  # type: ignore[no-untyped-def]
-    """A Client of the configured Redis (or of ``redis_url``: a run's embedded one, --data-dir),
-    named on stderr first."""
-    import dataclasses
-
-    from ratequeue.config.settings import load_settings, shown_redis_url
-    from ratequeue.producer.api import Client
-
-    settings = load_settings()
-    if redis_url is not None:
-        settings = dataclasses.replace(settings, redis_url=redis_url)
-    state.redis_url = shown_redis_url(settings.redis_url)
-    _say_redis(settings.redis_url)
-    return Client(settings)
-
-
-def _say_redis(configured: str | None) -> None:
-    """One dim line naming the Redis a command talks to (the default is easy to hit by mistake)."""
-    from ratequeue.config.settings import shown_redis_url
-
-    note = "" if configured else " (default; set RATEQUEUE_REDIS_URL to change)"
-    console.print(f"redis: {shown_redis_url(configured)}{note}", style="dim", markup=False, highlight=False)
-
-
-class _WindowType(click.ParamType):
-    """A completion window ("24h", "30m", "7d"), checked by the parser submit uses."""
-
-    name = "window"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from ratequeue.producer.submit import parse_window
-
-        try:
-            parse_window(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-        return str(value).strip()
-
-
-WINDOW = _WindowType()
-
-
-class _LevelFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
-
-
-def _data_dir_redis(data_dir: Path | None) -> contextlib.AbstractContextManager[str | None]:
-    """With --data-dir, the embedded Redis of that run's directory (started for the command)."""
-    if data_dir is None:
-        return contextlib.nullcontext()
-    from ratequeue.producer.embedded import data_dir_redis
-
-    return data_dir_redis(data_dir)
-
-
-_DATA_DIR_HELP = "The data directory of a `ratequeue run` (printed by it): read its embedded Redis."
+from ratequeue.producer.cli_parts import (
+    DATA_DIR_HELP,
+    WINDOW,
+    LazyCommand,
+    LevelFormatter,
+    batch_exit_code,
+    check_outputs,
+    client_for,
+    console,
+    data_dir_redis_for,
+)
 
 
 @click.group()
@@ -91,7 +38,7 @@ def main(debug: bool) -> None:
     # Warnings of ratequeue's modules (an unknown RATEQUEUE_* variable, no live worker) as
     # "warning: ..." lines on stderr.
     handler = logging.StreamHandler()
-    handler.setFormatter(_LevelFormatter())
+    handler.setFormatter(LevelFormatter())
     logger = logging.getLogger("ratequeue")
     if not logger.handlers:
         logger.addHandler(handler)
@@ -119,34 +66,11 @@ def run(ctx: click.Context, input_file: Path, output: Path, errors: Path | None,
     command continues the input's unfinished batch."""
     from ratequeue.producer.runner import print_summary, run_file
 
-    _before_running(output, errors)
+    check_outputs(output, errors)
     summary = run_file(input_file, output, errors, workers, window, console=console, data_dir=data_dir,
                        fresh=fresh, check=not no_check)
     print_summary(summary, console)
-    ctx.exit(_batch_exit_code(summary.batch, str(input_file), str(summary.errors_path)))
-
-
-def _before_running(output: Path, errors: Path | None) -> None:
-    """What ``run`` and ``demo`` check and say before any work: the output paths can be written
-    (else it would be found only after the whole batch was paid for), and the Redis used when one
-    is configured (else an embedded one is started, and named)."""
-    from ratequeue.config.settings import load_settings
-    from ratequeue.producer.collect import errors_path_for
-
-    check_writable(output, "-o")
-    check_writable(errors or errors_path_for(output), "--errors" if errors else "-o's errors file")
-    if (configured := load_settings().redis_url) is not None:
-        _say_redis(configured)
-
-
-def _batch_exit_code(batch: dict[str, Any], source: str, see: str) -> int:
-    """0 when the batch completed with no failed line, else 1 (said on stderr when every line failed)."""
-    counts = batch["request_counts"]
-    if counts["total"] and counts["failed"] == counts["total"]:
-        click.echo(f"error: every line of {source} failed; see {see}", err=True)
-    if batch["status"] == "completed" and counts["failed"] == 0:
-        return ExitCode.OK
-    return ExitCode.FAILED
+    ctx.exit(batch_exit_code(summary.batch, str(input_file), str(summary.errors_path)))
 
 
 @main.command()
@@ -159,7 +83,7 @@ def _batch_exit_code(batch: dict[str, Any], source: str, see: str) -> int:
 def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | None, no_check: bool) -> None:
     """Submit INPUT_FILE to the configured Redis for workers elsewhere; prints the batch id.
     Exits 1 when input lines were rejected (they are in the batch's errors file)."""
-    client = _client()
+    client = client_for()
     if not no_check:
         from ratequeue.producer.preflight import check_upstream
 
@@ -185,7 +109,7 @@ def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | No
               help="Poll until BATCH_ID ends; exit 0 if it completed with no failed line, else 1.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="With --wait: give up after this many seconds (exit 1).")
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help=_DATA_DIR_HELP)
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help=DATA_DIR_HELP)
 @click.pass_context
 def status(ctx: click.Context, batch_id: str | None, wait: bool, timeout: float | None,
            data_dir: Path | None) -> None:
@@ -195,8 +119,8 @@ def status(ctx: click.Context, batch_id: str | None, wait: bool, timeout: float 
         raise click.UsageError("--wait and --timeout need a BATCH_ID")
     if timeout is not None and not wait:
         raise click.UsageError("--timeout goes with --wait")
-    with _data_dir_redis(data_dir) as url:
-        _status(ctx, _client(url), batch_id, wait, timeout)
+    with data_dir_redis_for(data_dir) as url:
+        _status(ctx, client_for(url), batch_id, wait, timeout)
 
 
 def _status(ctx: click.Context, client: Any, batch_id: str | None, wait: bool, timeout: float | None) -> None:
@@ -223,7 +147,7 @@ def _status(ctx: click.Context, client: Any, batch_id: str | None, wait: bool, t
 def resume(batch_id: str | None, model: str | None) -> None:
     """Restart parked (account, model) pairs; with BATCH_ID, unpause that batch and re-enqueue
     its unfinished jobs instead (e.g. after a pause, or after its producer died)."""
-    client = _client()
+    client = client_for()
     if batch_id:
         click.echo(f"{client.resume(batch_id)} jobs re-enqueued")
         return
@@ -235,7 +159,7 @@ def resume(batch_id: str | None, model: str | None) -> None:
 @click.argument("batch_id")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--errors", "errors", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help=_DATA_DIR_HELP)
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help=DATA_DIR_HELP)
 def results(batch_id: str, output: Path, errors: Path | None, data_dir: Path | None) -> None:
     """Write the results and errors files of BATCH_ID (what is done so far)."""
     from ratequeue.producer.collect import errors_path_for, write_outputs
@@ -245,8 +169,8 @@ def results(batch_id: str, output: Path, errors: Path | None, data_dir: Path | N
     from ratequeue.redact import configured_secrets
 
     errors = errors or errors_path_for(output)
-    with _data_dir_redis(data_dir) as url:
-        client = _client(url)
+    with data_dir_redis_for(data_dir) as url:
+        client = client_for(url)
         client.status(batch_id)
         n_results, n_errors = write_outputs(client.redis, batch_id, output, errors,
                                             configured_secrets(client.settings))
@@ -257,7 +181,7 @@ def results(batch_id: str, output: Path, errors: Path | None, data_dir: Path | N
 @click.argument("batch_id")
 def cancel(batch_id: str) -> None:
     """Stop dispatching BATCH_ID's remaining jobs; they are reported as cancelled."""
-    batch = _client().cancel(batch_id)
+    batch = client_for().cancel(batch_id)
     click.echo(batch["status"])
 
 
@@ -266,7 +190,7 @@ def cancel(batch_id: str) -> None:
 def pause(batch_id: str) -> None:
     """Stop BATCH_ID's new upstream calls on every worker, failing nothing; `resume BATCH_ID`
     restarts it."""
-    batch = _client().pause(batch_id)
+    batch = client_for().pause(batch_id)
     click.echo(f"paused {batch_id}" if batch["paused"] else f"not paused: {batch_id} is {batch['status']}")
 
 
@@ -276,7 +200,7 @@ def pause(batch_id: str) -> None:
 def delete(batch_id: str, force: bool) -> None:
     """Remove BATCH_ID and all it holds from Redis now (ended batches also expire on their own,
     RATEQUEUE_RETENTION_SECONDS after they end). A running batch needs --force."""
-    deleted = _client().delete(batch_id, force=force)
+    deleted = client_for().delete(batch_id, force=force)
     click.echo(f"deleted {batch_id} ({deleted['status']})")
 
 
@@ -298,38 +222,13 @@ def demo(jobs: int, output: Path, workers: int) -> None:
     """Process built-in sample documents; with no API key, against the local simulator."""
     from ratequeue.producer.demo import run_demo
 
-    _before_running(output, None)
+    check_outputs(output, None)
     run_demo(jobs, output, workers, console)
 
 
-class _LazyCommand(click.Command):
-    """A command whose module loads only when the command runs (or shows its own help).
-
-    The simulator and the exporter pull in aiohttp and prometheus-client: imported up front they
-    cost every ``ratequeue`` invocation ~0.3 s, ``--help`` included. The listing uses ``help``.
-    """
-
-    def __init__(self, name: str, target: str, help: str) -> None:
-        super().__init__(name, help=help, add_help_option=False, context_settings={"ignore_unknown_options": True})
-        self._target = target
-
-    def _real(self) -> click.Command:
-        module, _, attr = self._target.partition(":")
-        command = getattr(importlib.import_module(module), attr)
-        assert isinstance(command, click.Command)
-        return command
-
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
-        return self._real().make_context(info_name, args, parent=parent, **extra)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        return ctx.command.invoke(ctx)  # the context was made by the real command
-
-
-main.add_command(_LazyCommand("sim", "ratequeue.sim.cli:sim_command",
+main.add_command(LazyCommand("sim", "ratequeue.sim.cli:sim_command",
                               "Run the OpenAI-compatible simulator (for dry runs and benchmarks)."))
-main.add_command(_LazyCommand("exporter", "ratequeue.producer.exporter:exporter_command",
+main.add_command(LazyCommand("exporter", "ratequeue.producer.exporter:exporter_command",
                               "Publish queue depth, batches, parked pairs, bucket levels, live workers and "
                               "memory from Redis."))
 

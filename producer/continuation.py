@@ -16,11 +16,12 @@ from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
 from ratequeue.producer.api import Client
 from ratequeue.producer.collect import FINAL_STATUSES
+from ratequeue.producer.model_progress import pause_words
 
-# Park reasons (worker/policy.py Reason values) that no wait cures: the user must act.
+# Park reasons (worker/policy.py Reason values) that no wait cures, and what the user must do.
 LASTING_PARKS = {
-    "invalid_api_key": "upstream refused the key (401); fix OPENAI_API_KEY",
-    "insufficient_quota": "upstream quota is spent (429 insufficient_quota); add credit to the account",
+    "invalid_api_key": "fix OPENAI_API_KEY",
+    "insufficient_quota": "add credit to the account",
 }
 STALL_SECONDS = 15.0  # no job finished for this long while a model is parked for good: stop
 
@@ -60,7 +61,7 @@ def lasting_parks(client: Client, batch_id: str, models: list[str]) -> dict[str,
     for pair, record in client.parked().items():
         pair_account, _, model = pair.partition(":")
         if pair_account == account and model in models and record.get("reason") in LASTING_PARKS:
-            found[model] = LASTING_PARKS[record["reason"]]
+            found[model] = f"{pause_words(record['reason'], '', 0)}; {LASTING_PARKS[record['reason']]}"
     return found
 
 

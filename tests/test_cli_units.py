@@ -92,7 +92,7 @@ def test_expected_failures_map_to_one_line_and_a_code(monkeypatch: pytest.Monkey
 
 
 def test_the_default_redis_is_named_as_the_default(capsys: pytest.CaptureFixture[str]) -> None:
-    from ratequeue.producer.cli import _say_redis
+    from ratequeue.producer.cli_parts import say_redis as _say_redis
 
     _say_redis(None)
     _say_redis("redis://:pw-123456@h:1/2")
