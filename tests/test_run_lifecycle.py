@@ -328,3 +328,43 @@ def test_run_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path, slow_s
     finally:
         run.kill()
     wait_until(lambda: not any(running(pid) for pid in kids), 15, "the children of a killed run to end")
+
+
+def test_ctrl_c_on_a_shared_redis_pauses_the_batch_so_other_runs_do_not_pay_for_it(
+    tmp_path: Path, slow_sim: SimHandle, redis_url: str
+) -> None:
+    """With RATEQUEUE_REDIS_URL set, other runs' workers share the queue: an interrupted batch is
+    paused (not left queued), so their workers drop its chunks; the same command continues it."""
+    jobs = 150
+    src = write_input(tmp_path / "a.jsonl", "s", jobs)
+    out = tmp_path / "a-out.jsonl"
+    args = ["run", str(src), "-o", str(out), "-w", "2"]
+    env = user_env(tmp_path, slow_sim.url, RATEQUEUE_REDIS_URL=redis_url)
+    run = RunProcess(args, env, tmp_path)
+    try:
+        wait_until(lambda: sum(answers(slow_sim, "s").values()) >= 20, 90, "the run's first answers",
+                   explain=lambda: run.stderr)
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.wait(60) == 130
+    finally:
+        run.kill()
+    assert f"to continue, run: ratequeue {' '.join(args)}" in run.lines
+    batch_id = re.search(r"batch (batch_\w+)", run.stderr).group(1)  # type: ignore[union-attr]
+    status = subprocess.run([*RATEQUEUE, "status", batch_id], env=env, capture_output=True, text=True, timeout=60)
+    assert orjson.loads(status.stdout)["paused"] is True, status.stdout
+    done_before = len(result_ids(out))
+    assert 0 < done_before < jobs
+
+    # An unrelated run on the same Redis: its workers meet the paused batch's chunks and drop them.
+    time.sleep(2)  # calls in flight at the interrupt have landed
+    slow_sim.reset()
+    other = write_input(tmp_path / "b.jsonl", "o", 30)
+    b_run = subprocess.run([*RATEQUEUE, "run", str(other), "-o", str(tmp_path / "b-out.jsonl"), "-w", "2"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert b_run.returncode == 0, b_run.stderr
+    assert answers(slow_sim, "s") == {} and calls(slow_sim, "s") == {}
+
+    again = subprocess.run([*RATEQUEUE, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert "continuing batch" in again.stderr
+    assert sorted(result_ids(out)) == sorted(f"s-{n}" for n in range(jobs))
