@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
@@ -91,6 +92,16 @@ class LineValidator:
         return StoredJob(
             custom_id, line, url, body, spec.name, estimate.charge, estimate.prompt_tokens, estimate.output_tokens
         )
+
+
+def has_content(path: str | Path, block: int = 1 << 16) -> bool:
+    """True when the file holds anything but whitespace (read until the first such byte): an empty
+    input is said before anything else is checked or started."""
+    with open(path, "rb") as stream:
+        while data := stream.read(block):
+            if data.strip():
+                return True
+    return False
 
 
 def read_lines(

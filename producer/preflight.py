@@ -76,4 +76,7 @@ def check_upstream(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> None
     if response.status_code in REFUSED_STATUSES:
         code = _error_code(response)
         status = f"{response.status_code} {code}" if code else str(response.status_code)
+        if settings.api_key is None:
+            raise UpstreamUnusableError(f"upstream {where} wants an API key ({status}) and none is set; "
+                                        "set OPENAI_API_KEY or OPENAI_API_KEY_FILE")
         raise UpstreamUnusableError(f"upstream {where} refused the API key ({status}); set OPENAI_API_KEY")

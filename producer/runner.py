@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from ratequeue.config.settings import Settings, load_settings
+from ratequeue.errors import UsageError
 from ratequeue.jobstore import keys
 from ratequeue.producer.batch_ids import file_sha256
+from ratequeue.producer.batchfile import has_content
 from ratequeue.producer.children import LocalWorkers
 from ratequeue.producer.collect import FINAL_STATUSES, errors_path_for, write_outputs
 from ratequeue.producer.continuation import RunStopped
@@ -74,6 +76,8 @@ def run_file(
     console = console or Console(stderr=True)
     env = {**os.environ, **(extra_env or {})}
     settings = load_settings(env)
+    if not has_content(input_path):  # said before the upstream is asked or anything is started
+        raise UsageError(f"{input_path} has no requests")
     try:
         if check:
             check_upstream(settings)

@@ -216,6 +216,13 @@ def test_an_empty_input_file_is_a_usage_error(tmp_path: Path, rclient: redis.Red
     assert _batches(rclient) == [] and rclient.llen("ratequeue") == 0
 
 
+def test_run_says_an_empty_input_before_asking_the_upstream(tmp_path: Path) -> None:
+    empty = tmp_path / "x.jsonl"
+    empty.write_bytes(b"")
+    proc = _cli(tmp_path, "run", str(empty), "-o", "out.jsonl", OPENAI_BASE_URL="http://127.0.0.1:1")
+    assert (proc.returncode, _last_line(proc)) == (2, f"error: {empty} has no requests")
+
+
 def test_a_file_of_no_requests_exits_1_naming_where_the_errors_are(
     tmp_path: Path, rclient: redis.Redis, redis_url: str
 ) -> None:

@@ -66,6 +66,13 @@ def test_a_401_without_a_code_names_the_status_only() -> None:
     assert str(caught.value) == f"upstream {url}/v1 refused the API key (401); set OPENAI_API_KEY"
 
 
+def test_a_401_with_no_key_set_says_none_is_set() -> None:
+    with answering(401, b"not json") as url, pytest.raises(UpstreamUnusableError) as caught:
+        check_upstream(load_settings({"OPENAI_BASE_URL": url}))
+    assert str(caught.value) == (f"upstream {url}/v1 wants an API key (401) and none is set; "
+                                 "set OPENAI_API_KEY or OPENAI_API_KEY_FILE")
+
+
 def test_the_simulator_lists_models_for_the_right_key_and_refuses_a_wrong_one() -> None:
     with start_sim(["--api-key", KEY]) as sim:
         check_upstream(_settings(sim.url))
