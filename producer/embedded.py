@@ -96,7 +96,7 @@ class EmbeddedRedis:
         if self._proc is None:
             return
         with contextlib.suppress(redis.RedisError):
-            redis.Redis(port=self.port).shutdown(nosave=True)
+            redis.Redis(port=self.port, socket_timeout=5).shutdown(nosave=True)  # AOF flushed all the same
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

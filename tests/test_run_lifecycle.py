@@ -289,7 +289,7 @@ def test_the_terminals_ctrl_c_twice_stops_at_once_and_the_batch_can_be_collected
     env = user_env(tmp_path, slow_sim.url)
     run = RunProcess(args, env, tmp_path)
     try:
-        kids = _started(run, slow_sim, "t", 10, workers=2)
+        kids = _started(run, slow_sim, "t", 20, workers=2)  # some answers stored by the workers too
         os.killpg(run.proc.pid, signal.SIGINT)  # the whole foreground group, as a terminal's Ctrl-C
         wait_until(lambda: any(line.startswith("interrupt: stopping") for line in run.lines), 10,
                    "the interrupt message", explain=lambda: run.stderr)
