@@ -4,7 +4,10 @@
   shared with other workers through Redis (``rq:learned``);
 - the charge rule it applies, read off ``x-ratelimit-remaining-tokens`` (``worker/chargerule.py``)
   and followed when the user allows it;
-- a slowdown after 429s that carry no headers to learn from: cut by a fifth, then recover slowly.
+- a slowdown after 429s that carry no headers to learn from: cut by a fifth, then recover slowly;
+- the server's window (``worker/window.py``): our bucket's burst follows it, and stays in Redis;
+- slow start: until the server announces a pair's limits, one request, then two per answer
+  (``reserve.lua``); the first announcement ends it for every worker.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -23,9 +28,11 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.worker.chargerule import ChargeRuleCheck
 from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.gate import BucketGate
-from ratequeue.worker.limiter import BucketLimits
+from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError
+from ratequeue.worker.window import WindowLearner
 
 log = logging.getLogger(__name__)
+_WINDOWS = f"{keys.PREFIX}:window"  # hash: pair -> JSON {window, at}, the server's window learned
 RELOAD_SECONDS = 5.0  # how often the limits other workers learned are read again
 
 
@@ -41,6 +48,9 @@ class Learned:
         # pair -> (share of the limits in force, time of the last cut)
         self._throttle: dict[str, tuple[float, float]] = {}
         self._rule_check = ChargeRuleCheck()
+        self.windows = WindowLearner(settings.burst_seconds)
+        self._confirmed: set[str] = set()  # pairs whose limits the server announced: no slow start
+        self._limiter = Limiter(redis)  # slow-start credits live beside the pair's bucket
         self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
 
     async def load(self, pair: str) -> None:
@@ -50,10 +60,12 @@ class Learned:
         if not self.settings.learn_limits or now - self._loaded.get(pair, float("-inf")) < RELOAD_SECONDS:
             return
         self._loaded[pair] = now
-        raw = await self.redis.hget(keys.learned_limits(), pair)
+        raw, window = await self.redis.hget(keys.learned_limits(), pair), await self.redis.hget(_WINDOWS, pair)
         if raw:
             known = orjson.loads(raw)
             self._limits[pair] = (int(known["rpm"]), int(known["tpm"]))
+            self._confirmed.add(pair)
+        self.windows.adopt(pair, window)
 
     def tpm(self, pair: str, spec: ModelSpec) -> int:
         """The TPM limit in force, without the throttle: learned from the server, else configured."""
@@ -67,11 +79,22 @@ class Learned:
         """The limits in force: learned (else configured), times the throttle's share."""
         rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
         share = self._throttle.get(pair, (1.0, 0.0))[0]
-        return BucketLimits(rpm * share, tpm * share, self.settings.burst_seconds)
+        return BucketLimits(rpm * share, tpm * share, self.windows.window(pair), slow_start=pair not in self._confirmed)
 
-    def learn_limits(self, pair: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate) -> None:
-        """Take the limits the server announces (x-ratelimit-limit-*) over configured ones."""
-        if not self.settings.learn_limits or (headers.limit_requests is None and headers.limit_tokens is None):
+    def learn_limits(
+        self, pair: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate, refused: bool = False
+    ) -> None:
+        """Take the limits the server announces (x-ratelimit-limit-*) over configured ones, and
+        its window; count the answer in slow start. `refused`: the answer was a 429."""
+        announced = headers.limit_requests is not None or headers.limit_tokens is not None
+        if gate.limits.slow_start:
+            self._slow_start_answered(pair, spec, gate, announced, refused)
+        if not self.settings.learn_limits:
+            return
+        if (window := self.windows.observe(pair, headers, refused)) is not None:
+            gate.update_limits(self.limits(pair, spec))
+            self._write(self.redis.hset(_WINDOWS, pair, self.windows.record(window)))
+        if not announced:
             return
         rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
         new = (headers.limit_requests or rpm, headers.limit_tokens or tpm)
@@ -82,9 +105,38 @@ class Learned:
             log.warning("learned limits of %s from the server: %d RPM, %d TPM", pair, *new)
             gate.update_limits(self.limits(pair, spec))
             record = orjson.dumps({"rpm": new[0], "tpm": new[1], "at": time.time()})
-            self._background.add(asyncio.ensure_future(self.redis.hset(keys.learned_limits(), pair, record)))
-            for task in [t for t in self._background if t.done()]:
-                self._background.discard(task)
+            self._write(self.redis.hset(keys.learned_limits(), pair, record))
+
+    def _write(self, call: Awaitable[Any]) -> None:
+        """A fire-and-forget Redis write (a lost one is learned again from the next answers)."""
+        self._background.add(asyncio.ensure_future(call))
+        for task in [t for t in self._background if t.done()]:
+            self._background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("storing what was learned failed: %s", task.exception())
+
+    def _slow_start_answered(
+        self, pair: str, spec: ModelSpec, gate: BucketGate, announced: bool, refused: bool
+    ) -> None:
+        """An answer in slow start: the server's limits end it (here at once, elsewhere through
+        Redis); otherwise two more requests may go (one after a 429), until a burst's worth."""
+        if announced:
+            self._confirmed.add(pair)
+            gate.update_limits(self.limits(pair, spec))
+            self._write(self._limiter.slow_start_answered(gate.key, None))
+            return
+        self._write(self._credit(pair, spec, gate, 1 if refused else 2))
+
+    async def _credit(self, pair: str, spec: ModelSpec, gate: BucketGate, credits: int) -> None:
+        try:
+            held = await self._limiter.slow_start_answered(gate.key, credits)
+        except LimiterError as exc:  # a lost credit comes back by itself (reserve.lua, 10 s)
+            log.warning("slow-start credit of %s lost: %s", pair, exc)
+            return
+        if held >= gate.limits.request_capacity and pair not in self._confirmed:
+            log.warning("%s: slow start over without the server announcing limits", pair)
+            self._confirmed.add(pair)
+            gate.update_limits(self.limits(pair, spec))
 
     def check_rule(self, pair: str, rule: str, job: StoredJob, headers: RateLimitHeaders) -> None:
         """Account a success in the charge-rule check; switch rules when it says so and that is allowed."""
