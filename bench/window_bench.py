@@ -49,8 +49,8 @@ SCENARIOS = [
     Scenario("1s-sum", 300, 3000, 400_000, 1, "sum"),
     Scenario("1s-max", 300, 3000, 400_000, 1, "max"),
     Scenario("1s-sum-no-retry-after", 300, 3000, 400_000, 1, "sum", retry_after=False),
-    Scenario("60s-sum", 400, 3000, 200_000, 60, "sum"),
-    Scenario("60s-max", 400, 3000, 100_000, 60, "max"),
+    Scenario("60s-sum", 400, 3000, 80_000, 60, "sum"),
+    Scenario("60s-max", 400, 3000, 50_000, 60, "max"),
     Scenario("100x-1s", 300, 3000, 400_000, 1, "sum", configured_factor=100),
 ]
 

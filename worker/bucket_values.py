@@ -13,6 +13,12 @@ from ratequeue.errors import ConfigError, RequestTooLargeError
 _MODEL_IN_KEY = re.compile(r"\{[^:}]*:([^}]*)\}")
 
 
+def window_key(bucket_key: str) -> str:
+    """The window learned for a pair (set_window.lua), read by every bucket script in place of
+    the configured burst; beside its bucket (same hash tag, same slot)."""
+    return f"{bucket_key}:window"
+
+
 def slow_start_key(bucket_key: str) -> str:
     """The hash of a pair's slow-start credits, beside its bucket (same hash tag, same slot)."""
     return f"{bucket_key}:slowstart"

@@ -29,10 +29,9 @@ from ratequeue.worker.chargerule import ChargeRuleCheck
 from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.gate import BucketGate
 from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError
-from ratequeue.worker.window import WindowLearner
+from ratequeue.worker.window import TOLERANCE, WindowLearner
 
 log = logging.getLogger(__name__)
-_WINDOWS = f"{keys.PREFIX}:window"  # hash: pair -> JSON {window, at}, the server's window learned
 RELOAD_SECONDS = 5.0  # how often the limits other workers learned are read again
 
 
@@ -51,7 +50,7 @@ class Learned:
         self.windows = WindowLearner(settings.burst_seconds)
         self._confirmed: set[str] = set()  # pairs whose limits the server announced: no slow start
         self._limiter = Limiter(redis)  # slow-start credits live beside the pair's bucket
-        self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
+        self._background: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, kept referenced
 
     async def load(self, pair: str) -> None:
         """Take the limits another worker learned for `pair` (read again every RELOAD_SECONDS:
@@ -60,12 +59,11 @@ class Learned:
         if not self.settings.learn_limits or now - self._loaded.get(pair, float("-inf")) < RELOAD_SECONDS:
             return
         self._loaded[pair] = now
-        raw, window = await self.redis.hget(keys.learned_limits(), pair), await self.redis.hget(_WINDOWS, pair)
+        raw = await self.redis.hget(keys.learned_limits(), pair)
         if raw:
             known = orjson.loads(raw)
             self._limits[pair] = (int(known["rpm"]), int(known["tpm"]))
             self._confirmed.add(pair)
-        self.windows.adopt(pair, window)
 
     def tpm(self, pair: str, spec: ModelSpec) -> int:
         """The TPM limit in force, without the throttle: learned from the server, else configured."""
@@ -87,55 +85,59 @@ class Learned:
         """Take the limits the server announces (x-ratelimit-limit-*) over configured ones, and
         its window; count the answer in slow start. `refused`: the answer was a 429."""
         announced = headers.limit_requests is not None or headers.limit_tokens is not None
-        if gate.limits.slow_start:
-            self._slow_start_answered(pair, spec, gate, announced, refused)
-        if not self.settings.learn_limits:
-            return
-        if (window := self.windows.observe(pair, headers, refused)) is not None:
+        in_slow_start = gate.limits.slow_start
+        if announced:
+            self._confirmed.add(pair)  # this worker's slow start is over; others end theirs on their own answer
+        window = self.windows.observe(pair, headers, refused) if self.settings.learn_limits else None
+        if in_slow_start or window is not None:
+            # In this order: a worker still in slow start is given more credits only once the
+            # bucket has the server's window, or it could spend a burst of the wrong size.
+            self._write(self._share(pair, spec, gate, window, (1 if refused else 2) if in_slow_start else 0))
+        if self.settings.learn_limits and announced:
+            self._take_limits(pair, spec, headers)
+        if gate.limits != self.limits(pair, spec):
             gate.update_limits(self.limits(pair, spec))
-            self._write(self.redis.hset(_WINDOWS, pair, self.windows.record(window)))
-        if not announced:
-            return
+
+    def _take_limits(self, pair: str, spec: ModelSpec, headers: RateLimitHeaders) -> None:
         rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
         new = (headers.limit_requests or rpm, headers.limit_tokens or tpm)
         if new == (rpm, tpm) and pair in self._limits:
             return
         self._limits[pair] = new
-        if new != (gate.limits.rpm, gate.limits.tpm):
+        if new != (rpm, tpm):
             log.warning("learned limits of %s from the server: %d RPM, %d TPM", pair, *new)
-            gate.update_limits(self.limits(pair, spec))
             record = orjson.dumps({"rpm": new[0], "tpm": new[1], "at": time.time()})
             self._write(self.redis.hset(keys.learned_limits(), pair, record))
 
     def _write(self, call: Awaitable[Any]) -> None:
         """A fire-and-forget Redis write (a lost one is learned again from the next answers)."""
-        self._background.add(asyncio.ensure_future(call))
-        for task in [t for t in self._background if t.done()]:
-            self._background.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.warning("storing what was learned failed: %s", task.exception())
+        task = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._written)
 
-    def _slow_start_answered(
-        self, pair: str, spec: ModelSpec, gate: BucketGate, announced: bool, refused: bool
-    ) -> None:
-        """An answer in slow start: the server's limits end it (here at once, elsewhere through
-        Redis); otherwise two more requests may go (one after a 429), until a burst's worth."""
-        if announced:
-            self._confirmed.add(pair)
-            gate.update_limits(self.limits(pair, spec))
-            self._write(self._limiter.slow_start_answered(gate.key, None))
-            return
-        self._write(self._credit(pair, spec, gate, 1 if refused else 2))
+    def _written(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("storing what was learned failed: %r", task.exception())
 
-    async def _credit(self, pair: str, spec: ModelSpec, gate: BucketGate, credits: int) -> None:
+    async def _share(self, pair: str, spec: ModelSpec, gate: BucketGate, window: float | None, credits: int) -> None:
+        """Tell every worker: the bucket's new window (set_window.lua: once, whoever comes first),
+        then the slow-start credits this answer earned (2, doubling per round trip; 1 after a 429)."""
         try:
-            held = await self._limiter.slow_start_answered(gate.key, credits)
-        except LimiterError as exc:  # a lost credit comes back by itself (reserve.lua, 10 s)
-            log.warning("slow-start credit of %s lost: %s", pair, exc)
+            if window is not None:
+                # What was in force before any worker learned a window: the configured burst
+                # (this worker's gate already uses the new one).
+                before = BucketLimits(gate.limits.rpm, gate.limits.tpm, self.settings.burst_seconds)
+                self.windows.adopt(pair, await self._limiter.set_window(gate.key, before, window, TOLERANCE))
+            if credits:
+                held = await self._limiter.slow_start_answered(gate.key, credits)
+                if held >= gate.limits.request_capacity and pair not in self._confirmed:
+                    log.warning("%s: slow start over without the server announcing limits", pair)
+                    self._confirmed.add(pair)
+        except LimiterError as exc:  # the next answer tells it again; a lost credit comes back in 10 s
+            log.warning("window or slow start of %s not stored: %s", pair, exc)
             return
-        if held >= gate.limits.request_capacity and pair not in self._confirmed:
-            log.warning("%s: slow start over without the server announcing limits", pair)
-            self._confirmed.add(pair)
+        if gate.limits != self.limits(pair, spec):
             gate.update_limits(self.limits(pair, spec))
 
     def check_rule(self, pair: str, rule: str, job: StoredJob, headers: RateLimitHeaders) -> None:

@@ -29,6 +29,7 @@ from ratequeue.worker.bucket_values import (
     ReserveResult,
     check_cost,
     slow_start_key,
+    window_key,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "SyncLimiter",
     "check_cost",
     "slow_start_key",
+    "window_key",
 ]
 
 T = TypeVar("T")
@@ -47,7 +49,7 @@ T = TypeVar("T")
 # The scripts ship as package data of `worker` (worker/lua/*.lua), read through importlib.resources.
 _LUA: dict[str, str] = {
     name: lua_source(name, "ratequeue.worker")
-    for name in ("reserve", "reconcile", "set_not_before", "peek", "slow_start")
+    for name in ("reserve", "reconcile", "set_not_before", "peek", "slow_start", "set_window")
 }
 
 
@@ -99,7 +101,7 @@ class _LimiterBase:
             check_cost(key, limits, cost)
         # Tokens are whole; round a fractional estimate up rather than under-charge.
         args: list[int | float | str] = [*_limit_args(limits), round(self.horizon_seconds * 1e6)]
-        keys = [key]
+        keys = [key, window_key(key)]
         if limits.slow_start:
             args.append("slowstart")
             keys.append(slow_start_key(key))
@@ -125,7 +127,7 @@ class _LimiterBase:
             -1 if remaining_tokens is None else repr(float(remaining_tokens)),
             -1 if remaining_requests is None else repr(float(remaining_requests)),
         ]
-        return _Call("reconcile", [key], args, _parse_levels)
+        return _Call("reconcile", [key, window_key(key)], args, _parse_levels)
 
     @staticmethod
     def _not_before_call(key: str, delay_seconds: float) -> _Call[int]:
@@ -134,12 +136,21 @@ class _LimiterBase:
         return _Call("set_not_before", [key], [math.ceil(delay_seconds * 1000)], int)
 
     @staticmethod
-    def _slow_start_call(key: str, credits: int | None) -> _Call[float]:
-        return _Call("slow_start", [slow_start_key(key)], [-1 if credits is None else credits], float)
+    def _slow_start_call(key: str, credits: int) -> _Call[float]:
+        if credits < 0:
+            raise ValueError(f"credits must be >= 0, got {credits}")
+        return _Call("slow_start", [slow_start_key(key)], [credits], float)
 
     @staticmethod
     def _peek_call(key: str, limits: BucketLimits) -> _Call[BucketLevels]:
-        return _Call("peek", [key], _limit_args(limits), _parse_levels)
+        return _Call("peek", [key, window_key(key)], _limit_args(limits), _parse_levels)
+
+    @staticmethod
+    def _set_window_call(key: str, limits: BucketLimits, window: float, tolerance: float) -> _Call[float]:
+        if not (math.isfinite(window) and window > 0):
+            raise ValueError(f"window must be a positive number of seconds, got {window}")
+        args = [*_limit_args(limits), repr(float(window)), repr(float(tolerance))]
+        return _Call("set_window", [key, window_key(key)], args, float)
 
 
 class Limiter(_LimiterBase):
@@ -195,11 +206,16 @@ class Limiter(_LimiterBase):
         """
         await self._run(self._not_before_call(key, delay_seconds))
 
-    async def slow_start_answered(self, key: str, credits: int | None) -> float:
+    async def slow_start_answered(self, key: str, credits: int) -> float:
         """An answer came back during slow start: add `credits` (2 doubles the window per round
-        trip), or end slow start for every worker (None: the server announced its limits).
-        Returns the credits now held. Raises `LimiterError`."""
+        trip). Returns the credits now held. Raises `LimiterError`."""
         return await self._run(self._slow_start_call(key, credits))
+
+    async def set_window(self, key: str, limits: BucketLimits, window: float, tolerance: float = 0.1) -> float:
+        """Size the bucket for every worker to `window` seconds of limit (the server's), unless
+        the window in force is already within `tolerance` of it; returns the window in force.
+        Raises `ValueError` on a window that is not positive, `LimiterError` if Redis fails."""
+        return await self._run(self._set_window_call(key, limits, window, tolerance))
 
     async def peek(self, key: str, limits: BucketLimits) -> BucketLevels:
         """Current levels refilled to now, without writing. Raises `LimiterError`."""
@@ -247,9 +263,13 @@ class SyncLimiter(_LimiterBase):
         """Blocking `Limiter.set_not_before`."""
         self._run(self._not_before_call(key, delay_seconds))
 
-    def slow_start_answered(self, key: str, credits: int | None) -> float:
+    def slow_start_answered(self, key: str, credits: int) -> float:
         """Blocking `Limiter.slow_start_answered`."""
         return self._run(self._slow_start_call(key, credits))
+
+    def set_window(self, key: str, limits: BucketLimits, window: float, tolerance: float = 0.1) -> float:
+        """Blocking `Limiter.set_window`."""
+        return self._run(self._set_window_call(key, limits, window, tolerance))
 
     def peek(self, key: str, limits: BucketLimits) -> BucketLevels:
         """Blocking `Limiter.peek`."""

@@ -14,7 +14,8 @@ publish neither their window nor whether they forgive a burst; their answers sho
   is shorter than ours: the burst is halved (at most once per ``SHRINK_EVERY`` seconds).
 
 The window is kept between 1 s (``MIN_WINDOW``) and 60 s (a per-minute limit never forgives more)
-and stored in Redis (``rq:window``), so the other workers, and the next run, start from it.
+and stored in Redis beside the bucket (``set_window.lua``), where every bucket script reads it: all
+workers, and the next run, size the bucket by it at once.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import logging
 import math
 import time
 
-import orjson
-
 from ratequeue.worker.feedback import RateLimitHeaders
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,10 @@ log = logging.getLogger(__name__)
 MIN_WINDOW = 1.0  # seconds of limit: the shortest burst we ever keep
 MAX_WINDOW = 60.0  # a per-minute limit: the longest a server can forgive
 SHRINK_EVERY = 2.0  # seconds between two blind halvings (one overrun draws many 429s at once)
-_TOLERANCE = 0.1  # a reading within a tenth of ours changes nothing (rounding of the headers)
+# Our bucket holds a little less than the server's: its counts are made on arrival and from its
+# own token count, a few tokens a request away from our estimate; an exact-size opening burst drew a 429.
+HEADROOM = 0.03
+TOLERANCE = 0.1  # a reading within a tenth of ours changes nothing (rounding of the headers)
 
 
 def server_window(headers: RateLimitHeaders) -> tuple[float | None, float | None]:
@@ -69,23 +71,21 @@ class WindowLearner:
         """The burst, in seconds of limit, our bucket holds for `pair`."""
         return self._windows.get(pair, self.default_window)
 
-    def adopt(self, pair: str, raw: bytes | str | None) -> None:
-        """Take the window stored in Redis (learned by any worker) for `pair`."""
-        if raw:
-            window = float(orjson.loads(raw)["window"])
-            if math.isfinite(window):
-                self._windows[pair] = _clamp(window)
+    def adopt(self, pair: str, window: float) -> None:
+        """Take the window in force in Redis (learned by any worker) for `pair`."""
+        if math.isfinite(window) and window > 0:
+            self._windows[pair] = window
 
     def observe(self, pair: str, headers: RateLimitHeaders, refused: bool) -> float | None:
         """Learn from one answer; returns the new window when it changed, else None."""
         current = self.window(pair)
         exact, lower = server_window(headers)
         if exact is not None:
-            new = _clamp(exact)
-            if abs(new - current) <= _TOLERANCE * current:
+            new = _clamp(exact) * (1 - HEADROOM)
+            if abs(new - current) <= TOLERANCE * current:
                 return None
-        elif lower is not None and lower > current * (1 + _TOLERANCE):
-            new = _clamp(lower)  # the server holds more than our whole bucket: it allows more
+        elif lower is not None and lower > current * (1 + TOLERANCE):
+            new = _clamp(lower) * (1 - HEADROOM)  # the server holds more than our whole bucket
         elif refused:
             now = time.monotonic()
             if now - self._blind_cut_at.get(pair, float("-inf")) < SHRINK_EVERY or current <= MIN_WINDOW:
@@ -100,8 +100,3 @@ class WindowLearner:
         log.warning("%s: the server's window is about %.1f s of limit; bucket burst %.1f s -> %.1f s",
                     pair, exact if exact is not None else new, current, new)
         return new
-
-    @staticmethod
-    def record(window: float) -> bytes:
-        """The Redis value of a learned window."""
-        return orjson.dumps({"window": window, "at": time.time()})

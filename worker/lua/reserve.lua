@@ -6,7 +6,7 @@
 --   tl  token-bucket level (tokens; float; may be negative)
 --   tt  time tl was brought up to date (µs since epoch)
 --   nb  not-before: nothing may be sent before this time (ms since epoch), written after a 429
--- KEYS[2], only with "slowstart" (below): the pair's slow-start hash (limiter.slow_start_key):
+-- KEYS[3], only with "slowstart" (below): the pair's slow-start hash (limiter.slow_start_key):
 --   sc  credits: requests that may still be granted before more answers come back (missing = 1);
 --       slow_start.lua adds 2 per answer (doubling per round trip) and ends slow start
 --   st  time sc was last changed (µs since epoch)
@@ -31,6 +31,12 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 local rpm, tpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local horizon = tonumber(ARGV[4]) / 1e6
+-- KEYS[2] (optional): the pair's learned window (limiter.window_key; set_window.lua), which
+-- replaces ARGV[3]'s burst_seconds: every worker sizes the bucket the same at once.
+if KEYS[2] then
+  local learned = redis.call('GET', KEYS[2])
+  if learned then burst = tonumber(learned) end
+end
 local rate_r, rate_t = rpm / 60, tpm / 60
 local cap_r, cap_t = rate_r * burst, rate_t * burst
 local first = 5
@@ -50,7 +56,7 @@ end
 local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb')
 local credits = 0
 if slow then
-  local s = redis.call('HMGET', KEYS[2], 'sc', 'st')
+  local s = redis.call('HMGET', KEYS[3], 'sc', 'st')
   credits = tonumber(s[1] or 1)
   if credits >= cap_r then slow = false end
   if credits < 1 and now_us - tonumber(s[2] or 0) > STALE_CREDIT_US then credits = 1 end
@@ -95,8 +101,8 @@ if #out > 2 then
     'tl', string.format('%.17g', lt), 'tt', now_s)
   local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, nb_wait)
   if slow then
-    redis.call('HSET', KEYS[2], 'sc', string.format('%.17g', credits), 'st', now_s)
-    redis.call('PEXPIRE', KEYS[2], 600000)  -- idle for 10 min: the next start is slow again
+    redis.call('HSET', KEYS[3], 'sc', string.format('%.17g', credits), 'st', now_s)
+    redis.call('PEXPIRE', KEYS[3], 600000)  -- idle for 10 min: the next start is slow again
   end
   redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
 end
