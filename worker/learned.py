@@ -6,8 +6,8 @@
   and followed when the user allows it;
 - a slowdown after 429s that carry no headers to learn from: cut by a fifth, then recover slowly;
 - the server's window (``worker/window.py``): our bucket's burst follows it, and stays in Redis;
-- slow start: until the server announces a pair's limits, one request, then two per answer
-  (``reserve.lua``); the first announcement ends it for every worker.
+- slow start: until the server announces a pair's limits to this worker, one request, then two
+  more per answer, shared by every worker in slow start (``reserve.lua``, ``slow_start.lua``).
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ publish neither their window nor whether they forgive a burst; their answers sho
 - A 429 with no reading at all, while our bucket granted the request, means the server's window
   is shorter than ours: the burst is halved (at most once per ``SHRINK_EVERY`` seconds).
 
-The window is kept between 1 s (``MIN_WINDOW``) and 60 s (a per-minute limit never forgives more)
-and stored in Redis beside the bucket (``set_window.lua``), where every bucket script reads it: all
-workers, and the next run, size the bucket by it at once.
+The server's window is taken between 1 s (``MIN_WINDOW``) and 60 s (a per-minute limit never
+forgives more), and our bucket holds ``HEADROOM`` (3%) less than what was read. It is stored in
+Redis beside the bucket (``set_window.lua``), where every bucket script reads it: all workers, and
+the next run, size the bucket by it at once.
 """
 
 from __future__ import annotations
