@@ -16,7 +16,9 @@ from ratequeue.config.settings import load_settings
 from ratequeue.jobstore.keys import bucket_key
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import start_sim
+from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.limiter import BucketLimits, SyncLimiter, slow_start_key
+from ratequeue.worker.window import WindowLearner, server_window
 from tests.conftest import base_env
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
@@ -128,3 +130,25 @@ def test_a_server_forgiving_a_minute_widens_the_bucket(
     assert window is not None and window >= 55
     assert sum(stats["r429"].values()) == 0, stats["r429"]
     print(f"100 jobs at 600 RPM with a 60 s server window: {wall:.1f} s (a 5 s burst needs >= 5 s)")
+
+
+def test_the_server_window_is_read_off_remaining_and_reset() -> None:
+    # A 1 s window at 3,000 RPM / 400k TPM: 49 requests and 6,000 tokens left, full again in 20 ms / 100 ms.
+    one_second = RateLimitHeaders(3000, 400_000, 49, 6000, 0.02, 0.1)
+    assert server_window(one_second) == (pytest.approx(1.0), pytest.approx(0.98))
+    # Another client spent half: less remaining, a longer reset, the same window.
+    shared = RateLimitHeaders(3000, 400_000, 24, 3000, 0.52, 0.55)
+    assert server_window(shared)[0] == pytest.approx(1.0)
+    assert server_window(RateLimitHeaders(3000, 400_000, 2999, 399_000)) == (None, pytest.approx(59.85))
+
+
+def test_the_window_follows_the_server_both_ways_and_halves_on_blind_429s() -> None:
+    learner = WindowLearner(5.0)
+    pair = "acct:gpt-4o-mini"
+    assert learner.observe(pair, RateLimitHeaders(3000, 400_000, 49, 6000, 0.02, 0.1), False) == pytest.approx(0.97)
+    assert learner.observe(pair, RateLimitHeaders(3000, 400_000, 30, 4000, 0.4, 0.4), False) is None  # same window
+    assert learner.observe(pair, RateLimitHeaders(3000, 400_000, 2999, 399_000), False) == pytest.approx(
+        59.85 * 0.97)  # remaining alone: more than our bucket holds
+    blind = WindowLearner(5.0)
+    assert blind.observe(pair, RateLimitHeaders(), refused=True) == 2.5
+    assert blind.observe(pair, RateLimitHeaders(), refused=True) is None  # one overrun, many 429s: once
