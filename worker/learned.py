@@ -29,7 +29,7 @@ from ratequeue.worker.chargerule import ChargeRuleCheck
 from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.gate import BucketGate
 from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError
-from ratequeue.worker.window import TOLERANCE, WindowLearner
+from ratequeue.worker.window import SHRINK_TOLERANCE, TOLERANCE, WindowLearner
 
 log = logging.getLogger(__name__)
 RELOAD_SECONDS = 5.0  # how often the limits other workers learned are read again
@@ -128,7 +128,8 @@ class Learned:
                 # What was in force before any worker learned a window: the configured burst
                 # (this worker's gate already uses the new one).
                 before = BucketLimits(gate.limits.rpm, gate.limits.tpm, self.settings.burst_seconds)
-                self.windows.adopt(pair, await self._limiter.set_window(gate.key, before, window, TOLERANCE))
+                tolerance = (TOLERANCE, SHRINK_TOLERANCE)
+                self.windows.adopt(pair, await self._limiter.set_window(gate.key, before, window, tolerance))
             if credits:
                 held = await self._limiter.slow_start_answered(gate.key, credits)
                 if held >= gate.limits.request_capacity and pair not in self._confirmed:

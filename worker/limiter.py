@@ -146,10 +146,12 @@ class _LimiterBase:
         return _Call("peek", [key, window_key(key)], _limit_args(limits), _parse_levels)
 
     @staticmethod
-    def _set_window_call(key: str, limits: BucketLimits, window: float, tolerance: float) -> _Call[float]:
+    def _set_window_call(
+        key: str, limits: BucketLimits, window: float, tolerance: tuple[float, float]
+    ) -> _Call[float]:
         if not (math.isfinite(window) and window > 0):
             raise ValueError(f"window must be a positive number of seconds, got {window}")
-        args = [*_limit_args(limits), repr(float(window)), repr(float(tolerance))]
+        args = [*_limit_args(limits), repr(float(window)), *(repr(float(t)) for t in tolerance)]
         return _Call("set_window", [key, window_key(key)], args, float)
 
 
@@ -211,9 +213,12 @@ class Limiter(_LimiterBase):
         trip). Returns the credits now held. Raises `LimiterError`."""
         return await self._run(self._slow_start_call(key, credits))
 
-    async def set_window(self, key: str, limits: BucketLimits, window: float, tolerance: float = 0.1) -> float:
+    async def set_window(
+        self, key: str, limits: BucketLimits, window: float, tolerance: tuple[float, float] = (0.1, 0.01)
+    ) -> float:
         """Size the bucket for every worker to `window` seconds of limit (the server's), unless
-        the window in force is already within `tolerance` of it; returns the window in force.
+        the window in force is already within `tolerance` of it (a share above, a share below);
+        returns the window in force.
         Raises `ValueError` on a window that is not positive, `LimiterError` if Redis fails."""
         return await self._run(self._set_window_call(key, limits, window, tolerance))
 
@@ -267,7 +272,9 @@ class SyncLimiter(_LimiterBase):
         """Blocking `Limiter.slow_start_answered`."""
         return self._run(self._slow_start_call(key, credits))
 
-    def set_window(self, key: str, limits: BucketLimits, window: float, tolerance: float = 0.1) -> float:
+    def set_window(
+        self, key: str, limits: BucketLimits, window: float, tolerance: tuple[float, float] = (0.1, 0.01)
+    ) -> float:
         """Blocking `Limiter.set_window`."""
         return self._run(self._set_window_call(key, limits, window, tolerance))
 

@@ -35,7 +35,10 @@ SHRINK_EVERY = 2.0  # seconds between two blind halvings (one overrun draws many
 # Our bucket holds a little less than the server's: its counts are made on arrival and from its
 # own token count, a few tokens a request away from our estimate; an exact-size opening burst drew a 429.
 HEADROOM = 0.03
-TOLERANCE = 0.1  # a reading within a tenth of ours changes nothing (rounding of the headers)
+# A reading must be this much above ours to widen (headers are rounded), and this much below to
+# shrink: shrinking by a little is cheap, an opening burst of exactly the server's size is not.
+TOLERANCE = 0.1
+SHRINK_TOLERANCE = 0.01
 
 
 def server_window(headers: RateLimitHeaders) -> tuple[float | None, float | None]:
@@ -83,7 +86,7 @@ class WindowLearner:
         exact, lower = server_window(headers)
         if exact is not None:
             new = _clamp(exact) * (1 - HEADROOM)
-            if abs(new - current) <= TOLERANCE * current:
+            if current * (1 - SHRINK_TOLERANCE) <= new <= current * (1 + TOLERANCE):
                 return None
         elif lower is not None and lower > current * (1 + TOLERANCE):
             new = _clamp(lower) * (1 - HEADROOM)  # the server holds more than our whole bucket

@@ -3,7 +3,8 @@
 -- KEYS[1] = worker.keys.bucket_key(account, model) (see reserve.lua)
 -- KEYS[2] = limiter.window_key(KEYS[1]): the learned window, seconds of limit (a string; no expiry)
 -- ARGV[1] rpm   ARGV[2] tpm   ARGV[3] burst_seconds in force when nothing was learned yet
--- ARGV[4] the window read off the server's answer   ARGV[5] tolerance (0.1: within a tenth, keep)
+-- ARGV[4] the window read off the server's answer
+-- ARGV[5] widen tolerance (0.1: up to a tenth more, keep)   ARGV[6] shrink tolerance (0.01)
 --
 -- Several workers read the same headers at about the same time: the first one's change is made,
 -- the others find it already there (within the tolerance) and change nothing. Widening adds the
@@ -15,8 +16,8 @@ local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local old = tonumber(redis.call('GET', KEYS[2]) or ARGV[3])
-local new, tolerance = tonumber(ARGV[4]), tonumber(ARGV[5])
-if math.abs(new - old) <= tolerance * old then
+local new, widen_tol, shrink_tol = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if new >= old * (1 - shrink_tol) and new <= old * (1 + widen_tol) then
   return string.format('%.17g', old)
 end
 
