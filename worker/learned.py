@@ -88,7 +88,7 @@ class Learned:
         in_slow_start = gate.limits.slow_start
         if announced:
             self._confirmed.add(pair)  # this worker's slow start is over; others end theirs on their own answer
-        window = self.windows.observe(pair, headers, refused) if self.settings.learn_limits else None
+        window = self.windows.observe(pair, headers, refused) if self.settings.learn_window else None
         if in_slow_start or window is not None:
             # In this order: a worker still in slow start is given more credits only once the
             # bucket has the server's window, or it could spend a burst of the wrong size.
