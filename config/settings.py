@@ -116,6 +116,9 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     # Take the RPM/TPM the server announces in x-ratelimit-limit-* over the model table's.
     learn_limits: bool = True
+    # Size each bucket's burst by the server's window, read off its remaining/reset headers (issue 11);
+    # off: burst_seconds is kept, whatever the server shows.
+    learn_window: bool = True
     # Switch a model's charge rule to the one the server is seen to apply (it is always checked
     # and a mismatch logged; switching is the user's call).
     learn_charge_rule: bool = False
@@ -288,6 +291,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_response_bytes=_int(e, "RATEQUEUE_MAX_RESPONSE_BYTES", defaults.max_response_bytes),
         shutdown_grace_seconds=e.number("RATEQUEUE_SHUTDOWN_GRACE", defaults.shutdown_grace_seconds, allow_zero=True),
         learn_limits=_flag(e, "RATEQUEUE_LEARN_LIMITS", True),
+        learn_window=_flag(e, "RATEQUEUE_LEARN_WINDOW", True),
         learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", False),
         retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),
         model_overrides=_read_overrides(e.env),

@@ -56,8 +56,11 @@ def _outcomes(client: Client, batch_id: str) -> tuple[list[dict[str, Any]], list
 
 @pytest.fixture
 def slow_sim() -> Iterator[SimHandle]:
-    """20 requests/s and 300 ms per answer: a few hundred jobs take long enough to stop half-way."""
-    with start_sim(["--rpm", "1200", "--tpm", "10000000", "--latency-ms", "300", "--seed", "5"]) as sim:
+    """20 requests/s and 300 ms per answer: a few hundred jobs take long enough to stop half-way.
+    A 5 s window: the workers learn the server's window, and a minute's (the simulator's default)
+    would let them send 1,200 at once."""
+    with start_sim(["--rpm", "1200", "--tpm", "10000000", "--latency-ms", "300", "--seed", "5",
+                    "--burst-seconds", "5"]) as sim:
         yield sim
 
 

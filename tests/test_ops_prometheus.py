@@ -129,7 +129,8 @@ def limited_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
 
 @pytest.fixture
 def sim() -> Iterator[SimHandle]:
-    # A 1 s burst at 600 RPM draws real 429s from a worker that starts out believing 6000 RPM; a
+    # A 1 s burst at 600 RPM draws real 429s from a worker that starts out believing 6000 RPM and
+    # keeps a 5 s burst (RATEQUEUE_LEARN_WINDOW=0: the server's window learned prevents them); a
     # context of 1500 tokens makes the one long prompt fail upstream; 10% of accepted calls get a 5xx.
     args = ["--rpm", "600", "--tpm", "400000", "--burst-seconds", "1", "--latency-ms", "30",
             "--context", "1500", "--fail-rate", "0.1", "--seed", "5"]
@@ -154,7 +155,7 @@ def test_dashboard_and_rules_against_a_real_prometheus(
     worker_port, exporter_port, prom_port = free_ports(3)
     env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_METRICS_PORT=str(worker_port),
                    RATEQUEUE_MODEL_GPT_4O_MINI_RPM="6000", RATEQUEUE_CHUNK_SIZE="10",
-                   RATEQUEUE_PARK_COOLDOWN="300")
+                   RATEQUEUE_PARK_COOLDOWN="300", RATEQUEUE_LEARN_WINDOW="0")
     start_worker(env)
     exporter = subprocess.Popen(
         [sys.executable, "-m", "ratequeue.producer.exporter", "--port", str(exporter_port), "--host", "127.0.0.1"],

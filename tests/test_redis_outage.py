@@ -52,7 +52,7 @@ def test_redis_killed_and_restarted_three_times_under_busy_workers_loses_and_rep
         # chunks held (unacked) by both workers and calls in flight. Default chunk size and slots:
         # under them celery/kombu 5.7 crashed both workers at the first kill (checked by running
         # this test with the stock transport); with 4 slots of 10 jobs it happened only sometimes.
-        with start_sim(["--rpm", "1200", "--tpm", "10000000", "--latency-ms", "1000"]) as sim:
+        with start_sim(["--rpm", "1200", "--tpm", "10000000", "--latency-ms", "1000", "--burst-seconds", "5"]) as sim:
             env = base_env(server.url, sim.url, tmp_path, RATEQUEUE_LOG_LEVEL="INFO")
             workers = [start_worker(env), start_worker(env)]
             client = Client(load_settings(env))

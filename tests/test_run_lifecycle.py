@@ -32,7 +32,9 @@ RATEQUEUE = [sys.executable, "-c", "from ratequeue.producer.cli import entry; en
 KEY = "sk-lifecycle-0123456789abcdef"
 WRONG_KEY = "sk-wrong-key-0123456789abcdef"
 RPM = 600  # 10 requests a second: a run of 150 jobs lasts long enough to interrupt
-SLOW_SIM = ["--rpm", str(RPM), "--tpm", "10000000", "--latency-ms", "300", "--api-key", KEY]
+# A 5 s window: the workers use the server's window, and the simulator's default (a minute) would
+# let the whole batch go at once.
+SLOW_SIM = ["--rpm", str(RPM), "--tpm", "10000000", "--latency-ms", "300", "--api-key", KEY, "--burst-seconds", "5"]
 
 
 def write_input(path: Path, prefix: str, jobs: int) -> Path:

@@ -19,7 +19,9 @@ StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 
 @pytest.fixture
 def sim() -> Iterator[SimHandle]:
-    args = ["--rpm", "100000", "--tpm", "100000000", "--latency-ms", "100", "--model", "gpt-4o:rpm=12"]
+    # A 5 s window (1 request of gpt-4o at once): the workers use the server's window.
+    args = ["--rpm", "100000", "--tpm", "100000000", "--latency-ms", "100", "--model", "gpt-4o:rpm=12",
+            "--burst-seconds", "5"]
     with start_sim(args) as handle:
         yield handle
 

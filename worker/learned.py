@@ -4,7 +4,10 @@
   shared with other workers through Redis (``rq:learned``);
 - the charge rule it applies, read off ``x-ratelimit-remaining-tokens`` (``worker/chargerule.py``)
   and followed when the user allows it;
-- a slowdown after 429s that carry no headers to learn from: cut by a fifth, then recover slowly.
+- a slowdown after 429s that carry no headers to learn from: cut by a fifth, then recover slowly;
+- the server's window (``worker/window.py``): our bucket's burst follows it, and stays in Redis;
+- slow start: until the server announces a pair's limits to this worker, one request, then two
+  more per answer, shared by every worker in slow start (``reserve.lua``, ``slow_start.lua``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -23,7 +28,8 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.worker.chargerule import ChargeRuleCheck
 from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.gate import BucketGate
-from ratequeue.worker.limiter import BucketLimits
+from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError
+from ratequeue.worker.window import SHRINK_TOLERANCE, TOLERANCE, WindowLearner
 
 log = logging.getLogger(__name__)
 RELOAD_SECONDS = 5.0  # how often the limits other workers learned are read again
@@ -41,7 +47,10 @@ class Learned:
         # pair -> (share of the limits in force, time of the last cut)
         self._throttle: dict[str, tuple[float, float]] = {}
         self._rule_check = ChargeRuleCheck()
-        self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
+        self.windows = WindowLearner(settings.burst_seconds)
+        self._confirmed: set[str] = set()  # pairs whose limits the server announced: no slow start
+        self._limiter = Limiter(redis)  # slow-start credits live beside the pair's bucket
+        self._background: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, kept referenced
 
     async def load(self, pair: str) -> None:
         """Take the limits another worker learned for `pair` (read again every RELOAD_SECONDS:
@@ -54,6 +63,7 @@ class Learned:
         if raw:
             known = orjson.loads(raw)
             self._limits[pair] = (int(known["rpm"]), int(known["tpm"]))
+            self._confirmed.add(pair)
 
     def tpm(self, pair: str, spec: ModelSpec) -> int:
         """The TPM limit in force, without the throttle: learned from the server, else configured."""
@@ -67,24 +77,69 @@ class Learned:
         """The limits in force: learned (else configured), times the throttle's share."""
         rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
         share = self._throttle.get(pair, (1.0, 0.0))[0]
-        return BucketLimits(rpm * share, tpm * share, self.settings.burst_seconds)
+        return BucketLimits(rpm * share, tpm * share, self.windows.window(pair), slow_start=pair not in self._confirmed)
 
-    def learn_limits(self, pair: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate) -> None:
-        """Take the limits the server announces (x-ratelimit-limit-*) over configured ones."""
-        if not self.settings.learn_limits or (headers.limit_requests is None and headers.limit_tokens is None):
-            return
+    def learn_limits(
+        self, pair: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate, refused: bool = False
+    ) -> None:
+        """Take the limits the server announces (x-ratelimit-limit-*) over configured ones, and
+        its window; count the answer in slow start. `refused`: the answer was a 429."""
+        announced = headers.limit_requests is not None or headers.limit_tokens is not None
+        in_slow_start = gate.limits.slow_start
+        if announced:
+            self._confirmed.add(pair)  # this worker's slow start is over; others end theirs on their own answer
+        window = self.windows.observe(pair, headers, refused) if self.settings.learn_window else None
+        if in_slow_start or window is not None:
+            # In this order: a worker still in slow start is given more credits only once the
+            # bucket has the server's window, or it could spend a burst of the wrong size.
+            self._write(self._share(pair, spec, gate, window, (1 if refused else 2) if in_slow_start else 0))
+        if self.settings.learn_limits and announced:
+            self._take_limits(pair, spec, headers)
+        if gate.limits != self.limits(pair, spec):
+            gate.update_limits(self.limits(pair, spec))
+
+    def _take_limits(self, pair: str, spec: ModelSpec, headers: RateLimitHeaders) -> None:
         rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
         new = (headers.limit_requests or rpm, headers.limit_tokens or tpm)
         if new == (rpm, tpm) and pair in self._limits:
             return
         self._limits[pair] = new
-        if new != (gate.limits.rpm, gate.limits.tpm):
+        if new != (rpm, tpm):
             log.warning("learned limits of %s from the server: %d RPM, %d TPM", pair, *new)
-            gate.update_limits(self.limits(pair, spec))
             record = orjson.dumps({"rpm": new[0], "tpm": new[1], "at": time.time()})
-            self._background.add(asyncio.ensure_future(self.redis.hset(keys.learned_limits(), pair, record)))
-            for task in [t for t in self._background if t.done()]:
-                self._background.discard(task)
+            self._write(self.redis.hset(keys.learned_limits(), pair, record))
+
+    def _write(self, call: Awaitable[Any]) -> None:
+        """A fire-and-forget Redis write (a lost one is learned again from the next answers)."""
+        task = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("storing what was learned failed: %r", task.exception())
+
+    async def _share(self, pair: str, spec: ModelSpec, gate: BucketGate, window: float | None, credits: int) -> None:
+        """Tell every worker: the bucket's new window (set_window.lua: once, whoever comes first),
+        then the slow-start credits this answer earned (2, doubling per round trip; 1 after a 429)."""
+        try:
+            if window is not None:
+                # What was in force before any worker learned a window: the configured burst
+                # (this worker's gate already uses the new one).
+                before = BucketLimits(gate.limits.rpm, gate.limits.tpm, self.settings.burst_seconds)
+                tolerance = (TOLERANCE, SHRINK_TOLERANCE)
+                self.windows.adopt(pair, await self._limiter.set_window(gate.key, before, window, tolerance))
+            if credits:
+                held = await self._limiter.slow_start_answered(gate.key, credits)
+                if held >= gate.limits.request_capacity and pair not in self._confirmed:
+                    log.warning("%s: slow start over without the server announcing limits", pair)
+                    self._confirmed.add(pair)
+        except LimiterError as exc:  # the next answer tells it again; a lost credit comes back in 10 s
+            log.warning("window or slow start of %s not stored: %s", pair, exc)
+            return
+        if gate.limits != self.limits(pair, spec):
+            gate.update_limits(self.limits(pair, spec))
 
     def check_rule(self, pair: str, rule: str, job: StoredJob, headers: RateLimitHeaders) -> None:
         """Account a success in the charge-rule check; switch rules when it says so and that is allowed."""

@@ -14,7 +14,6 @@ result parsing below; each only runs the Redis call. Redis failures are raised a
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -22,8 +21,16 @@ from typing import Any, Generic, TypeVar
 import redis
 import redis.asyncio
 
-from ratequeue.errors import ConfigError, RatequeueError, RequestTooLargeError
+from ratequeue.errors import ConfigError, RatequeueError
 from ratequeue.jobstore.scripts import lua_source
+from ratequeue.worker.bucket_values import (
+    BucketLevels,
+    BucketLimits,
+    ReserveResult,
+    check_cost,
+    slow_start_key,
+    window_key,
+)
 
 __all__ = [
     "BucketLevels",
@@ -33,101 +40,21 @@ __all__ = [
     "ReserveResult",
     "SyncLimiter",
     "check_cost",
+    "slow_start_key",
+    "window_key",
 ]
 
 T = TypeVar("T")
 
 # The scripts ship as package data of `worker` (worker/lua/*.lua), read through importlib.resources.
 _LUA: dict[str, str] = {
-    name: lua_source(name, "ratequeue.worker") for name in ("reserve", "reconcile", "set_not_before", "peek")
+    name: lua_source(name, "ratequeue.worker")
+    for name in ("reserve", "reconcile", "set_not_before", "peek", "slow_start", "set_window")
 }
-# bucket_key() is ``rq:bucket:{<12 hex account>:<model>}``; the model is only wanted for messages.
-_MODEL_IN_KEY = re.compile(r"\{[^:}]*:([^}]*)\}")
 
 
 class LimiterError(RatequeueError):
     """Redis could not be reached or refused a limiter script; the original error is the cause."""
-
-
-@dataclass(frozen=True)
-class BucketLimits:
-    """Limits of one (account, model): requests and tokens per minute, and the burst size.
-
-    `burst_seconds` is how many seconds of refill each bucket holds: OpenAI enforces its
-    per-minute limits in short slices, so a full minute's budget at once would draw 429s.
-    Raises `ConfigError` if any value is not positive.
-    """
-
-    rpm: float
-    tpm: float
-    burst_seconds: float
-
-    def __post_init__(self) -> None:
-        for name in ("rpm", "tpm", "burst_seconds"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"BucketLimits.{name} must be a positive number, got {value!r}")
-
-    @property
-    def request_rate(self) -> float:
-        """Request-bucket refill, requests per second."""
-        return self.rpm / 60
-
-    @property
-    def token_rate(self) -> float:
-        """Token-bucket refill, tokens per second."""
-        return self.tpm / 60
-
-    @property
-    def request_capacity(self) -> float:
-        """Request-bucket capacity, requests."""
-        return self.request_rate * self.burst_seconds
-
-    @property
-    def token_capacity(self) -> float:
-        """Token-bucket capacity, tokens."""
-        return self.token_rate * self.burst_seconds
-
-
-@dataclass(frozen=True)
-class ReserveResult:
-    """Outcome of one batch reservation.
-
-    `now_us`: Redis's clock when the reservation was made (µs since epoch).
-    `waits`: seconds each granted request must wait before it is sent, in the order asked; the
-    granted requests are a prefix of the costs asked for, and are already charged.
-    `retry_in`: seconds until asking again for the first refused cost can succeed; None if all
-    were granted.
-    """
-
-    now_us: int
-    waits: list[float]
-    retry_in: float | None
-
-    @property
-    def granted(self) -> int:
-        """How many of the costs asked for were granted (a prefix)."""
-        return len(self.waits)
-
-    def send_at_us(self, index: int) -> int:
-        """Redis time (µs since epoch) at which granted request `index` may be sent."""
-        return self.now_us + math.ceil(self.waits[index] * 1e6)
-
-
-@dataclass(frozen=True)
-class BucketLevels:
-    """Levels of both buckets at `now_us` (Redis clock, µs since epoch).
-
-    Levels may be negative (debt of reservations already granted). `not_before_ms` is the time
-    (ms since epoch) before which nothing may be sent, 0 if none.
-    """
-
-    now_us: int
-    requests: float
-    tokens: float
-    not_before_ms: int
-    request_capacity: float
-    token_capacity: float
 
 
 @dataclass(frozen=True)
@@ -143,19 +70,6 @@ class _Call(Generic[T]):
 def _limit_args(limits: BucketLimits) -> list[int | float | str]:
     # repr() keeps every digit of a float; Lua's tonumber reads it back exactly.
     return [repr(float(limits.rpm)), repr(float(limits.tpm)), repr(float(limits.burst_seconds))]
-
-
-def check_cost(key: str, limits: BucketLimits, cost: float) -> None:
-    """Refuse a cost that can never be admitted on bucket `key`.
-
-    Raises `RequestTooLargeError` if `cost` (tokens) exceeds the TPM limit: OpenAI refuses such a
-    request for ever, so it must fail now instead of waiting. Raises `ValueError` if negative.
-    """
-    if cost < 0:
-        raise ValueError(f"cost must be >= 0 tokens, got {cost}")
-    if cost > limits.tpm:
-        match = _MODEL_IN_KEY.search(key)
-        raise RequestTooLargeError(math.ceil(cost), limits.tpm, match.group(1) if match else key)
 
 
 def _parse_reserve(raw: Sequence[Any]) -> ReserveResult:
@@ -186,8 +100,13 @@ class _LimiterBase:
         for cost in costs:
             check_cost(key, limits, cost)
         # Tokens are whole; round a fractional estimate up rather than under-charge.
-        args = [*_limit_args(limits), round(self.horizon_seconds * 1e6), *(math.ceil(c) for c in costs)]
-        return _Call("reserve", [key], args, _parse_reserve)
+        args: list[int | float | str] = [*_limit_args(limits), round(self.horizon_seconds * 1e6)]
+        keys = [key, window_key(key)]
+        if limits.slow_start:
+            args.append("slowstart")
+            keys.append(slow_start_key(key))
+        args.extend(math.ceil(c) for c in costs)
+        return _Call("reserve", keys, args, _parse_reserve)
 
     @staticmethod
     def _reconcile_call(
@@ -208,7 +127,7 @@ class _LimiterBase:
             -1 if remaining_tokens is None else repr(float(remaining_tokens)),
             -1 if remaining_requests is None else repr(float(remaining_requests)),
         ]
-        return _Call("reconcile", [key], args, _parse_levels)
+        return _Call("reconcile", [key, window_key(key)], args, _parse_levels)
 
     @staticmethod
     def _not_before_call(key: str, delay_seconds: float) -> _Call[int]:
@@ -217,8 +136,23 @@ class _LimiterBase:
         return _Call("set_not_before", [key], [math.ceil(delay_seconds * 1000)], int)
 
     @staticmethod
+    def _slow_start_call(key: str, credits: int) -> _Call[float]:
+        if credits < 0:
+            raise ValueError(f"credits must be >= 0, got {credits}")
+        return _Call("slow_start", [slow_start_key(key)], [credits], float)
+
+    @staticmethod
     def _peek_call(key: str, limits: BucketLimits) -> _Call[BucketLevels]:
-        return _Call("peek", [key], _limit_args(limits), _parse_levels)
+        return _Call("peek", [key, window_key(key)], _limit_args(limits), _parse_levels)
+
+    @staticmethod
+    def _set_window_call(
+        key: str, limits: BucketLimits, window: float, tolerance: tuple[float, float]
+    ) -> _Call[float]:
+        if not (math.isfinite(window) and window > 0):
+            raise ValueError(f"window must be a positive number of seconds, got {window}")
+        args = [*_limit_args(limits), repr(float(window)), *(repr(float(t)) for t in tolerance)]
+        return _Call("set_window", [key, window_key(key)], args, float)
 
 
 class Limiter(_LimiterBase):
@@ -274,6 +208,20 @@ class Limiter(_LimiterBase):
         """
         await self._run(self._not_before_call(key, delay_seconds))
 
+    async def slow_start_answered(self, key: str, credits: int) -> float:
+        """An answer came back during slow start: add `credits` (2 doubles the window per round
+        trip). Returns the credits now held. Raises `LimiterError`."""
+        return await self._run(self._slow_start_call(key, credits))
+
+    async def set_window(
+        self, key: str, limits: BucketLimits, window: float, tolerance: tuple[float, float] = (0.1, 0.01)
+    ) -> float:
+        """Size the bucket for every worker to `window` seconds of limit (the server's), unless
+        the window in force is already within `tolerance` of it (a share above, a share below);
+        returns the window in force.
+        Raises `ValueError` on a window that is not positive, `LimiterError` if Redis fails."""
+        return await self._run(self._set_window_call(key, limits, window, tolerance))
+
     async def peek(self, key: str, limits: BucketLimits) -> BucketLevels:
         """Current levels refilled to now, without writing. Raises `LimiterError`."""
         return await self._run(self._peek_call(key, limits))
@@ -319,6 +267,16 @@ class SyncLimiter(_LimiterBase):
     def set_not_before(self, key: str, delay_seconds: float) -> None:
         """Blocking `Limiter.set_not_before`."""
         self._run(self._not_before_call(key, delay_seconds))
+
+    def slow_start_answered(self, key: str, credits: int) -> float:
+        """Blocking `Limiter.slow_start_answered`."""
+        return self._run(self._slow_start_call(key, credits))
+
+    def set_window(
+        self, key: str, limits: BucketLimits, window: float, tolerance: tuple[float, float] = (0.1, 0.01)
+    ) -> float:
+        """Blocking `Limiter.set_window`."""
+        return self._run(self._set_window_call(key, limits, window, tolerance))
 
     def peek(self, key: str, limits: BucketLimits) -> BucketLevels:
         """Blocking `Limiter.peek`."""

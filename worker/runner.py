@@ -202,7 +202,7 @@ class JobRunner:
 
     def _learn(self, run: JobRun, sent: Sent) -> None:
         """What the answer teaches: the limits, the charge rule, the bucket's true level."""
-        self.learned.learn_limits(run.pair, run.spec, sent.headers, run.gate)
+        self.learned.learn_limits(run.pair, run.spec, sent.headers, run.gate, sent.verdict.kind.rate_limited)
         if sent.verdict.verdict is Verdict.SUCCESS:
             self.learned.check_rule(run.pair, sent.rule, run.job, sent.headers)
         self._reconcile(run, sent)

@@ -20,6 +20,12 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local rpm, tpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local token_delta, request_delta = tonumber(ARGV[4]), tonumber(ARGV[5])
 local rem_t, rem_r = tonumber(ARGV[6]), tonumber(ARGV[7])
+-- KEYS[2] (optional): the pair's learned window (limiter.window_key; set_window.lua), which
+-- replaces ARGV[3]'s burst_seconds: every worker sizes the bucket the same at once.
+if KEYS[2] then
+  local learned = redis.call('GET', KEYS[2])
+  if learned then burst = tonumber(learned) end
+end
 local rate_r, rate_t = rpm / 60, tpm / 60
 local cap_r, cap_t = rate_r * burst, rate_t * burst
 

@@ -1,0 +1,154 @@
+"""Issue 11: the server's window learned both ways, and slow start until the server announces
+its limits. Real Redis, the real simulator, real worker processes."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ratequeue.config.settings import load_settings
+from ratequeue.jobstore.keys import bucket_key
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import start_sim
+from ratequeue.worker.feedback import RateLimitHeaders
+from ratequeue.worker.limiter import BucketLimits, SyncLimiter, slow_start_key
+from ratequeue.worker.window import WindowLearner, server_window
+from tests.conftest import base_env
+
+StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
+MODEL = "gpt-4o-mini"
+
+
+def _jobs(n: int, max_tokens: int = 20) -> list[dict[str, object]]:
+    return [{"custom_id": f"w-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": MODEL, "messages": [{"role": "user", "content": f"summarise {i}"}],
+                      "max_tokens": max_tokens}} for i in range(n)]
+
+
+def _stored_window(client: Client) -> float | None:
+    """The window learned for the one pair of the test, as every worker's bucket scripts read it."""
+    found = list(client.redis.scan_iter(match="rq:bucket:*:window"))
+    return float(client.redis.get(found[0]) or 0) if found else None
+
+
+@pytest.fixture
+def bucket(rclient: redis.Redis) -> Iterator[str]:
+    key = bucket_key(uuid.uuid4().hex[:12], MODEL)
+    yield key
+    rclient.delete(key, slow_start_key(key))
+
+
+def test_slow_start_grants_one_then_two_per_answer_until_the_server_announces(
+    rclient: redis.Redis, bucket: str
+) -> None:
+    limiter = SyncLimiter(rclient)
+    guess = BucketLimits(1_000_000, 1_000_000_000, 5.0, slow_start=True)  # limits far too high
+    first = limiter.reserve(bucket, guess, [10] * 50)
+    assert (first.granted, first.retry_in) == (1, 0.05)
+    assert limiter.reserve(bucket, guess, [10] * 50).granted == 0  # the round trip is not over
+    limiter.slow_start_answered(bucket, 2)
+    assert limiter.reserve(bucket, guess, [10] * 50).granted == 2
+    for _ in range(2):
+        limiter.slow_start_answered(bucket, 2)
+    assert limiter.reserve(bucket, guess, [10] * 50).granted == 4
+    announced = BucketLimits(3000, 400_000, 5.0)  # the server announced its limits: no slow start
+    assert limiter.reserve(bucket, announced, [10] * 50).granted == 50
+
+
+def test_slow_start_against_a_server_that_never_announces_limits(
+    redis_url: str, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    # No x-ratelimit-* headers, 1 s per answer, limits configured at 1M RPM / 1G TPM: without
+    # slow start the whole batch (a 5 s burst of a guess) went at once.
+    with start_sim(["--no-ratelimit-headers", "--latency-ms", "1000", "--rpm", "100000", "--tpm", "10000000"]) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_RPM="1000000",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_TPM="1000000000")
+        start_worker(env)
+        client = Client(load_settings(env))
+        time.sleep(1.0)
+        sim.reset()
+        batch = client.wait(client.submit_batch(_jobs(40)).batch_id, timeout=60, poll=0.2)
+        timeline = [row["requests_ok"] for row in sim.stats()["timeline"]]
+    assert batch["request_counts"]["completed"] == 40
+    opened = next(i for i, n in enumerate(timeline) if n)
+    # Each round trip takes at least a second, so by the end of second k after the first request
+    # at most rounds 0..k went: 1, then 2, 4, 8 (at most 2^(k+1) - 1 requests in all).
+    sent = 0
+    for k, n in enumerate(timeline[opened:opened + 4]):
+        sent += n
+        assert sent <= 2 ** (k + 1) - 1, f"second {k} of the run: {sent} requests sent ({timeline})"
+
+
+def test_a_one_second_window_shrinks_the_bucket_and_the_429s_stop(
+    redis_url: str, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    # The server forgives 1 s of limit (10 requests at 600 RPM); our default burst is 5 s (50).
+    with start_sim(["--rpm", "600", "--tpm", "10000000", "--burst-seconds", "1", "--latency-ms", "100"]) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_RPM="600",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_TPM="10000000")
+        start_worker(env)
+        client = Client(load_settings(env))
+        time.sleep(1.0)
+        sim.reset()
+        batch = client.wait(client.submit_batch(_jobs(60)).batch_id, timeout=60, poll=0.2)
+        stats = sim.stats()
+        window = _stored_window(client)
+    assert batch["request_counts"]["completed"] == 60
+    assert window == pytest.approx(1.0, abs=0.05)
+    # The window is read off the first answer's headers; at most a race of the opening burst
+    # with the server's refill draws a 429 (a 5 s burst drew 40), none after the opening second.
+    per_second = [row["r429"] for row in stats["timeline"]]
+    opened = next(i for i, row in enumerate(stats["timeline"]) if row["requests_ok"] or row["r429"])
+    assert sum(per_second) <= 2, per_second
+    assert sum(per_second[opened + 2:]) == 0, per_second
+
+
+def test_a_server_forgiving_a_minute_widens_the_bucket(
+    redis_url: str, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    # The server forgives a whole minute (600 requests at 600 RPM): 100 jobs can go at once, where
+    # our default 5 s burst (50 requests) would make the second half wait for refill.
+    with start_sim(["--rpm", "600", "--tpm", "10000000", "--burst-seconds", "60", "--latency-ms", "100"]) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_RPM="600",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_TPM="10000000")
+        start_worker(env)
+        client = Client(load_settings(env))
+        time.sleep(1.0)
+        sim.reset()
+        started = time.monotonic()
+        batch = client.wait(client.submit_batch(_jobs(100)).batch_id, timeout=60, poll=0.2)
+        wall = time.monotonic() - started
+        stats = sim.stats()
+        window = _stored_window(client)
+    assert batch["request_counts"]["completed"] == 100
+    assert window is not None and window >= 55
+    assert sum(stats["r429"].values()) == 0, stats["r429"]
+    print(f"100 jobs at 600 RPM with a 60 s server window: {wall:.1f} s (a 5 s burst needs >= 5 s)")
+
+
+def test_the_server_window_is_read_off_remaining_and_reset() -> None:
+    # A 1 s window at 3,000 RPM / 400k TPM: 49 requests and 6,000 tokens left, full again in 20 ms / 100 ms.
+    one_second = RateLimitHeaders(3000, 400_000, 49, 6000, 0.02, 0.1)
+    assert server_window(one_second) == (pytest.approx(1.0), pytest.approx(0.9))  # lower: 6,000 tokens of 6,667
+    # Another client spent half: less remaining, a longer reset, the same window.
+    shared = RateLimitHeaders(3000, 400_000, 24, 3000, 0.52, 0.55)
+    assert server_window(shared)[0] == pytest.approx(1.0)
+    assert server_window(RateLimitHeaders(3000, 400_000, 2999, 399_000)) == (None, pytest.approx(59.85))
+
+
+def test_the_window_follows_the_server_both_ways_and_halves_on_blind_429s() -> None:
+    learner = WindowLearner(5.0)
+    pair = "acct:gpt-4o-mini"
+    assert learner.observe(pair, RateLimitHeaders(3000, 400_000, 49, 6000, 0.02, 0.1), False) == pytest.approx(0.97)
+    assert learner.observe(pair, RateLimitHeaders(3000, 400_000, 30, 4000, 0.4, 0.4), False) is None  # same window
+    assert learner.observe(pair, RateLimitHeaders(3000, 400_000, 2999, 399_000), False) == pytest.approx(
+        59.85 * 0.97)  # remaining alone: more than our bucket holds
+    blind = WindowLearner(5.0)
+    assert blind.observe(pair, RateLimitHeaders(), refused=True) == 2.5
+    assert blind.observe(pair, RateLimitHeaders(), refused=True) is None  # one overrun, many 429s: once
