@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,8 @@ def _report(samples: list[tuple[float, dict[str, tuple[int, int]]]], args: Any,
         window = (samples[max(after, begin)], window[1])
     print(f"window: {window[0][0]:.0f} s to {window[1][0]:.0f} s after submitting "
           f"(both models had work; {fast} done at {samples[-1][0]:.0f} s)")
-    print(f"{fast} per second:", " ".join(str(b[1][fast][0] - a[1][fast][0]) for a, b in zip(samples, samples[1:])))
-    print(f"{slow} per second:", " ".join(str(b[1][slow][0] - a[1][slow][0]) for a, b in zip(samples, samples[1:])))
+    for model in (fast, slow):
+        print(f"{model} per second:", " ".join(str(b[1][model][0] - a[1][model][0]) for a, b in pairwise(samples)))
     print("| model | limit | RPM while both had work | share of its own limit |\n|---|---|---|---|")
     for model in (slow, fast):
         rpm, tpm = limits[model]
