@@ -4,6 +4,7 @@ each model's pace is read from the simulator's per-model counts."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -67,3 +68,37 @@ def test_a_backlogged_slow_model_does_not_starve_a_fast_one_of_slots(
     assert answered[FAST] == 50, answered
     assert answered[SLOW] < 25, answered
     assert client.wait(fast.batch_id, timeout=30)["request_counts"] == {"total": 50, "completed": 50, "failed": 0}
+
+
+# -- worker.backlog: the queue each pair has waiting in a worker, and when deferred work comes back
+
+
+def test_backlog_defers_only_past_patience_and_schedules_returns_one_after_another() -> None:
+    from ratequeue.worker.backlog import MAX_DEFER_SECONDS, Backlog, admit_seconds
+    from ratequeue.worker.limiter import BucketLimits
+
+    limits = BucketLimits(rpm=60, tpm=1_000_000, burst_seconds=5)  # 1 request a second
+    backlog = Backlog()
+    assert backlog.ahead("k") == (0.0, None)
+    assert admit_seconds(limits) == 5.0
+    assert admit_seconds(BucketLimits(rpm=60, tpm=1_000_000, burst_seconds=1)) == 2.0  # never below 2 s
+    with contextlib.ExitStack() as queued:
+        for _ in range(10):
+            assert backlog.defer_for("k", limits, 10, patience=10.0) is None
+            queued.enter_context(backlog.waiting("k", limits, 10))
+        assert backlog.ahead("k") == (10.0, limits)
+        # The 11th would wait 10 s: it is deferred until half a patience before its turn, and
+        # each job deferred after it comes back one second (its share of the limit) later.
+        first = backlog.defer_for("k", limits, 10, patience=9.0)
+        second = backlog.defer_for("k", limits, 10, patience=9.0)
+        assert first is not None and second is not None
+        assert first == pytest.approx(10.0 - 4.5, abs=0.1)
+        assert second == pytest.approx(first + 1.0, abs=0.1)
+        # A chunk of 5 comes back after them, and the one after it 5 s later.
+        chunk = backlog.schedule("k", 5, 50, lead=2.5)
+        assert chunk == pytest.approx(second + 1.0, abs=0.1)
+        assert backlog.schedule("k", 5, 50, lead=2.5) == pytest.approx(chunk + 5.0, abs=0.1)
+        # Never more than MAX_DEFER_SECONDS ahead; work past it asks again then, keeping the schedule.
+        assert backlog.schedule("k", 100, 1000, lead=2.5) < MAX_DEFER_SECONDS
+        assert backlog.schedule("k", 5, 50, lead=2.5) == MAX_DEFER_SECONDS
+    assert backlog.ahead("k") == (0.0, limits)  # the block left: nothing waits
