@@ -122,6 +122,17 @@ def _run(sim: SimHandle, models: list[str], procs: list[subprocess.Popen[bytes]]
     return samples
 
 
+def _last_progress(samples: list[tuple[float, dict[str, tuple[int, int]]]], model: str, begin: int) -> int:
+    """The sample that ends the window: the one before the last, or the last before ``model``
+    made no progress for 3 s (the jobs a killed worker held wait for their leases, at most 60 s
+    after the kill: they are not runnable work, see worker.reaper)."""
+    counts = [s[model][0] for _, s in samples]
+    for i in range(begin, len(counts) - 4):
+        if counts[i] == counts[i + 3]:
+            return i
+    return max(begin, len(samples) - 2)
+
+
 def _report(samples: list[tuple[float, dict[str, tuple[int, int]]]], args: Any,
             limits: dict[str, tuple[float, float]], started: float) -> None:
     fast, slow = args.fast_model, args.slow_model
@@ -131,12 +142,14 @@ def _report(samples: list[tuple[float, dict[str, tuple[int, int]]]], args: Any,
         return
     start_at = samples[first_fast][0] + args.trim
     begin = next((i for i, (t, _) in enumerate(samples) if t >= start_at), first_fast)
-    window = (samples[begin], samples[-2] if len(samples) > begin + 2 else samples[-1])
+    end = _last_progress(samples, fast, begin)
+    window = (samples[begin], samples[end])
     if args.kill_after is not None:  # the part after the kill (plus the reaper's few seconds)
         after = next((i for i, (t, _) in enumerate(samples) if t >= args.kill_after + 10), begin)
         window = (samples[max(after, begin)], window[1])
-    print(f"window: {window[0][0]:.0f} s to {window[1][0]:.0f} s after submitting "
-          f"(both models had work; {fast} done at {samples[-1][0]:.0f} s)")
+    print(f"window: {window[0][0]:.0f} s to {window[1][0]:.0f} s after submitting (both models had runnable "
+          f"work; {fast}: {window[1][1][fast][0]} answered by then, all {samples[-1][1][fast][0]} at "
+          f"{samples[-1][0]:.0f} s)")
     for model in (fast, slow):
         print(f"{model} per second:", " ".join(str(b[1][model][0] - a[1][model][0]) for a, b in pairwise(samples)))
     print("| model | limit | RPM while both had work | share of its own limit |\n|---|---|---|---|")
