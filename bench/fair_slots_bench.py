@@ -152,6 +152,10 @@ def _report(samples: list[tuple[float, dict[str, tuple[int, int]]]], args: Any,
           f"{samples[-1][0]:.0f} s)")
     for model in (fast, slow):
         print(f"{model} per second:", " ".join(str(b[1][model][0] - a[1][model][0]) for a, b in pairwise(samples)))
+    total = samples[-1][1][fast][0]
+    at = {share: next(t for t, s in samples if s[fast][0] >= share * total) for share in (0.5, 0.9, 1.0)}
+    print(f"{fast}: first answer at {samples[first_fast][0]:.0f} s, half at {at[0.5]:.0f} s, 90% at {at[0.9]:.0f} s, "
+          f"all at {at[1.0]:.0f} s (at its limit: {total / limits[fast][0] * 60:.0f} s from the first answer)")
     print("| model | limit | RPM while both had work | share of its own limit |\n|---|---|---|---|")
     for model in (slow, fast):
         rpm, tpm = limits[model]
