@@ -87,18 +87,18 @@ def test_backlog_defers_only_past_patience_and_schedules_returns_one_after_anoth
             assert backlog.defer_for("k", limits, 10, patience=10.0) is None
             queued.enter_context(backlog.waiting("k", limits, 10))
         assert backlog.ahead("k") == (10.0, limits)
-        # The 11th would wait 10 s: it is deferred until half a patience before its turn, and
-        # each job deferred after it comes back one second (its share of the limit) later.
+        # The 11th would wait 10 s: it is deferred until half of admit_seconds (2.5 s) before its
+        # turn, and each job deferred after it comes back one second (its share of the limit) later.
         first = backlog.defer_for("k", limits, 10, patience=9.0)
         second = backlog.defer_for("k", limits, 10, patience=9.0)
         assert first is not None and second is not None
-        assert first == pytest.approx(10.0 - 4.5, abs=0.1)
+        assert first == pytest.approx(10.0 - 2.5, abs=0.1)
         assert second == pytest.approx(first + 1.0, abs=0.1)
         # A chunk of 5 comes back after them, and the one after it 5 s later.
-        chunk = backlog.schedule("k", 5, 50, lead=2.5)
+        chunk = backlog.schedule("k", 5, 50)
         assert chunk == pytest.approx(second + 1.0, abs=0.1)
-        assert backlog.schedule("k", 5, 50, lead=2.5) == pytest.approx(chunk + 5.0, abs=0.1)
+        assert backlog.schedule("k", 5, 50) == pytest.approx(chunk + 5.0, abs=0.1)
         # Never more than MAX_DEFER_SECONDS ahead; work past it asks again then, keeping the schedule.
-        assert backlog.schedule("k", 100, 1000, lead=2.5) < MAX_DEFER_SECONDS
-        assert backlog.schedule("k", 5, 50, lead=2.5) == MAX_DEFER_SECONDS
+        assert backlog.schedule("k", 100, 1000) < MAX_DEFER_SECONDS
+        assert backlog.schedule("k", 5, 50) == MAX_DEFER_SECONDS
     assert backlog.ahead("k") == (0.0, limits)  # the block left: nothing waits

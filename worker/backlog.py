@@ -71,11 +71,14 @@ class Backlog:
             return 0.0, None
         return seconds_of(queue.limits, queue.requests, queue.tokens), queue.limits
 
-    def schedule(self, key: str, requests: int, tokens: int, lead: float) -> float:
+    def schedule(self, key: str, requests: int, tokens: int) -> float:
         """Seconds to defer work of ``requests`` requests and ``tokens`` tokens for: until its turn
-        behind the queue here and the work deferred before it, less ``lead`` seconds."""
+        behind the queue here and the work deferred before it, less half of ``admit_seconds``: it
+        then finds the queue short enough to be admitted (work that comes back to a queue still
+        too long goes to the end of the schedule, and the queue ran dry while it waited)."""
         queue = self._queues[key]
         now = time.monotonic()
+        lead = admit_seconds(queue.limits) / 2
         due = max(now + seconds_of(queue.limits, queue.requests, queue.tokens) - lead, queue.schedule_end, now)
         if due - now >= MAX_DEFER_SECONDS:  # beyond the schedule kept: it asks again then
             return MAX_DEFER_SECONDS
@@ -89,7 +92,7 @@ class Backlog:
         if ahead <= patience:
             return None
         self._queues[key].limits = limits
-        return self.schedule(key, 1, cost, lead=patience / 2)
+        return self.schedule(key, 1, cost)
 
     @contextmanager
     def waiting(self, key: str, limits: BucketLimits, cost: int) -> Iterator[None]:

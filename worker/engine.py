@@ -227,7 +227,7 @@ class Engine:
                 continue
             rule = learned.rule(pair_field(state.account, spec.name), spec)
             tokens = sum(job.charge_under(rule) for job, _ in jobs)
-            delay = backlog.schedule(key, len(jobs), tokens, lead=admit_seconds(limits) / 2)
+            delay = backlog.schedule(key, len(jobs), tokens)
             await asyncio.gather(*(self.store.defer(state.batch_id, job.custom_id, delay) for job, _ in jobs))
             for _ in jobs:
                 metrics.deferred(spec.name, state.account, Deferral.CAPACITY.value)
