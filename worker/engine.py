@@ -9,6 +9,11 @@ to ``max_in_flight`` upstream calls at once (asyncio + sharded httpx clients), s
 hundreds of calls in flight at the cost of one thread per chunk, not per call. What happens to
 each job is ``worker.runner``'s business.
 
+Fair slots (issue 11): a chunk holds its slot until each of its jobs is stored or deferred, so a
+chunk whose pair already has enough work waiting in this process is deferred whole on arrival
+(``_admit``, ``worker.backlog``) instead of waiting on the pair's bucket in a slot another
+pair's chunk could use.
+
 Shutdown (issue 8): on SIGTERM Celery waits for running tasks, and a task blocked on a call that
 hangs never ended. ``begin_shutdown`` gives calls in flight a grace period, then cancels every
 running chunk: its leases are dropped and ``WorkerStopping`` is raised to the Celery thread,
