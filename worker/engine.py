@@ -9,6 +9,11 @@ to ``max_in_flight`` upstream calls at once (asyncio + sharded httpx clients), s
 hundreds of calls in flight at the cost of one thread per chunk, not per call. What happens to
 each job is ``worker.runner``'s business.
 
+Fair slots (issue 11): a chunk holds its slot until each of its jobs is stored or deferred, so a
+chunk whose pair already has enough work waiting in this process is deferred whole on arrival
+(``_admit``, ``worker.backlog``) instead of waiting on the pair's bucket in a slot another
+pair's chunk could use.
+
 Shutdown (issue 8): on SIGTERM Celery waits for running tasks, and a task blocked on a call that
 hangs never ended. ``begin_shutdown`` gives calls in flight a grace period, then cancels every
 running chunk: its leases are dropped and ``WorkerStopping`` is raised to the Celery thread,
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,16 +35,23 @@ from tenacity import AsyncRetrying, stop_after_delay, stop_when_event_set, wait_
 
 from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
-from ratequeue.jobstore import records
+from ratequeue.jobstore import keys, records
+from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redis_tls import redis_options
+from ratequeue.worker import metrics
+from ratequeue.worker.attempt import Deferral
+from ratequeue.worker.backlog import admit_seconds
+from ratequeue.worker.batchwatch import BatchState
 from ratequeue.worker.leases import JOB_LEASE_SECONDS, Leases, run_owner
 from ratequeue.worker.limiter import Limiter
-from ratequeue.worker.parking import Parking
+from ratequeue.worker.parking import Parking, pair_field
 from ratequeue.worker.runner import JobRunner
 from ratequeue.worker.store import JobStore, Outcome
 from ratequeue.worker.upstream import Timeouts, UpstreamClient
 
 log = logging.getLogger(__name__)
+
+Claimed = tuple[StoredJob, float]  # a job this run holds, and when it first ran
 
 
 class WorkerStopping(Exception):
@@ -183,6 +196,7 @@ class Engine:
             mine = {job.custom_id for job, _ in claimed}
             others = [cid for cid in custom_ids if cid not in mine]
             await self.leases.recheck_later(batch_id, owner, others, min(lease / 2, 30.0))
+        claimed, report.deferred = await self._admit(state, claimed)
         renewer = self._loop.create_task(self._renew(batch_id, owner, [job.custom_id for job, _ in claimed], lease))
         # Every job settles before an error is raised: the message is then given back with no job
         # of this run still calling upstream in the background.
@@ -196,8 +210,34 @@ class Engine:
             if isinstance(outcome, BaseException):
                 raise outcome
         report.stored = sum(1 for d in done if d)
-        report.deferred = len(done) - report.stored
+        report.deferred += len(done) - report.stored
         return report
+
+    async def _admit(self, state: BatchState, claimed: list[Claimed]) -> tuple[list[Claimed], int]:
+        """The claimed jobs to run now, and how many were deferred instead: those of a pair that
+        already has enough work waiting in this worker (``worker.backlog``), so that the chunk
+        does not hold a slot that another pair's chunk could use."""
+        by_model: dict[str, list[Claimed]] = defaultdict(list)
+        for item in claimed:
+            by_model[item[0].model].append(item)
+        admitted: list[Claimed] = []
+        deferred = 0
+        backlog, learned = self.runner.backlog, self.runner.learned
+        for model, jobs in by_model.items():
+            spec = self.table.get(model) if model in self.table else None
+            key = keys.bucket_key(state.account, spec.name) if spec is not None else ""
+            ahead, limits = backlog.ahead(key)
+            if spec is None or limits is None or ahead <= admit_seconds(limits):
+                admitted += jobs  # an unknown model fails in the runner
+                continue
+            rule = learned.rule(pair_field(state.account, spec.name), spec)
+            tokens = sum(job.charge_under(rule) for job, _ in jobs)
+            delay = backlog.schedule(key, len(jobs), tokens)
+            await asyncio.gather(*(self.store.defer(state.batch_id, job.custom_id, delay) for job, _ in jobs))
+            for _ in jobs:
+                metrics.deferred(spec.name, state.account, Deferral.CAPACITY.value)
+            deferred += len(jobs)
+        return admitted, deferred
 
     async def _renew(self, batch_id: str, owner: str, custom_ids: list[str], lease: float) -> None:
         """Keep this run's leases alive while it runs: a run may outlast one lease (retries of long calls)."""

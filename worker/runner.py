@@ -33,6 +33,7 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redact import configured_secrets, redact_response
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
+from ratequeue.worker.backlog import Backlog
 from ratequeue.worker.batchwatch import BatchState
 from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
@@ -68,6 +69,7 @@ class JobRunner:
         self.table = table
         self.limiter = limiter
         self.gates = GateRegistry(limiter)
+        self.backlog = Backlog()  # each pair's jobs waiting here: slots are not held for long waits
         self.reconciler = Reconciler(limiter)
         self.store = store
         self.outcomes = Outcomes(store)
@@ -170,9 +172,16 @@ class JobRunner:
     async def _acquire(self, run: JobRun) -> Grant | Step:
         """Capacity from the shared bucket, or the step that ends the pass without it."""
         timeout = max(0.0, min(self.settings.defer_after_seconds, run.deadline - time.time()))
-        acquire = run.gate.acquire(self._price(run), timeout=timeout, price=lambda: self._price(run))
+        cost = self._price(run)
+        # A job that would time out behind its pair's queue here is deferred now, not after
+        # holding its chunk's slot for the whole timeout (worker.backlog: fair slots).
+        defer = self.backlog.defer_for(run.key, run.gate.limits, cost, patience=timeout)
+        if defer is not None:
+            return await self.settler.defer(run, redis_wait(defer), Deferral.CAPACITY)
+        acquire = run.gate.acquire(cost, timeout=timeout, price=lambda: self._price(run))
         try:
-            grant = await self.store.watch.unless_halted(run.batch_id, acquire)
+            with self.backlog.waiting(run.key, run.gate.limits, cost):
+                grant = await self.store.watch.unless_halted(run.batch_id, acquire)
             # Halted while waiting (nothing charged): the next pass's check ends the job.
             return Step(End.AGAIN) if grant is None else grant
         except CapacityTimeout as exc:
