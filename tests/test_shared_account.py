@@ -4,9 +4,13 @@ ratequeue down instead of drawing a 429 storm. Simulator + real Redis + real wor
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ratequeue.config.settings import load_settings
@@ -43,3 +47,52 @@ def test_rate_limit_refusals_are_not_attempts(redis_url: str, tmp_path: Path, st
         refused = sim.stats()["r429"]["requests"]
     assert refused > 0, "the server never refused: the test proves nothing"
     assert batch["request_counts"] == {"total": 8, "completed": 8, "failed": 0}
+
+
+class ForeignClient:
+    """Another service on the same key: sends at a fixed pace whatever the answers (in a thread)."""
+
+    def __init__(self, url: str, per_second: float) -> None:
+        self.url, self.interval = url, 1.0 / per_second
+        self.answers: Counter[int] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "other"}], "max_tokens": 5}
+        with httpx.Client(base_url=self.url, headers={"Authorization": "Bearer sk-other"}, timeout=10) as http:
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                self.answers[http.post("/v1/chat/completions", json=body).status_code] += 1
+                next_at += self.interval
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def __enter__(self) -> ForeignClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+@pytest.mark.e2e
+def test_a_foreign_client_slows_ratequeue_down(redis_url: str, tmp_path: Path, start_worker: StartWorker) -> None:
+    """Another client spends half of the key's RPM: ratequeue gets the rest from the server's
+    headers instead of sending at the full limit into 429s, and no job fails."""
+    jobs = 200
+    with start_sim(["--rpm", "1200", "--burst-seconds", "2", "--latency-ms", "50"]) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_BURST_SECONDS="2",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_RPM="1200")
+        client = Client(load_settings(env), publish=None)
+        with ForeignClient(sim.url, per_second=10):
+            time.sleep(2)  # the other client is already spending when ratequeue starts
+            start_worker(env)
+            batch_id = _submit(client, jobs)
+            batch = client.wait(batch_id, timeout=120)
+        stats = sim.stats()
+        calls = sum(n for cid, n in stats["calls_by_client_id"].items() if cid.startswith(batch_id))
+        print([(x["t"], x["requests_ok"], x["r429"]) for x in stats["timeline"]])  # DEBUG
+    assert batch["request_counts"] == {"total": jobs, "completed": jobs, "failed": 0}
+    refused = calls - jobs  # each job succeeded once; every other call was a 429
+    assert refused <= 0.1 * calls, f"{refused} of ratequeue's {calls} calls were 429s"

@@ -4,7 +4,9 @@
   shared with other workers through Redis (``rq:learned``);
 - the charge rule it applies, read off ``x-ratelimit-remaining-tokens`` (``worker/chargerule.py``)
   and followed when the user allows it;
-- a slowdown after 429s that carry no headers to learn from: cut by a fifth, then recover slowly.
+- a slowdown after 429s that carry no headers to learn from: cut by a fifth, then recover slowly;
+- the share of the limits other clients of the account leave us, kept in the shared bucket
+  (reconcile.lua) and followed here, under the configured ``max_share``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Learned:
         self._rules: dict[str, str] = {}  # pair -> charge rule learned from the server
         # pair -> (share of the limits in force, time of the last cut)
         self._throttle: dict[str, tuple[float, float]] = {}
+        self._shares: dict[str, float] = {}  # pair -> share of the limits the shared bucket leaves us
+        self._share_cut_at: dict[str, float] = {}  # pair -> monotonic time this worker last took a cut
         self._rule_check = ChargeRuleCheck()
         self._background: set[asyncio.Future[int]] = set()  # fire-and-forget writes, kept referenced
 
@@ -64,10 +68,28 @@ class Learned:
         return self._rules.get(pair, spec.charge_rule)
 
     def limits(self, pair: str, spec: ModelSpec) -> BucketLimits:
-        """The limits in force: learned (else configured), times the throttle's share."""
+        """The limits in force: learned (else configured), times the throttle's share; spent at
+        the share other clients leave us, under the configured ``max_share``."""
         rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
-        share = self._throttle.get(pair, (1.0, 0.0))[0]
-        return BucketLimits(rpm * share, tpm * share, self.settings.burst_seconds)
+        throttle = self._throttle.get(pair, (1.0, 0.0))[0]
+        share = self.settings.max_share * self._shares.get(pair, 1.0)
+        return BucketLimits(rpm * throttle, tpm * throttle, self.settings.burst_seconds, share)
+
+    def follow_share(self, pair: str, spec: ModelSpec, gate: BucketGate, share: float) -> None:
+        """Spend at the share of the limits the shared bucket reports (cut by 429s that other
+        clients' spending caused, given back when they stop): every worker follows it."""
+        old = self._shares.get(pair, 1.0)
+        if abs(share - old) < 0.005 and (share < 1.0) == (old < 1.0):
+            return
+        if share < old - 0.1 or (share >= 1.0 and old < 1.0):
+            log.warning("%s: spending %.0f%% of the limits (other clients of the account)", pair, share * 100)
+        if share < old:
+            self._share_cut_at[pair] = time.monotonic()
+        if share >= 1.0:
+            self._shares.pop(pair, None)
+        else:
+            self._shares[pair] = share
+        gate.update_limits(self.limits(pair, spec))
 
     def learn_limits(self, pair: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate) -> None:
         """Take the limits the server announces (x-ratelimit-limit-*) over configured ones."""
@@ -100,6 +122,11 @@ class Learned:
         else:
             log.warning("%s: the server seems to charge by the %r rule, not the configured %r "
                         "(set RATEQUEUE_LEARN_CHARGE_RULE=1 to follow it)", pair, seen, rule)
+
+    def share_cut_at(self, pair: str) -> float:
+        """When this worker last spent less after a cut (monotonic; -inf if never): the answers
+        to requests sent before it say nothing about the share now in force."""
+        return self._share_cut_at.get(pair, float("-inf"))
 
     def throttled(self, pair: str) -> bool:
         return pair in self._throttle

@@ -55,28 +55,34 @@ class BucketLimits:
 
     `burst_seconds` is how many seconds of refill each bucket holds: OpenAI enforces its
     per-minute limits in short slices, so a full minute's budget at once would draw 429s.
-    Raises `ConfigError` if any value is not positive.
+    `share` (0 < share <= 1) is the part of the limits this bucket may spend: less than 1 when
+    other clients of the account spend too (``worker.reconciler``) or a headroom is configured.
+    `rpm` and `tpm` stay the server's limits, so a request is judged too large against the real
+    TPM, not against the share. Raises `ConfigError` if any value is not positive.
     """
 
     rpm: float
     tpm: float
     burst_seconds: float
+    share: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("rpm", "tpm", "burst_seconds"):
+        for name in ("rpm", "tpm", "burst_seconds", "share"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"BucketLimits.{name} must be a positive number, got {value!r}")
+        if self.share > 1:
+            raise ConfigError(f"BucketLimits.share must be at most 1, got {self.share!r}")
 
     @property
     def request_rate(self) -> float:
         """Request-bucket refill, requests per second."""
-        return self.rpm / 60
+        return self.rpm * self.share / 60
 
     @property
     def token_rate(self) -> float:
         """Token-bucket refill, tokens per second."""
-        return self.tpm / 60
+        return self.tpm * self.share / 60
 
     @property
     def request_capacity(self) -> float:
@@ -128,6 +134,8 @@ class BucketLevels:
     not_before_ms: int
     request_capacity: float
     token_capacity: float
+    # The part of the limits the server's answers leave us (reconcile only; 1.0 from peek).
+    share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -140,9 +148,13 @@ class _Call(Generic[T]):
     parse: Callable[[Any], T]
 
 
-def _limit_args(limits: BucketLimits) -> list[int | float | str]:
+def _limit_args(limits: BucketLimits, largest_cost: float = 0) -> list[int | float | str]:
+    # The scripts see the limits times the share. A cost above the shared TPM (but within the
+    # real one, see check_cost) raises the TPM argument to itself: it is still scheduled, a little
+    # sooner than the share alone would allow, rather than refused by reserve.lua.
+    tpm = max(limits.tpm * limits.share, largest_cost)
     # repr() keeps every digit of a float; Lua's tonumber reads it back exactly.
-    return [repr(float(limits.rpm)), repr(float(limits.tpm)), repr(float(limits.burst_seconds))]
+    return [repr(float(limits.rpm * limits.share)), repr(float(tpm)), repr(float(limits.burst_seconds))]
 
 
 def check_cost(key: str, limits: BucketLimits, cost: float) -> None:
@@ -168,8 +180,9 @@ def _parse_reserve(raw: Sequence[Any]) -> ReserveResult:
 
 
 def _parse_levels(raw: Sequence[Any]) -> BucketLevels:
-    # {now_us, request level, token level, nb_ms, request capacity, token capacity}
-    return BucketLevels(int(raw[0]), float(raw[1]), float(raw[2]), int(raw[3]), float(raw[4]), float(raw[5]))
+    # {now_us, request level, token level, nb_ms, request capacity, token capacity[, share]}
+    share = float(raw[6]) if len(raw) > 6 else 1.0
+    return BucketLevels(int(raw[0]), float(raw[1]), float(raw[2]), int(raw[3]), float(raw[4]), float(raw[5]), share)
 
 
 class _LimiterBase:
@@ -186,7 +199,8 @@ class _LimiterBase:
         for cost in costs:
             check_cost(key, limits, cost)
         # Tokens are whole; round a fractional estimate up rather than under-charge.
-        args = [*_limit_args(limits), round(self.horizon_seconds * 1e6), *(math.ceil(c) for c in costs)]
+        args = [*_limit_args(limits, max(math.ceil(c) for c in costs)), round(self.horizon_seconds * 1e6),
+                *(math.ceil(c) for c in costs)]
         return _Call("reserve", [key], args, _parse_reserve)
 
     @staticmethod
@@ -197,6 +211,8 @@ class _LimiterBase:
         request_delta: float,
         remaining_tokens: float | None,
         remaining_requests: float | None,
+        refused: int = 0,
+        answered: int = 0,
     ) -> _Call[BucketLevels]:
         for value in (remaining_tokens, remaining_requests):
             if value is not None and value < 0:
@@ -207,6 +223,8 @@ class _LimiterBase:
             repr(float(request_delta)),
             -1 if remaining_tokens is None else repr(float(remaining_tokens)),
             -1 if remaining_requests is None else repr(float(remaining_requests)),
+            int(refused),
+            int(answered),
         ]
         return _Call("reconcile", [key], args, _parse_levels)
 
@@ -258,13 +276,17 @@ class Limiter(_LimiterBase):
         request_delta: float = 0,
         remaining_tokens: float | None = None,
         remaining_requests: float | None = None,
+        refused: int = 0,
+        answered: int = 0,
     ) -> BucketLevels:
         """Correct the levels after a response: deltas are added (positive = refund, negative =
         extra charge); a server-reported remaining count (x-ratelimit-remaining-*, None = unknown
-        or unreliable) only ever lowers a level. Returns the new levels. Raises `LimiterError`.
+        or unreliable) only ever lowers a level. `refused` rate-limit 429s among `answered`
+        responses cut the bucket's shared share (reconcile.lua). Returns the new levels. Raises
+        `LimiterError`.
         """
         call = self._reconcile_call(
-            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered
         )
         return await self._run(call)
 
@@ -309,10 +331,12 @@ class SyncLimiter(_LimiterBase):
         request_delta: float = 0,
         remaining_tokens: float | None = None,
         remaining_requests: float | None = None,
+        refused: int = 0,
+        answered: int = 0,
     ) -> BucketLevels:
         """Blocking `Limiter.reconcile`."""
         call = self._reconcile_call(
-            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered
         )
         return self._run(call)
 

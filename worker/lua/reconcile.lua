@@ -11,8 +11,24 @@
 -- ARGV[1] rpm   ARGV[2] tpm   ARGV[3] burst_seconds
 -- ARGV[4] token_delta   ARGV[5] request_delta
 -- ARGV[6] server remaining tokens (-1 = unknown)   ARGV[7] server remaining requests (-1 = unknown)
--- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity};
--- levels and capacities as strings (Redis would truncate Lua floats).
+-- ARGV[8] rate-limit 429s among the responses corrected here   ARGV[9] those responses (429s too)
+--   (only responses to requests sent at the share in force: see worker.runner)
+-- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity, share};
+-- levels, capacities and share as strings (Redis would truncate Lua floats).
+--
+-- The share (fields fs: share, fw: start of its current window µs, fa/fr: answers and 429s seen
+-- in the window; missing = 1, a window starting now) is the part of the limits the server leaves to this
+-- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
+-- busy bucket runs in debt (reservations ahead), below any remaining the server reports, while the
+-- other client's spending drains the server's bucket, not ours. A rate-limit 429 is what shows it:
+-- the server refused what our bucket granted. So once a second (one overrun draws many 429s at
+-- once; sooner when 429s abound), shared by every worker through this hash: a window
+-- with 429s cuts the share to what was accepted, (1 - refused/answered - 5%) of it, by a tenth at
+-- least and by half at most; a window without 429s gives back 2% of the limit per second while the
+-- server reports less than our burst left (we are at its edge), and 25% per second when it reports
+-- a full burst of ours or more (the other client stopped: the capacity comes back within seconds).
+-- The workers multiply their limits by it (worker.learned). A cut scales a debt (negative
+-- level) with it, so that it is paid back as soon as before.
 
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -23,7 +39,8 @@ local rem_t, rem_r = tonumber(ARGV[6]), tonumber(ARGV[7])
 local rate_r, rate_t = rpm / 60, tpm / 60
 local cap_r, cap_t = rate_r * burst, rate_t * burst
 
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb')
+local refused = tonumber(ARGV[8] or 0)
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -37,11 +54,34 @@ if rem_r >= 0 then lr = math.min(lr, rem_r) end
 if rem_t >= 0 then lt = math.min(lt, rem_t) end
 local nb = tonumber(h[5] or 0)
 
+local WINDOW_US, MIN_SHARE, SLOW, FAST = 1000000, 0.05, 0.02, 0.25
+local answered = tonumber(ARGV[9] or 0)
+local share, window = tonumber(h[6] or 1), tonumber(h[7] or now_us)
+local seen, refusals = tonumber(h[8] or 0) + answered, tonumber(h[9] or 0) + refused
+-- A window closes after a second, or after a quarter of one when 429s already abound.
+if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_US / 4) then
+  if refusals > 0 then
+    local accepted = 1 - refusals / math.max(seen, refusals) - 0.05
+    local cut = math.max(MIN_SHARE, share * math.min(0.9, math.max(0.5, accepted))) / share
+    share = share * cut
+    -- A debt (reservations granted ahead, 429s kept charged) is paid back at the new rate: scaled
+    -- with it, it takes as long as before, instead of idling every worker for many seconds.
+    if lr < 0 then lr = lr * cut end
+    if lt < 0 then lt = lt * cut end
+  elseif share < 1 then
+    local room = (rem_r < 0 or rem_r >= cap_r) and (rem_t < 0 or rem_t >= cap_t)
+    share = math.min(1, share + (room and FAST or SLOW) * math.min(now_us - window, WINDOW_US) / 1e6)
+  end
+  window, seen, refusals = now_us, 0, 0
+end
+
 local now_s = string.format('%.17g', now_us)
 redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
+redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
+  'fa', seen, 'fr', refusals)
 local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, (nb * 1000 - now_us) / 1e6, 0)
 redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
 
 return {now_us, string.format('%.17g', lr), string.format('%.17g', lt), nb,
-  string.format('%.17g', cap_r), string.format('%.17g', cap_t)}
+  string.format('%.17g', cap_r), string.format('%.17g', cap_t), string.format('%.17g', share)}
