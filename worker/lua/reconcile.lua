@@ -17,16 +17,17 @@
 -- levels, capacities and share as strings (Redis would truncate Lua floats).
 --
 -- The share (fields fs: share, fw: start of its current window µs, fa/fr: answers and 429s seen
--- in the window; missing = 1, a window starting now) is the part of the limits the server leaves to this
+-- in the window, fl: seconds of limit the server reported left when it began; missing = 1, a
+-- window starting now) is the part of the limits the server leaves to this
 -- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
 -- busy bucket runs in debt (reservations ahead), below any remaining the server reports, while the
 -- other client's spending drains the server's bucket, not ours. A rate-limit 429 is what shows it:
 -- the server refused what our bucket granted. So once a second (one overrun draws many 429s at
 -- once; sooner when 429s abound), shared by every worker through this hash: a window
 -- with 429s cuts the share to what was accepted, (1 - refused/answered - 5%) of it, by a tenth at
--- least and by half at most; a window without 429s gives back 2% of the limit per second while the
--- server reports less than our burst left (we are at its edge), and 25% per second when it reports
--- a full burst of ours or more (the other client stopped: the capacity comes back within seconds).
+-- least and by half at most; a window without 429s gives back what the server reports left (see
+-- growth: 1% of the limit per second at its edge; at once when another client stopped and the
+-- server's bucket filled up).
 -- The workers multiply their limits by it (worker.learned). A cut scales a debt (negative
 -- level) with it, so that it is paid back as soon as before.
 
@@ -40,7 +41,7 @@ local rate_r, rate_t = rpm / 60, tpm / 60
 local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr')
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -54,9 +55,29 @@ if rem_r >= 0 then lr = math.min(lr, rem_r) end
 if rem_t >= 0 then lt = math.min(lt, rem_t) end
 local nb = tonumber(h[5] or 0)
 
-local WINDOW_US, MIN_SHARE, SLOW, FAST = 1000000, 0.05, 0.02, 0.25
+local WINDOW_US, MIN_SHARE, SLOW, MARGIN_S, SPREAD_S = 1000000, 0.05, 0.01, 0.5, 6
+
+-- Share per second to give back: what the server reports left (in seconds of the full limit, less
+-- a margin), spread over SPREAD_S seconds, so that growing never spends more than it has; at
+-- least SLOW, so that clients at the edge of the limit keep probing and even out.
+-- What the server reports left, in seconds of the full limit (nil when it says nothing).
+local function left_s(at)
+  local s = nil
+  if rem_r >= 0 then s = rem_r / (rate_r / at) end
+  if rem_t >= 0 then s = math.min(s or math.huge, rem_t / (rate_t / at)) end
+  return s
+end
+
+-- ... and 0 while what it reports left shrinks (the account is already spent faster than it
+-- refills: growing would only run it dry sooner).
+local function growth(at, before)
+  local left = left_s(at)
+  if left == nil then return SLOW end
+  if before ~= nil and left < before - 0.1 then return 0 end
+  return math.max(SLOW, (left - MARGIN_S) / SPREAD_S)
+end
 local answered = tonumber(ARGV[9] or 0)
-local share, window = tonumber(h[6] or 1), tonumber(h[7] or now_us)
+local share, window, before = tonumber(h[6] or 1), tonumber(h[7] or now_us), tonumber(h[10])
 local seen, refusals = tonumber(h[8] or 0) + answered, tonumber(h[9] or 0) + refused
 -- A window closes after a second, or after a quarter of one when 429s already abound.
 if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_US / 4) then
@@ -69,10 +90,9 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     if lr < 0 then lr = lr * cut end
     if lt < 0 then lt = lt * cut end
   elseif share < 1 then
-    local room = (rem_r < 0 or rem_r >= cap_r) and (rem_t < 0 or rem_t >= cap_t)
-    share = math.min(1, share + (room and FAST or SLOW) * math.min(now_us - window, WINDOW_US) / 1e6)
+    share = math.min(1, share + growth(share, before) * math.min(now_us - window, WINDOW_US) / 1e6)
   end
-  window, seen, refusals = now_us, 0, 0
+  window, seen, refusals, before = now_us, 0, 0, left_s(share)
 end
 
 local now_s = string.format('%.17g', now_us)
@@ -80,6 +100,7 @@ redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
   'fa', seen, 'fr', refusals)
+if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
 local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, (nb * 1000 - now_us) / 1e6, 0)
 redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
 
