@@ -82,7 +82,7 @@ class Learned:
         if abs(share - old) < 0.005 and (share < 1.0) == (old < 1.0):
             return
         if share < old - 0.1 or (share >= 1.0 and old < 1.0):
-            log.warning("%s: spending %.0f%% of the limits (other clients of the account)", pair, share * 100)
+            log.info("%s: spending %.0f%% of the limits (other clients of the account)", pair, share * 100)
         if share < old:
             self._share_cut_at[pair] = time.monotonic()
         if share >= 1.0:

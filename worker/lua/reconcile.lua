@@ -25,9 +25,11 @@
 -- the server refused what our bucket granted. So once a second (one overrun draws many 429s at
 -- once; sooner when 429s abound), shared by every worker through this hash: a window
 -- with 429s cuts the share to what was accepted, (1 - refused/answered - 5%) of it, by a tenth at
--- least and by half at most; a window without 429s gives back what the server reports left (see
--- growth: 1% of the limit per second at its edge; at once when another client stopped and the
--- server's bucket filled up).
+-- least and by half at most. Without 429s, what the server reports left steers: a buffer (2 s of
+-- limit, or half the most it was seen to hold) is kept there to absorb another client's onset
+-- while we react; a window in which it runs below the buffer cuts the share by a tenth before any
+-- 429; otherwise the share grows back within what is left (see growth: 1% of the limit per
+-- second at the edge; at once when another client stopped and the server's bucket filled up).
 -- The workers multiply their limits by it (worker.learned). A cut scales a debt (negative
 -- level) with it, so that it is paid back as soon as before.
 
@@ -41,7 +43,7 @@ local rate_r, rate_t = rpm / 60, tpm / 60
 local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl')
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -55,11 +57,8 @@ if rem_r >= 0 then lr = math.min(lr, rem_r) end
 if rem_t >= 0 then lt = math.min(lt, rem_t) end
 local nb = tonumber(h[5] or 0)
 
-local WINDOW_US, MIN_SHARE, SLOW, MARGIN_S, SPREAD_S = 1000000, 0.05, 0.01, 0.5, 6
+local WINDOW_US, MIN_SHARE, SLOW, BUFFER_S, SPREAD_S = 1000000, 0.05, 0.01, 2, 6
 
--- Share per second to give back: what the server reports left (in seconds of the full limit, less
--- a margin), spread over SPREAD_S seconds, so that growing never spends more than it has; at
--- least SLOW, so that clients at the edge of the limit keep probing and even out.
 -- What the server reports left, in seconds of the full limit (nil when it says nothing).
 local function left_s(at)
   local s = nil
@@ -68,16 +67,23 @@ local function left_s(at)
   return s
 end
 
--- ... and 0 while what it reports left shrinks (the account is already spent faster than it
--- refills: growing would only run it dry sooner).
-local function growth(at, before)
-  local left = left_s(at)
+-- Share per second to give back: what the server reports left beyond the buffer, spread over
+-- SPREAD_S seconds, so that growing never spends more than it has; at least SLOW, so that clients
+-- at the edge of the limit keep probing and even out; 0 while what it reports left shrinks (the
+-- account is already spent faster than it refills: growing would only run it dry sooner).
+local function growth(left, before, target)
   if left == nil then return SLOW end
   if before ~= nil and left < before - 0.1 then return 0 end
-  return math.max(SLOW, (left - MARGIN_S) / SPREAD_S)
+  return math.max(SLOW, (left - target) / SPREAD_S)
 end
+
 local answered = tonumber(ARGV[9] or 0)
 local share, window, before = tonumber(h[6] or 1), tonumber(h[7] or now_us), tonumber(h[10])
+local left, most = left_s(share), tonumber(h[11] or 0)
+if left ~= nil then most = math.max(most, left) end
+-- The buffer kept at the server: what absorbs another client's onset while we react (a round
+-- trip and a window). At most half of the most it was seen to hold (a 1 s window holds 1 s).
+local target = math.min(BUFFER_S, most / 2)
 local seen, refusals = tonumber(h[8] or 0) + answered, tonumber(h[9] or 0) + refused
 -- A window closes after a second, or after a quarter of one when 429s already abound.
 if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_US / 4) then
@@ -89,10 +95,12 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     -- with it, it takes as long as before, instead of idling every worker for many seconds.
     if lr < 0 then lr = lr * cut end
     if lt < 0 then lt = lt * cut end
+  elseif left ~= nil and before ~= nil and left < target and left < before - 0.1 then
+    share = math.max(MIN_SHARE, share * 0.9)  -- the buffer runs dry: slow down before any 429
   elseif share < 1 then
-    share = math.min(1, share + growth(share, before) * math.min(now_us - window, WINDOW_US) / 1e6)
+    share = math.min(1, share + growth(left, before, target) * math.min(now_us - window, WINDOW_US) / 1e6)
   end
-  window, seen, refusals, before = now_us, 0, 0, left_s(share)
+  window, seen, refusals, before = now_us, 0, 0, left
 end
 
 local now_s = string.format('%.17g', now_us)
@@ -101,6 +109,7 @@ redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
   'fa', seen, 'fr', refusals)
 if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
+if most > 0 then redis.call('HSET', KEYS[1], 'fm', string.format('%.17g', most)) end
 local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, (nb * 1000 - now_us) / 1e6, 0)
 redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
 
