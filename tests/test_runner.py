@@ -188,6 +188,8 @@ def test_a_429_retries_after_a_not_before_every_worker_honours(world: Any) -> No
             assert second - refused >= 0.75 and third - refused >= 0.75  # both waited out the 800 ms
             # A rate-limit refusal is waiting, not a failed attempt (issue 11): nothing is counted.
             assert w.attempts("a") == 0 and w.result("a") is not None and w.result("b") is not None
+            last = w.hget(keys.batch_last_failure(w.batch_id), "a")  # kept for a deadline's history
+            assert last == {"status": 429, "message": "Rate limit reached for requests"}
 
     asyncio.run(scenario())
 

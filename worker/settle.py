@@ -131,7 +131,11 @@ class Settler:
         if sent.verdict.kind.rate_limited:
             # A rate-limit refusal is waiting for capacity, not a failed attempt (issue 11): on a
             # shared account another client's spending would otherwise fail our jobs. The job's
-            # deadline still bounds it; the pace adapts (the runner told the shared bucket).
+            # deadline still bounds it; the pace adapts (the runner told the shared bucket). Kept
+            # as the last failure, so that a job past its deadline says what it waited for.
+            await self.store.record_attempt(
+                run.batch_id, run.job.custom_id, sent.resp.status, failure_message(sent.resp), count=False
+            )
             delay = redis_wait(self.backoff.delay(1, sent.verdict))
             # One 429 pauses every worker on every host: the gate honours the shared time.
             await self.limiter.set_not_before(run.key, delay)
