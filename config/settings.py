@@ -122,6 +122,9 @@ class Settings:
     # Switch a model's charge rule to the one the server is seen to apply (it is always checked
     # and a mismatch logged; switching is the user's call).
     learn_charge_rule: bool = False
+    # The part of every model's limits ratequeue may spend (0 < x <= 1): headroom left for other
+    # clients of the account. What they actually spend is followed anyway (worker.reconciler).
+    max_share: float = 1.0
     # A batch and every key of it are deleted from Redis this long after it ends (completed,
     # failed, cancelled, expired); 7 days, like the results of hosted batch APIs. Set per batch
     # when it is submitted (the producer's value is stored with it).
@@ -293,6 +296,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         learn_limits=_flag(e, "RATEQUEUE_LEARN_LIMITS", True),
         learn_window=_flag(e, "RATEQUEUE_LEARN_WINDOW", True),
         learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", False),
+        max_share=_share(e, "RATEQUEUE_MAX_SHARE", defaults.max_share),
         retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),
         model_overrides=_read_overrides(e.env),
     )
@@ -315,6 +319,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 def _int(env: _Env, var: str, default: int) -> int:
     value = env.integer(var, default)
     assert value is not None  # a default was given
+    return value
+
+
+def _share(env: _Env, var: str, default: float) -> float:
+    raw = env.text(var)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # also refuses nan
+        raise ConfigError(f"{var}={raw!r}: must be a number above 0 and at most 1 (a share of the limits)")
     return value
 
 

@@ -101,7 +101,7 @@ class EchoServer:
         if body["model"] == "gpt-4.1-mini":  # refused key: parks the pair
             error.update(message=f"Incorrect API key provided: {echoed}", code="invalid_api_key")
             return web.json_response({"error": error}, status=401)
-        if body["model"] == "gpt-4o":  # rate limited: retried, then gives up with its history
+        if body["model"] == "gpt-4o":  # rate limited: waits, then gives up at its deadline with its history
             error.update(message=f"Rate limit reached for {echoed}", type="requests", code="rate_limit_exceeded")
             return web.json_response({"error": error}, status=429, headers={"retry-after-ms": "20"})
         error.update(message=f"Bad request from {echoed}", code="bad_request", details=[{"auth": auth}])
@@ -164,8 +164,9 @@ def _every_value(client: Any) -> Iterator[bytes]:  # redis-py types its replies 
 def test_an_upstream_that_echoes_the_key_leaves_it_nowhere(
     redis_url: str, tmp_path: Path, start_worker: StartWorker, echo_server: EchoServer
 ) -> None:
+    # A 429 is not an attempt: the rate-limited job gives up at its deadline, with the 429's words.
     env = base_env(redis_url, echo_server.url, tmp_path, OPENAI_API_KEY=KEY, RATEQUEUE_MAX_ATTEMPTS="2",
-                   RATEQUEUE_LOG_LEVEL="INFO", RATEQUEUE_PARK_COOLDOWN="60")
+                   RATEQUEUE_LOG_LEVEL="INFO", RATEQUEUE_PARK_COOLDOWN="60", RATEQUEUE_JOB_DEADLINE="3")
     start_worker(env)
     client = Client(load_settings(env))
     jobs = [_job("bad", "gpt-4o-mini"), _job("limited", "gpt-4o"), _job("refused", "gpt-4.1-mini")]
@@ -179,7 +180,7 @@ def test_an_upstream_that_echoes_the_key_leaves_it_nowhere(
     errors = {e["custom_id"]: e for e in map(json.loads, errors_path_for(results).read_text().splitlines())}
     assert errors["bad"]["response"]["status_code"] == 400
     assert errors["bad"]["response"]["body"]["error"]["api_key"] == REDACTED  # the body is kept, redacted
-    assert errors["limited"]["error"]["code"] == "max_attempts_exceeded"
+    assert errors["limited"]["error"]["code"] == "deadline_exceeded"
     assert "Rate limit reached for key" in errors["limited"]["error"]["message"]
     [parked] = client.parked().values()
     assert parked["reason"] == "invalid_api_key" and "Incorrect API key provided" in parked["message"]

@@ -30,7 +30,10 @@ class BucketLimits:
 
     `burst_seconds` is how many seconds of refill each bucket holds: OpenAI enforces its
     per-minute limits in short slices, so a full minute's budget at once would draw 429s.
-    Raises `ConfigError` if any value is not positive.
+    `share` (0 < share <= 1) is the part of the limits this bucket may spend: less than 1 when
+    other clients of the account spend too (``worker.reconciler``) or a headroom is configured.
+    `rpm` and `tpm` stay the server's limits, so a request is judged too large against the real
+    TPM, not against the share. Raises `ConfigError` if any value is not positive.
     """
 
     rpm: float
@@ -39,22 +42,25 @@ class BucketLimits:
     # The server has not announced this pair's limits yet: grant one request, then two per
     # answer (reserve.lua's slow start), instead of spending a burst sized by a guess.
     slow_start: bool = False
+    share: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("rpm", "tpm", "burst_seconds"):
+        for name in ("rpm", "tpm", "burst_seconds", "share"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"BucketLimits.{name} must be a positive number, got {value!r}")
+        if self.share > 1:
+            raise ConfigError(f"BucketLimits.share must be at most 1, got {self.share!r}")
 
     @property
     def request_rate(self) -> float:
         """Request-bucket refill, requests per second."""
-        return self.rpm / 60
+        return self.rpm * self.share / 60
 
     @property
     def token_rate(self) -> float:
         """Token-bucket refill, tokens per second."""
-        return self.tpm / 60
+        return self.tpm * self.share / 60
 
     @property
     def request_capacity(self) -> float:
@@ -106,6 +112,8 @@ class BucketLevels:
     not_before_ms: int
     request_capacity: float
     token_capacity: float
+    # The part of the limits the server's answers leave us (reconcile only; 1.0 from peek).
+    share: float = 1.0
 
 
 def check_cost(key: str, limits: BucketLimits, cost: float) -> None:

@@ -8,6 +8,8 @@
 - the server's window (``worker/window.py``): our bucket's burst follows it, and stays in Redis;
 - slow start: until the server announces a pair's limits to this worker, one request, then two
   more per answer, shared by every worker in slow start (``reserve.lua``, ``slow_start.lua``).
+- the share of the limits other clients of the account leave us, kept in the shared bucket
+  (reconcile.lua) and followed here, under the configured ``max_share``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Learned:
         self._rules: dict[str, str] = {}  # pair -> charge rule learned from the server
         # pair -> (share of the limits in force, time of the last cut)
         self._throttle: dict[str, tuple[float, float]] = {}
+        self._shares: dict[str, float] = {}  # pair -> share of the limits the shared bucket leaves us
+        self._share_cut_at: dict[str, float] = {}  # pair -> monotonic time this worker last took a cut
         self._rule_check = ChargeRuleCheck()
         self.windows = WindowLearner(settings.burst_seconds)
         self._confirmed: set[str] = set()  # pairs whose limits the server announced: no slow start
@@ -74,10 +78,29 @@ class Learned:
         return self._rules.get(pair, spec.charge_rule)
 
     def limits(self, pair: str, spec: ModelSpec) -> BucketLimits:
-        """The limits in force: learned (else configured), times the throttle's share."""
+        """The limits in force: learned (else configured), times the throttle's share; spent at
+        the share other clients leave us, under the configured ``max_share``."""
         rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
-        share = self._throttle.get(pair, (1.0, 0.0))[0]
-        return BucketLimits(rpm * share, tpm * share, self.windows.window(pair), slow_start=pair not in self._confirmed)
+        throttle = self._throttle.get(pair, (1.0, 0.0))[0]
+        share = self.settings.max_share * self._shares.get(pair, 1.0)
+        return BucketLimits(rpm * throttle, tpm * throttle, self.windows.window(pair),
+                            slow_start=pair not in self._confirmed, share=share)
+
+    def follow_share(self, pair: str, spec: ModelSpec, gate: BucketGate, share: float) -> None:
+        """Spend at the share of the limits the shared bucket reports (cut by 429s that other
+        clients' spending caused, given back when they stop): every worker follows it."""
+        old = self._shares.get(pair, 1.0)
+        if abs(share - old) < 0.005 and (share < 1.0) == (old < 1.0):
+            return
+        if share < old - 0.1 or (share >= 1.0 and old < 1.0):
+            log.info("%s: spending %.0f%% of the limits (other clients of the account)", pair, share * 100)
+        if share < old:
+            self._share_cut_at[pair] = time.monotonic()
+        if share >= 1.0:
+            self._shares.pop(pair, None)
+        else:
+            self._shares[pair] = share
+        gate.update_limits(self.limits(pair, spec))
 
     def learn_limits(
         self, pair: str, spec: ModelSpec, headers: RateLimitHeaders, gate: BucketGate, refused: bool = False
@@ -155,6 +178,11 @@ class Learned:
         else:
             log.warning("%s: the server seems to charge by the %r rule, not the configured %r "
                         "(set RATEQUEUE_LEARN_CHARGE_RULE=1 to follow it)", pair, seen, rule)
+
+    def share_cut_at(self, pair: str) -> float:
+        """When this worker last spent less after a cut (monotonic; -inf if never): the answers
+        to requests sent before it say nothing about the share now in force."""
+        return self._share_cut_at.get(pair, float("-inf"))
 
     def throttled(self, pair: str) -> bool:
         return pair in self._throttle

@@ -67,9 +67,13 @@ class _Call(Generic[T]):
     parse: Callable[[Any], T]
 
 
-def _limit_args(limits: BucketLimits) -> list[int | float | str]:
+def _limit_args(limits: BucketLimits, largest_cost: float = 0) -> list[int | float | str]:
+    # The scripts see the limits times the share. A cost above the shared TPM (but within the
+    # real one, see check_cost) raises the TPM argument to itself: it is still scheduled, a little
+    # sooner than the share alone would allow, rather than refused by reserve.lua.
+    tpm = max(limits.tpm * limits.share, largest_cost)
     # repr() keeps every digit of a float; Lua's tonumber reads it back exactly.
-    return [repr(float(limits.rpm)), repr(float(limits.tpm)), repr(float(limits.burst_seconds))]
+    return [repr(float(limits.rpm * limits.share)), repr(float(tpm)), repr(float(limits.burst_seconds))]
 
 
 def _parse_reserve(raw: Sequence[Any]) -> ReserveResult:
@@ -82,8 +86,9 @@ def _parse_reserve(raw: Sequence[Any]) -> ReserveResult:
 
 
 def _parse_levels(raw: Sequence[Any]) -> BucketLevels:
-    # {now_us, request level, token level, nb_ms, request capacity, token capacity}
-    return BucketLevels(int(raw[0]), float(raw[1]), float(raw[2]), int(raw[3]), float(raw[4]), float(raw[5]))
+    # {now_us, request level, token level, nb_ms, request capacity, token capacity[, share]}
+    share = float(raw[6]) if len(raw) > 6 else 1.0
+    return BucketLevels(int(raw[0]), float(raw[1]), float(raw[2]), int(raw[3]), float(raw[4]), float(raw[5]), share)
 
 
 class _LimiterBase:
@@ -100,7 +105,8 @@ class _LimiterBase:
         for cost in costs:
             check_cost(key, limits, cost)
         # Tokens are whole; round a fractional estimate up rather than under-charge.
-        args: list[int | float | str] = [*_limit_args(limits), round(self.horizon_seconds * 1e6)]
+        args: list[int | float | str] = [*_limit_args(limits, max(math.ceil(c) for c in costs)),
+                                         round(self.horizon_seconds * 1e6)]
         keys = [key, window_key(key)]
         if limits.slow_start:
             args.append("slowstart")
@@ -116,6 +122,8 @@ class _LimiterBase:
         request_delta: float,
         remaining_tokens: float | None,
         remaining_requests: float | None,
+        refused: int = 0,
+        answered: int = 0,
     ) -> _Call[BucketLevels]:
         for value in (remaining_tokens, remaining_requests):
             if value is not None and value < 0:
@@ -126,6 +134,8 @@ class _LimiterBase:
             repr(float(request_delta)),
             -1 if remaining_tokens is None else repr(float(remaining_tokens)),
             -1 if remaining_requests is None else repr(float(remaining_requests)),
+            int(refused),
+            int(answered),
         ]
         return _Call("reconcile", [key, window_key(key)], args, _parse_levels)
 
@@ -192,13 +202,17 @@ class Limiter(_LimiterBase):
         request_delta: float = 0,
         remaining_tokens: float | None = None,
         remaining_requests: float | None = None,
+        refused: int = 0,
+        answered: int = 0,
     ) -> BucketLevels:
         """Correct the levels after a response: deltas are added (positive = refund, negative =
         extra charge); a server-reported remaining count (x-ratelimit-remaining-*, None = unknown
-        or unreliable) only ever lowers a level. Returns the new levels. Raises `LimiterError`.
+        or unreliable) only ever lowers a level. `refused` rate-limit 429s among `answered`
+        responses cut the bucket's shared share (reconcile.lua). Returns the new levels. Raises
+        `LimiterError`.
         """
         call = self._reconcile_call(
-            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered
         )
         return await self._run(call)
 
@@ -257,10 +271,12 @@ class SyncLimiter(_LimiterBase):
         request_delta: float = 0,
         remaining_tokens: float | None = None,
         remaining_requests: float | None = None,
+        refused: int = 0,
+        answered: int = 0,
     ) -> BucketLevels:
         """Blocking `Limiter.reconcile`."""
         call = self._reconcile_call(
-            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered
         )
         return self._run(call)
 

@@ -162,7 +162,7 @@ class JobRunner:
             self.reconciler.add(run.key, run.gate.limits, token_delta=charge, request_delta=1)
             return halt
         sent = done.sent = await self._send(run, rule, charge, probe=parked is not None)
-        self._learn(run, sent)
+        self._learn(run, sent, grant.waited)
         return await self.settler.settle(run, sent)
 
     def _price(self, run: JobRun) -> int:
@@ -209,12 +209,12 @@ class JobRunner:
         usage = usage_of(resp.body) if success else None
         return Sent(resp, verdict, rule, charge, usage, parse_ratelimit_headers(resp.headers), probe)
 
-    def _learn(self, run: JobRun, sent: Sent) -> None:
+    def _learn(self, run: JobRun, sent: Sent, waited: float) -> None:
         """What the answer teaches: the limits, the charge rule, the bucket's true level."""
         self.learned.learn_limits(run.pair, run.spec, sent.headers, run.gate, sent.verdict.kind.rate_limited)
         if sent.verdict.verdict is Verdict.SUCCESS:
             self.learned.check_rule(run.pair, sent.rule, run.job, sent.headers)
-        self._reconcile(run, sent)
+        self._reconcile(run, sent, waited)
         log.info(
             "upstream model=%s charge=%d status=%s reason=%s latency=%.3fs request_id=%s",
             run.spec.name, sent.charge, sent.resp.status, sent.verdict.reason, sent.resp.elapsed,
@@ -235,7 +235,7 @@ class JobRunner:
         metrics.set_limits(spec.name, account, spec.rpm, spec.tpm, "configured")
         return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
 
-    def _reconcile(self, run: JobRun, sent: Sent) -> None:
+    def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
         """Correct the shared bucket with what the server reported about this request."""
         token_delta = 0
         usage, headers = sent.usage, sent.headers
@@ -252,7 +252,17 @@ class JobRunner:
             # Under the sum rule the server charged its own prompt count plus the same reserved
             # output, so the difference of the prompt counts is exactly what we over/under-charged.
             token_delta = run.job.prompt_tokens - usage.prompt_tokens
-        if token_delta == 0 and headers.remaining_tokens is None and headers.remaining_requests is None:
+        # A rate-limit 429 despite our bucket's grant: other clients spend on the account (or
+        # the server's window is shorter); the shared share of the limits is cut (reconcile.lua).
+        # Without any header, the per-process throttle (worker.learned) reacts instead.
+        # Only answers to requests reserved at the share now in force count: a cut must not be cut
+        # again by the 429s of requests granted before it (a round trip can last seconds). A
+        # reservation is made after the acquire began and at most one horizon before the send.
+        reserved_after = time.monotonic() - sent.resp.elapsed - min(waited, self.settings.reserve_horizon_seconds)
+        fresh = reserved_after >= self.learned.share_cut_at(run.pair)
+        counted = fresh and not headers.empty
+        refused = int(counted and sent.verdict.kind.rate_limited)
+        if token_delta == 0 and not counted and headers.remaining_tokens is None and headers.remaining_requests is None:
             return
         self.reconciler.add(
             run.key,
@@ -260,4 +270,7 @@ class JobRunner:
             token_delta=token_delta,
             remaining_tokens=headers.remaining_tokens,
             remaining_requests=headers.remaining_requests,
+            refused=refused,
+            answered=int(counted),
+            on_share=lambda share: self.learned.follow_share(run.pair, run.spec, run.gate, share),
         )

@@ -4,10 +4,11 @@
     FAIL     store the upstream error ("Request too large": as ``request_too_large``, at once; its
              charge is refunded by the runner: the server weighed it against nothing)
     PARK     park the pair, defer the job (it stays queued, not failed)
-    RETRY    count the attempt in Redis (past max_attempts: give up, with the history); a 429 sets
-             the pair's shared "not before" so every worker pauses, and goes round again at once
-             (the gate honours that time); other errors back off (full jitter) here or, if long,
-             in the deferred set. Waiting for capacity never counts as an attempt.
+    RETRY    a rate-limit 429 is not an attempt (only the job's deadline bounds it): it sets the
+             pair's shared "not before" so every worker pauses, and goes round again at once (the
+             gate honours that time). Other errors count the attempt in Redis (past max_attempts:
+             give up, with the history) and back off (full jitter) here or, if long, in the
+             deferred set. Waiting for capacity never counts as an attempt.
 """
 
 from __future__ import annotations
@@ -127,18 +128,26 @@ class Settler:
 
     async def _retry(self, run: JobRun, sent: Sent) -> Step:
         s = self.settings
+        if sent.verdict.kind.rate_limited:
+            # A rate-limit refusal is waiting for capacity, not a failed attempt (issue 11): on a
+            # shared account another client's spending would otherwise fail our jobs. The job's
+            # deadline still bounds it; the pace adapts (the runner told the shared bucket). Kept
+            # as the last failure, so that a job past its deadline says what it waited for.
+            await self.store.record_attempt(
+                run.batch_id, run.job.custom_id, sent.resp.status, failure_message(sent.resp), count=False
+            )
+            delay = redis_wait(self.backoff.delay(1, sent.verdict))
+            # One 429 pauses every worker on every host: the gate honours the shared time.
+            await self.limiter.set_not_before(run.key, delay)
+            if sent.headers.limit_tokens is None and sent.headers.limit_requests is None:
+                self.learned.adjust_throttle(run.pair, run.spec, run.gate, refused=True)
+            return Step(End.AGAIN)
         attempts = await self.store.record_attempt(
             run.batch_id, run.job.custom_id, sent.resp.status, failure_message(sent.resp)
         )
         if attempts >= s.max_attempts:
             return await self.give_up(run, MAX_ATTEMPTS_EXCEEDED)
         delay = redis_wait(self.backoff.delay(attempts, sent.verdict))
-        if sent.verdict.kind.rate_limited:
-            # One 429 pauses every worker on every host: the gate honours the shared time.
-            await self.limiter.set_not_before(run.key, delay)
-            if sent.headers.limit_tokens is None and sent.headers.limit_requests is None:
-                self.learned.adjust_throttle(run.pair, run.spec, run.gate, refused=True)
-            return Step(End.AGAIN)
         if delay > s.defer_after_seconds:
             return await self.defer(run, delay, Deferral.BACKOFF)
         return Step(End.AGAIN, delay=delay)

@@ -184,20 +184,23 @@ class JobStore:
         )
         return await retrying(self._batches.store_outcomes, batch_id, args)
 
-    async def record_attempt(self, batch_id: str, custom_id: str, status: int, message: str) -> int:
-        """Count one failed upstream attempt of a job; returns the job's attempts so far.
+    async def record_attempt(
+        self, batch_id: str, custom_id: str, status: int, message: str, count: bool = True
+    ) -> int:
+        """Count one failed upstream attempt of a job (only keep it as the last failure when not
+        ``count``); returns the job's attempts so far.
 
         Kept in Redis, not in the worker, so a job redelivered after a crash keeps its count. The
         job of a batch that is gone (deleted) gets ``ATTEMPTS_WHEN_GONE``: it stops retrying.
         """
         last = orjson.dumps({"status": status, "message": message[:500]})
-        count = int(
+        attempts = int(
             await self._attempt(
                 keys=[keys.batch_meta(batch_id), keys.batch_attempts(batch_id), keys.batch_last_failure(batch_id)],
-                args=[custom_id, last],
+                args=[custom_id, last, int(count)],
             )
         )
-        return count if count >= 0 else self.ATTEMPTS_WHEN_GONE
+        return attempts if attempts >= 0 else self.ATTEMPTS_WHEN_GONE
 
     async def attempts(self, batch_id: str, custom_id: str) -> tuple[int, dict[str, Any]]:
         """(attempts so far, last failure) of a job."""

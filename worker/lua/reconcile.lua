@@ -11,8 +11,27 @@
 -- ARGV[1] rpm   ARGV[2] tpm   ARGV[3] burst_seconds
 -- ARGV[4] token_delta   ARGV[5] request_delta
 -- ARGV[6] server remaining tokens (-1 = unknown)   ARGV[7] server remaining requests (-1 = unknown)
--- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity};
--- levels and capacities as strings (Redis would truncate Lua floats).
+-- ARGV[8] rate-limit 429s among the responses corrected here   ARGV[9] those responses (429s too)
+--   (only responses to requests sent at the share in force: see worker.runner)
+-- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity, share};
+-- levels, capacities and share as strings (Redis would truncate Lua floats).
+--
+-- The share (fields fs: share, fw: start of its current window µs, fa/fr: answers and 429s seen
+-- in the window, fl: seconds of limit the server reported left when it began; missing = 1, a
+-- window starting now) is the part of the limits the server leaves to this
+-- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
+-- busy bucket runs in debt (reservations ahead), below any remaining the server reports, while the
+-- other client's spending drains the server's bucket, not ours. A rate-limit 429 is what shows it:
+-- the server refused what our bucket granted. So once a second (one overrun draws many 429s at
+-- once; sooner when 429s abound), shared by every worker through this hash: a window
+-- with 429s cuts the share to what was accepted, (1 - refused/answered - 5%) of it, by a tenth at
+-- least and by half at most. Without 429s, what the server reports left steers: a buffer (2 s of
+-- limit, or half the most it was seen to hold) is kept there to absorb another client's onset
+-- while we react; a window in which it runs below the buffer cuts the share by a tenth before any
+-- 429; otherwise the share grows back within what is left (see growth: 1% of the limit per
+-- second at the edge; at once when another client stopped and the server's bucket filled up).
+-- The workers multiply their limits by it (worker.learned). A cut scales a debt (negative
+-- level) with it, so that it is paid back as soon as before.
 
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -29,7 +48,8 @@ end
 local rate_r, rate_t = rpm / 60, tpm / 60
 local cap_r, cap_t = rate_r * burst, rate_t * burst
 
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb')
+local refused = tonumber(ARGV[8] or 0)
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -43,11 +63,61 @@ if rem_r >= 0 then lr = math.min(lr, rem_r) end
 if rem_t >= 0 then lt = math.min(lt, rem_t) end
 local nb = tonumber(h[5] or 0)
 
+local WINDOW_US, MIN_SHARE, SLOW, BUFFER_S, SPREAD_S = 1000000, 0.05, 0.01, 2, 6
+
+-- What the server reports left, in seconds of the full limit (nil when it says nothing).
+local function left_s(at)
+  local s = nil
+  if rem_r >= 0 then s = rem_r / (rate_r / at) end
+  if rem_t >= 0 then s = math.min(s or math.huge, rem_t / (rate_t / at)) end
+  return s
+end
+
+-- Share per second to give back: what the server reports left beyond the buffer, spread over
+-- SPREAD_S seconds, so that growing never spends more than it has; at least SLOW, so that clients
+-- at the edge of the limit keep probing and even out; 0 while what it reports left shrinks (the
+-- account is already spent faster than it refills: growing would only run it dry sooner).
+local function growth(left, before, target)
+  if left == nil then return SLOW end
+  if before ~= nil and left < before - 0.1 then return 0 end
+  return math.max(SLOW, (left - target) / SPREAD_S)
+end
+
+local answered = tonumber(ARGV[9] or 0)
+local share, window, before = tonumber(h[6] or 1), tonumber(h[7] or now_us), tonumber(h[10])
+local left, most = left_s(share), tonumber(h[11] or 0)
+if left ~= nil then most = math.max(most, left) end
+-- The buffer kept at the server: what absorbs another client's onset while we react (a round
+-- trip and a window). At most half of the most it was seen to hold (a 1 s window holds 1 s).
+local target = math.min(BUFFER_S, most / 2)
+local seen, refusals = tonumber(h[8] or 0) + answered, tonumber(h[9] or 0) + refused
+-- A window closes after a second, or after a quarter of one when 429s already abound.
+if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_US / 4) then
+  if refusals > 0 then
+    local accepted = 1 - refusals / math.max(seen, refusals) - 0.05
+    local cut = math.max(MIN_SHARE, share * math.min(0.9, math.max(0.5, accepted))) / share
+    share = share * cut
+    -- A debt (reservations granted ahead, 429s kept charged) is paid back at the new rate: scaled
+    -- with it, it takes as long as before, instead of idling every worker for many seconds.
+    if lr < 0 then lr = lr * cut end
+    if lt < 0 then lt = lt * cut end
+  elseif left ~= nil and before ~= nil and left < target and left < before - 0.1 then
+    share = math.max(MIN_SHARE, share * 0.9)  -- the buffer runs dry: slow down before any 429
+  elseif share < 1 then
+    share = math.min(1, share + growth(left, before, target) * math.min(now_us - window, WINDOW_US) / 1e6)
+  end
+  window, seen, refusals, before = now_us, 0, 0, left
+end
+
 local now_s = string.format('%.17g', now_us)
 redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
+redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
+  'fa', seen, 'fr', refusals)
+if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
+if most > 0 then redis.call('HSET', KEYS[1], 'fm', string.format('%.17g', most)) end
 local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, (nb * 1000 - now_us) / 1e6, 0)
 redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
 
 return {now_us, string.format('%.17g', lr), string.format('%.17g', lt), nb,
-  string.format('%.17g', cap_r), string.format('%.17g', cap_t)}
+  string.format('%.17g', cap_r), string.format('%.17g', cap_t), string.format('%.17g', share)}

@@ -1,0 +1,155 @@
+"""Shared accounts (issue 11): a 429 never fails a job, and another client's spending slows
+ratequeue down instead of drawing a 429 storm. Simulator + real Redis + real worker processes."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from ratequeue.config.models import load_model_table
+from ratequeue.config.settings import load_settings
+from ratequeue.errors import ConfigError
+from ratequeue.jobstore.keys import bucket_key
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import start_sim
+from ratequeue.worker.learned import Learned
+from ratequeue.worker.limiter import BucketLimits, SyncLimiter
+from tests.conftest import base_env
+
+StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
+
+
+def _job(n: int) -> dict[str, object]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"item {n}"}], "max_tokens": 5}
+
+
+def _submit(client: Client, jobs: int) -> str:
+    batch_id = client.open_batch()
+    for n in range(jobs):
+        client.submit_job(_job(n), custom_id=f"j-{n}", batch_id=batch_id)
+    client.close_batch(batch_id)
+    return batch_id
+
+
+@pytest.mark.e2e
+def test_rate_limit_refusals_are_not_attempts(redis_url: str, tmp_path: Path, start_worker: StartWorker) -> None:
+    """With one attempt allowed, jobs the server refuses with 429s still complete: waiting for
+    capacity is not a failed attempt (a 5xx would have failed them)."""
+    # 60 RPM in 1 s slices: the server holds one request at a time, so a first burst draws 429s.
+    with start_sim(["--rpm", "60", "--burst-seconds", "1", "--latency-ms", "20"]) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MAX_ATTEMPTS="1", RATEQUEUE_JOB_DEADLINE="120")
+        start_worker(env)
+        client = Client(load_settings(env), publish=None)
+        batch_id = _submit(client, 8)
+        batch = client.wait(batch_id, timeout=90)
+        refused = sim.stats()["r429"]["requests"]
+    assert refused > 0, "the server never refused: the test proves nothing"
+    assert batch["request_counts"] == {"total": 8, "completed": 8, "failed": 0}
+
+
+class ForeignClient:
+    """Another service on the same key: sends at a fixed pace whatever the answers (in a thread)."""
+
+    def __init__(self, url: str, per_second: float) -> None:
+        self.url, self.interval = url, 1.0 / per_second
+        self.answers: Counter[int] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "other"}], "max_tokens": 5}
+        with httpx.Client(base_url=self.url, headers={"Authorization": "Bearer sk-other"}, timeout=10) as http:
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                self.answers[http.post("/v1/chat/completions", json=body).status_code] += 1
+                next_at += self.interval
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def __enter__(self) -> ForeignClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+@pytest.mark.e2e
+def test_a_foreign_client_slows_ratequeue_down(redis_url: str, tmp_path: Path, start_worker: StartWorker) -> None:
+    """Another client spends half of the key's RPM: ratequeue gets the rest from the server's
+    headers instead of sending at the full limit into 429s, and no job fails."""
+    jobs = 200
+    with start_sim(["--rpm", "1200", "--burst-seconds", "2", "--latency-ms", "50"]) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_BURST_SECONDS="2",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_RPM="1200")
+        client = Client(load_settings(env), publish=None)
+        with ForeignClient(sim.url, per_second=10):
+            time.sleep(2)  # the other client is already spending when ratequeue starts
+            start_worker(env)
+            batch_id = _submit(client, jobs)
+            batch = client.wait(batch_id, timeout=120)
+        calls = sum(n for cid, n in sim.stats()["calls_by_client_id"].items() if cid.startswith(batch_id))
+    assert batch["request_counts"] == {"total": jobs, "completed": jobs, "failed": 0}
+    refused = calls - jobs  # each job succeeded once; every other call was a 429
+    assert refused <= 0.15 * calls, f"{refused} of ratequeue's {calls} calls were 429s"
+
+
+LIMITS_AT_HALF = BucketLimits(600, 60_000, 1.0, share=0.5)  # 10 requests/s, spent at half
+
+
+def test_429s_cut_the_shared_share_to_what_the_server_accepted(redis_url: str) -> None:
+    """reconcile.lua directly: a window with 5 refusals of 10 answers halves the share, once."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 1.0)
+    assert limiter.reconcile(key, full, refused=5, answered=10, remaining_requests=0).share == 1.0
+    time.sleep(0.3)  # a window with 4 refusals or more closes after a quarter of a second
+    assert limiter.reconcile(key, full).share == pytest.approx(0.5)
+    # The 429s of the next window's first moments do not cut it again at once.
+    assert limiter.reconcile(key, LIMITS_AT_HALF, refused=3, answered=3).share == pytest.approx(0.5)
+
+
+def test_the_share_comes_back_when_the_server_reports_room(redis_url: str) -> None:
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    limiter.reconcile(key, BucketLimits(600, 60_000, 1.0), refused=5, answered=5, remaining_requests=0)
+    time.sleep(0.3)
+    assert limiter.reconcile(key, BucketLimits(600, 60_000, 1.0)).share == pytest.approx(0.5)
+    time.sleep(1.05)  # the other client stopped: a full minute of requests left at the server
+    assert limiter.reconcile(key, LIMITS_AT_HALF, answered=5, remaining_requests=600).share == 1.0
+
+
+def test_a_draining_server_bucket_slows_ratequeue_before_any_429(redis_url: str) -> None:
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 5.0)  # a bucket of 50: lowered to 30, it lives on for seconds
+    for left in (30, 20):  # 3 s, then 2 s of the limit left at the server: windows of a second
+        assert limiter.reconcile(key, full, answered=1, remaining_requests=left).share == 1.0
+        time.sleep(1.05)
+    # 0.5 s left, below the buffer (2 s, at most half the 3 s seen) and falling: a tenth less.
+    assert limiter.reconcile(key, full, answered=1, remaining_requests=5).share == pytest.approx(0.9)
+
+
+def test_max_share_leaves_headroom(redis_url: str) -> None:
+    settings = load_settings({"RATEQUEUE_MAX_SHARE": "0.5"})
+    spec = replace(load_model_table(settings).get("gpt-4o-mini"), rpm=600, tpm=60_000)
+    limits = Learned(settings, aioredis.Redis.from_url(redis_url)).limits("acct:gpt-4o-mini", spec)
+    assert (limits.rpm, limits.tpm, limits.share) == (600, 60_000, 0.5)  # too large is judged on 60,000
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    waits = limiter.reserve(key, BucketLimits(600, 60_000, 1.0, share=0.5), [10] * 6).waits
+    assert waits[:5] == [0.0] * 5 and waits[5] == pytest.approx(0.2, abs=0.01)  # 5 a second, not 10
+    with pytest.raises(ConfigError) as err:
+        load_settings({"RATEQUEUE_MAX_SHARE": "1.5"})
+    assert str(err.value) == "RATEQUEUE_MAX_SHARE='1.5': must be a number above 0 and at most 1 (a share of the limits)"
