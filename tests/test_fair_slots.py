@@ -24,7 +24,7 @@ SLOW_RPM, FAST_RPM = 60, 600  # 1 and 10 requests a second
 
 @pytest.fixture
 def sim() -> Iterator[SimHandle]:
-    args = ["--latency-ms", "200", "--seed", "5",
+    args = ["--latency-ms", "200", "--seed", "5", "--burst-seconds", "5",  # a 5 s server window, as ours
             "--model", f"{SLOW}:rpm={SLOW_RPM}:tpm=1000000", "--model", f"{FAST}:rpm={FAST_RPM}:tpm=1000000"]
     with start_sim(args) as handle:
         yield handle
