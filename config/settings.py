@@ -116,9 +116,9 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     # Take the RPM/TPM the server announces in x-ratelimit-limit-* over the model table's.
     learn_limits: bool = True
-    # Switch a model's charge rule to the one the server is seen to apply (it is always checked
-    # and a mismatch logged; switching is the user's call).
-    learn_charge_rule: bool = False
+    # Follow the charge rule the server is seen to apply (the model table's is the starting
+    # guess); off pins the configured rule, and a mismatch is only logged (once per change).
+    learn_charge_rule: bool = True
     # A batch and every key of it are deleted from Redis this long after it ends (completed,
     # failed, cancelled, expired); 7 days, like the results of hosted batch APIs. Set per batch
     # when it is submitted (the producer's value is stored with it).
@@ -288,7 +288,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_response_bytes=_int(e, "RATEQUEUE_MAX_RESPONSE_BYTES", defaults.max_response_bytes),
         shutdown_grace_seconds=e.number("RATEQUEUE_SHUTDOWN_GRACE", defaults.shutdown_grace_seconds, allow_zero=True),
         learn_limits=_flag(e, "RATEQUEUE_LEARN_LIMITS", True),
-        learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", False),
+        learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", True),
         retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),
         model_overrides=_read_overrides(e.env),
     )

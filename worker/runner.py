@@ -191,6 +191,8 @@ class JobRunner:
     async def _send(self, run: JobRun, rule: str, charge: int, probe: bool) -> Sent:
         """Call upstream and classify the answer; an error answer is redacted here."""
         async with self.in_flight:
+            # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
+            ticket = await self.learned.ledger.record(run.account, run.spec.name, run.job)
             with metrics.in_flight(run.spec.name, run.account):
                 resp = await self.client.post(run.job.url, run.job.body, f"{run.batch_id}/{run.job.custom_id}")
         verdict = classify(resp, park_after=self.settings.park_retry_after_seconds)
@@ -198,13 +200,15 @@ class JobRunner:
         if not success:  # the boundary: an upstream error may echo the key
             resp = redact_response(resp, configured_secrets(self.settings))
         usage = usage_of(resp.body) if success else None
-        return Sent(resp, verdict, rule, charge, usage, parse_ratelimit_headers(resp.headers), probe)
+        return Sent(resp, verdict, rule, charge, usage, parse_ratelimit_headers(resp.headers), probe, ticket)
 
     def _learn(self, run: JobRun, sent: Sent) -> None:
         """What the answer teaches: the limits, the charge rule, the bucket's true level."""
         self.learned.learn_limits(run.pair, run.spec, sent.headers, run.gate)
         if sent.verdict.verdict is Verdict.SUCCESS:
-            self.learned.check_rule(run.pair, sent.rule, run.job, sent.headers)
+            self.learned.check_rule(run.pair, sent.rule, run.job, sent.headers, sent.ticket)
+        elif sent.resp.status == 429 and sent.ticket is not None:  # refused before the server charged it
+            self.learned.ledger.refund(run.account, run.spec.name, run.job)
         self._reconcile(run, sent)
         log.info(
             "upstream model=%s charge=%d status=%s reason=%s latency=%.3fs request_id=%s",
