@@ -50,7 +50,8 @@ def run(args: argparse.Namespace, server: str) -> None:
                 *(["--no-retry-after"] if args.no_retry_after else [])]
     extra = {"RATEQUEUE_LEARN_CHARGE_RULE": "0"} if args.pin else {}
     print(f"\nsetup: server {server} / configured {configured}{' (pinned)' if args.pin else ''}; sim "
-          f"{' '.join(sim_args)}; {args.workers} worker process(es); {args.jobs} mixed-size jobs; redis {BENCH_REDIS_URL}")
+          f"{' '.join(sim_args)}; {args.workers} worker process(es); {args.jobs} mixed-size jobs; "
+          f"redis {BENCH_REDIS_URL}")
     with start_sim(sim_args) as sim, tempfile.TemporaryDirectory() as tmp:
         env = worker_env(sim.url, BENCH_REDIS_URL, args.rpm, args.tpm, charge_rule=configured, **extra)
         logs = Path(tmp) / "logs"

@@ -3,8 +3,11 @@ simulator charging by one rule while the model table says the other, the ledger 
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,14 +38,22 @@ def _logs(tmp_path: Path, workers: int) -> list[str]:
     return [(tmp_path / f"worker-{n}.log").read_text() for n in range(workers)]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _learn_with_two_workers(redis_url: str, tmp_path: Path, start_worker: StartWorker, server: str,
-                            configured: str, **extra: str) -> tuple[list[str], bytes | None]:
+                            configured: str, **extra: str) -> tuple[list[str], bytes | None, str]:
     """Two workers (configured ``configured``) against a ``server``-rule simulator: the logs once
-    the batch ran for a while after the first switch (or 25 s), and the rule published in Redis."""
+    the batch ran for a while after the first switch (or 25 s), the rule published in Redis, and
+    the second worker's charge-rule metrics."""
+    port = _free_port()
     with start_sim(_server(server)) as sim:
         env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_CHARGE_RULE=configured,
                        RATEQUEUE_MODEL_GPT_4O_MINI_TPM="300000", **extra)
-        workers = [start_worker(env), start_worker(env)]
+        workers = [start_worker(env), start_worker({**env, "RATEQUEUE_METRICS_PORT": str(port)})]
         client = Client(load_settings(env))
         report = client.submit_batch(_jobs(1500))
         deadline = time.monotonic() + 25
@@ -51,8 +62,15 @@ def _learn_with_two_workers(redis_url: str, tmp_path: Path, start_worker: StartW
             time.sleep(0.25)
         time.sleep(6)  # past the other worker's reload, and any second (wrong or repeated) verdict
         rule = client.redis.hget(keys.learned_rules(), f"{client.settings.account_id}:gpt-4o-mini")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         client.cancel(report.batch_id)
-    return _logs(tmp_path, 2), rule
+    series = "\n".join(line for line in body.splitlines() if line.startswith("ratequeue_charge_rule{"))
+    return _logs(tmp_path, 2), rule, series
+
+
+def _in_force(series: str) -> list[str]:
+    """The rules whose ratequeue_charge_rule series is 1."""
+    return [rule for rule in ("sum", "max") if re.search(rf'rule="{rule}"}} 1\.0', series)]
 
 
 def test_two_workers_learn_a_max_rule_server_and_say_so_once(
@@ -60,17 +78,19 @@ def test_two_workers_learn_a_max_rule_server_and_say_so_once(
 ) -> None:
     # Sum configured, the server charges max: each worker alone used to see the account drained
     # by twice its own requests and lean to "sum"; with the shared ledger they learn "max".
-    logs, rule = _learn_with_two_workers(redis_url, tmp_path, start_worker, server="max", configured="sum")
+    logs, rule, series = _learn_with_two_workers(redis_url, tmp_path, start_worker, server="max", configured="sum")
     text = "".join(logs)
     assert rule == b"max", logs
+    assert _in_force(series) == ["max"], series  # shown by the metrics, whichever worker learned it
     assert text.count(SWITCHED.format("max", "sum")) == 1, logs
     assert SEEMS not in text and "'sum' rule, not" not in text, logs
 
 
 def test_two_workers_learn_a_sum_rule_server(redis_url: str, tmp_path: Path, start_worker: StartWorker) -> None:
-    logs, rule = _learn_with_two_workers(redis_url, tmp_path, start_worker, server="sum", configured="max")
+    logs, rule, series = _learn_with_two_workers(redis_url, tmp_path, start_worker, server="sum", configured="max")
     text = "".join(logs)
     assert rule == b"sum", logs
+    assert _in_force(series) == ["sum"], series
     assert text.count(SWITCHED.format("sum", "max")) == 1, logs
     assert SEEMS not in text and "'max' rule, not" not in text, logs
 
@@ -78,9 +98,10 @@ def test_two_workers_learn_a_sum_rule_server(redis_url: str, tmp_path: Path, sta
 def test_a_pinned_rule_is_kept_and_the_mismatch_said_once(
     redis_url: str, tmp_path: Path, start_worker: StartWorker
 ) -> None:
-    logs, rule = _learn_with_two_workers(redis_url, tmp_path, start_worker, server="max", configured="sum",
-                                         RATEQUEUE_LEARN_CHARGE_RULE="0")
+    logs, rule, series = _learn_with_two_workers(redis_url, tmp_path, start_worker, server="max",
+                                                 configured="sum", RATEQUEUE_LEARN_CHARGE_RULE="0")
     assert rule is None and "switching" not in "".join(logs), logs
+    assert _in_force(series) == ["sum"], series
     for log in logs:  # each worker says it once (pinned: it never switches, so nothing repeats it)
         assert log.count(f"{SEEMS} 'max' rule, not the configured 'sum'") == 1, logs
 
