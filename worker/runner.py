@@ -192,9 +192,10 @@ class JobRunner:
         """Call upstream and classify the answer; an error answer is redacted here."""
         async with self.in_flight:
             # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
-            ticket = await self.learned.ledger.record(run.account, run.spec.name, run.job)
+            ledgered = self.learned.ledger.record(run.account, run.spec.name, run.job)
             with metrics.in_flight(run.spec.name, run.account):
                 resp = await self.client.post(run.job.url, run.job.body, f"{run.batch_id}/{run.job.custom_id}")
+            ticket = await ledgered
         verdict = classify(resp, park_after=self.settings.park_retry_after_seconds)
         success = verdict.verdict is Verdict.SUCCESS
         if not success:  # the boundary: an upstream error may echo the key
