@@ -25,6 +25,7 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.scripts import lua_source
 
 log = logging.getLogger(__name__)
+TICKET_WAIT = 1.0  # seconds an answer waits for its ledger ticket at most (then: no observation)
 KEEP_MS = 3_600_000  # a ledger idle for an hour is dropped; a new one simply starts from 0
 
 
@@ -63,7 +64,8 @@ class ChargeLedger:
         self._background: set[asyncio.Future[object]] = set()
 
     def record(self, account: str, model: str, job: StoredJob) -> asyncio.Future[Ticket | None]:
-        """Add one send; its ticket comes when the batch is in the ledger (None if Redis did not answer)."""
+        """Add one send; its ticket comes when the batch is in the ledger (None if Redis did not answer).
+        Read it with ``ticket_of`` once the answer is in (a send must never hang on it)."""
         key = keys.charge_ledger(account, model)
         loop = asyncio.get_running_loop()
         batch = self._pending.get(key)
@@ -76,6 +78,17 @@ class ChargeLedger:
         batch.waiting.append((time.monotonic(), ticket))
         return ticket
 
+    @staticmethod
+    async def ticket_of(recorded: asyncio.Future[Ticket | None]) -> Ticket | None:
+        """The ticket, once the answer is in: normally there long before; else waited for a
+        second at most. Shielded: a send cancelled here must not cancel its batch-mates' ticket."""
+        if not recorded.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(recorded), TICKET_WAIT)
+            except TimeoutError:
+                return None
+        return recorded.result()
+
     async def _flush(self, key: str) -> None:
         """Runs after the sends of this turn were recorded: one call for all of them."""
         batch = self._pending.pop(key)
@@ -84,11 +97,10 @@ class ChargeLedger:
                 keys=[key], args=[len(batch.waiting), batch.sum_total, batch.max_total, KEEP_MS])
         except Exception as exc:  # the rule check loses these observations; the calls went ahead
             log.debug("charge ledger not updated: %s", exc)
-            for _, ticket in batch.waiting:
-                ticket.set_result(None)
-            return
+            n = None
         for at, ticket in batch.waiting:
-            ticket.set_result(Ticket(at, int(n), int(sum_total), int(max_total)))
+            if not ticket.done():  # a send cancelled meanwhile (shutdown) must not stop the others' tickets
+                ticket.set_result(None if n is None else Ticket(at, int(n), int(sum_total), int(max_total)))
 
     def refund(self, account: str, model: str, job: StoredJob) -> None:
         """Take back a send the server refused without charging (a 429), without waiting."""

@@ -195,7 +195,7 @@ class JobRunner:
             ledgered = self.learned.ledger.record(run.account, run.spec.name, run.job)
             with metrics.in_flight(run.spec.name, run.account):
                 resp = await self.client.post(run.job.url, run.job.body, f"{run.batch_id}/{run.job.custom_id}")
-            ticket = await ledgered
+            ticket = await self.learned.ledger.ticket_of(ledgered)
         verdict = classify(resp, park_after=self.settings.park_retry_after_seconds)
         success = verdict.verdict is Verdict.SUCCESS
         if not success:  # the boundary: an upstream error may echo the key
