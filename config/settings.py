@@ -119,9 +119,9 @@ class Settings:
     # Size each bucket's burst by the server's window, read off its remaining/reset headers (issue 11);
     # off: burst_seconds is kept, whatever the server shows.
     learn_window: bool = True
-    # Switch a model's charge rule to the one the server is seen to apply (it is always checked
-    # and a mismatch logged; switching is the user's call).
-    learn_charge_rule: bool = False
+    # Follow the charge rule the server is seen to apply (the model table's is the starting
+    # guess); off pins the configured rule, and a mismatch is only logged (once per change).
+    learn_charge_rule: bool = True
     # The part of every model's limits ratequeue may spend (0 < x <= 1): headroom left for other
     # clients of the account. What they actually spend is followed anyway (worker.reconciler).
     max_share: float = 1.0
@@ -295,7 +295,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         shutdown_grace_seconds=e.number("RATEQUEUE_SHUTDOWN_GRACE", defaults.shutdown_grace_seconds, allow_zero=True),
         learn_limits=_flag(e, "RATEQUEUE_LEARN_LIMITS", True),
         learn_window=_flag(e, "RATEQUEUE_LEARN_WINDOW", True),
-        learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", False),
+        learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", True),
         max_share=_share(e, "RATEQUEUE_MAX_SHARE", defaults.max_share),
         retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),
         model_overrides=_read_overrides(e.env),

@@ -352,9 +352,10 @@ def test_a_learned_charge_rule_prices_the_next_job(world: Any) -> None:
         jobs = [job("s1", "hello " * 1000, 1000), job("s2", "hello " * 1000, 1000), job("big", big, 16_000)]
         async with world(jobs, server, RATEQUEUE_MODEL_GPT_4O_MINI_CHARGE_RULE="max",
                          RATEQUEUE_MODEL_GPT_4O_MINI_TPM="70000", RATEQUEUE_BURST_SECONDS="60",
-                         RATEQUEUE_LEARN_CHARGE_RULE="1", RATEQUEUE_LEARN_LIMITS="0") as w:
-            # Judge after every answer, not over 10 s windows of 20 requests.
+                         RATEQUEUE_LEARN_LIMITS="0") as w:
+            # Judge after every answer, not over 2 s windows of 10 requests, and follow the first verdict.
             w.runner.learned._rule_check = ChargeRuleCheck(window=0.0, min_requests=1)
+            w.runner.learned.confirmations = 1
             spec = w.runner.table.get(MODEL)
             state = await w.runner.store.batch_state(w.batch_id)
             assert state is not None and spec.charge_rule == "max"

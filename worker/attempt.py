@@ -19,6 +19,7 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.worker import metrics
 from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.gate import BucketGate
+from ratequeue.worker.ledger import Ticket
 from ratequeue.worker.parking import pair_field
 from ratequeue.worker.policy import Classified, Verdict
 from ratequeue.worker.upstream import UpstreamResponse
@@ -86,6 +87,7 @@ class Sent:
     usage: Usage | None  # a success's usage, else None
     headers: RateLimitHeaders
     probe: bool  # the one request of a parked pair's cooldown
+    ticket: Ticket | None = None  # its place in the account-wide charge ledger (worker/ledger.py)
 
 
 @dataclass

@@ -118,6 +118,12 @@ LIMIT_TOKENS = Gauge(
     [*_PAIR, "source"],
     multiprocess_mode="mostrecent",
 )
+CHARGE_RULE = Gauge(
+    "ratequeue_charge_rule",
+    "1 for the charge rule a pair's jobs are priced by (sum or max; learned from the server unless pinned), 0 else.",
+    [*_PAIR, "rule"],
+    multiprocess_mode="mostrecent",
+)
 
 _RATE_LIMIT_TYPES = {  # the policy's reason for a 429 -> the type label
     "rate_limit_requests": "requests",
@@ -258,6 +264,15 @@ def set_limits(model: str, account: str, rpm: float, tpm: float, source: str = "
         _labels(LIMIT_TOKENS, model, account, source).set(tpm)
     except Exception:  # pragma: no cover
         log.exception("metrics: set_limits failed")
+
+
+def set_charge_rule(model: str, account: str, rule: str) -> None:
+    """Publish the charge rule in force: 1 on its series, 0 on the other rule's."""
+    try:
+        for name in ("sum", "max"):
+            _labels(CHARGE_RULE, model, account, name).set(1 if name == rule else 0)
+    except Exception:  # pragma: no cover
+        log.exception("metrics: set_charge_rule failed")
 
 
 def waited_for_capacity(model: str, account: str, seconds: float) -> None:

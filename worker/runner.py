@@ -200,20 +200,25 @@ class JobRunner:
     async def _send(self, run: JobRun, rule: str, charge: int, probe: bool) -> Sent:
         """Call upstream and classify the answer; an error answer is redacted here."""
         async with self.in_flight:
+            # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
+            ledgered = self.learned.ledger.record(run.account, run.spec.name, run.job)
             with metrics.in_flight(run.spec.name, run.account):
                 resp = await self.client.post(run.job.url, run.job.body, f"{run.batch_id}/{run.job.custom_id}")
+            ticket = await self.learned.ledger.ticket_of(ledgered)
         verdict = classify(resp, park_after=self.settings.park_retry_after_seconds)
         success = verdict.verdict is Verdict.SUCCESS
         if not success:  # the boundary: an upstream error may echo the key
             resp = redact_response(resp, configured_secrets(self.settings))
         usage = usage_of(resp.body) if success else None
-        return Sent(resp, verdict, rule, charge, usage, parse_ratelimit_headers(resp.headers), probe)
+        return Sent(resp, verdict, rule, charge, usage, parse_ratelimit_headers(resp.headers), probe, ticket)
 
     def _learn(self, run: JobRun, sent: Sent, waited: float) -> None:
         """What the answer teaches: the limits, the charge rule, the bucket's true level."""
         self.learned.learn_limits(run.pair, run.spec, sent.headers, run.gate, sent.verdict.kind.rate_limited)
         if sent.verdict.verdict is Verdict.SUCCESS:
-            self.learned.check_rule(run.pair, sent.rule, run.job, sent.headers)
+            self.learned.check_rule(run.pair, sent.rule, run.job, sent.headers, sent.ticket)
+        elif sent.resp.status == 429 and sent.ticket is not None:  # refused before the server charged it
+            self.learned.ledger.refund(run.account, run.spec.name, run.job)
         self._reconcile(run, sent, waited)
         log.info(
             "upstream model=%s charge=%d status=%s reason=%s latency=%.3fs request_id=%s",
@@ -233,6 +238,7 @@ class JobRunner:
         pair = pair_field(account, spec.name)
         await self.learned.load(pair)
         metrics.set_limits(spec.name, account, spec.rpm, spec.tpm, "configured")
+        metrics.set_charge_rule(spec.name, account, self.learned.rule(pair, spec))
         return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:

@@ -143,6 +143,18 @@ def learned_limits() -> str:
     return f"{PREFIX}:learned"
 
 
+def learned_rules() -> str:
+    """Hash: "<account>:<model>" -> "sum" | "max", the charge rule the workers learned from the
+    server's remaining-tokens headers (worker/learned.py)."""
+    return f"{PREFIX}:rules"
+
+
+def charge_ledger(account: str, model: str) -> str:
+    """Hash {n, sum, max}: running totals of every request sent on the pair by any worker, priced
+    under each charge rule (worker/lua/charge_ledger.lua)."""
+    return f"{PREFIX}:ledger:{{{account}:{model}}}"
+
+
 def batch_started(batch_id: str) -> str:
     """Hash: custom_id -> ms since epoch of the job's first run (its total deadline counts from there)."""
     return f"{_batch(batch_id)}:started"
