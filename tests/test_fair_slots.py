@@ -102,3 +102,19 @@ def test_backlog_defers_only_past_patience_and_schedules_returns_one_after_anoth
         assert backlog.schedule("k", 100, 1000) < MAX_DEFER_SECONDS
         assert backlog.schedule("k", 5, 50) == MAX_DEFER_SECONDS
     assert backlog.ahead("k") == (0.0, limits)  # the block left: nothing waits
+
+
+def test_no_schedule_is_priced_by_limits_still_a_guess() -> None:
+    # Before the server announces a pair's limits they are the model table's guess; a schedule
+    # priced by a guess lower than the account's deferred most of a batch for tens of seconds.
+    from ratequeue.worker.backlog import Backlog
+    from ratequeue.worker.limiter import BucketLimits
+
+    backlog = Backlog()
+    guess = BucketLimits(rpm=60, tpm=1_000_000, burst_seconds=5, slow_start=True)
+    with contextlib.ExitStack() as waiting:
+        for _ in range(20):  # 20 jobs waiting here: 20 s of a 60 RPM limit
+            waiting.enter_context(backlog.waiting("k", guess, 10))
+        assert backlog.defer_for("k", guess, 10, patience=1.0) is None
+        known = BucketLimits(rpm=60, tpm=1_000_000, burst_seconds=5)
+        assert backlog.defer_for("k", known, 10, patience=1.0) is not None

@@ -55,7 +55,7 @@ def test_busy_workers_keep_paid_answers_while_redis_is_full_and_finish_exactly_o
 ) -> None:
     jobs = 400
     with private_redis("--maxmemory-policy", "noeviction") as url, \
-            start_sim(["--rpm", "2400", "--tpm", "10000000", "--latency-ms", "500"]) as sim:
+            start_sim(["--rpm", "2400", "--tpm", "10000000", "--latency-ms", "500", "--burst-seconds", "5"]) as sim:
         env = base_env(url, sim.url, tmp_path, RATEQUEUE_LOG_LEVEL="INFO")
         workers = [start_worker(env), start_worker(env)]
         client = Client(load_settings(env))

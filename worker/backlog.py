@@ -89,7 +89,7 @@ class Backlog:
         """None when a job charging ``cost`` should queue now, else the seconds to defer it for:
         the jobs ahead of it here already need more than ``patience`` seconds of the bucket."""
         ahead, _ = self.ahead(key)
-        if ahead <= patience:
+        if ahead <= patience or limits.slow_start:  # limits still a guess: no schedule priced by them
             return None
         self._queues[key].limits = limits
         return self.schedule(key, 1, cost)

@@ -227,7 +227,10 @@ class Engine:
             spec = self.table.get(model) if model in self.table else None
             key = keys.bucket_key(state.account, spec.name) if spec is not None else ""
             ahead, limits = backlog.ahead(key)
-            if spec is None or limits is None or ahead <= admit_seconds(limits):
+            # Not while the limits are a guess (slow start: the server has not announced them):
+            # a schedule priced by configured limits lower than the account's deferred most of a
+            # batch for tens of seconds, long after the server's own limits were known.
+            if spec is None or limits is None or limits.slow_start or ahead <= admit_seconds(limits):
                 admitted += jobs  # an unknown model fails in the runner
                 continue
             rule = learned.rule(pair_field(state.account, spec.name), spec)
