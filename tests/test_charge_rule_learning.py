@@ -62,7 +62,14 @@ def _learn_with_two_workers(redis_url: str, tmp_path: Path, start_worker: StartW
             time.sleep(0.25)
         time.sleep(6)  # past the other worker's reload, and any second (wrong or repeated) verdict
         rule = client.redis.hget(keys.learned_rules(), f"{client.settings.account_id}:gpt-4o-mini")
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        # The second worker's gauge follows at its next reload (every 5 s) and next job: give it
+        # until it shows the published rule, or 20 s.
+        until = time.monotonic() + 20
+        while True:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if rule is None or f'rule="{rule.decode()}"}} 1.0' in body or time.monotonic() > until:
+                break
+            time.sleep(0.5)
         client.cancel(report.batch_id)
     series = "\n".join(line for line in body.splitlines() if line.startswith("ratequeue_charge_rule{"))
     return _logs(tmp_path, 2), rule, series
