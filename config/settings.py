@@ -133,6 +133,11 @@ class Settings:
     model_overrides: Mapping[str, Mapping[str, int | str]] = field(
         default_factory=lambda: FrozenMap({}), hash=False
     )
+    # Where Prometheus reaches this worker's /metrics ("host:port"), carried by its heartbeat and
+    # listed by the exporter's /sd/workers; unset: this host's name and metrics_port.
+    metrics_advertise: str | None = None
+    # The day's budget in USD (UTC day), published by the exporter as ratequeue_budget_usd; unset: none.
+    daily_budget_usd: float | None = None
 
     @property
     def account_id(self) -> str:
@@ -299,6 +304,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_share=_share(e, "RATEQUEUE_MAX_SHARE", defaults.max_share),
         retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),
         model_overrides=_read_overrides(e.env),
+        metrics_advertise=_address(e, "RATEQUEUE_METRICS_ADVERTISE"),
+        daily_budget_usd=_budget(e, "RATEQUEUE_DAILY_BUDGET_USD"),
     )
     warn_unknown(e.env, e.read)
     # A task still running when the broker's visibility timeout ends is delivered again: a duplicate
@@ -333,6 +340,27 @@ def _share(env: _Env, var: str, default: float) -> float:
     if not 0 < value <= 1:  # also refuses nan
         raise ConfigError(f"{var}={raw!r}: must be a number above 0 and at most 1 (a share of the limits)")
     return value
+
+
+def _address(env: _Env, var: str) -> str | None:
+    """A "host:port" (port 1-65535), or None when unset."""
+    raw = env.text(var)
+    if raw is None:
+        return None
+    host, _, port = raw.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{var}={raw!r}: must be host:port (port 1-65535)")
+    return raw
+
+
+def _budget(env: _Env, var: str) -> float | None:
+    """A positive amount of USD, or None when unset."""
+    if env.text(var) is None:
+        return None
+    try:
+        return env.number(var, 0.0)
+    except ConfigError:
+        raise ConfigError(f"{var}={env.text(var)!r}: must be an amount of USD above 0") from None
 
 
 def _flag(env: _Env, var: str, default: bool) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server, values
 
-from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, workers_key
+from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, worker_addresses_key, workers_key
 from ratequeue.jobstore.scripts import lua_source
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,16 @@ class Heartbeat:
 
     ``stop()`` removes the entry, so a worker shut down cleanly stops counting at once; a killed one
     stops counting after ``HEARTBEAT_STALE_SECONDS``. Redis errors are logged and retried.
+    ``address`` (``heartbeats.advertised_address``) is where Prometheus scrapes this worker: each
+    beat writes it too, and the exporter lists it (``/sd/workers``) for an hour after the last beat.
     :meth:`steady_for` tells the reaper how long this worker's own beats have gone through.
     """
 
-    def __init__(self, client: redis.Redis, name: str | None = None, interval: float = 5.0) -> None:
+    def __init__(
+        self, client: redis.Redis, name: str | None = None, interval: float = 5.0, address: str | None = None
+    ) -> None:
         self._redis = client
+        self.address = address
         self._beat = client.register_script(lua_source("heartbeat", "ratequeue.worker"))
         self.name = name or worker_name()
         self._interval = interval
@@ -132,7 +137,8 @@ class Heartbeat:
     def beat(self) -> None:
         """Write one heartbeat now, at Redis's clock (and drop entries older than an hour)."""
         try:
-            self._beat(keys=[workers_key()], args=[self.name, _FORGET_SECONDS])
+            self._beat(keys=[workers_key(), worker_addresses_key()],
+                       args=[self.name, _FORGET_SECONDS, self.address or ""])
         except redis.RedisError as exc:
             self._steady_since = None
             log.warning("heartbeat: %s", exc)
@@ -157,6 +163,7 @@ class Heartbeat:
             self._thread.join(timeout=5)
         try:
             self._redis.zrem(workers_key(), self.name)
+            self._redis.hdel(worker_addresses_key(), self.name)  # stopped, not down: no longer scraped
         except redis.RedisError as exc:
             log.warning("heartbeat: cannot remove %s: %s", self.name, exc)
 

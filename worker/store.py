@@ -46,6 +46,11 @@ class Outcome:
     cached_tokens: int = 0
     cost_usd: float = 0.0
 
+    @property
+    def cost_nano_usd(self) -> int:
+        """The cost in whole nano-dollars, as store_outcome.lua adds it (integer sums are exact)."""
+        return round(self.cost_usd * 1e9)
+
 
 class JobStore:
     """Async access to batches for the worker's event loop."""
@@ -135,7 +140,7 @@ class JobStore:
     async def _store_batch(self, batch_id: str, entries: list[tuple[str, Outcome, asyncio.Future[bool]]]) -> None:
         args: list[str | bytes | int] = []
         for custom_id, o, _ in entries:
-            args += [custom_id, o.kind, o.line, o.prompt_tokens, o.completion_tokens, o.cached_tokens, repr(o.cost_usd)]
+            args += [custom_id, o.kind, o.line, o.prompt_tokens, o.completion_tokens, o.cached_tokens, o.cost_nano_usd]
         try:
             stored = await self._store_until_accepted(batch_id, args, len(entries))
             for (_, _, future), new in zip(entries, stored, strict=True):

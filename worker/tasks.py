@@ -22,6 +22,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_fixed
 from ratequeue import broker
 from ratequeue.config.models import load_model_table
 from ratequeue.config.settings import Settings, shown_redis_url
+from ratequeue.jobstore.heartbeats import advertised_address
 from ratequeue.queue import DEFAULT_REDIS_URL, send_chunk
 from ratequeue.redis_tls import redis_options
 from ratequeue.retrying import warn_every
@@ -127,7 +128,8 @@ class WorkerRuntime:
     def on_ready(self, sender: Any = None, **_: Any) -> None:
         s = self.settings
         # First: a worker holding messages without a heartbeat looks dead to the other reapers.
-        self._heartbeat = Heartbeat(self.redis, self.name).start()
+        address = advertised_address(s.metrics_advertise, s.metrics_port)
+        self._heartbeat = Heartbeat(self.redis, self.name, address=address).start()
         self._reaper = Reaper(self.redis, self.app, self._heartbeat).start()
         self._mover = DeferredMover(
             self.redis, self.publish_chunk, chunk_size=s.chunk_size,

@@ -1,19 +1,58 @@
-"""Worker heartbeats: every worker writes its name and the time into one sorted set (see
-``worker.metrics_server.Heartbeat``); the exporter counts live workers from it, and ``wait()``
-warns when there are none (a batch that nobody runs never ends)."""
+"""Worker heartbeats: every worker writes its name and the time into one sorted set, and where
+Prometheus scrapes it into a hash (see ``worker.metrics_server.Heartbeat``); the exporter counts
+live workers from them and lists their metrics addresses for Prometheus (``/sd/workers``), and
+``wait()`` warns when there are none (a batch that nobody runs never ends)."""
 
 from __future__ import annotations
 
+import socket
+from dataclasses import dataclass
+
 import redis
 
-__all__ = ["HEARTBEAT_STALE_SECONDS", "live_workers", "redis_now", "workers_key"]
+from ratequeue.jobstore.codec import text
+
+__all__ = [
+    "HEARTBEAT_STALE_SECONDS",
+    "ListedWorker",
+    "advertised_address",
+    "listed_workers",
+    "live_workers",
+    "redis_now",
+    "worker_addresses_key",
+    "workers_key",
+]
 
 HEARTBEAT_STALE_SECONDS = 30.0  # a worker silent this long counts as down
+
+
+@dataclass(frozen=True)
+class ListedWorker:
+    """A worker heard within the last hour: its name, metrics address and last beat (s since epoch)."""
+
+    name: str
+    address: str
+    last_seen: float
 
 
 def workers_key() -> str:
     """Sorted set: worker name -> time of its last heartbeat (s since epoch)."""
     return "rq:workers"
+
+
+def worker_addresses_key() -> str:
+    """Hash: worker name -> "host:port" of its ``/metrics``, written with each beat and forgotten
+    with it (worker/lua/heartbeat.lua)."""
+    return "rq:workers:addresses"
+
+
+def advertised_address(advertise: str | None, port: int | None) -> str | None:
+    """Where Prometheus reaches a worker's ``/metrics``: ``RATEQUEUE_METRICS_ADVERTISE`` as given,
+    else this host's name and ``RATEQUEUE_METRICS_PORT`` (a container's name is its hostname under
+    compose); None when the worker serves no metrics."""
+    if advertise:
+        return advertise
+    return f"{socket.gethostname()}:{port}" if port is not None else None
 
 
 def redis_now(client: redis.Redis) -> float:
@@ -26,3 +65,15 @@ def redis_now(client: redis.Redis) -> float:
 def live_workers(client: redis.Redis) -> int:
     """How many workers sent a heartbeat within ``HEARTBEAT_STALE_SECONDS`` (by Redis's clock)."""
     return int(client.zcount(workers_key(), redis_now(client) - HEARTBEAT_STALE_SECONDS, "+inf"))
+
+
+def listed_workers(client: redis.Redis) -> list[ListedWorker]:
+    """Every worker with a metrics address whose heartbeat is not yet forgotten (an hour), newest
+    beat first. Live or dead alike: Prometheus reads ``up`` 0 for a dead one, which is what
+    ``RatequeueWorkerDown`` needs."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zrevrange(workers_key(), 0, -1, withscores=True)
+        pipe.hgetall(worker_addresses_key())
+        beats, addresses = pipe.execute()
+    found = {text(name): text(address) for name, address in addresses.items()}
+    return [ListedWorker(text(name), found[text(name)], float(seen)) for name, seen in beats if text(name) in found]

@@ -97,11 +97,20 @@ def batch_keys(batch_id: str) -> list[str]:
 
 
 def outcome_keys(batch_id: str) -> list[str]:
-    """The KEYS of store_outcome.lua: results, errors, meta, jobs, claims, models, then the
-    batch's other keys."""
+    """The KEYS of store_outcome.lua: results, errors, meta, jobs, claims, models, the
+    deployment's totals, then the batch's other keys."""
     first = [batch_results(batch_id), batch_errors(batch_id), batch_meta(batch_id), batch_jobs(batch_id),
              batch_claims(batch_id), batch_models(batch_id)]
-    return first + [k for k in batch_keys(batch_id) if k not in first]
+    return [*first, totals(), *(k for k in batch_keys(batch_id) if k not in first)]
+
+
+def totals() -> str:
+    """Hash: the deployment's counters of stored outcomes since Redis began, never expiring:
+    ``completed:<model>``, ``failed:<model>``, ``prompt_tokens:<model>``,
+    ``completion_tokens:<model>``, ``cost_nusd:<model>`` (nano-dollars) and
+    ``cost_nusd_day:<days since epoch>`` (all models, the UTC day). Written by store_outcome.lua
+    with each outcome; published by ratequeue/producer/exporter_totals.py."""
+    return f"{PREFIX}:totals"
 
 
 def batch_models(batch_id: str) -> str:
