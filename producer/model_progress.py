@@ -126,25 +126,32 @@ def read_pauses(client: redis.Redis, account: str, models: Iterable[str]) -> dic
     return found
 
 
-def read_model_counts(client: redis.Redis, batch_id: str, account: str, running: bool = True) -> dict[str, ModelCounts]:
-    """Per-model counts of a batch; ``running=False`` (an ended batch) skips leases and pauses."""
+def model_counters(raw: Mapping[Any, Any]) -> dict[str, dict[str, int]]:
+    """A batch's per-model counters hash (``keys.batch_models``) as model -> counter -> value."""
     counters: dict[str, dict[str, int]] = {}
-    for field, value in client.hgetall(keys.batch_models(batch_id)).items():
+    for field, value in raw.items():
         counter, _, model = text(field).partition(":")
         if counter in _COUNTERS:
             counters.setdefault(model, {})[counter] = int(value)
     # A model with outcomes but no jobs counted was submitted before these counters existed
     # (outcomes stored since an upgrade): its counts would mislead, so it is left out.
-    counters = {model: c for model, c in counters.items() if "jobs" in c}
+    return {model: c for model, c in counters.items() if "jobs" in c}
+
+
+def counts_of(counters: Mapping[str, int], in_flight: int = 0, paused: Pause | None = None) -> ModelCounts:
+    """One model's ``model_counters`` entry as ``ModelCounts``."""
+    return ModelCounts(counters.get("jobs", 0), counters.get("completed", 0), counters.get("failed", 0), in_flight,
+                       counters.get("charge", 0), counters.get("charge_done", 0), paused)
+
+
+def read_model_counts(client: redis.Redis, batch_id: str, account: str, running: bool = True) -> dict[str, ModelCounts]:
+    """Per-model counts of a batch; ``running=False`` (an ended batch) skips leases and pauses."""
+    counters = model_counters(client.hgetall(keys.batch_models(batch_id)))
     if not counters:
         return {}
     in_flight = _in_flight(client, batch_id, list(counters)) if running else {}
     pauses = read_pauses(client, account, counters) if running else {}
-    return {
-        model: ModelCounts(c.get("jobs", 0), c.get("completed", 0), c.get("failed", 0), in_flight.get(model, 0),
-                           c.get("charge", 0), c.get("charge_done", 0), pauses.get(model))
-        for model, c in sorted(counters.items())
-    }
+    return {model: counts_of(c, in_flight.get(model, 0), pauses.get(model)) for model, c in sorted(counters.items())}
 
 
 def _in_flight(client: redis.Redis, batch_id: str, models: list[str]) -> dict[str, int]:
@@ -178,6 +185,19 @@ def model_limits(client: redis.Redis, table: ModelTable, account: str, model: st
     except UnknownModelError:
         return None
     return ModelLimits(float(spec.rpm), float(spec.tpm), "configured")
+
+
+def share_in_force(client: redis.Redis, account: str, model: str, max_share: float) -> float:
+    """The part of the limits the workers spend on a pair now: ``RATEQUEUE_MAX_SHARE`` times the
+    share other clients of the account leave (field ``fs`` of the pair's bucket, reconcile.lua;
+    missing: all of it), as ``worker.learned`` applies it."""
+    raw = client.hget(keys.bucket_key(account, model), "fs")
+    return max_share * (float(text(raw)) if raw is not None else 1.0)
+
+
+def at_share(limits: ModelLimits, share: float) -> ModelLimits:
+    """``limits`` times ``share``: the rate the workers actually run at."""
+    return ModelLimits(limits.rpm * share, limits.tpm * share, limits.source)
 
 
 def limit_eta(counts: ModelCounts, limits: ModelLimits) -> tuple[float, str]:
