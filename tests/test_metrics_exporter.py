@@ -26,6 +26,7 @@ from tests.conftest import METRICS_REDIS_URL, ROOT, base_env, private_redis
 REDIS_URL = METRICS_REDIS_URL
 BURST = 5.0
 MAXMEMORY = 20 * 1024 * 1024
+MINI = {"model": "gpt-4o-mini"}
 
 
 @pytest.fixture
@@ -44,9 +45,13 @@ def _registry(client: redis.Redis, learn: bool = True) -> CollectorRegistry:
 
 
 def _batch(client: redis.Redis, batch_id: str, status: str, total: int, completed: int, failed: int,
-           cost: float, created: float) -> None:
+           cost: float, created: float, model: str = "gpt-4o-mini") -> None:
+    """A batch's meta and per-model counters as submit and store_outcome.lua write them."""
     client.hset(keys.batch_meta(batch_id), mapping={
         "status": status, "total": total, "completed": completed, "failed": failed, "cost_usd": repr(cost),
+    })
+    client.hset(keys.batch_models(batch_id), mapping={
+        f"jobs:{model}": total, f"completed:{model}": completed, f"failed:{model}": failed,
     })
     client.zadd(keys.batches_index(), {batch_id: created})
 
@@ -55,12 +60,13 @@ def test_queue_depth_unacked_and_deferred(mredis: redis.Redis) -> None:
     mredis.rpush("ratequeue", "m1", "m2", "m3")
     mredis.rpush("ratequeue\x06\x163", "m4")  # kombu's list for priority 3
     mredis.hset("unacked", mapping={"tag1": "x", "tag2": "y"})
+    _batch(mredis, "b", "in_progress", 5, 0, 0, 0.0, 1.0)
     now_ms = int(time.time() * 1000)
     mredis.zadd(keys.deferred_jobs(), {"b\tc1": now_ms - 5000, "b\tc2": now_ms + 60_000, "b\tc3": now_ms + 5000})
     reg = _registry(mredis)
     assert reg.get_sample_value("ratequeue_queue_depth_messages", {"queue": "ratequeue"}) == 4
     assert reg.get_sample_value("ratequeue_unacked_messages") == 2
-    assert reg.get_sample_value("ratequeue_deferred_jobs") == 3
+    assert reg.get_sample_value("ratequeue_deferred_jobs", {"model": "gpt-4o-mini"}) == 3
     assert reg.get_sample_value("ratequeue_deferred_due_jobs") == 1
     assert reg.get_sample_value("ratequeue_redis_up") == 1
 
@@ -75,7 +81,7 @@ def test_batches_by_status_pending_jobs_and_recent_costs(mredis: redis.Redis) ->
                       ("validating", "in_progress", "finalizing", "completed", "failed", "cancelled", "expired")}
     assert collector_view == {"validating": 1, "in_progress": 1, "finalizing": 0, "completed": 1, "failed": 0,
                               "cancelled": 1, "expired": 0}
-    assert reg.get_sample_value("ratequeue_pending_jobs") == 6 + 4  # unfinished batches only
+    assert reg.get_sample_value("ratequeue_pending_jobs", MINI) == 6 + 4  # unfinished batches only
     assert reg.get_sample_value("ratequeue_recent_batch_cost_usd", {"batch_id": "batch_old"}) == 0.5
     assert reg.get_sample_value("ratequeue_recent_batch_cost_usd", {"batch_id": "batch_run"}) == 0.25
 
@@ -86,7 +92,7 @@ def test_batches_by_status_pending_jobs_and_recent_costs(mredis: redis.Redis) ->
     mredis.zrem(keys.batches_index(), "batch_bye")
     assert reg.get_sample_value("ratequeue_batches", {"status": "completed"}) == 2
     assert reg.get_sample_value("ratequeue_batches", {"status": "cancelled"}) == 0
-    assert reg.get_sample_value("ratequeue_pending_jobs") == 4
+    assert reg.get_sample_value("ratequeue_pending_jobs", MINI) == 4
     assert reg.get_sample_value("ratequeue_recent_batch_cost_usd", {"batch_id": "batch_run"}) == 0.75
     assert reg.get_sample_value("ratequeue_recent_batch_cost_usd", {"batch_id": "batch_bye"}) is None
 
@@ -176,7 +182,7 @@ def test_redis_memory_against_maxmemory_up_to_full(limited_redis: redis.Redis) -
     used = reg.get_sample_value("ratequeue_redis_memory_used_bytes")
     assert used is not None and used / MAXMEMORY > 0.95  # what RatequeueRedisMemoryFull compares
     assert reg.get_sample_value("ratequeue_redis_up") == 1
-    assert reg.get_sample_value("ratequeue_pending_jobs") == 6
+    assert reg.get_sample_value("ratequeue_pending_jobs", MINI) == 6
     assert reg.get_sample_value("ratequeue_bucket_level_requests", {"model": "gpt-4o-mini", "account": "acc1"})
     # Deleting makes room again (what the alerts advise), and the gauge follows.
     client.delete(*[f"fill:{i}" for i in range(MAXMEMORY // 100_000 + 100)])
@@ -226,7 +232,7 @@ def test_exporter_process_serves_metrics(mredis: redis.Redis, tmp_path: Path) ->
         assert "listening on http://127.0.0.1:" in line, line
         url = line.strip().rsplit(" ", 1)[-1]
         body = urllib.request.urlopen(url, timeout=5).read().decode()
-        assert "ratequeue_pending_jobs 2.0" in body
+        assert 'ratequeue_pending_jobs{model="gpt-4o-mini"} 2.0' in body
         assert 'ratequeue_batches{status="in_progress"} 1.0' in body
         assert "ratequeue_redis_memory_used_bytes " in body and "ratequeue_redis_memory_max_bytes " in body
     finally:
