@@ -1,14 +1,15 @@
 """The exporter's queue gauges: chunk messages in Celery's list and held unacked by workers, and
 jobs in the deferred set per model.
 
-Where a batch's jobs wait (measured, issue 12: 2 workers of 32 slots, 3,000 jobs of one model in
-60 chunks of 50 at 600 RPM): workers take every chunk message at once (one per free slot), so
-Celery's list reads 0 a second after submit; a chunk that cannot run within ``defer_after``
-seconds moves its jobs into the deferred set and is acked. A few seconds later: list 0, ~20
-messages unacked, ~2,100 jobs deferred, ~2,300 pending. ``ratequeue_queue_depth_messages`` was
-right all along (the dashboard's "Queue depth 0 while 2,465 jobs pending"): it counts messages
-waiting for a worker slot, which is rarely where the work is. Work still to do is
-``ratequeue_pending_jobs``; of it, the part waiting out a deferral is ``ratequeue_deferred_jobs``.
+Where a batch's jobs wait (measured for issue 12: 2 workers of 32 slots, 3,000 jobs of one model
+in 60 chunks of 50, at 600 RPM): workers take every chunk message at once (one per free slot),
+so Celery's list read 0 from the first sample (2.5 s after submit: 2,397 pending, 48 messages
+unacked, 0 deferred); a chunk that cannot run within ``defer_after`` seconds moves its jobs into
+the deferred set and is acked (10 s later: 2,317 pending, 7 unacked, 2,116 deferred, list 0).
+``ratequeue_queue_depth_messages`` was right (the dashboard's "Queue depth 0 while 2,465 jobs
+were pending"): it counts messages waiting for a worker slot, which is rarely where the work is.
+Work still to do is ``ratequeue_pending_jobs``; of it, the part waiting out a deferral is
+``ratequeue_deferred_jobs``, the part in workers' hands ``ratequeue_unacked_messages`` (chunks).
 
 The deferred set holds ``<batch_id>\\t<custom_id>`` members, without the model. A scrape
 attributes them without reading jobs in the usual cases: when only one model has pending jobs,

@@ -174,6 +174,9 @@ def test_redis_memory_against_maxmemory_up_to_full(limited_redis: redis.Redis) -
     # Something for every read of a scrape, the bucket's Lua peek included, then fill Redis until it
     # refuses writes: the scrape that matters most must still read everything.
     _batch(client, "batch_run", "in_progress", 10, 3, 1, 0.25, 2.0)
+    client.zadd(workers_key(), {"w1": time.time() + 600})  # a live worker (its beat stays recent)
+    full = {"model": "gpt-4o-mini", "reason": "redis_full"}
+    assert reg.get_sample_value("ratequeue_stalled", full) == 0
     spec = load_model_table_from().get("gpt-4o-mini")
     SyncLimiter(client).reserve(keys.bucket_key("acc1", "gpt-4o-mini"), BucketLimits(spec.rpm, spec.tpm, BURST), [1])
     with pytest.raises(redis.OutOfMemoryError):
@@ -183,11 +186,14 @@ def test_redis_memory_against_maxmemory_up_to_full(limited_redis: redis.Redis) -
     assert used is not None and used / MAXMEMORY > 0.95  # what RatequeueRedisMemoryFull compares
     assert reg.get_sample_value("ratequeue_redis_up") == 1
     assert reg.get_sample_value("ratequeue_pending_jobs", MINI) == 6
+    assert reg.get_sample_value("ratequeue_stalled", full) == 1  # no outcome can be stored
+    assert reg.get_sample_value("ratequeue_eta_seconds", MINI) is None
     assert reg.get_sample_value("ratequeue_bucket_level_requests", {"model": "gpt-4o-mini", "account": "acc1"})
     # Deleting makes room again (what the alerts advise), and the gauge follows.
     client.delete(*[f"fill:{i}" for i in range(MAXMEMORY // 100_000 + 100)])
     used = reg.get_sample_value("ratequeue_redis_memory_used_bytes")
     assert used is not None and used < MAXMEMORY / 4
+    assert reg.get_sample_value("ratequeue_stalled", full) == 0
 
 
 @pytest.mark.integration  # a private redis-server

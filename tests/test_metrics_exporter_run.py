@@ -1,8 +1,9 @@
 """The exporter against a real run (issue 12, findings 6 and 8): two worker processes and the
 simulator, one worker SIGKILLed mid-batch. The exporter's counters of stored outcomes equal what
 Redis holds once the batch is done (the killed worker's last outcomes included), and its
-``/sd/workers`` keeps listing the killed worker (Prometheus reads it as down) while a worker
-stopped cleanly leaves the list."""
+``/sd/workers`` keeps listing the killed worker, which a real Prometheus discovering workers
+through it reads as ``up == 0`` (what ``RatequeueWorkerDown`` needs), while a worker stopped
+cleanly leaves the list."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ratequeue.jobstore.heartbeats import live_workers
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import SimHandle, start_sim
 from tests.conftest import ROOT, base_env, wait_until
+from tests.test_ops_prometheus import Prometheus
 
 MODEL = "gpt-4o-mini"
 JOBS = 300
@@ -69,6 +71,7 @@ def exporter(redis_url: str, tmp_path: Path) -> Iterator[str]:
     proc.wait(timeout=10)
 
 
+@pytest.mark.timeout(400)  # two workers, a 30 s reaper wait, a batch, Prometheus: ~70 s unloaded
 def test_stored_totals_equal_redis_and_a_killed_worker_stays_a_target(
     redis_url: str, rclient: redis.Redis, sim: SimHandle, exporter: str, tmp_path: Path,
     start_worker: Callable[[dict[str, str]], subprocess.Popen[bytes]],
@@ -87,6 +90,17 @@ def test_stored_totals_equal_redis_and_a_killed_worker_stays_a_target(
 
     wait_until(lambda: targets() == sorted(f"127.0.0.1:{p}" for p in ports), 30, "both workers listed",
                explain=targets)
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "scrape_configs": [{"job_name": "ratequeue-worker",
+                                  "http_sd_configs": [{"url": f"{exporter}/sd/workers", "refresh_interval": "1s"}]}]}
+    prom_dir = tmp_path / "prometheus"
+    prom_dir.mkdir()
+    prom = Prometheus(config, prom_dir, _free_port())
+
+    def up() -> dict[str, float]:
+        result = prom.api("query", query='up{job="ratequeue-worker"}')["result"]
+        return {r["metric"]["instance"]: float(r["value"][1]) for r in result}
+
     client = Client(load_settings(env), publish=None)
     rows = [{"custom_id": f"j-{i}", "method": "POST", "url": "/v1/chat/completions",
              "body": {"model": MODEL, "messages": [{"role": "user", "content": f"Summarise item {i}."}],
@@ -100,6 +114,8 @@ def test_stored_totals_equal_redis_and_a_killed_worker_stays_a_target(
     workers[0].send_signal(signal.SIGKILL)  # its chunks go back when its heartbeat is stale (30 s)
     workers[0].wait()
     assert targets() == sorted(f"127.0.0.1:{p}" for p in ports)  # dead, still scraped: up == 0
+    wait_until(lambda: up() == {f"127.0.0.1:{ports[0]}": 0.0, f"127.0.0.1:{ports[1]}": 1.0}, 30,
+               "Prometheus to read the killed worker as down", explain=up)
     batch = client.wait(batch_id, timeout=240)
     assert batch["request_counts"] == {"total": JOBS, "completed": JOBS, "failed": 0}
 
@@ -119,3 +135,4 @@ def test_stored_totals_equal_redis_and_a_killed_worker_stays_a_target(
     workers[1].terminate()  # stopped cleanly: not down, no longer a target
     workers[1].wait(timeout=30)
     assert targets() == [f"127.0.0.1:{ports[0]}"]
+    prom.stop()
