@@ -81,6 +81,7 @@ class RedisCollector(Collector):
         self._redis = client
         self._table = table
         self._max_share = max_share
+        self._learn = learn_limits
         self._budget = daily_budget_usd
         self._batches = BatchReader()
         self._queue = QueueReader(queue)
@@ -119,7 +120,12 @@ class RedisCollector(Collector):
         ]
 
     def _limits_in_force(self, account: str, model: str) -> ModelLimits | None:
-        limits = model_limits(self._redis, self._table, account, model)
+        """The pair's limits as its workers run them: learned (unless learning is off), at the share."""
+        if self._learn:
+            limits = model_limits(self._redis, self._table, account, model)
+        else:
+            spec = self._table.get(model) if model in self._table else None
+            limits = ModelLimits(float(spec.rpm), float(spec.tpm), "configured") if spec else None
         return at_share(limits, share_in_force(self._redis, account, model, self._max_share)) if limits else None
 
 

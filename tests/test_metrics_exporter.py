@@ -18,9 +18,11 @@ from redis.retry import Retry
 
 from ratequeue.config.models import load_model_table_from
 from ratequeue.jobstore import keys
+from ratequeue.jobstore.heartbeats import worker_addresses_key
 from ratequeue.producer.exporter import RECENT_BATCHES, RedisCollector
+from ratequeue.producer.exporter_workers import sd_targets
 from ratequeue.worker.limiter import BucketLimits, SyncLimiter
-from ratequeue.worker.metrics_server import workers_key
+from ratequeue.worker.metrics_server import Heartbeat, workers_key
 from tests.conftest import METRICS_REDIS_URL, ROOT, base_env, private_redis
 
 REDIS_URL = METRICS_REDIS_URL
@@ -162,6 +164,24 @@ def test_live_workers_from_heartbeats(mredis: redis.Redis) -> None:
     mredis.zadd(workers_key(), {"w1": now - 1, "w2": now - 5, "w3": now - 600})
     assert reg.get_sample_value("ratequeue_workers_alive") == 2
     assert reg.get_sample_value("ratequeue_worker_last_seen_timestamp_seconds") == pytest.approx(now - 1)
+
+
+def test_worker_discovery_lists_heartbeat_addresses_for_an_hour(mredis: redis.Redis) -> None:
+    """/sd/workers: one target per address (the newest worker's), a dead one kept for an hour."""
+    beat = Heartbeat(mredis, "ratequeue-2@new", address="10.0.0.2:9464").start()
+    beat.stop()  # stopped cleanly: forgotten at once
+    assert sd_targets(mredis) == []
+    now = time.time()
+    mredis.zadd(workers_key(), {"dead": now - 600, "old": now - 4000, "before": now - 900, "none": now})
+    mredis.hset(worker_addresses_key(), mapping={"dead": "10.0.0.1:9464", "old": "10.0.0.3:9464",
+                                                 "before": "10.0.0.1:9464"})
+    beat = Heartbeat(mredis, "ratequeue-2@new", address="10.0.0.2:9464").start()
+    try:
+        assert [(t["targets"], t["labels"]["__meta_ratequeue_worker"]) for t in sd_targets(mredis)] == [
+            (["10.0.0.2:9464"], "ratequeue-2@new"), (["10.0.0.1:9464"], "dead"),  # an hour-old beat: gone
+        ]
+    finally:
+        beat.stop()
 
 
 @pytest.mark.integration  # a private redis-server

@@ -154,3 +154,17 @@ def test_stored_totals_count_each_outcome_once_and_the_days_spend(mredis: redis.
     assert value("ratequeue_spent_usd", {"scope": "daily"}) == 0
     # The totals outlive the batch: it ended (every job stored) with TTLs on its keys, not on them.
     assert mredis.ttl(keys.batch_meta(batch_id)) > 0 and mredis.ttl(keys.totals()) == -1
+
+
+def test_eta_uses_the_limits_the_workers_use(mredis: redis.Redis, client: Client) -> None:
+    """Learned limits (rq:learned) when learning is on, the table's when it is off."""
+    batch_id = _submit(client, [MINI] * 10, "j")
+    mredis.zadd(workers_key(), {"w1": time.time()})
+    learned = {"rpm": 5, "tpm": 100_000_000, "at": 1}  # 10 requests at 5 RPM: 120 s
+    mredis.hset(keys.learned_limits(), keys.pair_field(client.settings.account_id, MINI), orjson.dumps(learned))
+    assert _registry(mredis).get_sample_value("ratequeue_eta_seconds", {"model": MINI}) == pytest.approx(120)
+    spec = load_model_table_from().get(MINI)
+    counts = ModelCounts(10, 0, 0, 0, client.status(batch_id)["models"][MINI]["tokens"], 0)
+    table_eta, _ = limit_eta(counts, ModelLimits(spec.rpm, spec.tpm, "configured"))
+    plain = _registry(mredis, learn_limits=False)
+    assert plain.get_sample_value("ratequeue_eta_seconds", {"model": MINI}) == pytest.approx(table_eta)

@@ -27,7 +27,12 @@ from typing import Any
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server, values
 
-from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, worker_addresses_key, workers_key
+from ratequeue.jobstore.heartbeats import (
+    HEARTBEAT_FORGET_SECONDS,
+    HEARTBEAT_STALE_SECONDS,
+    worker_addresses_key,
+    workers_key,
+)
 from ratequeue.jobstore.scripts import lua_source
 
 log = logging.getLogger(__name__)
@@ -44,7 +49,6 @@ __all__ = [
     "workers_key",
 ]
 
-_FORGET_SECONDS = 3600.0  # heartbeats older than this are removed
 
 _servers: list[Any] = []
 
@@ -138,7 +142,7 @@ class Heartbeat:
         """Write one heartbeat now, at Redis's clock (and drop entries older than an hour)."""
         try:
             self._beat(keys=[workers_key(), worker_addresses_key()],
-                       args=[self.name, _FORGET_SECONDS, self.address or ""])
+                       args=[self.name, HEARTBEAT_FORGET_SECONDS, self.address or ""])
         except redis.RedisError as exc:
             self._steady_since = None
             log.warning("heartbeat: %s", exc)

@@ -13,6 +13,7 @@ import redis
 from ratequeue.jobstore.codec import text
 
 __all__ = [
+    "HEARTBEAT_FORGET_SECONDS",
     "HEARTBEAT_STALE_SECONDS",
     "ListedWorker",
     "advertised_address",
@@ -24,6 +25,7 @@ __all__ = [
 ]
 
 HEARTBEAT_STALE_SECONDS = 30.0  # a worker silent this long counts as down
+HEARTBEAT_FORGET_SECONDS = 3600.0  # a worker silent this long is forgotten (no longer a scrape target)
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,10 @@ def live_workers(client: redis.Redis) -> int:
 def listed_workers(client: redis.Redis) -> list[ListedWorker]:
     """Every worker with a metrics address whose heartbeat is not yet forgotten (an hour), newest
     beat first. Live or dead alike: Prometheus reads ``up`` 0 for a dead one, which is what
-    ``RatequeueWorkerDown`` needs."""
+    ``RatequeueWorkerDown`` needs. Beats are forgotten by the next worker's beat; with none
+    beating, the age bound here still drops them."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.zrevrange(workers_key(), 0, -1, withscores=True)
+        pipe.zrevrangebyscore(workers_key(), "+inf", redis_now(client) - HEARTBEAT_FORGET_SECONDS, withscores=True)
         pipe.hgetall(worker_addresses_key())
         beats, addresses = pipe.execute()
     found = {text(name): text(address) for name, address in addresses.items()}
