@@ -108,10 +108,11 @@ def project_config(worker: int, exporter: int, prometheus: int) -> dict[str, Any
     """ops/prometheus/prometheus.yml with local targets for its jobs and 1 s intervals."""
     config: dict[str, Any] = yaml.safe_load((PROM / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config.pop("alerting")  # no Alertmanager here: the rules are evaluated, nothing is sent
     targets = {"ratequeue-worker": worker, "ratequeue-exporter": exporter, "prometheus": prometheus}
     assert [job["job_name"] for job in config["scrape_configs"]] == list(targets)
     for job in config["scrape_configs"]:
-        job.pop("dns_sd_configs", None)  # the compose service's DNS name: one local worker here
+        job.pop("http_sd_configs", None)  # the exporter's /sd/workers at a compose address: one local worker here
         job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
     return config
 
@@ -155,7 +156,8 @@ def test_dashboard_and_rules_against_a_real_prometheus(
     worker_port, exporter_port, prom_port = free_ports(3)
     env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_METRICS_PORT=str(worker_port),
                    RATEQUEUE_MODEL_GPT_4O_MINI_RPM="6000", RATEQUEUE_CHUNK_SIZE="10",
-                   RATEQUEUE_PARK_COOLDOWN="300", RATEQUEUE_LEARN_WINDOW="0")
+                   RATEQUEUE_PARK_COOLDOWN="300", RATEQUEUE_LEARN_WINDOW="0",
+                   RATEQUEUE_DAILY_BUDGET_USD="100")  # the budget panel's figure (absent when unset)
     start_worker(env)
     exporter = subprocess.Popen(
         [sys.executable, "-m", "ratequeue.producer.exporter", "--port", str(exporter_port), "--host", "127.0.0.1"],

@@ -314,3 +314,18 @@ def test_the_eta_panel_says_stalled_and_why(tmp_path: Path) -> None:
     assert mappings["-3"]["text"] == "stalled (no_workers)"
     assert {m["text"] for m in mappings.values()} == {f"stalled ({r})" for r in
                                                       ("parked", "paused", "no_workers", "redis_full")}
+
+
+def test_readme_describes_every_panel_and_has_a_runbook_line_per_alert() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Monitoring", 1)[1].split("\n## ", 1)[0]
+    panels = section.split("### The dashboard, panel by panel", 1)[1].split("\n### ", 1)[0]
+    for panel in dashboard()["panels"]:
+        if panel["type"] != "row":
+            assert panel["title"] in panels, f"README does not say what panel {panel['title']!r} shows"
+    runbook = section.split("### Alerts and what to do", 1)[1]
+    groups = yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+    for rule in (rule for group in groups for rule in group["rules"] if "alert" in rule):
+        line = next((row for row in runbook.splitlines() if row.startswith(f"| {rule['alert']} |")), None)
+        assert line, f"no runbook line for {rule['alert']}"
+        assert f"| {rule['labels']['severity']} |" in line, line

@@ -50,15 +50,15 @@ def redis_row() -> Section:
         ], "Deployment-wide: workers' Redis calls that failed, by operation.", w=8, zero=True))
         .with_panel(single("Redis reachable", "short", [("max(ratequeue_redis_up)", "redis")],
                            "Deployment-wide: 1 when the exporter could read Redis at its last scrape.", w=4))
-        .with_panel(single("Paid answers held by workers", "short", [("sum(ratequeue_outcomes_held) or vector(0)",
-                                                                      "held")],
-                           "Deployment-wide: answers paid for that workers keep in memory because Redis cannot take them (down, "
-                           "loading or full); lost if a worker stops meanwhile.", w=4, red_above=1))
+        .with_panel(single("Paid answers held by workers", "short",
+                           [("sum(ratequeue_outcomes_held) or vector(0)", "held")],
+                           "Deployment-wide: answers paid for that workers keep in memory because Redis cannot "
+                           "take them (down, loading or full); lost if a worker stops meanwhile.", w=4, red_above=1))
         .with_panel(graph("Redis memory used vs maxmemory", "bytes", [(used, "used"), (limit, "maxmemory")],
-                          "Deployment-wide. At maxmemory (policy noeviction) Redis refuses every write: submits fail, workers hold "
-                          "answers. No maxmemory line: none is set."))
+                          "Deployment-wide. At maxmemory (policy noeviction) Redis refuses every write: submits "
+                          "fail, workers hold answers. No maxmemory line: none is set."))
         .with_panel(single("Redis memory (share of maxmemory)", "percentunit", [(f"{used} / {limit}", "used")],
-                           "Deployment-wide. Alerts: 85% for 5 min (warning), 95% for 1 min (critical). Free memory with "
-                           "`ratequeue delete` or RATEQUEUE_RETENTION_SECONDS, or raise maxmemory.",
+                           "Deployment-wide. Alerts: 85% for 5 min (warning), 95% for 1 min (critical). Free "
+                           "memory with `ratequeue delete` or RATEQUEUE_RETENTION_SECONDS, or raise maxmemory.",
                            w=12, red_above=0.95, orange_above=0.85))
     )
