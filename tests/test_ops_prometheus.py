@@ -230,7 +230,10 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
     end = time.time()
     empty = []
     data = json.loads(DASHBOARD.read_text())
-    for panel in data["panels"]:
+    # Annotations, as instant queries: the parked pair may be newer than the last step of a range.
+    annotations = [{"title": a["name"], "targets": [{**a["target"], "instant": True}]}
+                   for a in data["annotations"]["list"] if "expr" in a]
+    for panel in data["panels"] + annotations:
         for target in panel.get("targets", []):
             expr = target["expr"]
             for var, value in GRAFANA_VARS.items():
@@ -240,9 +243,11 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
                 result = prom.api("query", query=expr)["result"]
             else:
                 result = prom.api("query_range", query=expr, start=str(started), end=str(end), step="1")["result"]
+            # A worker is up: its own series, not the "(no workers)" 0 a worker-fed graph falls back to.
+            result = [series for series in result if series["metric"].get("model") != "(no workers)"]
             if not result:
                 empty.append(f"{panel['title']} [{target['refId']}]: {expr}")
-    for variable in data["templating"]["list"]:
+    for variable in (v for v in data["templating"]["list"] if v["type"] == "query"):
         metric, label = variable["query"][len("label_values("):-1].split(", ")
         values = prom.api(f"label/{label}/values", **{"match[]": metric})
         assert values, variable["query"]
