@@ -55,18 +55,20 @@ def free_ports(n: int) -> list[int]:
 class Prometheus:
     """A Prometheus server process and its HTTP API."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, port: int) -> None:
+    def __init__(
+        self, config: dict[str, Any], workdir: Path, port: int, rules: str | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus missing: scripts/setup installs the Debian package prometheus")
         self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        shutil.copy(PROM / "alerts.yml", workdir / "alerts.yml")
+        (workdir / "alerts.yml").write_text(rules if rules is not None else (PROM / "alerts.yml").read_text())
         self.log = (workdir / "prometheus.log").open("wb")
         self.process = subprocess.Popen(
             [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn", *args],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir,
         )
         wait_until(self.ready, 20, "Prometheus to be ready", poll=0.2)
