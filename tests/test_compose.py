@@ -5,6 +5,7 @@ ports that agree with the Prometheus config, and a README that starts the same p
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,9 @@ def test_compose_file_matches_the_compose_specification() -> None:
 
 def test_the_stack_has_what_the_issue_asks_for() -> None:
     svc = services()
-    assert {"redis", "worker", "exporter", "prometheus", "grafana", "sim"} <= set(svc)
+    assert {"redis", "worker", "exporter", "prometheus", "alertmanager", "grafana", "sim"} <= set(svc)
+    # The worker's /metrics must be reachable from Prometheus' container (it binds 127.0.0.1 by default).
+    assert svc["worker"]["environment"]["RATEQUEUE_METRICS_HOST"] == "0.0.0.0"
     assert "--appendonly" in svc["redis"]["command"] and any(v.endswith(":/data") for v in svc["redis"]["volumes"])
     assert "dryrun" in svc["sim"]["profiles"]
     env = svc["grafana"]["environment"]
@@ -67,7 +70,7 @@ def test_each_project_command_is_a_real_cli_command(name: str) -> None:
 def test_the_worker_scales() -> None:
     worker = services()["worker"]
     assert "container_name" not in worker, "--scale needs generated container names"
-    assert "ports" not in worker, "replicas cannot share a host port; Prometheus finds them by DNS"
+    assert "ports" not in worker, "replicas cannot share a host port; Prometheus finds them by /sd/workers"
 
 
 def _bind_mounts() -> list[tuple[str, str, str]]:
@@ -113,18 +116,26 @@ def test_paths_the_services_read_are_mounted() -> None:
     assert _mounted("grafana", env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]).is_file()
     assert (_mounted("grafana", "/etc/grafana/provisioning") / "datasources/prometheus.yml").is_file()
     assert env["RATEQUEUE_PROMETHEUS_URL"] == "http://prometheus:9090"
+    alertmanager = svc["alertmanager"]["command"]
+    config = next(a.split("=", 1)[1] for a in alertmanager if a.startswith("--config.file="))
+    assert _mounted("alertmanager", config).is_file()
 
 
 def test_ports_agree_with_the_prometheus_config() -> None:
     svc = services()
-    scrape = {job["job_name"]: job for job in
-              yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())["scrape_configs"]}
-    dns = scrape["ratequeue-worker"]["dns_sd_configs"][0]
-    assert dns["names"] == ["worker"]
-    assert str(dns["port"]) == svc["worker"]["environment"]["RATEQUEUE_METRICS_PORT"]
+    config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
+    scrape = {job["job_name"]: job for job in config["scrape_configs"]}
     exporter_cmd = svc["exporter"]["command"]
     port = exporter_cmd[exporter_cmd.index("--port") + 1]
     assert scrape["ratequeue-exporter"]["static_configs"][0]["targets"] == [f"exporter:{port}"]
+    # Workers are listed by the exporter from their heartbeats (a removed replica reads up == 0, not gone).
+    assert "dns_sd_configs" not in scrape["ratequeue-worker"]
+    assert scrape["ratequeue-worker"]["http_sd_configs"][0]["url"] == f"http://exporter:{port}/sd/workers"
+    assert svc["worker"]["environment"]["RATEQUEUE_METRICS_PORT"] in svc["worker"]["expose"]
+    # Prometheus sends its alerts to the Alertmanager service, on the port that service listens on.
+    target = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert target == ["alertmanager:9093"]
+    assert any(p.endswith(":9093") for p in svc["alertmanager"]["ports"])
     sim_cmd = svc["sim"]["command"]
     assert f"OPENAI_BASE_URL=http://sim:{sim_cmd[sim_cmd.index('--port') + 1]}" in COMPOSE.read_text()
 
@@ -157,5 +168,25 @@ def test_the_readme_starts_every_compose_process_without_docker() -> None:
         command = " ".join(svc["command"][:2])
         assert command in section, f"README's Monitoring section does not say how to run {name}: {command}"
     for needed in ("redis-server --appendonly yes", "prometheus --config.file=ops/prometheus/prometheus-local.yml",
-                   "RATEQUEUE_METRICS_PORT", "ops/grafana/provisioning"):
+                   "RATEQUEUE_METRICS_PORT", "ops/grafana/provisioning", "apt-get install prometheus-alertmanager",
+                   "prometheus-alertmanager --config.file=ops/alertmanager/alertmanager.yml"):
         assert needed in section, needed
+
+
+@pytest.mark.e2e
+def test_alertmanager_config_is_valid_and_its_webhook_is_a_placeholder_to_replace() -> None:
+    """amtool (Debian package prometheus-alertmanager, installed by scripts/setup) accepts the config; its
+    one receiver is a webhook whose URL README tells the user to replace."""
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.fail("amtool missing: scripts/setup installs the Debian package prometheus-alertmanager")
+    path = ROOT / "ops/alertmanager/alertmanager.yml"
+    done = subprocess.run([amtool, "check-config", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = yaml.safe_load(path.read_text())
+    (receiver,) = config["receivers"]
+    assert config["route"]["receiver"] == receiver["name"]
+    url = receiver["webhook_configs"][0]["url"]
+    assert ".invalid" in url and "REPLACE" in path.read_text()
+    section = (ROOT / "README.md").read_text().split("## Monitoring", 1)[1].split("\n## ", 1)[0]
+    assert url in section, "README's Monitoring section must say which URL to replace"

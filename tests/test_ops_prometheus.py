@@ -55,18 +55,20 @@ def free_ports(n: int) -> list[int]:
 class Prometheus:
     """A Prometheus server process and its HTTP API."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, port: int) -> None:
+    def __init__(
+        self, config: dict[str, Any], workdir: Path, port: int, rules: str | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus missing: scripts/setup installs the Debian package prometheus")
         self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        shutil.copy(PROM / "alerts.yml", workdir / "alerts.yml")
+        (workdir / "alerts.yml").write_text(rules if rules is not None else (PROM / "alerts.yml").read_text())
         self.log = (workdir / "prometheus.log").open("wb")
         self.process = subprocess.Popen(
             [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn", *args],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir,
         )
         wait_until(self.ready, 20, "Prometheus to be ready", poll=0.2)
@@ -108,10 +110,11 @@ def project_config(worker: int, exporter: int, prometheus: int) -> dict[str, Any
     """ops/prometheus/prometheus.yml with local targets for its jobs and 1 s intervals."""
     config: dict[str, Any] = yaml.safe_load((PROM / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config.pop("alerting")  # no Alertmanager here: the rules are evaluated, nothing is sent
     targets = {"ratequeue-worker": worker, "ratequeue-exporter": exporter, "prometheus": prometheus}
     assert [job["job_name"] for job in config["scrape_configs"]] == list(targets)
     for job in config["scrape_configs"]:
-        job.pop("dns_sd_configs", None)  # the compose service's DNS name: one local worker here
+        job.pop("http_sd_configs", None)  # the exporter's /sd/workers at a compose address: one local worker here
         job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
     return config
 
@@ -155,7 +158,8 @@ def test_dashboard_and_rules_against_a_real_prometheus(
     worker_port, exporter_port, prom_port = free_ports(3)
     env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_METRICS_PORT=str(worker_port),
                    RATEQUEUE_MODEL_GPT_4O_MINI_RPM="6000", RATEQUEUE_CHUNK_SIZE="10",
-                   RATEQUEUE_PARK_COOLDOWN="300", RATEQUEUE_LEARN_WINDOW="0")
+                   RATEQUEUE_PARK_COOLDOWN="300", RATEQUEUE_LEARN_WINDOW="0",
+                   RATEQUEUE_DAILY_BUDGET_USD="100")  # the budget panel's figure (absent when unset)
     start_worker(env)
     exporter = subprocess.Popen(
         [sys.executable, "-m", "ratequeue.producer.exporter", "--port", str(exporter_port), "--host", "127.0.0.1"],
@@ -228,7 +232,10 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
     end = time.time()
     empty = []
     data = json.loads(DASHBOARD.read_text())
-    for panel in data["panels"]:
+    # Annotations, as instant queries: the parked pair may be newer than the last step of a range.
+    annotations = [{"title": a["name"], "targets": [{**a["target"], "instant": True}]}
+                   for a in data["annotations"]["list"] if "expr" in a]
+    for panel in data["panels"] + annotations:
         for target in panel.get("targets", []):
             expr = target["expr"]
             for var, value in GRAFANA_VARS.items():
@@ -238,9 +245,11 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
                 result = prom.api("query", query=expr)["result"]
             else:
                 result = prom.api("query_range", query=expr, start=str(started), end=str(end), step="1")["result"]
+            # A worker is up: its own series, not the "(no workers)" 0 a worker-fed graph falls back to.
+            result = [series for series in result if series["metric"].get("model") != "(no workers)"]
             if not result:
                 empty.append(f"{panel['title']} [{target['refId']}]: {expr}")
-    for variable in data["templating"]["list"]:
+    for variable in (v for v in data["templating"]["list"] if v["type"] == "query"):
         metric, label = variable["query"][len("label_values("):-1].split(", ")
         values = prom.api(f"label/{label}/values", **{"match[]": metric})
         assert values, variable["query"]
