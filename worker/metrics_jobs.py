@@ -135,7 +135,7 @@ def chunk_redelivered() -> None:
 
 @never_raises
 def set_slots(slots: int) -> None:
-    """Publish this process's share of the worker's slots (its whole pool, or 1 per prefork child)."""
+    """Publish the worker's slots (its pool's concurrency), from the process that serves /metrics."""
     WORKER_SLOTS.set(slots)
 
 
