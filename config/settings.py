@@ -18,10 +18,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ratequeue.config.apikey import read_api_key
 from ratequeue.config.unknown import warn_unknown
+from ratequeue.config.urls import DEFAULT_REDIS_URL, normalize_base_url, redact_url, shown_redis_url
 from ratequeue.config.values import FrozenMap, Secret, account_fingerprint
 from ratequeue.errors import ConfigError
 
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"  # what every command but run/demo uses when none is set
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _OVERRIDE_PREFIX = "RATEQUEUE_MODEL_"
 # FIELD suffix of an override variable -> (ModelSpec field, value kind)
@@ -58,16 +58,6 @@ CHARGE_RULES = ("sum", "max")
 def mangle_model_name(name: str) -> str:
     """A model name as it appears in an override variable: ``gpt-4.1-mini`` -> ``GPT_4_1_MINI``."""
     return re.sub(r"[^A-Z0-9]", "_", name.upper())
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by ``***`` (redis://:pw@host -> redis://:***@host)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
 
 
 @dataclass(frozen=True, repr=False)
@@ -100,6 +90,8 @@ class Settings:
     max_lines: int = 50_000
     max_line_bytes: int = 8 * 1024 * 1024  # one input line, without its newline
     metrics_port: int | None = None
+    # The address the worker's /metrics binds: loopback unless asked (compose sets 0.0.0.0).
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     visibility_timeout: float = 1800.0
     # A job that would wait longer than this for capacity or a retry is moved to the deferred set.
@@ -201,26 +193,6 @@ def parse_int(var: str, raw: str, *, minimum: int = 1, maximum: int | None = Non
     return value
 
 
-def normalize_base_url(raw: str, var: str = "OPENAI_BASE_URL") -> str:
-    """The API root that ``/v1/...`` paths are appended to.
-
-    Rule: trailing slashes are stripped, then one trailing ``/v1`` segment. So
-    ``https://api.openai.com/v1/``, ``https://api.openai.com/v1`` and ``https://api.openai.com``
-    all give ``https://api.openai.com``; ``https://x.openai.azure.com/openai/v1`` gives
-    ``https://x.openai.azure.com/openai``. Raises ConfigError for a URL that is not http(s).
-    """
-    parts = urlsplit(raw.strip())
-    # The value is not echoed: a base URL may carry credentials (https://user:pw@proxy).
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{var}: must be an http:// or https:// URL with a host")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"{var}: must not have a query string or fragment")
-    path = parts.path.rstrip("/")
-    if path.endswith("/v1"):
-        path = path[: -len("/v1")]
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
 def _read_api_key(env: _Env) -> Secret | None:
     return read_api_key(env.text("OPENAI_API_KEY"), env.text("OPENAI_API_KEY_FILE"))
 
@@ -290,6 +262,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_lines=_int(e, "RATEQUEUE_MAX_LINES", defaults.max_lines),
         max_line_bytes=_int(e, "RATEQUEUE_MAX_LINE_BYTES", defaults.max_line_bytes),
         metrics_port=e.integer("RATEQUEUE_METRICS_PORT", None, minimum=1, maximum=65535),
+        metrics_host=_bind_address(e, "RATEQUEUE_METRICS_HOST", defaults.metrics_host),
         log_level=log_level,
         visibility_timeout=e.number("RATEQUEUE_VISIBILITY_TIMEOUT", defaults.visibility_timeout),
         defer_after_seconds=e.number("RATEQUEUE_DEFER_AFTER", defaults.defer_after_seconds),
@@ -327,6 +300,15 @@ def _int(env: _Env, var: str, default: int) -> int:
     value = env.integer(var, default)
     assert value is not None  # a default was given
     return value
+
+
+def _bind_address(env: _Env, var: str, default: str) -> str:
+    raw = env.text(var)
+    if raw is None:
+        return default
+    if re.search(r"[\s/@]", raw):
+        raise ConfigError(f"{var}={raw!r}: must be an address to bind (127.0.0.1, 0.0.0.0, ::), not a URL")
+    return raw
 
 
 def _share(env: _Env, var: str, default: float) -> float:
@@ -372,11 +354,6 @@ def _flag(env: _Env, var: str, default: bool) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{var}={raw!r}: must be true or false")
-
-
-def shown_redis_url(url: str | None) -> str:
-    """The Redis URL in use as it may be shown: ``url`` or the default, password redacted."""
-    return redact_url(url or DEFAULT_REDIS_URL)
 
 
 def debug_requested(env: Mapping[str, str] | None = None) -> bool:

@@ -15,7 +15,9 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from ratequeue.worker import metrics
+from ratequeue.worker import metrics, metrics_redis
+from ratequeue.worker.feedback import parse_ratelimit_headers
+from ratequeue.worker.metrics_redis import TimedRedis
 from ratequeue.worker.metrics_server import (
     Heartbeat,
     multiprocess_mode,
@@ -57,12 +59,80 @@ def test_a_success_counts_request_latency_tokens_charge_cost_and_estimate_error(
     assert value("ratequeue_tokens_total", **both, kind="cached") == 64
     assert value("ratequeue_charged_tokens_total", **both) == 130
     assert value("ratequeue_cost_usd_total", **both) == 0.25
-    # We counted 3 more than the server; a histogram with negative buckets has no _sum (OpenMetrics).
-    assert value("ratequeue_token_estimate_error_tokens_count", model=model) == 1
-    assert value("ratequeue_token_estimate_error_tokens_bucket", model=model, le="2.0") == 0
-    assert value("ratequeue_token_estimate_error_tokens_bucket", model=model, le="5.0") == 1
+    assert value("ratequeue_accepted_requests_total", **both) == 1
+    # We counted 3 more than the server: 3 in the size histogram, "over" in the sign counter.
+    assert value("ratequeue_token_estimate_abs_error_tokens_count", model=model) == 1
+    assert value("ratequeue_token_estimate_abs_error_tokens_sum", model=model) == 3
+    assert value("ratequeue_token_estimate_abs_error_tokens_bucket", model=model, le="2.0") == 0
+    assert value("ratequeue_token_estimate_abs_error_tokens_bucket", model=model, le="5.0") == 1
+    assert value("ratequeue_token_estimates_total", model=model, direction="over") == 1
     assert value("ratequeue_limit_requests_per_minute", **both, source="learned") == 5000
     assert value("ratequeue_limit_tokens_per_minute", **both, source="learned") == 800000
+
+
+def test_exact_estimates_land_in_le_0_so_every_quantile_reads_0(pair: tuple[str, str]) -> None:
+    model, account = pair
+    for estimate in (100, 100, 100, 97):
+        metrics.record_response(model, account, status=200, outcome="success", reason="ok", latency_s=0.1,
+                                usage=Usage(prompt_tokens=100), estimated_prompt_tokens=estimate)
+    assert value("ratequeue_token_estimate_abs_error_tokens_bucket", model=model, le="0.0") == 3
+    assert value("ratequeue_token_estimate_abs_error_tokens_bucket", model=model, le="5.0") == 4
+    assert value("ratequeue_token_estimate_abs_error_tokens_sum", model=model) == 3  # never negative
+    assert value("ratequeue_token_estimates_total", model=model, direction="exact") == 3
+    assert value("ratequeue_token_estimates_total", model=model, direction="under") == 1
+    assert value("ratequeue_token_estimates_total", model=model, direction="over") == 0
+
+
+@pytest.mark.parametrize(("status", "accepted"), [
+    (200, True), (400, True), (404, True), (401, False), (403, False), (429, False), (500, False), (0, False)])
+def test_only_answers_the_server_weighed_are_accepted_work(pair: tuple[str, str], status: int, accepted: bool) -> None:
+    model, account = pair
+    metrics.record_response(model, account, status=status, outcome="fail", reason="x", latency_s=0.1, charge=70)
+    both = {"model": model, "account": account}
+    assert value("ratequeue_accepted_requests_total", **both) == int(accepted)
+    assert value("ratequeue_charged_tokens_total", **both) == (70 if accepted else 0)
+
+
+def test_the_servers_remaining_and_reset_headers_are_published(pair: tuple[str, str]) -> None:
+    model, account = pair
+    both = {"model": model, "account": account}
+    metrics.server_view(model, account, parse_ratelimit_headers({
+        "x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499",
+        "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "29000",
+        "x-ratelimit-reset-requests": "120ms", "x-ratelimit-reset-tokens": "2s"}))
+    metrics.server_view(model, account, parse_ratelimit_headers({}))  # a bare answer keeps the last view
+    assert value("ratequeue_server_remaining_requests", **both) == 499
+    assert value("ratequeue_server_remaining_tokens", **both) == 29000
+    assert value("ratequeue_server_reset_requests_seconds", **both) == pytest.approx(0.12)
+    assert value("ratequeue_server_reset_tokens_seconds", **both) == 2
+
+
+def test_a_job_duration_runs_from_its_batch_submission(pair: tuple[str, str]) -> None:
+    model, account = pair
+    metrics.job_finished(model, ok=True, account=account, submitted_at=time.time() - 90)
+    metrics.job_finished(model, ok=False, code="x", account=account, submitted_at=time.time() + 5)  # clock skew
+    both = {"model": model, "account": account}
+    assert value("ratequeue_job_duration_seconds_bucket", **both, outcome="completed", le="60.0") == 0
+    assert value("ratequeue_job_duration_seconds_bucket", **both, outcome="completed", le="120.0") == 1
+    assert value("ratequeue_job_duration_seconds_sum", **both, outcome="failed") == 0
+
+
+def test_redis_calls_are_timed_by_operation(mredis: redis.Redis) -> None:
+    client = TimedRedis.from_url(REDIS_URL)
+    before = value("ratequeue_redis_command_seconds_count", operation="heartbeat") or 0
+    Heartbeat(client, "ratequeue-timed@host").beat()
+    client.get("x")
+    with client.pipeline() as pipe:
+        pipe.get("x").get("y")
+        pipe.execute()
+    assert value("ratequeue_redis_command_seconds_count", operation="heartbeat") == before + 1
+    errors = value("ratequeue_redis_errors_total", operation="other") or 0
+    broken = TimedRedis(port=1, socket_connect_timeout=0.2)
+    with pytest.raises(redis.ConnectionError):
+        broken.get("x")
+    assert value("ratequeue_redis_errors_total", operation="other") == errors + 1
+    assert metrics_redis.operation_of(["EVALSHA", "0" * 40, 0]) == "other"
+    client.close()
 
 
 def test_a_first_seen_pair_gets_zero_series_for_rates_and_ratios(pair: tuple[str, str]) -> None:
@@ -80,6 +150,10 @@ def test_a_first_seen_pair_gets_zero_series_for_rates_and_ratios(pair: tuple[str
     assert value("ratequeue_jobs_total", model=model, outcome="failed") == 0
     assert value("ratequeue_in_flight_requests", **both) == 0
     assert value("ratequeue_cost_usd_total", **both) == 0
+    assert value("ratequeue_accepted_requests_total", **both) == 0
+    assert value("ratequeue_job_duration_seconds_count", **both, outcome="completed") == 0
+    assert value("ratequeue_token_estimates_total", model=model, direction="exact") == 0
+    assert value("ratequeue_cost_usd_total_created", **both) is None  # no _created series
 
 
 @pytest.mark.parametrize(
@@ -112,7 +186,7 @@ def test_a_transport_failure_has_status_class_none_and_no_latency(pair: tuple[st
     metrics.record_response(model, account, status=0, outcome="retry", reason="timeout", latency_s=10.0, charge=50)
     both = {"model": model, "account": account}
     assert value("ratequeue_upstream_requests_total", **both, outcome="retry", status_class="none") == 1
-    assert value("ratequeue_upstream_latency_seconds_count", **both) is None
+    assert value("ratequeue_upstream_latency_seconds_count", **both) == 0  # created at 0, not observed
     assert value("ratequeue_charged_tokens_total", **both) == 0
     metrics.record_response(model, account, status=503, outcome="retry", reason="server_error", latency_s=0.1)
     assert value("ratequeue_upstream_requests_total", **both, outcome="retry", status_class="5xx") == 1
@@ -185,28 +259,32 @@ def test_metrics_server_serves_the_registry_and_survives_a_busy_port(pair: tuple
 
 _PREFORK = textwrap.dedent(
     """
-    import multiprocessing, os, sys, urllib.request
+    import multiprocessing, os, signal, sys, time, urllib.request
     from ratequeue.worker import metrics
-    from ratequeue.worker.metrics_server import mark_process_dead, multiprocess_mode, start_metrics_server
+    from ratequeue.worker.metrics_server import multiprocess_mode, start_metrics_server
 
-    def child(crash):
+    def child(hang, ready):
         metrics.record_response("m", "acc", status=200, outcome="success", reason="ok", latency_s=0.5, charge=10)
         metrics.job_finished("m", ok=True)
-        if crash:  # killed mid-call: its in-flight request never finishes
+        if hang:  # mid-call when it is SIGKILLed: no exit hook runs, its in-flight call never finishes
             call = metrics.in_flight("m", "acc")
             call.__enter__()
-            os._exit(1)
+            ready.set()
+            time.sleep(60)
+        ready.set()
 
     assert multiprocess_mode()
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=child, args=(i == 1,)) for i in range(3)]
+    events = [ctx.Event() for _ in range(3)]
+    procs = [ctx.Process(target=child, args=(i == 1, events[i])) for i in range(3)]
     for p in procs: p.start()
-    for p in procs: p.join()
+    for e in events: e.wait(20)
     port = start_metrics_server(0, addr="127.0.0.1")
     scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     print(scrape())
     print("----")
-    for p in procs: mark_process_dead(p.pid)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    for p in procs: p.join()
     print(scrape())
     """
 )
@@ -215,7 +293,7 @@ _PREFORK = textwrap.dedent(
 @pytest.mark.e2e  # a Python subprocess
 def test_prefork_children_are_merged_in_multiprocess_mode(tmp_path: Path) -> None:
     """PROMETHEUS_MULTIPROC_DIR: values written by forked children are served by the parent,
-    and a dead child's in-flight gauge stops counting once it is marked dead."""
+    and a SIGKILLed child's in-flight gauge stops counting (nobody marks it dead: it is found so)."""
     multiproc = tmp_path / "prom"
     multiproc.mkdir()
     env = {"PROMETHEUS_MULTIPROC_DIR": str(multiproc), "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}

@@ -13,7 +13,7 @@ from typing import Any
 from celery import signals
 
 from ratequeue.config.settings import Settings, load_settings, shown_redis_url
-from ratequeue.worker.app import build_worker
+from ratequeue.worker.multiproc import wipe_multiprocess_dir
 
 log = logging.getLogger("ratequeue.worker")
 
@@ -80,6 +80,9 @@ def exit_on_second_stop_signal(sender: Any = None, **_: Any) -> None:
 def main(extra: list[str] | None = None) -> None:
     """Load the settings (once), build the worker from them, run it; exits with its exit code."""
     settings = load_settings()
+    wipe_multiprocess_dir()  # before any metric exists: a restarted worker starts from zero
+    from ratequeue.worker.app import build_worker  # creates the metrics: after the wipe
+
     app, _ = build_worker(settings)
     args = extra if extra is not None else sys.argv[1:]
     pool = pool_option(args)

@@ -124,6 +124,7 @@ def observe(run: JobRun, done: Pass) -> None:
             limit_requests=sent.headers.limit_requests,
             limit_tokens=sent.headers.limit_tokens,
         )
+        metrics.server_view(model, account, sent.headers)
     step = done.step
     if step is None:
         return

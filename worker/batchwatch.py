@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_INTERVAL = 0.25  # seconds: the staleness bound of what a job reads before its call
-_FIELDS = ["status", "account", "expires_at", "paused"]
+_FIELDS = ["status", "account", "expires_at", "paused", "created_at"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class BatchState:
     account: str
     expires_at: float | None
     paused: bool = False  # ``Client.pause``: no new calls; its jobs stay pending until resumed
+    created_at: float | None = None  # s since epoch: when its jobs were submitted (job duration metric)
 
     @property
     def stopped(self) -> bool:
@@ -71,11 +72,11 @@ class BatchState:
 
 
 def _parse(batch_id: str, raw: list[Any]) -> BatchState | None:
-    status, account, expires, paused = raw
+    status, account, expires, paused, created = raw
     if status is None:
         return None
     return BatchState(batch_id, text(status), text(account or b""), float(expires) if expires else None,
-                      paused is not None and text(paused) == "1")
+                      paused is not None and text(paused) == "1", float(created) if created else None)
 
 
 def _cancelling() -> bool:
@@ -128,6 +129,11 @@ class BatchWatch:
             read = self._reads[batch_id] = asyncio.ensure_future(self._read_one(batch_id))
             read.add_done_callback(lambda _: self._reads.pop(batch_id, None))
         return await asyncio.shield(read)
+
+    def known(self, batch_id: str) -> BatchState | None:
+        """The batch's last read state, without reading (None if none is held here)."""
+        entry = self._batches.get(batch_id)
+        return entry.state if entry is not None else None
 
     def halted(self, batch_id: str) -> asyncio.Event:
         """Set while the batch is stopping, ended or paused (as of the last read); only for a

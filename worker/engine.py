@@ -44,6 +44,7 @@ from ratequeue.worker.backlog import admit_seconds
 from ratequeue.worker.batchwatch import BatchState
 from ratequeue.worker.leases import JOB_LEASE_SECONDS, Leases, run_owner
 from ratequeue.worker.limiter import Limiter
+from ratequeue.worker.metrics_redis import TimedAsyncRedis
 from ratequeue.worker.parking import Parking, pair_field
 from ratequeue.worker.runner import JobRunner
 from ratequeue.worker.store import JobStore, Outcome
@@ -86,7 +87,7 @@ class Engine:
             s.redis_url or "redis://127.0.0.1:6379/0", max_connections=64, timeout=30, health_check_interval=10,
             **redis_options(s),
         )
-        self.redis = aioredis.Redis(connection_pool=pool)
+        self.redis = TimedAsyncRedis(connection_pool=pool)  # every call timed (ratequeue_redis_*)
         self.store = JobStore(self.redis)
         self.client = UpstreamClient(
             s.base_url,

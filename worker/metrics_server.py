@@ -9,6 +9,13 @@ its live gauges (in-flight requests) stop counting. Which mode is active is what
 decided at import (it reads the variable itself), so it is read back from the library rather than
 from the environment.
 
+A prefork child killed by a signal runs no exit hook, so its live gauges (in-flight requests,
+busy slots) would count for ever: each scrape first forgets the live-gauge files of processes
+that are gone (:func:`forget_dead_processes`). The directory is emptied when the worker starts
+(``worker.multiproc.wipe_multiprocess_dir``): a restarted worker (often the same pid in a
+container) must not carry the old counts. The serving process's own CPU and memory
+(``process_*``) are exported in both modes.
+
 The heartbeat is how the exporter counts live workers without scraping them, and how the reaper
 (``worker.reaper``) tells dead workers: every `interval` seconds each worker writes its name and
 Redis's time into one sorted set (:func:`workers_key`).
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -25,7 +33,7 @@ import uuid
 from typing import Any
 
 import redis
-from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server, values
+from prometheus_client import REGISTRY, CollectorRegistry, ProcessCollector, multiprocess, start_http_server, values
 
 from ratequeue.jobstore.heartbeats import (
     HEARTBEAT_FORGET_SECONDS,
@@ -40,6 +48,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "HEARTBEAT_STALE_SECONDS",
     "Heartbeat",
+    "forget_dead_processes",
     "mark_process_dead",
     "multiprocess_mode",
     "registry",
@@ -73,11 +82,55 @@ def registry() -> CollectorRegistry:
     if not multiprocess_mode():
         return REGISTRY
     merged = CollectorRegistry()
-    multiprocess.MultiProcessCollector(merged)
+    _LiveProcessesCollector(merged)
+    ProcessCollector(registry=merged)
     return merged
 
 
-def start_metrics_server(port: int | None, addr: str = "0.0.0.0") -> int | None:
+class _LiveProcessesCollector(multiprocess.MultiProcessCollector):
+    """The merge of every process's files, after forgetting the live gauges of dead processes."""
+
+    def collect(self) -> Any:
+        forget_dead_processes(self._path)
+        return super().collect()
+
+
+_PID_OF_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
+
+
+def forget_dead_processes(path: str) -> list[int]:
+    """Mark dead every process with live-gauge files in `path` that no longer runs (a prefork
+    child killed by a signal never says so itself); returns their pids."""
+    dead: list[int] = []
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return dead
+    for pid in {int(m.group(1)) for name in names if (m := _PID_OF_FILE.match(name))}:
+        if pid != os.getpid() and not _running(pid):
+            multiprocess.mark_process_dead(pid, path)
+            dead.append(pid)
+    return dead
+
+
+def _running(pid: int) -> bool:
+    """Does `pid` run (a zombie, killed and not yet reaped, does not)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc (not Linux): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def start_metrics_server(port: int | None, addr: str = "127.0.0.1") -> int | None:
     """Serve ``/metrics`` on `addr`:`port` from a daemon thread; returns the port bound.
 
     None or a port that cannot be bound (in use, no permission) logs and returns None: a worker

@@ -26,7 +26,7 @@ class Outcomes:
         cost = spec.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         outcome = Outcome("result", line, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, cost)
         if await self._store.store(batch_id, job.custom_id, outcome):
-            metrics.job_finished(spec.name, ok=True)
+            self._finished(batch_id, spec.name, ok=True)
 
     async def upstream_error(
         self, batch_id: str, job: StoredJob, resp: UpstreamResponse, reason: str
@@ -41,7 +41,7 @@ class Outcomes:
             return
         line = records.output_line(job.custom_id, resp.status, resp.request_id, resp.body)
         if await self._store.store(batch_id, job.custom_id, Outcome("error", line)):
-            metrics.job_finished(job.model, ok=False, code=reason)
+            self._finished(batch_id, job.model, ok=False, code=reason)
 
     async def gave_up(self, batch_id: str, job: StoredJob, code: str, history: dict[str, Any]) -> None:
         """Retries exhausted (or the job's deadline passed): the error carries the whole history."""
@@ -59,4 +59,11 @@ class Outcomes:
     ) -> None:
         line = records.error_line(job.custom_id, code, message, job.line, param, history)
         if await self._store.store(batch_id, job.custom_id, Outcome("error", line)):
-            metrics.job_finished(job.model, ok=False, code=code)
+            self._finished(batch_id, job.model, ok=False, code=code)
+
+    def _finished(self, batch_id: str, model: str, ok: bool, code: str = "") -> None:
+        """Count a stored outcome; its time since submission comes from the batch state this
+        process already holds (no Redis round trip per job)."""
+        state = self._store.watch.known(batch_id)
+        account, submitted = (state.account, state.created_at) if state is not None else (None, None)
+        metrics.job_finished(model, ok, code, account=account, submitted_at=submitted)

@@ -4,7 +4,8 @@ A pair is parked when its quota is spent (429 insufficient_quota), its key is re
 server asks for a wait longer than the park bound. Its jobs are deferred, not failed, and other
 pairs carry on. Once per cooldown one job becomes the probe (a Redis lock set NX with the
 cooldown as TTL, so at most one probe per cooldown across every worker on every host); the probe's
-success, or `ratequeue resume`, unparks the pair. The jobs it deferred are noted per pair
+success, or `ratequeue resume`, unparks the pair. A failed probe parks it again, keeping ``since``
+(the first park) and noting ``last_probe`` (``park.lua``). The jobs it deferred are noted per pair
 (``keys.parked_jobs``) so that unparking makes them due at once, not after the cooldown.
 """
 
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.keys import pair_field as pair_field  # re-exported: the worker imports it from here
+from ratequeue.jobstore.scripts import lua_source
 from ratequeue.redact import redact
 
 
@@ -26,8 +28,15 @@ from ratequeue.redact import redact
 class Parked:
     reason: str
     message: str
-    since: float
+    since: float  # s since epoch: when the pair was first parked (kept across failed probes)
     cooldown: float
+    last_probe: float | None = None  # s since epoch: the last (re-)park, by a failed probe or the first
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> Parked:
+        d = orjson.loads(raw)
+        return cls(d["reason"], d["message"], float(d["since"]), float(d["cooldown"]),
+                   float(d["last_probe"]) if d.get("last_probe") is not None else None)
 
 
 class Parking:
@@ -37,13 +46,14 @@ class Parking:
         self._redis = redis
         self._ttl = cache_ttl
         self._cache: tuple[float, dict[str, Parked]] = (0.0, {})
+        self._park = redis.register_script(lua_source("park", "ratequeue.worker"))
 
     async def state(self, account: str, model: str, fresh: bool = False) -> Parked | None:
         """The pair's parking record (read at most ``cache_ttl`` s ago, or now if ``fresh``)."""
         fetched, pairs = self._cache
         if fresh or time.monotonic() - fetched > self._ttl:
             raw = await self._redis.hgetall(keys.parked_pairs())
-            pairs = {text(k): Parked(**orjson.loads(v)) for k, v in raw.items()}
+            pairs = {text(k): Parked.loads(v) for k, v in raw.items()}
             self._cache = (time.monotonic(), pairs)
         return pairs.get(pair_field(account, model))
 
@@ -51,11 +61,11 @@ class Parking:
         """Pause the pair; no probe before ``cooldown`` seconds have passed."""
         # The message comes from the upstream (already redacted by the runner); redacting again here
         # keeps a key-shaped string out of the one record every `status` prints, whoever calls.
-        entry = {"reason": reason, "message": redact(message)[:500], "since": time.time(), "cooldown": cooldown}
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.parked_pairs(), pair_field(account, model), orjson.dumps(entry))
-            pipe.set(keys.probe_lock(account, model), "parked", px=int(cooldown * 1000))
-            await pipe.execute()
+        entry = {"reason": reason, "message": redact(message)[:500], "cooldown": cooldown}
+        await self._park(
+            keys=[keys.parked_pairs(), keys.probe_lock(account, model)],
+            args=[pair_field(account, model), orjson.dumps(entry), repr(time.time()), int(cooldown * 1000)],
+        )
         self._cache = (0.0, {})
 
     async def take_probe(self, account: str, model: str, cooldown: float) -> float | None:

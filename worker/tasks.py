@@ -27,9 +27,11 @@ from ratequeue.queue import DEFAULT_REDIS_URL, send_chunk
 from ratequeue.redis_tls import redis_options
 from ratequeue.retrying import warn_every
 from ratequeue.tokens.encodings import ensure_offline_encodings
+from ratequeue.worker import metrics
 from ratequeue.worker.deadletter import DeadLetters
 from ratequeue.worker.deferred import DeferredMover
 from ratequeue.worker.engine import Engine, WorkerStopping
+from ratequeue.worker.metrics_redis import TimedRedis
 from ratequeue.worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server, worker_name
 from ratequeue.worker.reaper import Reaper
 
@@ -60,7 +62,8 @@ class WorkerRuntime:
         """This process's synchronous Redis client (made on first use: after a fork)."""
         if self._redis is None:
             s = self.settings
-            self._redis = redis.Redis.from_url(s.redis_url or DEFAULT_REDIS_URL, **redis_options(s))
+            # Timed: the heartbeat's, mover's and reaper's calls count in ratequeue_redis_*.
+            self._redis = TimedRedis.from_url(s.redis_url or DEFAULT_REDIS_URL, **redis_options(s))
         return self._redis
 
     def engine(self) -> Engine:
@@ -79,8 +82,11 @@ class WorkerRuntime:
     def run_chunk(self, task: Task, batch_id: str, custom_ids: list[str]) -> dict[str, Any]:
         """The task body: run the chunk's jobs; the message is acked only once each is stored or
         deferred, or once the chunk is dead-lettered (its jobs then fail with the reason)."""
+        if (task.request.delivery_info or {}).get("redelivered"):
+            metrics.chunk_redelivered()
         try:
-            report = self.engine().run_chunk(batch_id, custom_ids, owner=task.request.id)
+            with metrics.busy_slot():
+                report = self.engine().run_chunk(batch_id, custom_ids, owner=task.request.id)
         except WorkerStopping as exc:
             # Cancelled at shutdown, leases released: another worker takes the message at once.
             log.warning("chunk of %s (%d jobs) given back at shutdown", batch_id, len(custom_ids))
@@ -137,8 +143,17 @@ class WorkerRuntime:
             restore_interval=max(1.0, min(30.0, s.visibility_timeout / 4)),
         )
         self._mover.start()
-        start_metrics_server(s.metrics_port)
+        self._start_metrics(sender)
         self.engine()  # warm up: encodings and connections before the first chunk arrives
+
+    def _start_metrics(self, consumer: Any) -> None:
+        """Every configured (model, account)'s series at zero, the pool's slots, then serve."""
+        s = self.settings
+        table = load_model_table(s)
+        metrics.start_pairs((name, s.account_id) for name in table.names())
+        concurrency = getattr(getattr(consumer, "controller", None), "concurrency", None)
+        metrics.set_slots(int(concurrency or s.worker_slots))
+        start_metrics_server(s.metrics_port, s.metrics_host)
 
     def on_shutting_down(self, **_: Any) -> None:
         """SIGTERM (warm shutdown): Celery waits for running tasks, and a call that hangs would
