@@ -12,7 +12,6 @@ and FIELD one of RPM, TPM, CONTEXT_WINDOW, MAX_OUTPUT_TOKENS, CHARGE_RULE, e.g.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ratequeue.config.apikey import read_api_key
+from ratequeue.config.envreader import EnvReader, parse_int
 from ratequeue.config.unknown import warn_unknown
 from ratequeue.config.urls import DEFAULT_REDIS_URL, normalize_base_url, redact_url, shown_redis_url
 from ratequeue.config.values import FrozenMap, Secret, account_fingerprint
@@ -147,53 +147,7 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
 
-class _Env:
-    """Typed reads of one environment mapping; empty values count as unset."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.read: set[str] = set()  # every variable asked for: the settings there are
-
-    def text(self, var: str) -> str | None:
-        self.read.add(var)
-        value = self.env.get(var, "").strip()
-        return value or None
-
-    def number(self, var: str, default: float, *, minimum: float = 0.0, allow_zero: bool = False) -> float:
-        raw = self.text(var)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{var}={raw!r}: not a number (seconds)") from None
-        if not math.isfinite(value) or value < minimum or (value == minimum and not allow_zero):
-            bound = f">= {minimum:g}" if allow_zero else f"> {minimum:g}"
-            raise ConfigError(f"{var}={raw!r}: must be a finite number {bound}")
-        return value
-
-    def integer(
-        self, var: str, default: int | None, *, minimum: int = 1, maximum: int | None = None
-    ) -> int | None:
-        raw = self.text(var)
-        if raw is None:
-            return default
-        return parse_int(var, raw, minimum=minimum, maximum=maximum)
-
-
-def parse_int(var: str, raw: str, *, minimum: int = 1, maximum: int | None = None) -> int:
-    """`raw` as an int in [minimum, maximum]; underscores allowed (``200_000_000``). Raises ConfigError."""
-    try:
-        value = int(raw, 10)
-    except ValueError:
-        raise ConfigError(f"{var}={raw!r}: not an integer") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise ConfigError(f"{var}={raw!r}: must be {bound}")
-    return value
-
-
-def _read_api_key(env: _Env) -> Secret | None:
+def _read_api_key(env: EnvReader) -> Secret | None:
     return read_api_key(env.text("OPENAI_API_KEY"), env.text("OPENAI_API_KEY_FILE"))
 
 
@@ -226,7 +180,7 @@ def _read_overrides(env: Mapping[str, str]) -> Mapping[str, Mapping[str, int | s
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from `env` (default ``os.environ``). Raises ConfigError naming the bad variable."""
-    e = _Env(os.environ if env is None else env)
+    e = EnvReader(os.environ if env is None else env)
     redis_url = e.text("RATEQUEUE_REDIS_URL")
     if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("RATEQUEUE_REDIS_URL: must be a redis://, rediss:// or unix:// URL")
@@ -239,7 +193,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(
         redis_url=redis_url,
         redis_ca_file=Path(ca_file).expanduser() if (ca_file := e.text("RATEQUEUE_REDIS_CA_FILE")) else None,
-        redis_tls_insecure=_flag(e, "RATEQUEUE_REDIS_TLS_INSECURE", False),
+        redis_tls_insecure=e.flag("RATEQUEUE_REDIS_TLS_INSECURE", False),
         api_key=_read_api_key(e),
         organization=e.text("OPENAI_ORG_ID") or e.text("OPENAI_ORGANIZATION"),
         project=e.text("OPENAI_PROJECT_ID"),
@@ -250,35 +204,35 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reserve_horizon_seconds=e.number(
             "RATEQUEUE_RESERVE_HORIZON", defaults.reserve_horizon_seconds, allow_zero=True
         ),
-        max_in_flight=_int(e, "RATEQUEUE_MAX_IN_FLIGHT", defaults.max_in_flight),
-        chunk_size=_int(e, "RATEQUEUE_CHUNK_SIZE", defaults.chunk_size),
-        worker_slots=_int(e, "RATEQUEUE_WORKER_SLOTS", defaults.worker_slots),
+        max_in_flight=e.integer_default("RATEQUEUE_MAX_IN_FLIGHT", defaults.max_in_flight),
+        chunk_size=e.integer_default("RATEQUEUE_CHUNK_SIZE", defaults.chunk_size),
+        worker_slots=e.integer_default("RATEQUEUE_WORKER_SLOTS", defaults.worker_slots),
         connect_timeout=e.number("RATEQUEUE_CONNECT_TIMEOUT", defaults.connect_timeout),
         read_timeout=e.number("RATEQUEUE_READ_TIMEOUT", defaults.read_timeout),
-        max_attempts=_int(e, "RATEQUEUE_MAX_ATTEMPTS", defaults.max_attempts),
-        max_chunk_failures=_int(e, "RATEQUEUE_MAX_CHUNK_FAILURES", defaults.max_chunk_failures),
+        max_attempts=e.integer_default("RATEQUEUE_MAX_ATTEMPTS", defaults.max_attempts),
+        max_chunk_failures=e.integer_default("RATEQUEUE_MAX_CHUNK_FAILURES", defaults.max_chunk_failures),
         job_deadline_seconds=e.number("RATEQUEUE_JOB_DEADLINE", defaults.job_deadline_seconds),
-        max_file_bytes=_int(e, "RATEQUEUE_MAX_FILE_BYTES", defaults.max_file_bytes),
-        max_lines=_int(e, "RATEQUEUE_MAX_LINES", defaults.max_lines),
-        max_line_bytes=_int(e, "RATEQUEUE_MAX_LINE_BYTES", defaults.max_line_bytes),
+        max_file_bytes=e.integer_default("RATEQUEUE_MAX_FILE_BYTES", defaults.max_file_bytes),
+        max_lines=e.integer_default("RATEQUEUE_MAX_LINES", defaults.max_lines),
+        max_line_bytes=e.integer_default("RATEQUEUE_MAX_LINE_BYTES", defaults.max_line_bytes),
         metrics_port=e.integer("RATEQUEUE_METRICS_PORT", None, minimum=1, maximum=65535),
-        metrics_host=_bind_address(e, "RATEQUEUE_METRICS_HOST", defaults.metrics_host),
+        metrics_host=e.bind_address("RATEQUEUE_METRICS_HOST", defaults.metrics_host),
         log_level=log_level,
         visibility_timeout=e.number("RATEQUEUE_VISIBILITY_TIMEOUT", defaults.visibility_timeout),
         defer_after_seconds=e.number("RATEQUEUE_DEFER_AFTER", defaults.defer_after_seconds),
         park_cooldown_seconds=e.number("RATEQUEUE_PARK_COOLDOWN", defaults.park_cooldown_seconds),
         park_retry_after_seconds=e.number("RATEQUEUE_PARK_RETRY_AFTER", defaults.park_retry_after_seconds),
         park_max_cooldown_seconds=e.number("RATEQUEUE_PARK_MAX_COOLDOWN", defaults.park_max_cooldown_seconds),
-        max_response_bytes=_int(e, "RATEQUEUE_MAX_RESPONSE_BYTES", defaults.max_response_bytes),
+        max_response_bytes=e.integer_default("RATEQUEUE_MAX_RESPONSE_BYTES", defaults.max_response_bytes),
         shutdown_grace_seconds=e.number("RATEQUEUE_SHUTDOWN_GRACE", defaults.shutdown_grace_seconds, allow_zero=True),
-        learn_limits=_flag(e, "RATEQUEUE_LEARN_LIMITS", True),
-        learn_window=_flag(e, "RATEQUEUE_LEARN_WINDOW", True),
-        learn_charge_rule=_flag(e, "RATEQUEUE_LEARN_CHARGE_RULE", True),
-        max_share=_share(e, "RATEQUEUE_MAX_SHARE", defaults.max_share),
+        learn_limits=e.flag("RATEQUEUE_LEARN_LIMITS", True),
+        learn_window=e.flag("RATEQUEUE_LEARN_WINDOW", True),
+        learn_charge_rule=e.flag("RATEQUEUE_LEARN_CHARGE_RULE", True),
+        max_share=e.share("RATEQUEUE_MAX_SHARE", defaults.max_share),
         retention_seconds=e.number("RATEQUEUE_RETENTION_SECONDS", defaults.retention_seconds),
         model_overrides=_read_overrides(e.env),
-        metrics_advertise=_address(e, "RATEQUEUE_METRICS_ADVERTISE"),
-        daily_budget_usd=_budget(e, "RATEQUEUE_DAILY_BUDGET_USD"),
+        metrics_advertise=e.address("RATEQUEUE_METRICS_ADVERTISE"),
+        daily_budget_usd=e.budget("RATEQUEUE_DAILY_BUDGET_USD"),
     )
     warn_unknown(e.env, e.read)
     # A task still running when the broker's visibility timeout ends is delivered again: a duplicate
@@ -296,69 +250,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def _int(env: _Env, var: str, default: int) -> int:
-    value = env.integer(var, default)
-    assert value is not None  # a default was given
-    return value
-
-
-def _bind_address(env: _Env, var: str, default: str) -> str:
-    raw = env.text(var)
-    if raw is None:
-        return default
-    if re.search(r"[\s/@]", raw):
-        raise ConfigError(f"{var}={raw!r}: must be an address to bind (127.0.0.1, 0.0.0.0, ::), not a URL")
-    return raw
-
-
-def _share(env: _Env, var: str, default: float) -> float:
-    raw = env.text(var)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:  # also refuses nan
-        raise ConfigError(f"{var}={raw!r}: must be a number above 0 and at most 1 (a share of the limits)")
-    return value
-
-
-def _address(env: _Env, var: str) -> str | None:
-    """A "host:port" (port 1-65535), or None when unset."""
-    raw = env.text(var)
-    if raw is None:
-        return None
-    host, _, port = raw.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{var}={raw!r}: must be host:port (port 1-65535)")
-    return raw
-
-
-def _budget(env: _Env, var: str) -> float | None:
-    """A positive amount of USD, or None when unset."""
-    if env.text(var) is None:
-        return None
-    try:
-        return env.number(var, 0.0)
-    except ConfigError:
-        raise ConfigError(f"{var}={env.text(var)!r}: must be an amount of USD above 0") from None
-
-
-def _flag(env: _Env, var: str, default: bool) -> bool:
-    raw = env.text(var)
-    if raw is None:
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{var}={raw!r}: must be true or false")
-
-
 def debug_requested(env: Mapping[str, str] | None = None) -> bool:
     """``RATEQUEUE_DEBUG`` is on: the CLI shows tracebacks instead of one-line errors."""
     try:
-        return _flag(_Env(os.environ if env is None else env), "RATEQUEUE_DEBUG", False)
+        return EnvReader(os.environ if env is None else env).flag("RATEQUEUE_DEBUG", False)
     except ConfigError:
         return False
