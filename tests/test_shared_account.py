@@ -25,7 +25,7 @@ from ratequeue.producer.api import Client
 from ratequeue.sim.process import start_sim
 from ratequeue.worker.learned import Learned
 from ratequeue.worker.limiter import BucketLimits, SyncLimiter
-from tests.conftest import base_env
+from tests.conftest import base_env, private_redis, wait_until
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 
@@ -107,6 +107,61 @@ def test_a_foreign_client_slows_ratequeue_down(redis_url: str, tmp_path: Path, s
     assert refused <= 0.25 * calls, f"{refused} of ratequeue's {calls} calls were 429s"
 
 
+def _share_of(url: str) -> float | None:
+    """The share in the deployment's shared bucket (reconcile.lua's fs), None before any."""
+    r = redis.Redis.from_url(url, decode_responses=True)
+    for key in r.scan_iter(match="*bucket:*", count=100):
+        if not key.endswith(("}:window", "}:slowstart")) and (share := r.hget(key, "fs")) is not None:
+            return float(share)
+    return None
+
+
+@pytest.mark.e2e
+def test_two_deployments_on_one_key_converge(tmp_path: Path, start_worker: StartWorker) -> None:
+    """Two deployments that know nothing of each other (each its own Redis) on one key: both read
+    the same remaining at their opening; claiming all of it, each spent the server's whole burst
+    (12.5% of the calls were 429s here). Now few (none measured), and no job fails."""
+    jobs = 200
+    with start_sim(["--rpm", "1200", "--burst-seconds", "10", "--latency-ms", "500"]) as sim, \
+            private_redis() as first, private_redis() as second:
+        batches = []
+        for n, url in enumerate((first, second)):
+            env = base_env(url, sim.url, tmp_path / f"d{n}", RATEQUEUE_MODEL_GPT_4O_MINI_RPM="1200")
+            start_worker(env)
+            client = Client(load_settings(env), publish=None)
+            batches.append((client, _submit(client, jobs)))
+        done = [client.wait(batch_id, timeout=240) for client, batch_id in batches]
+        calls = sim.stats()["calls_by_client_id"]
+    total = sum(n for cid, n in calls.items() if cid.startswith(tuple(b for _, b in batches)))
+    for batch in done:
+        assert batch["request_counts"] == {"total": jobs, "completed": jobs, "failed": 0}
+    refused = total - 2 * jobs
+    assert refused <= 0.05 * total, f"{refused} of the deployments' {total} calls were 429s"
+
+
+@pytest.mark.e2e
+def test_ratequeue_takes_capacity_back_when_a_foreign_client_stops(
+    redis_url: str, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    """Another client spends half the RPM: the shared share falls below 1; once it stops, the
+    share comes back to all of the limits while ratequeue still has work."""
+    jobs = 400
+    with start_sim(["--rpm", "1200", "--burst-seconds", "2", "--latency-ms", "50"]) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_BURST_SECONDS="2",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_RPM="1200")
+        client = Client(load_settings(env), publish=None)
+        with ForeignClient(sim.url, per_second=10):
+            time.sleep(2)
+            start_worker(env)
+            batch_id = _submit(client, jobs)
+            wait_until(lambda: (_share_of(redis_url) or 1.0) < 0.9, timeout=60, what="a share cut below 90%")
+        wait_until(lambda: _share_of(redis_url) in (None, 1.0), timeout=60, what="the share back at 100%")
+        counts = client.status(batch_id)["request_counts"]
+        assert counts["completed"] < jobs, "all done before the share came back: the test proves nothing"
+        batch = client.wait(batch_id, timeout=120)
+    assert batch["request_counts"] == {"total": jobs, "completed": jobs, "failed": 0}
+
+
 LIMITS_AT_HALF = BucketLimits(600, 60_000, 1.0, share=0.5)  # 10 requests/s, spent at half
 
 
@@ -115,7 +170,7 @@ def test_429s_cut_the_shared_share_to_what_the_server_accepted(redis_url: str) -
     limiter = SyncLimiter(redis.Redis.from_url(redis_url))
     key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
     full = BucketLimits(600, 60_000, 1.0)
-    assert limiter.reconcile(key, full, refused=5, answered=10, remaining_requests=0).share == 1.0
+    assert limiter.reconcile(key, full, refused=5, answered=10).share == 1.0
     time.sleep(0.3)  # a window with 4 refusals or more closes after a quarter of a second
     assert limiter.reconcile(key, full).share == pytest.approx(0.5)
     # The 429s of the next window's first moments do not cut it again at once.
@@ -125,22 +180,73 @@ def test_429s_cut_the_shared_share_to_what_the_server_accepted(redis_url: str) -
 def test_the_share_comes_back_when_the_server_reports_room(redis_url: str) -> None:
     limiter = SyncLimiter(redis.Redis.from_url(redis_url))
     key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
-    limiter.reconcile(key, BucketLimits(600, 60_000, 1.0), refused=5, answered=5, remaining_requests=0)
-    time.sleep(0.3)
-    assert limiter.reconcile(key, BucketLimits(600, 60_000, 1.0)).share == pytest.approx(0.5)
+    limiter.reconcile(key, BucketLimits(600, 60_000, 1.0), refused=5, answered=5)
+    time.sleep(0.3)  # the server reported none left: the share is cut to half
+    assert limiter.reconcile(key, BucketLimits(600, 60_000, 1.0), remaining_requests=0).share == pytest.approx(0.5)
     time.sleep(1.05)  # the other client stopped: a full minute of requests left at the server
     assert limiter.reconcile(key, LIMITS_AT_HALF, answered=5, remaining_requests=600).share == 1.0
 
 
+def _cut_to_half(limiter: SyncLimiter, key: str, limits: BucketLimits) -> float:
+    """A share below 1 (not an opening): a window of 429s, closed a second later."""
+    limiter.reconcile(key, limits, refused=1, answered=1)
+    time.sleep(1.05)
+    return limiter.reconcile(key, limits).share
+
+
 def test_a_draining_server_bucket_slows_ratequeue_before_any_429(redis_url: str) -> None:
+    """From near the buffer, the fall of what the server reports left is the account's overspend
+    (another client's onset): the share is cut by half of it, per window."""
     limiter = SyncLimiter(redis.Redis.from_url(redis_url))
     key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
-    full = BucketLimits(600, 60_000, 5.0)  # a bucket of 50: lowered to 30, it lives on for seconds
-    for left in (30, 20):  # 3 s, then 2 s of the limit left at the server: windows of a second
-        assert limiter.reconcile(key, full, answered=1, remaining_requests=left).share == 1.0
+    full = BucketLimits(600, 60_000, 5.0)  # a bucket of 50: it lives on for seconds
+    share = _cut_to_half(limiter, key, full)
+    for left in (40, 22):  # 4 s, then 2.2 s of the limit left at the server: windows of a second
+        share = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=left).share
         time.sleep(1.05)
-    # 0.5 s left, below the buffer (2 s, at most half the 3 s seen) and falling: a tenth less.
-    assert limiter.reconcile(key, full, answered=1, remaining_requests=5).share == pytest.approx(0.9)
+    # 1.6 s left: below the buffer (2 s, at most half the 4 s seen), 0.6 s less in about a second.
+    cut = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=16).share
+    assert cut == pytest.approx(share * (1 - 0.6 / 1.07 / 2), abs=0.015)
+
+
+def test_a_draining_server_bucket_from_high_up_is_a_burst_a_tenth(redis_url: str) -> None:
+    """From high up, the fall is mostly a burst being spent (an opening), not a pace: a tenth."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 10.0)
+    share = _cut_to_half(limiter, key, full)
+    for left in (90, 90):  # 9 s left
+        share = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=left).share
+        time.sleep(1.05)
+    cut = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=15).share
+    assert cut == pytest.approx(share * 0.9)
+
+
+def test_an_opening_claims_part_of_what_the_server_reports(redis_url: str) -> None:
+    """The first answer that reports a remaining: another deployment may be opening on the same
+    key, reading the same figure. The bucket's level takes 40% of it, the share starts at half."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    levels = limiter.reconcile(key, BucketLimits(600, 60_000, 10.0), remaining_requests=100, remaining_tokens=20_000)
+    assert levels.share == 0.5
+    assert levels.requests == pytest.approx(40, abs=0.5) and levels.tokens == pytest.approx(8_000, abs=50)
+    # Without any remaining figure nothing is known of other clients: the full limits.
+    other = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    assert limiter.reconcile(other, BucketLimits(600, 60_000, 10.0), answered=1).share == 1.0
+
+
+def test_a_cut_share_outlives_an_idle_bucket(redis_url: str) -> None:
+    """A deployment idle for seconds after a cut (its jobs deferred) came back at the full limits
+    into another client's spending: the bucket hash, and the share in it, expired once full."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    # 50 requests below a bucket of 100: the hash lives on for 6 s, through the window of 429s.
+    limiter.reconcile(key, BucketLimits(600, 60_000, 10.0), request_delta=-50, refused=3, answered=10)
+    time.sleep(1.05)
+    small = BucketLimits(600, 60_000, 1.0)  # 10 requests, full again within a second
+    assert limiter.reconcile(key, small).share == pytest.approx(0.65)  # 30% refused: 5% below the rest
+    time.sleep(2.5)  # the bucket would be full and its hash gone
+    assert limiter.reconcile(key, replace(small, share=0.65)).share == pytest.approx(0.66, abs=0.005)
 
 
 def test_max_share_leaves_headroom(redis_url: str) -> None:

@@ -73,8 +73,9 @@ local WINDOW_US, MIN_SHARE, SLOW, BUFFER_S, SPREAD_S = 1000000, 0.05, 0.01, 2, 6
 -- may be starting on the same key, and the remaining it reports shows that only a round trip
 -- later. Half: two such deployments together spend the limit, no more; one alone grows back to
 -- all of it within about a second (the server then reports its room: see growth).
--- SHARE_MEMORY_MS: how long a share below 1 outlives an idle bucket (a bucket hash otherwise expires
--- once full: a deployment idle for seconds after a cut forgot it and came back at the full limit).
+-- SHARE_MEMORY_MS: how long the share (and the window's counts) outlive an idle bucket (a bucket hash
+-- otherwise expires once full: a deployment idle for seconds after a cut forgot it and came back at
+-- the full limits). A missing level still means a full bucket: a level kept is refilled to now.
 local OPENING_SHARE, SHARE_MEMORY_MS, FALL_GAIN = 0.5, 600000, 0.5
 
 -- What the server reports left, in seconds of the full limit (nil when it says nothing).
@@ -150,7 +151,7 @@ if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', b
 if most > 0 then redis.call('HSET', KEYS[1], 'fm', string.format('%.17g', most)) end
 local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, (nb * 1000 - now_us) / 1e6, 0)
 local ttl_ms = math.ceil(full * 1000) + 1000
-if share < 1 then ttl_ms = math.max(ttl_ms, SHARE_MEMORY_MS) end
+ttl_ms = math.max(ttl_ms, SHARE_MEMORY_MS)  -- the share and its window (reserve.lua may shorten it)
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 
 return {now_us, string.format('%.17g', lr), string.format('%.17g', lt), nb,
