@@ -225,6 +225,26 @@ def test_a_rising_server_bucket_gives_back_half_of_its_rise(redis_url: str) -> N
     assert share < 0.52 and grown == pytest.approx(share + 0.5 * 0.7 / 1.06, abs=0.02)
 
 
+def test_a_deployment_alone_spends_the_room_its_claim_left(redis_url: str) -> None:
+    """The opening claims 40% of the server's remaining; a window in which the server's room lost
+    nothing beyond what our own answers took (nobody else spends) gives the bucket 40% of the room
+    above the buffer (the server's opening allowance is spent, not left), and not otherwise."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    full = BucketLimits(600, 60_000, 10.0)  # 10 requests a second
+    levels = {}
+    for own in (6, 0):  # our accepted answers in the window: 6 (with a rise of 5, the limit), or none
+        key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+        share = _cut_to_half(limiter, key, full)
+        # a first reading, a window's trend (6 s left), then our answers in the next window
+        steps = (({"remaining_requests": 60}, 1.05), ({"remaining_requests": 60}, 0), ({"answered": own}, 1.05))
+        for call, then in steps:
+            share = limiter.reconcile(key, replace(full, share=share), **call).share  # type: ignore[arg-type]
+            time.sleep(then)
+        levels[own] = limiter.reconcile(key, replace(full, share=share), remaining_requests=65).requests
+    assert levels[0] == pytest.approx(0.4 * 65)  # the claim: 40% of what the server reports left
+    assert levels[6] - levels[0] == pytest.approx(0.4 * (6.5 - 2) * 10, abs=1)  # and 40% above 2 s
+
+
 def test_a_draining_server_bucket_from_high_up_is_a_burst_a_tenth(redis_url: str) -> None:
     """From high up, the fall is mostly a burst being spent (an opening), not a pace: a tenth."""
     limiter = SyncLimiter(redis.Redis.from_url(redis_url))

@@ -50,7 +50,7 @@ local rate_r, rate_t = rpm / 60, tpm / 60
 local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm')
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm', 'fc')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -63,10 +63,12 @@ local lt = math.min(cap_t, refill(h[3], h[4], cap_t, rate_t) + token_delta)
 -- CLAIM: a level is lowered to a part of what the server reports left, not all of it: deployments
 -- that know nothing of each other (separate Redis) each read the same remaining; claiming all of it,
 -- two spent it twice at their opening (issue 11). With 0.4, two leave a fifth of it as a buffer; one
--- alone leaves unspent only part of the server's opening allowance (its steady pace is the share's).
-local CLAIM = 0.4
-if rem_r >= 0 then lr = math.min(lr, rem_r * CLAIM) end
-if rem_t >= 0 then lt = math.min(lt, rem_t * CLAIM) end
+-- alone would leave most of the server's opening allowance unspent: a window that shows nobody else
+-- spending (ALONE, below) gives it back a part of it, and lifts the claim to all (fc, until others show).
+local CLAIM, ALONE = 0.4, 0.1
+local claim = tonumber(h[12] or CLAIM)
+if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
+if rem_t >= 0 then lt = math.min(lt, rem_t * claim) end
 local nb = tonumber(h[5] or 0)
 
 local WINDOW_US, MIN_SHARE, SLOW, BUFFER_S, SPREAD_S = 1000000, 0.05, 0.01, 2, 6
@@ -102,6 +104,7 @@ local function growth(left, before, target, seconds)
 end
 
 local answered = tonumber(ARGV[9] or 0)
+local share_in
 local share, window, before = tonumber(h[6]), tonumber(h[7] or now_us), tonumber(h[10])
 local left
 if share == nil then
@@ -111,6 +114,7 @@ if share == nil then
 else
   left = left_s(share)
 end
+share_in = share  -- the share the worker spent at when it sent these (its limits follow the hash)
 local most = tonumber(h[11] or 0)
 if left ~= nil then most = math.max(most, left) end
 -- The buffer kept at the server: what absorbs another client's onset while we react (a round
@@ -119,6 +123,7 @@ local target = math.min(BUFFER_S, most / 2)
 local seen, refusals = tonumber(h[8] or 0) + answered, tonumber(h[9] or 0) + refused
 -- A window closes after a second, or after a quarter of one when 429s already abound.
 if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_US / 4) then
+  local seconds = (now_us - window) / 1e6
   if refusals > 0 then
     local accepted = 1 - refusals / math.max(seen, refusals) - 0.05
     local cut = math.max(MIN_SHARE, share * math.min(0.9, math.max(0.5, accepted))) / share
@@ -136,13 +141,25 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     -- deferred work coming back also makes it fall, once), so a sustained onset is met in two.
     local cut = 0.1
     if before <= 2 * target then
-      local fall = (before - left) / math.max(0.25, (now_us - window) / 1e6)
+      local fall = (before - left) / math.max(0.25, seconds)
       cut = math.min(0.35, math.max(0.1, fall * FALL_GAIN))
     end
     share = math.max(MIN_SHARE, share * (1 - cut))
   elseif share < 1 then
-    local seconds = (now_us - window) / 1e6
     share = math.min(1, share + growth(left, before, target, seconds) * math.min(seconds, 1))
+  end
+  -- Who else spends: what the server's room lost beyond the limit's refill, less what our own
+  -- accepted answers took (both read off the same answers: one round trip old alike), in limits.
+  if left ~= nil and before ~= nil and refusals == 0 and seconds > 0 then
+    local others = 1 - (seen / (rate_r / share_in * seconds)) - (left - before) / seconds
+    if others < ALONE and left > 2 * target and left >= before - 0.1 then
+      -- Alone, with more left at the server than the buffer: spend a part of it now (the server's
+      -- opening allowance, which the claim left), not only the refill.
+      local extra = CLAIM * (left - target) / share_in
+      lr, lt, claim = math.min(cap_r, lr + extra * rate_r), math.min(cap_t, lt + extra * rate_t), 1
+    elseif others > 2 * ALONE then
+      claim = CLAIM
+    end
   end
   window, seen, refusals, before = now_us, 0, 0, left
 end
@@ -151,7 +168,7 @@ local now_s = string.format('%.17g', now_us)
 redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
-  'fa', seen, 'fr', refusals)
+  'fa', seen, 'fr', refusals, 'fc', string.format('%.17g', claim))
 if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
 if most > 0 then redis.call('HSET', KEYS[1], 'fm', string.format('%.17g', most)) end
 local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, (nb * 1000 - now_us) / 1e6, 0)
