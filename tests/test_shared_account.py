@@ -3,6 +3,7 @@ ratequeue down instead of drawing a 429 storm. Simulator + real Redis + real wor
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 import time
@@ -23,8 +24,10 @@ from ratequeue.errors import ConfigError
 from ratequeue.jobstore.keys import bucket_key
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import start_sim
+from ratequeue.worker.feedback import RateLimitHeaders
+from ratequeue.worker.gate import BucketGate
 from ratequeue.worker.learned import Learned
-from ratequeue.worker.limiter import BucketLimits, SyncLimiter
+from ratequeue.worker.limiter import BucketLimits, Limiter, SyncLimiter
 from tests.conftest import base_env, private_redis, wait_until
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
@@ -282,3 +285,24 @@ def test_max_share_leaves_headroom(redis_url: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings({"RATEQUEUE_MAX_SHARE": "1.5"})
     assert str(err.value) == "RATEQUEUE_MAX_SHARE='1.5': must be a number above 0 and at most 1 (a share of the limits)"
+
+
+def test_slow_start_ends_once_the_bucket_took_the_announcing_answer(redis_url: str) -> None:
+    """The first answer announces the limits: this worker's slow start ends when the shared bucket
+    answered the flush of it (its level lowered to the claim, its share set), not at once: ended
+    at once, the worker granted a whole configured bucket in those 50 ms at the full limits."""
+    async def main() -> tuple[bool, bool, float]:
+        client = aioredis.Redis.from_url(redis_url)
+        settings = load_settings({})
+        spec = replace(load_model_table(settings).get("gpt-4o-mini"), rpm=600, tpm=60_000)
+        learned, pair = Learned(settings, client), "acct:gpt-4o-mini"
+        gate = BucketGate(Limiter(client), bucket_key("acct", "gpt-4o-mini"), learned.limits(pair, spec))
+        headers = RateLimitHeaders(limit_requests=600, limit_tokens=60_000, remaining_requests=99)
+        learned.learn_limits(pair, spec, headers, gate)
+        after_answer = gate.limits.slow_start
+        learned.follow_share(pair, spec, gate, 0.5)  # what the reconciler's flush hands back
+        await asyncio.sleep(0.1)  # the slow-start credit written in the background
+        await client.aclose()
+        return after_answer, gate.limits.slow_start, gate.limits.share
+
+    assert asyncio.run(main()) == (True, False, 0.5)
