@@ -128,22 +128,17 @@ class Profile:
 
     def print(self, batches: list[str]) -> None:
         """Per interval and deployment: calls, 429s, the share in force, the server's reported room."""
-        print("t(s) | per deployment: calls 429s share server-left(s) | foreign calls")
-        last: list[tuple[int, int]] = [(0, 0)] * (len(batches) + 1)
+        print("t(s) | per deployment: calls 429s share server-left(s) (-1: none read yet)")
+        last: list[tuple[int, int]] = [(0, 0)] * len(batches)
         for t, calls, answers, buckets in self.rows:
             cells = []
-            for n, prefix in enumerate([*batches, None]):
-                def mine(cid: str, prefix: str | None = prefix) -> bool:
-                    return cid.startswith(prefix) if prefix else not any(cid.startswith(b) for b in batches)
-                c = sum(v for k, v in calls.items() if mine(k))
-                a = sum(v for k, v in answers.items() if mine(k))
+            for n, prefix in enumerate(batches):
+                c = sum(v for k, v in calls.items() if k.startswith(prefix))
+                a = sum(v for k, v in answers.items() if k.startswith(prefix))
                 dc, d429 = c - last[n][0], (c - a) - last[n][1]
                 last[n] = (c, c - a)
-                if prefix is None:
-                    cells.append(f"{dc:3d}")
-                else:
-                    b = buckets[n]
-                    cells.append(f"{dc:3d} {d429:3d} {float(b.get('fs', 1)):.2f} {float(b.get('fl', -1)):5.1f}")
+                b = buckets[n]
+                cells.append(f"{dc:3d} {d429:3d} {float(b.get('fs', 1)):.2f} {float(b.get('fl', -1)):5.1f}")
             print(f"{t:5.1f} | " + " | ".join(cells))
 
 
