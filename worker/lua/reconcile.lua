@@ -17,8 +17,10 @@
 -- levels, capacities and share as strings (Redis would truncate Lua floats).
 --
 -- The share (fields fs: share, fw: start of its current window µs, fa/fr: answers and 429s seen
--- in the window, fl: seconds of limit the server reported left when it began; missing = 1, a
--- window starting now) is the part of the limits the server leaves to this
+-- in the window, fl: seconds of limit the server reported left when it began, fm: the most it was
+-- seen to hold, fc: the part of a reported remaining a level may hold (CLAIM, or 1 while alone);
+-- missing = 1, or OPENING_SHARE on a first remaining read; a window starting now) is the part of
+-- the limits the server leaves to this
 -- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
 -- busy bucket runs in debt (reservations ahead), below any remaining the server reports, while the
 -- other client's spending drains the server's bucket, not ours. A rate-limit 429 is what shows it:
@@ -28,7 +30,8 @@
 -- least and by half at most. Without 429s, what the server reports left steers: a buffer (2 s of
 -- limit, or half the most it was seen to hold) is kept there to absorb another client's onset
 -- while we react; a window in which it runs below the buffer cuts the share before any 429 (by the
--- fraction of the limit it fell per second, halved, from a tenth to 35%); otherwise the share grows
+-- fraction of the limit it fell per second, halved, from a tenth to 35%, when it fell from near
+-- the buffer; a tenth from higher up); otherwise the share grows
 -- back within what is left (see growth: 1% of the limit per second at the edge; at once when
 -- another client stopped and the server's bucket filled up).
 -- The workers multiply their limits by it (worker.learned). A cut scales a debt (negative
