@@ -93,6 +93,55 @@ class ForeignClient:
         self._thread.join()
 
 
+class Profile:
+    """Samples, every ``every`` seconds, the simulator's per-client counts and each deployment's
+    shared bucket hash (reconcile.lua: fs share, fl seconds of limit the server reported left),
+    so that each deployment's 429s per second can be read against what the server showed."""
+
+    def __init__(self, sim_url: str, redis_urls: list[str], every: float = 0.5) -> None:
+        self.sim_url, self.every = sim_url, every
+        self.redis = [redis.Redis.from_url(u, decode_responses=True) for u in redis_urls]
+        self.rows: list[tuple[float, dict[str, int], dict[str, int], list[dict[str, str]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _bucket(self, r: redis.Redis) -> dict[str, str]:
+        for key in r.scan_iter(match="*bucket:*", count=100):
+            if not key.endswith(("}:window", "}:slowstart")):
+                return r.hgetall(key)  # type: ignore[return-value]
+        return {}
+
+    def _loop(self) -> None:
+        started = time.monotonic()
+        with httpx.Client(base_url=self.sim_url, timeout=10) as http:
+            while not self._stop.wait(self.every):
+                snap = http.get("/sim/stats", params={"timeline": "0"}).json()
+                self.rows.append((time.monotonic() - started, snap["calls_by_client_id"],
+                                  snap["answers_by_client_id"], [self._bucket(r) for r in self.redis]))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def print(self, batches: list[str]) -> None:
+        """Per interval and deployment: calls, 429s, the share in force, the server's reported room."""
+        print("t(s) | per deployment: calls 429s share server-left(s) (-1: none read yet)")
+        last: list[tuple[int, int]] = [(0, 0)] * len(batches)
+        for t, calls, answers, buckets in self.rows:
+            cells = []
+            for n, prefix in enumerate(batches):
+                c = sum(v for k, v in calls.items() if k.startswith(prefix))
+                a = sum(v for k, v in answers.items() if k.startswith(prefix))
+                dc, d429 = c - last[n][0], (c - a) - last[n][1]
+                last[n] = (c, c - a)
+                b = buckets[n]
+                cells.append(f"{dc:3d} {d429:3d} {float(b.get('fs', 1)):.2f} {float(b.get('fl', -1)):5.1f}")
+            print(f"{t:5.1f} | " + " | ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rpm", type=float, default=1200)
@@ -109,6 +158,8 @@ def main() -> None:
     ap.add_argument("--foreign-for", type=float, default=40.0)
     ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="print each deployment's calls, 429s, share and the server's reported room every 0.5 s")
     args = ap.parse_args()
 
     sim_args = ["--rpm", str(int(args.rpm)), "--tpm", str(int(args.tpm)), "--latency-ms", str(args.latency_ms),
@@ -121,20 +172,26 @@ def main() -> None:
     extra = dict(item.split("=", 1) for item in args.worker_env)
     with ExitStack() as stack, start_sim(sim_args) as sim:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        clients = []
+        clients, redis_urls = [], []
         for d in range(args.deployments):
             url = stack.enter_context(private_redis(tmp))
+            redis_urls.append(url)
             env = worker_env(sim.url, url, args.rpm, args.tpm, charge_rule=args.charge_rule, **extra)
             stack.enter_context(workers(args.workers, env, tmp / f"logs-{d}"))
             clients.append(Client(load_settings(env)))
         time.sleep(2.0)
         sim.reset()
         foreign = ForeignClient(sim.url, args.foreign_share * args.rpm / 60, args.foreign_from, args.foreign_for)
+        profile = Profile(sim.url, redis_urls) if args.profile else None
         started = time.monotonic()
         foreign.start()
+        if profile:
+            profile.start()
         batches = [c.submit_batch(mixed_workload(args.jobs, seed=42 + n)).batch_id for n, c in enumerate(clients)]
         done = [c.wait(b, timeout=3600, poll=0.2) for c, b in zip(clients, batches, strict=True)]
         first_done = time.monotonic() - started  # all deployments still had work until about here
+        if profile:
+            profile.stop()
         foreign.join()
         wall = time.monotonic() - started
         stats = sim.stats()
@@ -161,6 +218,8 @@ def main() -> None:
     if window:
         print(f"all clients together used {sum(window) / len(window) / (args.rpm / 60):.1%} of the RPM "
               f"from t={lo} s to t={hi} s")
+    if profile:
+        profile.print(batches)
     if args.timeline:
         print("answered ok per second:", " ".join(str(r["requests_ok"]) for r in timeline))
         print("429s per second:       ", " ".join(str(r["r429"]) for r in timeline))

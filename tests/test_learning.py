@@ -87,8 +87,11 @@ def test_a_server_charging_more_than_configured_is_found_out_and_followed(
     # Before the switch the workers undercharge and draw 429s; after it, jobs already queued are
     # priced anew when reserved, the few granted at the old price pay the difference, and the
     # unrefunded 429s have paid back what the server charged beyond our bucket: 429s stop.
-    # (Before the switch the 429s already cut the bucket's share of the limits: fewer than 20%.)
-    assert late and rate[0] > 0.05 and rate[1] <= 0.02, rate
+    # (Before the switch the 429s already cut the bucket's share of the limits: fewer than 20%. Since
+    # a level is lowered to 40% of the server's remaining (reconcile.lua's claim, issue 11), an
+    # undercharging bucket stays below the server's before the switch too: 0 measured, so the rule
+    # learned, not the early 429s, is what this test's first half checks.)
+    assert late and rate[1] <= 0.02, rate
 
 
 def test_a_bucket_as_large_as_the_servers_draws_almost_no_429s(

@@ -3,6 +3,7 @@ ratequeue down instead of drawing a 429 storm. Simulator + real Redis + real wor
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 import time
@@ -23,9 +24,11 @@ from ratequeue.errors import ConfigError
 from ratequeue.jobstore.keys import bucket_key
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import start_sim
+from ratequeue.worker.feedback import RateLimitHeaders
+from ratequeue.worker.gate import BucketGate
 from ratequeue.worker.learned import Learned
-from ratequeue.worker.limiter import BucketLimits, SyncLimiter
-from tests.conftest import base_env
+from ratequeue.worker.limiter import BucketLimits, Limiter, SyncLimiter
+from tests.conftest import base_env, private_redis, wait_until
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 
@@ -102,45 +105,65 @@ def test_a_foreign_client_slows_ratequeue_down(redis_url: str, tmp_path: Path, s
         calls = sum(n for cid, n in sim.stats()["calls_by_client_id"].items() if cid.startswith(batch_id))
     assert batch["request_counts"] == {"total": jobs, "completed": jobs, "failed": 0}
     refused = calls - jobs  # each job succeeded once; every other call was a 429
-    # Measured 7.8% on the branch; 17.7% once after the learned window and slow start were merged
-    # (to look into: issue 11). Before the shared share: 33%.
-    assert refused <= 0.25 * calls, f"{refused} of ratequeue's {calls} calls were 429s"
+    # Measured 0 in 3 runs; 4.3-6.5% before the opening claimed 40% of the server's remaining at half
+    # the limits (17.7% once: its slow start ended before the bucket took the first answer, and a
+    # whole bucket went out at the full limits within the 50 ms flush). Before the shared share: 33%.
+    assert refused <= 0.04 * calls, f"{refused} of ratequeue's {calls} calls were 429s"
 
 
-LIMITS_AT_HALF = BucketLimits(600, 60_000, 1.0, share=0.5)  # 10 requests/s, spent at half
+def _share_of(url: str) -> float | None:
+    """The share in the deployment's shared bucket (reconcile.lua's fs), None before any."""
+    r = redis.Redis.from_url(url, decode_responses=True)
+    for key in r.scan_iter(match="*bucket:*", count=100):
+        if not key.endswith(("}:window", "}:slowstart")) and (share := r.hget(key, "fs")) is not None:
+            return float(share)
+    return None
 
 
-def test_429s_cut_the_shared_share_to_what_the_server_accepted(redis_url: str) -> None:
-    """reconcile.lua directly: a window with 5 refusals of 10 answers halves the share, once."""
-    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
-    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
-    full = BucketLimits(600, 60_000, 1.0)
-    assert limiter.reconcile(key, full, refused=5, answered=10, remaining_requests=0).share == 1.0
-    time.sleep(0.3)  # a window with 4 refusals or more closes after a quarter of a second
-    assert limiter.reconcile(key, full).share == pytest.approx(0.5)
-    # The 429s of the next window's first moments do not cut it again at once.
-    assert limiter.reconcile(key, LIMITS_AT_HALF, refused=3, answered=3).share == pytest.approx(0.5)
+@pytest.mark.e2e
+def test_two_deployments_on_one_key_converge(tmp_path: Path, start_worker: StartWorker) -> None:
+    """Two deployments that know nothing of each other (each its own Redis) on one key: both read
+    the same remaining at their opening; claiming all of it, each spent the server's whole burst
+    (12.5% of the calls were 429s here). Now few (none measured), and no job fails."""
+    jobs = 200
+    with start_sim(["--rpm", "1200", "--burst-seconds", "10", "--latency-ms", "500"]) as sim, \
+            private_redis() as first, private_redis() as second:
+        batches = []
+        for n, url in enumerate((first, second)):
+            env = base_env(url, sim.url, tmp_path / f"d{n}", RATEQUEUE_MODEL_GPT_4O_MINI_RPM="1200")
+            start_worker(env)
+            client = Client(load_settings(env), publish=None)
+            batches.append((client, _submit(client, jobs)))
+        done = [client.wait(batch_id, timeout=240) for client, batch_id in batches]
+        calls = sim.stats()["calls_by_client_id"]
+    total = sum(n for cid, n in calls.items() if cid.startswith(tuple(b for _, b in batches)))
+    for batch in done:
+        assert batch["request_counts"] == {"total": jobs, "completed": jobs, "failed": 0}
+    refused = total - 2 * jobs
+    assert refused <= 0.05 * total, f"{refused} of the deployments' {total} calls were 429s"
 
 
-def test_the_share_comes_back_when_the_server_reports_room(redis_url: str) -> None:
-    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
-    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
-    limiter.reconcile(key, BucketLimits(600, 60_000, 1.0), refused=5, answered=5, remaining_requests=0)
-    time.sleep(0.3)
-    assert limiter.reconcile(key, BucketLimits(600, 60_000, 1.0)).share == pytest.approx(0.5)
-    time.sleep(1.05)  # the other client stopped: a full minute of requests left at the server
-    assert limiter.reconcile(key, LIMITS_AT_HALF, answered=5, remaining_requests=600).share == 1.0
-
-
-def test_a_draining_server_bucket_slows_ratequeue_before_any_429(redis_url: str) -> None:
-    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
-    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
-    full = BucketLimits(600, 60_000, 5.0)  # a bucket of 50: lowered to 30, it lives on for seconds
-    for left in (30, 20):  # 3 s, then 2 s of the limit left at the server: windows of a second
-        assert limiter.reconcile(key, full, answered=1, remaining_requests=left).share == 1.0
-        time.sleep(1.05)
-    # 0.5 s left, below the buffer (2 s, at most half the 3 s seen) and falling: a tenth less.
-    assert limiter.reconcile(key, full, answered=1, remaining_requests=5).share == pytest.approx(0.9)
+@pytest.mark.e2e
+def test_ratequeue_takes_capacity_back_when_a_foreign_client_stops(
+    redis_url: str, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    """Another client spends half the RPM: the shared share falls below 1; once it stops, the
+    share comes back to all of the limits while ratequeue still has work."""
+    jobs = 400
+    with start_sim(["--rpm", "1200", "--burst-seconds", "2", "--latency-ms", "50"]) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_BURST_SECONDS="2",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_RPM="1200")
+        client = Client(load_settings(env), publish=None)
+        with ForeignClient(sim.url, per_second=10):
+            time.sleep(2)
+            start_worker(env)
+            batch_id = _submit(client, jobs)
+            wait_until(lambda: (_share_of(redis_url) or 1.0) < 0.9, timeout=60, what="a share cut below 90%")
+        wait_until(lambda: _share_of(redis_url) in (None, 1.0), timeout=60, what="the share back at 100%")
+        counts = client.status(batch_id)["request_counts"]
+        assert counts["completed"] < jobs, "all done before the share came back: the test proves nothing"
+        batch = client.wait(batch_id, timeout=120)
+    assert batch["request_counts"] == {"total": jobs, "completed": jobs, "failed": 0}
 
 
 def test_max_share_leaves_headroom(redis_url: str) -> None:
@@ -155,3 +178,24 @@ def test_max_share_leaves_headroom(redis_url: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings({"RATEQUEUE_MAX_SHARE": "1.5"})
     assert str(err.value) == "RATEQUEUE_MAX_SHARE='1.5': must be a number above 0 and at most 1 (a share of the limits)"
+
+
+def test_slow_start_ends_once_the_bucket_took_the_announcing_answer(redis_url: str) -> None:
+    """The first answer announces the limits: this worker's slow start ends when the shared bucket
+    answered the flush of it (its level lowered to the claim, its share set), not at once: ended
+    at once, the worker granted a whole configured bucket in those 50 ms at the full limits."""
+    async def main() -> tuple[bool, bool, float]:
+        client = aioredis.Redis.from_url(redis_url)
+        settings = load_settings({})
+        spec = replace(load_model_table(settings).get("gpt-4o-mini"), rpm=600, tpm=60_000)
+        learned, pair = Learned(settings, client), "acct:gpt-4o-mini"
+        gate = BucketGate(Limiter(client), bucket_key("acct", "gpt-4o-mini"), learned.limits(pair, spec))
+        headers = RateLimitHeaders(limit_requests=600, limit_tokens=60_000, remaining_requests=99)
+        learned.learn_limits(pair, spec, headers, gate)
+        after_answer = gate.limits.slow_start
+        learned.follow_share(pair, spec, gate, 0.5)  # what the reconciler's flush hands back
+        await asyncio.sleep(0.1)  # the slow-start credit written in the background
+        await client.aclose()
+        return after_answer, gate.limits.slow_start, gate.limits.share
+
+    assert asyncio.run(main()) == (True, False, 0.5)

@@ -60,6 +60,7 @@ class Learned:
         self._rule_check = ChargeRuleCheck()
         self.windows = WindowLearner(settings.burst_seconds)
         self._confirmed: set[str] = set()  # pairs whose limits the server announced: no slow start
+        self._announced: set[str] = set()  # announced, slow start ends once the bucket took the answer
         self._limiter = Limiter(redis)  # slow-start credits live beside the pair's bucket
         self.confirmations = CONFIRMATIONS
         self.ledger = ChargeLedger(redis)
@@ -112,7 +113,10 @@ class Learned:
         """Spend at the share of the limits the shared bucket reports (cut by 429s that other
         clients' spending caused, given back when they stop): every worker follows it."""
         old = self._shares.get(pair, 1.0)
-        if abs(share - old) < 0.005 and (share < 1.0) == (old < 1.0):
+        opening = pair in self._announced and pair not in self._confirmed
+        if opening:
+            self._confirmed.add(pair)
+        if not opening and abs(share - old) < 0.005 and (share < 1.0) == (old < 1.0):
             return
         if share < old - 0.1 or (share >= 1.0 and old < 1.0):
             log.info("%s: spending %.0f%% of the limits (other clients of the account)", pair, share * 100)
@@ -131,8 +135,12 @@ class Learned:
         its window; count the answer in slow start. `refused`: the answer was a 429."""
         announced = headers.limit_requests is not None or headers.limit_tokens is not None
         in_slow_start = gate.limits.slow_start
-        if announced:
-            self._confirmed.add(pair)  # this worker's slow start is over; others end theirs on their own answer
+        if announced and pair not in self._confirmed:
+            # This worker's slow start ends once the shared bucket has taken this answer (follow_share,
+            # after the reconciler's flush): its level is lowered to a part of the server's remaining and
+            # its share is set. Ended here, the worker granted a whole configured bucket within those
+            # 50 ms, before either: another deployment on the key did the same (issue 11).
+            self._announced.add(pair)
         window = self.windows.observe(pair, headers, refused) if self.settings.learn_window else None
         if in_slow_start or window is not None:
             # In this order: a worker still in slow start is given more credits only once the

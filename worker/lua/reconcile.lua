@@ -17,8 +17,10 @@
 -- levels, capacities and share as strings (Redis would truncate Lua floats).
 --
 -- The share (fields fs: share, fw: start of its current window µs, fa/fr: answers and 429s seen
--- in the window, fl: seconds of limit the server reported left when it began; missing = 1, a
--- window starting now) is the part of the limits the server leaves to this
+-- in the window, fl: seconds of limit the server reported left when it began, fm: the most it was
+-- seen to hold, fc: the part of a reported remaining a level may hold (CLAIM, or 1 while alone);
+-- missing = 1, or OPENING_SHARE on a first remaining read; a window starting now) is the part of
+-- the limits the server leaves to this
 -- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
 -- busy bucket runs in debt (reservations ahead), below any remaining the server reports, while the
 -- other client's spending drains the server's bucket, not ours. A rate-limit 429 is what shows it:
@@ -27,9 +29,11 @@
 -- with 429s cuts the share to what was accepted, (1 - refused/answered - 5%) of it, by a tenth at
 -- least and by half at most. Without 429s, what the server reports left steers: a buffer (2 s of
 -- limit, or half the most it was seen to hold) is kept there to absorb another client's onset
--- while we react; a window in which it runs below the buffer cuts the share by a tenth before any
--- 429; otherwise the share grows back within what is left (see growth: 1% of the limit per
--- second at the edge; at once when another client stopped and the server's bucket filled up).
+-- while we react; a window in which it runs below the buffer cuts the share before any 429 (by the
+-- fraction of the limit it fell per second, halved, from a tenth to 35%, when it fell from near
+-- the buffer; a tenth from higher up); otherwise the share grows
+-- back within what is left (see growth: 1% of the limit per second at the edge; at once when
+-- another client stopped and the server's bucket filled up).
 -- The workers multiply their limits by it (worker.learned). A cut scales a debt (negative
 -- level) with it, so that it is paid back as soon as before.
 
@@ -49,7 +53,7 @@ local rate_r, rate_t = rpm / 60, tpm / 60
 local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm')
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm', 'fc')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -59,11 +63,26 @@ end
 
 local lr = math.min(cap_r, refill(h[1], h[2], cap_r, rate_r) + request_delta)
 local lt = math.min(cap_t, refill(h[3], h[4], cap_t, rate_t) + token_delta)
-if rem_r >= 0 then lr = math.min(lr, rem_r) end
-if rem_t >= 0 then lt = math.min(lt, rem_t) end
+-- CLAIM: a level is lowered to a part of what the server reports left, not all of it: deployments
+-- that know nothing of each other (separate Redis) each read the same remaining; claiming all of it,
+-- two spent it twice at their opening (issue 11). With 0.4, two leave a fifth of it as a buffer; one
+-- alone would leave most of the server's opening allowance unspent: a window that shows nobody else
+-- spending (ALONE, below) gives it back a part of it, and lifts the claim to all (fc, until others show).
+local CLAIM, ALONE = 0.4, 0.1
+local claim = tonumber(h[12] or CLAIM)
+if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
+if rem_t >= 0 then lt = math.min(lt, rem_t * claim) end
 local nb = tonumber(h[5] or 0)
 
 local WINDOW_US, MIN_SHARE, SLOW, BUFFER_S, SPREAD_S = 1000000, 0.05, 0.01, 2, 6
+-- OPENING_SHARE: the share of a bucket the server has just begun to report on: another deployment
+-- may be starting on the same key, and the remaining it reports shows that only a round trip
+-- later. Half: two such deployments together spend the limit, no more; one alone grows back to
+-- all of it within about a second (the server then reports its room: see growth).
+-- SHARE_MEMORY_MS: how long the share (and the window's counts) outlive an idle bucket (a bucket hash
+-- otherwise expires once full: a deployment idle for seconds after a cut forgot it and came back at
+-- the full limits). A missing level still means a full bucket: a level kept is refilled to now.
+local OPENING_SHARE, SHARE_MEMORY_MS, FALL_GAIN = 0.5, 600000, 0.5
 
 -- What the server reports left, in seconds of the full limit (nil when it says nothing).
 local function left_s(at)
@@ -75,17 +94,31 @@ end
 
 -- Share per second to give back: what the server reports left beyond the buffer, spread over
 -- SPREAD_S seconds, so that growing never spends more than it has; at least SLOW, so that clients
--- at the edge of the limit keep probing and even out; 0 while what it reports left shrinks (the
--- account is already spent faster than it refills: growing would only run it dry sooner).
+-- at the edge of the limit keep probing and even out (and in a bucket's first window, whose
+-- reading predates what this deployment and any other spent since their opening); 0 while what it
+-- reports left shrinks (the account is already spent faster than it refills: growing would only
+-- run it dry sooner). Not by what it rose: that reading is a round trip old, so every window
+-- would add again what the last one added (measured: two deployments from 0.4 to 0.95 each in
+-- four windows, then a 429 storm).
 local function growth(left, before, target)
-  if left == nil then return SLOW end
-  if before ~= nil and left < before - 0.1 then return 0 end
+  if left == nil or before == nil then return SLOW end  -- before: the first window says no trend
+  if left < before - 0.1 then return 0 end
   return math.max(SLOW, (left - target) / SPREAD_S)
 end
 
 local answered = tonumber(ARGV[9] or 0)
-local share, window, before = tonumber(h[6] or 1), tonumber(h[7] or now_us), tonumber(h[10])
-local left, most = left_s(share), tonumber(h[11] or 0)
+local share_in
+local share, window, before = tonumber(h[6]), tonumber(h[7] or now_us), tonumber(h[10])
+local left
+if share == nil then
+  -- The worker sent the full limits (no share known yet): what is left is read at 1.
+  left = left_s(1)
+  share = (left ~= nil) and OPENING_SHARE or 1
+else
+  left = left_s(share)
+end
+share_in = share  -- the share the worker spent at when it sent these (its limits follow the hash)
+local most = tonumber(h[11] or 0)
 if left ~= nil then most = math.max(most, left) end
 -- The buffer kept at the server: what absorbs another client's onset while we react (a round
 -- trip and a window). At most half of the most it was seen to hold (a 1 s window holds 1 s).
@@ -93,6 +126,7 @@ local target = math.min(BUFFER_S, most / 2)
 local seen, refusals = tonumber(h[8] or 0) + answered, tonumber(h[9] or 0) + refused
 -- A window closes after a second, or after a quarter of one when 429s already abound.
 if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_US / 4) then
+  local seconds = (now_us - window) / 1e6
   if refusals > 0 then
     local accepted = 1 - refusals / math.max(seen, refusals) - 0.05
     local cut = math.max(MIN_SHARE, share * math.min(0.9, math.max(0.5, accepted))) / share
@@ -102,9 +136,33 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     if lr < 0 then lr = lr * cut end
     if lt < 0 then lt = lt * cut end
   elseif left ~= nil and before ~= nil and left < target and left < before - 0.1 then
-    share = math.max(MIN_SHARE, share * 0.9)  -- the buffer runs dry: slow down before any 429
+    -- The buffer runs dry: slow down before any 429. From near the buffer, the fall of what is left
+    -- (limits per second) is what all clients together spend beyond the limit (another client's
+    -- onset): every deployment cutting its share by that fraction cuts their sum by at most the
+    -- overspend, so unaware deployments do not over-correct together. From higher up, the fall is
+    -- mostly a burst being spent (an opening): a tenth. FALL_GAIN: half of it per window (a burst of
+    -- deferred work coming back also makes it fall, once), so a sustained onset is met in two.
+    local cut = 0.1
+    if before <= 2 * target then
+      local fall = (before - left) / math.max(0.25, seconds)
+      cut = math.min(0.35, math.max(0.1, fall * FALL_GAIN))
+    end
+    share = math.max(MIN_SHARE, share * (1 - cut))
   elseif share < 1 then
-    share = math.min(1, share + growth(left, before, target) * math.min(now_us - window, WINDOW_US) / 1e6)
+    share = math.min(1, share + growth(left, before, target) * math.min(seconds, 1))
+  end
+  -- Who else spends: what the server's room lost beyond the limit's refill, less what our own
+  -- accepted answers took (both read off the same answers: one round trip old alike), in limits.
+  if left ~= nil and before ~= nil and refusals == 0 and seconds > 0 then
+    local others = 1 - (seen / (rate_r / share_in * seconds)) - (left - before) / seconds
+    if others < ALONE and left > 2 * target and left >= before - 0.1 then
+      -- Alone, with more left at the server than the buffer: spend a part of it now (the server's
+      -- opening allowance, which the claim left), not only the refill.
+      local extra = CLAIM * (left - target) / share_in
+      lr, lt, claim = math.min(cap_r, lr + extra * rate_r), math.min(cap_t, lt + extra * rate_t), 1
+    elseif others > 2 * ALONE then
+      claim = CLAIM
+    end
   end
   window, seen, refusals, before = now_us, 0, 0, left
 end
@@ -113,11 +171,13 @@ local now_s = string.format('%.17g', now_us)
 redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
-  'fa', seen, 'fr', refusals)
+  'fa', seen, 'fr', refusals, 'fc', string.format('%.17g', claim))
 if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
 if most > 0 then redis.call('HSET', KEYS[1], 'fm', string.format('%.17g', most)) end
 local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, (nb * 1000 - now_us) / 1e6, 0)
-redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
+local ttl_ms = math.ceil(full * 1000) + 1000
+ttl_ms = math.max(ttl_ms, SHARE_MEMORY_MS)  -- the share and its window (reserve.lua may shorten it)
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
 
 return {now_us, string.format('%.17g', lr), string.format('%.17g', lt), nb,
   string.format('%.17g', cap_r), string.format('%.17g', cap_t), string.format('%.17g', share)}

@@ -1,0 +1,121 @@
+"""The shared share of a bucket (reconcile.lua, issue 11), driven directly on the real Redis: cut
+by 429s and by the fall of the server's room, given back when it shows room, the opening claim of a
+deployment that may not be alone, and the memory of a cut."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+
+import pytest
+import redis
+
+from ratequeue.jobstore.keys import bucket_key
+from ratequeue.worker.limiter import BucketLimits, SyncLimiter
+
+LIMITS_AT_HALF = BucketLimits(600, 60_000, 1.0, share=0.5)  # 10 requests/s, spent at half
+
+
+def test_429s_cut_the_shared_share_to_what_the_server_accepted(redis_url: str) -> None:
+    """reconcile.lua directly: a window with 5 refusals of 10 answers halves the share, once."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 1.0)
+    assert limiter.reconcile(key, full, refused=5, answered=10).share == 1.0
+    time.sleep(0.3)  # a window with 4 refusals or more closes after a quarter of a second
+    assert limiter.reconcile(key, full).share == pytest.approx(0.5)
+    # The 429s of the next window's first moments do not cut it again at once.
+    assert limiter.reconcile(key, LIMITS_AT_HALF, refused=3, answered=3).share == pytest.approx(0.5)
+
+
+def test_the_share_comes_back_when_the_server_reports_room(redis_url: str) -> None:
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    limiter.reconcile(key, BucketLimits(600, 60_000, 1.0), refused=5, answered=5)
+    time.sleep(0.3)  # the server reported none left: the share is cut to half
+    assert limiter.reconcile(key, BucketLimits(600, 60_000, 1.0), remaining_requests=0).share == pytest.approx(0.5)
+    time.sleep(1.05)  # the other client stopped: a full minute of requests left at the server
+    assert limiter.reconcile(key, LIMITS_AT_HALF, answered=5, remaining_requests=600).share == 1.0
+
+
+def _cut_to_half(limiter: SyncLimiter, key: str, limits: BucketLimits) -> float:
+    """A share below 1 (not an opening): a window of 429s, closed a second later."""
+    limiter.reconcile(key, limits, refused=1, answered=1)
+    time.sleep(1.05)
+    return limiter.reconcile(key, limits).share
+
+
+def test_a_draining_server_bucket_slows_ratequeue_before_any_429(redis_url: str) -> None:
+    """From near the buffer, the fall of what the server reports left is the account's overspend
+    (another client's onset): the share is cut by half of it, per window."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 5.0)  # a bucket of 50: it lives on for seconds
+    share = _cut_to_half(limiter, key, full)
+    for left in (40, 22):  # 4 s, then 2.2 s of the limit left at the server: windows of a second
+        share = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=left).share
+        time.sleep(1.05)
+    # 1.6 s left: below the buffer (2 s, at most half the 4 s seen), 0.6 s less in about a second.
+    cut = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=16).share
+    assert cut == pytest.approx(share * (1 - 0.6 / 1.07 / 2), abs=0.015)
+
+
+def test_a_deployment_alone_spends_the_room_its_claim_left(redis_url: str) -> None:
+    """The opening claims 40% of the server's remaining; a window in which the server's room lost
+    nothing beyond what our own answers took (nobody else spends) gives the bucket 40% of the room
+    above the buffer (the server's opening allowance is spent, not left), and not otherwise."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    full = BucketLimits(600, 60_000, 10.0)  # 10 requests a second
+    levels = {}
+    for own in (6, 0):  # our accepted answers in the window: 6 (with a rise of 5, the limit), or none
+        key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+        share = _cut_to_half(limiter, key, full)
+        # a first reading, a window's trend (6 s left), then our answers in the next window
+        steps = (({"remaining_requests": 60}, 1.05), ({"remaining_requests": 60}, 0), ({"answered": own}, 1.05))
+        for call, then in steps:
+            share = limiter.reconcile(key, replace(full, share=share), **call).share  # type: ignore[arg-type]
+            time.sleep(then)
+        levels[own] = limiter.reconcile(key, replace(full, share=share), remaining_requests=65).requests
+    assert levels[0] == pytest.approx(0.4 * 65)  # the claim: 40% of what the server reports left
+    assert levels[6] - levels[0] == pytest.approx(0.4 * (6.5 - 2) * 10, abs=1)  # and 40% above 2 s
+
+
+def test_a_draining_server_bucket_from_high_up_is_a_burst_a_tenth(redis_url: str) -> None:
+    """From high up, the fall is mostly a burst being spent (an opening), not a pace: a tenth."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 10.0)
+    share = _cut_to_half(limiter, key, full)
+    for left in (90, 90):  # 9 s left
+        share = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=left).share
+        time.sleep(1.05)
+    cut = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=15).share
+    assert cut == pytest.approx(share * 0.9)
+
+
+def test_an_opening_claims_part_of_what_the_server_reports(redis_url: str) -> None:
+    """The first answer that reports a remaining: another deployment may be opening on the same
+    key, reading the same figure. The bucket's level takes 40% of it, the share starts at half."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    levels = limiter.reconcile(key, BucketLimits(600, 60_000, 10.0), remaining_requests=100, remaining_tokens=20_000)
+    assert levels.share == 0.5
+    assert levels.requests == pytest.approx(40, abs=0.5) and levels.tokens == pytest.approx(8_000, abs=50)
+    # Without any remaining figure nothing is known of other clients: the full limits.
+    other = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    assert limiter.reconcile(other, BucketLimits(600, 60_000, 10.0), answered=1).share == 1.0
+
+
+def test_a_cut_share_outlives_an_idle_bucket(redis_url: str) -> None:
+    """A deployment idle for seconds after a cut (its jobs deferred) came back at the full limits
+    into another client's spending: the bucket hash, and the share in it, expired once full."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    # 50 requests below a bucket of 100: the hash lives on for 6 s, through the window of 429s.
+    limiter.reconcile(key, BucketLimits(600, 60_000, 10.0), request_delta=-50, refused=3, answered=10)
+    time.sleep(1.05)
+    small = BucketLimits(600, 60_000, 1.0)  # 10 requests, full again within a second
+    assert limiter.reconcile(key, small).share == pytest.approx(0.65)  # 30% refused: 5% below the rest
+    time.sleep(2.5)  # the bucket would be full and its hash gone
+    assert limiter.reconcile(key, replace(small, share=0.65)).share == pytest.approx(0.66, abs=0.005)
