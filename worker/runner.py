@@ -33,7 +33,7 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redact import configured_secrets, redact_response
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
-from ratequeue.worker.backlog import Backlog
+from ratequeue.worker.backlog import Backlog, job_ref
 from ratequeue.worker.batchwatch import BatchState
 from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
@@ -171,16 +171,19 @@ class JobRunner:
 
     async def _acquire(self, run: JobRun) -> Grant | Step:
         """Capacity from the shared bucket, or the step that ends the pass without it."""
-        timeout = max(0.0, min(self.settings.defer_after_seconds, run.deadline - time.time()))
+        ref = job_ref(run.batch_id, run.job.custom_id)
+        # A job the engine admitted behind its pair's queue may wait for that queue too.
+        patience = self.backlog.patience(ref, self.settings.defer_after_seconds)
+        timeout = max(0.0, min(patience, run.deadline - time.time()))
         cost = self._price(run)
         # A job that would time out behind its pair's queue here is deferred now, not after
         # holding its chunk's slot for the whole timeout (worker.backlog: fair slots).
-        defer = self.backlog.defer_for(run.key, run.gate.limits, cost, patience=timeout)
+        defer = self.backlog.defer_for(run.key, run.gate.limits, cost, patience=timeout, job=ref)
         if defer is not None:
             return await self.settler.defer(run, redis_wait(defer), Deferral.CAPACITY)
         acquire = run.gate.acquire(cost, timeout=timeout, price=lambda: self._price(run))
         try:
-            with self.backlog.waiting(run.key, run.gate.limits, cost):
+            with self.backlog.waiting(run.key, run.gate.limits, cost, job=ref):
                 grant = await self.store.watch.unless_halted(run.batch_id, acquire)
             # Halted while waiting (nothing charged): the next pass's check ends the job.
             return Step(End.AGAIN) if grant is None else grant
