@@ -245,17 +245,16 @@ class Engine:
             limits = limits or learned.limits(pair, spec)
             rule = learned.rule(pair, spec)
             costs = [job.charge_under(rule) for job, _ in jobs]
-            # While the limits are a guess (slow start: the server has not announced them), no
-            # wait is judged by them: a schedule priced by configured limits lower than the
-            # account's deferred most of a batch for tens of seconds.
-            fits = limits.slow_start or ahead <= patience
-            if fits and backlog.within_share(key, self.settings.worker_slots):
+            if ahead <= patience and backlog.within_share(key, self.settings.worker_slots):
                 backlog.hold(key)
                 held.append(key)  # admitted whole: each job keeps its place (backlog.admit)
                 admitted += jobs
                 backlog.admit(key, limits, {job_ref(state.batch_id, job.custom_id): cost
                                             for (job, _), cost in zip(jobs, costs, strict=True)})
                 continue
+            # While the limits are a guess (slow start: the server has not announced them), no
+            # schedule is priced by them: configured limits lower than the account's deferred most
+            # of a batch for tens of seconds. The chunk asks again soon, once they may be known.
             delay = MIN_PATIENCE_SECONDS if limits.slow_start else backlog.schedule(key, limits, costs, patience)
             await asyncio.gather(*(self.store.defer(state.batch_id, job.custom_id, delay) for job, _ in jobs))
             for _ in jobs:
