@@ -37,6 +37,7 @@ from ratequeue.worker.backlog import Backlog, job_ref
 from ratequeue.worker.batchwatch import BatchState
 from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
+from ratequeue.worker.inflight import FairInFlight
 from ratequeue.worker.learned import Learned
 from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.outcomes import Outcomes
@@ -75,7 +76,7 @@ class JobRunner:
         self.outcomes = Outcomes(store)
         self.client = client
         self.parking = parking
-        self.in_flight = asyncio.Semaphore(settings.max_in_flight)
+        self.in_flight = FairInFlight(settings.max_in_flight)  # divided among pairs by rate
         self.learned = Learned(settings, store.redis)
         self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
 
@@ -202,7 +203,8 @@ class JobRunner:
 
     async def _send(self, run: JobRun, rule: str, charge: int, probe: bool) -> Sent:
         """Call upstream and classify the answer; an error answer is redacted here."""
-        async with self.in_flight:
+        limits = run.gate.limits  # the calls a second its limits allow at this call's price
+        async with self.in_flight.slot(run.pair, min(limits.request_rate, limits.token_rate / max(charge, 1))):
             # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
             ledgered = self.learned.ledger.record(run.account, run.spec.name, run.job)
             with metrics.in_flight(run.spec.name, run.account):
