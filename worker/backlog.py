@@ -49,7 +49,7 @@ MAX_DEFER_SECONDS = 60.0
 MIN_PATIENCE_SECONDS = 2.0
 # How early deferred work comes back before its turn (at most half of the patience): each
 # second of it holds a slot per chunk of the pair's limit's worth longer, so it is short.
-LEAD_SECONDS = 1.0
+LEAD_SECONDS = 2.0
 
 
 @dataclass
@@ -58,8 +58,9 @@ class _Queue:
     requests: int = 0  # jobs of this worker waiting for the pair's bucket
     tokens: int = 0  # their charges
     # Jobs the engine admitted that have not reached the bucket yet, counted above (chunks that
-    # arrive meanwhile see them): job_ref -> (charge, seconds of work ahead of it when admitted).
-    admitted: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # arrive meanwhile see them): job_ref -> (charge, seconds of work ahead of it when admitted,
+    # None unless it keeps its place).
+    admitted: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     schedule_end: float = 0.0  # monotonic time until which deferred work is due back
 
     def forget(self, job: str) -> None:
@@ -131,23 +132,26 @@ class Backlog:
         queue.schedule_end = due + seconds_of(queue.limits, len(costs), sum(costs))
         return due - now
 
-    def admit(self, key: str, limits: BucketLimits, jobs: dict[str, int]) -> None:
+    def admit(self, key: str, limits: BucketLimits, jobs: dict[str, int], keep_place: bool = True) -> None:
         """Count ``jobs`` (job_ref -> charge, in their order) as waiting on ``key`` from now on:
         the engine admitted them, and the chunks that arrive before they reach the bucket must see
-        them. Each keeps its place: it is not deferred for its wait (``defer_for``), and
-        ``patience`` allows for the wait it had ahead when admitted."""
+        them. With ``keep_place`` each is not deferred for its wait (``defer_for``), and
+        ``patience`` allows for the wait it had ahead when admitted (not when that wait is priced
+        by limits that are a guess: such a job waits ``defer_after`` at most, as any other)."""
         queue = self._queue(key, limits)
         for job, cost in jobs.items():
             if job not in queue.admitted:
-                queue.admitted[job] = (cost, seconds_of(limits, queue.requests, queue.tokens))
+                ahead = seconds_of(limits, queue.requests, queue.tokens) if keep_place else None
+                queue.admitted[job] = (cost, ahead)
                 queue.requests += 1
                 queue.tokens += cost
 
     def patience(self, job: str, default: float) -> float:
         """Seconds ``job`` may wait for the bucket: ``default``, plus the wait it was admitted with."""
         for queue in self._queues.values():
-            if job in queue.admitted:
-                return default + queue.admitted[job][1]
+            ahead = queue.admitted[job][1] if job in queue.admitted else None
+            if ahead is not None:
+                return default + ahead
         return default
 
     def release(self, jobs: Iterable[str]) -> None:
@@ -162,7 +166,8 @@ class Backlog:
         A job the engine admitted (``admit``) queues: its place was judged on arrival."""
         ahead, _ = self.ahead(key)
         queue = self._queues.get(key)
-        if ahead <= patience or limits.slow_start or (queue is not None and job in queue.admitted):
+        kept = queue is not None and job in queue.admitted and queue.admitted[job][1] is not None
+        if ahead <= patience or limits.slow_start or kept:
             return None  # slow start: the limits are still a guess, no schedule is priced by them
         return self.schedule(key, limits, [cost], patience)
 

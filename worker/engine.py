@@ -245,16 +245,21 @@ class Engine:
             limits = limits or learned.limits(pair, spec)
             rule = learned.rule(pair, spec)
             costs = [job.charge_under(rule) for job, _ in jobs]
-            if ahead <= patience and backlog.within_share(key, self.settings.worker_slots):
+            # While the limits are a guess (slow start: the server has not announced them) no wait
+            # is judged by them, but the pair holds at most half of the slots: the others stay for
+            # pairs not seen yet, whose chunks may be queued behind its own.
+            slots = self.settings.worker_slots
+            fits = limits.slow_start or ahead <= patience
+            if fits and backlog.within_share(key, max(1, slots // 2) if limits.slow_start else slots):
                 backlog.hold(key)
                 held.append(key)  # admitted whole: each job keeps its place (backlog.admit)
                 admitted += jobs
                 backlog.admit(key, limits, {job_ref(state.batch_id, job.custom_id): cost
-                                            for (job, _), cost in zip(jobs, costs, strict=True)})
+                                            for (job, _), cost in zip(jobs, costs, strict=True)},
+                              keep_place=not limits.slow_start)
                 continue
-            # While the limits are a guess (slow start: the server has not announced them), no
-            # schedule is priced by them: configured limits lower than the account's deferred most
-            # of a batch for tens of seconds. The chunk asks again soon, once they may be known.
+            # No schedule is priced by a guess: configured limits lower than the account's
+            # deferred most of a batch for tens of seconds. It asks again soon, once they may be known.
             delay = MIN_PATIENCE_SECONDS if limits.slow_start else backlog.schedule(key, limits, costs, patience)
             await asyncio.gather(*(self.store.defer(state.batch_id, job.custom_id, delay) for job, _ in jobs))
             for _ in jobs:
