@@ -200,3 +200,24 @@ def test_no_schedule_is_priced_by_limits_still_a_guess() -> None:
         assert backlog.defer_for("k", guess, 10, patience=1.0) is None
         known = BucketLimits(rpm=60, tpm=1_000_000, burst_seconds=5)
         assert backlog.defer_for("k", known, 10, patience=1.0) is not None
+
+
+def test_a_pair_holds_at_most_an_equal_share_of_the_slots_while_another_has_work() -> None:
+    # 4 slots, chunks of 10: each chunk of the 600 RPM model was admitted (its queue stayed under
+    # defer_after) and held a slot, so it held all 4 while the 120 RPM model's chunks, back from
+    # the deferred set, waited behind the fast model's fresh ones in the broker's queue.
+    from ratequeue.worker.backlog import Backlog
+    from ratequeue.worker.limiter import BucketLimits
+
+    limits = BucketLimits(rpm=600, tpm=1_000_000, burst_seconds=5)
+    backlog = Backlog()
+    for _ in range(3):
+        assert backlog.within_share("fast", 4)  # alone: every slot
+        backlog.hold("fast")
+    with backlog.waiting("slow", limits, 10):  # another pair has work here: 2 slots each
+        assert not backlog.within_share("fast", 4)
+        assert backlog.within_share("slow", 4)
+    backlog.schedule("slow", limits, [10] * 10, 4.0)  # its work booked to come back counts too
+    assert not backlog.within_share("fast", 4)
+    backlog.let_go(["fast", "fast"])
+    assert backlog.within_share("fast", 4)  # 1 held, under its share of 2

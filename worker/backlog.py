@@ -14,14 +14,18 @@ seconds a job may wait here for its bucket (``defer_after``):
 - a chunk admitted keeps its place: its jobs are counted here from admission (chunks that arrive
   before they reach the bucket see them), none of them is deferred for the wait it was admitted
   with, and each may wait that long plus ``patience`` for the bucket;
+- a pair holds at most an equal share of the slots among the pairs with work here (``within_share``;
+  half of them while its limits are a guess): its next chunk is deferred, so that the chunks of the
+  others do not wait behind its own in the broker's queue (4 slots, chunks of 10: every chunk of a
+  600 RPM model fitted its queue and took a slot, and a 120 RPM model's waited 10 s);
 - a job that would wait longer than its patience behind its pair's queue is deferred at once, not
   when the wait times out (``worker.runner``: jobs admitted while the limits were still a guess).
 
 So a pair holds about as many slots as its limit drains in ``patience`` plus one chunk (deficit by
-limit), and the other slots go to the pairs that can use them.
+limit), within its share, and the other slots go to the pairs that can use them.
 
 When deferred work comes back: at its turn by this worker's queue and the work deferred before it
-(a schedule per pair), half of ``patience`` early so the queue never runs dry. It is then admitted
+(a schedule per pair), ``LEAD_SECONDS`` early so the queue never runs dry. It is then admitted
 whole and runs at the turn it was booked for. (Before, a chunk of 25 jobs of a 120 RPM model,
 12.5 s of its limit, came back to a queue of 5 s: its jobs past ``defer_after`` were deferred again
 to the end of the schedule, the work booked after it came back late, and the model waited 3-6 s
