@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment of the workers (default slots 8, chunk size 25: a scaled-down fleet)")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--log-dir", type=Path, default=None, help="keep the workers' logs here")
     args = ap.parse_args()
 
     flush(BENCH_REDIS_URL)
@@ -83,6 +84,7 @@ def main() -> None:
           f"{args.slow_jobs} {args.slow_model} jobs queued, then {args.fast_jobs} {args.fast_model} jobs; "
           f"worker env {extra}; load {os.getloadavg()[0]:.2f}")
     with start_sim(sim_args) as sim, tempfile.TemporaryDirectory() as tmp:
+        log_dir = args.log_dir or Path(tmp) / "logs"
         slow_rpm, slow_tpm = limits[args.slow_model]
         env = worker_env(sim.url, BENCH_REDIS_URL, slow_rpm, slow_tpm, model=args.slow_model,
                          charge_rule=args.charge_rule, **extra)
@@ -90,7 +92,7 @@ def main() -> None:
         env.update({f"RATEQUEUE_MODEL_{fast}_RPM": str(int(args.fast_rpm)),
                     f"RATEQUEUE_MODEL_{fast}_TPM": str(int(args.fast_tpm)),
                     f"RATEQUEUE_MODEL_{fast}_CHARGE_RULE": args.charge_rule})
-        with workers(args.workers, env, Path(tmp) / "logs") as procs:
+        with workers(args.workers, env, log_dir) as procs:
             client = Client(load_settings(env))
             time.sleep(2.0)
             sim.reset()

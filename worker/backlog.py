@@ -6,37 +6,54 @@ stored or deferred, and the broker's queue is first in, first out. With one mode
 first, every slot held a chunk of that model waiting up to ``defer_after`` seconds on its bucket;
 its jobs were deferred, came back as new messages and took the slots again, while another model's
 chunks waited behind them (measured: 8 slots, a 120 RPM model's 1,200 jobs queued before a
-600 RPM model's 600: the 600 RPM model ran at 35% of its limit). Now:
+600 RPM model's 600: the 600 RPM model ran at 35% of its limit). Now, with ``patience`` the
+seconds a job may wait here for its bucket (``defer_after``):
 
-- a chunk whose pair already has ``admit_seconds`` of work queued here is deferred whole, at
-  once (``worker.engine``): its slot is free again in milliseconds;
-- a job that would wait longer than its patience (``defer_after``) behind its pair's queue is
-  deferred at once, not when the wait times out (``worker.runner``).
+- a chunk whose pair already has more than ``patience`` of work waiting here is deferred whole,
+  at once (``worker.engine``): its slot is free again in milliseconds;
+- a chunk admitted keeps its place: its jobs are counted here from admission (chunks that arrive
+  before they reach the bucket see them), none of them is deferred for the wait it was admitted
+  with, and each may wait that long plus ``patience`` for the bucket;
+- a pair holds at most an equal share of the slots among the pairs with work here (``within_share``;
+  half of them while its limits are a guess): its next chunk is deferred, so that the chunks of the
+  others do not wait behind its own in the broker's queue (4 slots, chunks of 10: every chunk of a
+  600 RPM model fitted its queue and took a slot, and a 120 RPM model's waited 10 s);
+- a job that would wait longer than its patience behind its pair's queue is deferred at once, not
+  when the wait times out (``worker.runner``: jobs admitted while the limits were still a guess).
 
-So a pair holds about as many slots as its limit drains in ``admit_seconds`` plus one chunk
-(deficit by limit), and the other slots go to the pairs that can use them. ``admit_seconds`` is
-at least the bucket's burst, so that a full bucket can still be spent at once.
+So a pair holds about as many slots as its limit drains in ``patience`` plus one chunk (deficit by
+limit), within its share, and the other slots go to the pairs that can use them.
 
-When deferred work comes back: at its turn by this worker's queue and the work deferred before
-it (a schedule per pair), a little early so the queue never runs dry, and at most
-``MAX_DEFER_SECONDS`` ahead (a longer schedule would leave the pair idle if the jobs in it never
-came back: cancelled, or taken by another worker). Other workers' use of the same bucket is not
-seen here: deferred work then comes back early and is deferred again, which costs a message.
+When deferred work comes back: at its turn by this worker's queue and the work deferred before it
+(a schedule per pair), ``LEAD_SECONDS`` early so the queue never runs dry. It is then admitted
+whole and runs at the turn it was booked for. (Before, a chunk of 25 jobs of a 120 RPM model,
+12.5 s of its limit, came back to a queue of 5 s: its jobs past ``defer_after`` were deferred again
+to the end of the schedule, the work booked after it came back late, and the model waited 3-6 s
+between answers: 87.6-96.8% of its limit. And chunks that arrived within the same few milliseconds
+all found the queue short, as their jobs had not reached the bucket yet: 10 chunks of one model
+were admitted at once and held every slot.)
+At most ``MAX_DEFER_SECONDS`` ahead: a longer schedule would leave the pair idle if the jobs in it
+never came back (cancelled, or taken by another worker). Other workers' use of the same bucket is
+not seen here: deferred work then comes back early and is deferred again, which costs a message.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ratequeue.worker.limiter import BucketLimits
 
-__all__ = ["MAX_DEFER_SECONDS", "MIN_ADMIT_SECONDS", "Backlog"]
+__all__ = ["LEAD_SECONDS", "MAX_DEFER_SECONDS", "MIN_PATIENCE_SECONDS", "Backlog", "job_ref", "seconds_of"]
 
 MAX_DEFER_SECONDS = 60.0
-MIN_ADMIT_SECONDS = 2.0  # a shorter queue may run dry before deferred work comes back (mover: 0.5 s)
+# A shorter queue may run dry before deferred work comes back (the mover looks every 0.5 s).
+MIN_PATIENCE_SECONDS = 2.0
+# How early deferred work comes back before its turn (at most half of the patience): each
+# second of it holds a slot per chunk of the pair's limit's worth longer, so it is short.
+LEAD_SECONDS = 2.0
 
 
 @dataclass
@@ -44,7 +61,23 @@ class _Queue:
     limits: BucketLimits
     requests: int = 0  # jobs of this worker waiting for the pair's bucket
     tokens: int = 0  # their charges
+    # Jobs the engine admitted that have not reached the bucket yet, counted above (chunks that
+    # arrive meanwhile see them): job_ref -> (charge, seconds of work ahead of it when admitted,
+    # None unless it keeps its place).
+    admitted: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     schedule_end: float = 0.0  # monotonic time until which deferred work is due back
+
+    def forget(self, job: str) -> None:
+        """Stop counting ``job`` as admitted (it reached the bucket, or its run ended)."""
+        admitted = self.admitted.pop(job, None)
+        if admitted is not None:
+            self.requests -= 1
+            self.tokens -= admitted[0]
+
+
+def job_ref(batch_id: str, custom_id: str) -> str:
+    """How the backlog names a job (custom ids repeat across batches)."""
+    return f"{batch_id}/{custom_id}"
 
 
 def seconds_of(limits: BucketLimits, requests: float, tokens: float) -> float:
@@ -52,16 +85,34 @@ def seconds_of(limits: BucketLimits, requests: float, tokens: float) -> float:
     return max(requests / limits.request_rate, tokens / limits.token_rate)
 
 
-def admit_seconds(limits: BucketLimits) -> float:
-    """How much queued work (in seconds of the limits) a pair may have here before its chunks wait."""
-    return max(MIN_ADMIT_SECONDS, limits.burst_seconds)
-
-
 class Backlog:
     """The jobs each bucket key has waiting in this process (one event loop; no locking)."""
 
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}
+        self._holding: dict[str, int] = {}  # key -> chunks holding a slot for its jobs
+
+    def hold(self, key: str) -> None:
+        """Count a chunk slot as held for ``key``'s jobs (until ``let_go``)."""
+        self._holding[key] = self._holding.get(key, 0) + 1
+
+    def let_go(self, keys: Iterable[str]) -> None:
+        """The chunks held for ``keys`` (one each) ended."""
+        for key in keys:
+            self._holding[key] -= 1
+            if not self._holding[key]:
+                del self._holding[key]
+
+    def within_share(self, key: str, slots: int) -> bool:
+        """May ``key`` hold one more of the worker's ``slots``? Yes while it holds fewer than an
+        equal share of them among the pairs with work here (jobs waiting, chunks held, or work
+        booked to come back), at least one: a pair over its share would keep the chunks of the
+        others waiting behind its own in the broker's queue."""
+        now = time.monotonic()
+        busy = {k for k, queue in self._queues.items() if queue.requests or queue.schedule_end > now}
+        busy.update(self._holding)
+        busy.add(key)
+        return self._holding.get(key, 0) < max(1, slots // len(busy))
 
     def ahead(self, key: str) -> tuple[float, BucketLimits | None]:
         """Seconds of the bucket's limits the jobs waiting on ``key`` here need, and those limits
@@ -71,36 +122,65 @@ class Backlog:
             return 0.0, None
         return seconds_of(queue.limits, queue.requests, queue.tokens), queue.limits
 
-    def schedule(self, key: str, requests: int, tokens: int) -> float:
-        """Seconds to defer work of ``requests`` requests and ``tokens`` tokens for: until its turn
-        behind the queue here and the work deferred before it, less half of ``admit_seconds``: it
-        then finds the queue short enough to be admitted (work that comes back to a queue still
-        too long goes to the end of the schedule, and the queue ran dry while it waited)."""
-        queue = self._queues[key]
+    def schedule(self, key: str, limits: BucketLimits, costs: Sequence[int], patience: float) -> float:
+        """Seconds to defer jobs charging ``costs`` for: until their turn behind the queue here
+        and the work deferred before them, less half of ``patience``: back then, they find the
+        queue short enough to be admitted. ``MAX_DEFER_SECONDS`` at most: work past it asks again
+        then, and is not booked."""
+        queue = self._queue(key, limits)
         now = time.monotonic()
-        lead = admit_seconds(queue.limits) / 2
+        lead = min(max(patience, MIN_PATIENCE_SECONDS) / 2, LEAD_SECONDS)
         due = max(now + seconds_of(queue.limits, queue.requests, queue.tokens) - lead, queue.schedule_end, now)
-        if due - now >= MAX_DEFER_SECONDS:  # beyond the schedule kept: it asks again then
+        if due - now >= MAX_DEFER_SECONDS:
             return MAX_DEFER_SECONDS
-        queue.schedule_end = due + seconds_of(queue.limits, requests, tokens)
+        queue.schedule_end = due + seconds_of(queue.limits, len(costs), sum(costs))
         return due - now
 
-    def defer_for(self, key: str, limits: BucketLimits, cost: int, patience: float) -> float | None:
+    def admit(self, key: str, limits: BucketLimits, jobs: dict[str, int], keep_place: bool = True) -> None:
+        """Count ``jobs`` (job_ref -> charge, in their order) as waiting on ``key`` from now on:
+        the engine admitted them, and the chunks that arrive before they reach the bucket must see
+        them. With ``keep_place`` each is not deferred for its wait (``defer_for``), and
+        ``patience`` allows for the wait it had ahead when admitted (not when that wait is priced
+        by limits that are a guess: such a job waits ``defer_after`` at most, as any other)."""
+        queue = self._queue(key, limits)
+        for job, cost in jobs.items():
+            if job not in queue.admitted:
+                ahead = seconds_of(limits, queue.requests, queue.tokens) if keep_place else None
+                queue.admitted[job] = (cost, ahead)
+                queue.requests += 1
+                queue.tokens += cost
+
+    def patience(self, job: str, default: float) -> float:
+        """Seconds ``job`` may wait for the bucket: ``default``, plus the wait it was admitted with."""
+        for queue in self._queues.values():
+            ahead = queue.admitted[job][1] if job in queue.admitted else None
+            if ahead is not None:
+                return default + ahead
+        return default
+
+    def release(self, jobs: Iterable[str]) -> None:
+        """Stop counting admitted ``jobs`` that never waited on the bucket (their run ended first)."""
+        for job in jobs:
+            for queue in self._queues.values():
+                queue.forget(job)
+
+    def defer_for(self, key: str, limits: BucketLimits, cost: int, patience: float, job: str = "") -> float | None:
         """None when a job charging ``cost`` should queue now, else the seconds to defer it for:
-        the jobs ahead of it here already need more than ``patience`` seconds of the bucket."""
+        the jobs ahead of it here already need more than ``patience`` seconds of the bucket.
+        A job the engine admitted (``admit``) queues: its place was judged on arrival."""
         ahead, _ = self.ahead(key)
-        if ahead <= patience or limits.slow_start:  # limits still a guess: no schedule priced by them
-            return None
-        self._queues[key].limits = limits
-        return self.schedule(key, 1, cost)
+        queue = self._queues.get(key)
+        kept = queue is not None and job in queue.admitted and queue.admitted[job][1] is not None
+        if ahead <= patience or limits.slow_start or kept:
+            return None  # slow start: the limits are still a guess, no schedule is priced by them
+        return self.schedule(key, limits, [cost], patience)
 
     @contextmanager
-    def waiting(self, key: str, limits: BucketLimits, cost: int) -> Iterator[None]:
-        """Count a job charging ``cost`` as waiting on ``key`` (with ``limits``) while the block runs."""
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = _Queue(limits)
-        queue.limits = limits
+    def waiting(self, key: str, limits: BucketLimits, cost: int, job: str = "") -> Iterator[None]:
+        """Count a job charging ``cost`` as waiting on ``key`` (with ``limits``) while the block
+        runs; an admitted ``job`` was counted already, and stops being counted at the end."""
+        queue = self._queue(key, limits)
+        queue.forget(job)  # counted since its admission, at its charge then
         queue.requests += 1
         queue.tokens += cost
         try:
@@ -108,3 +188,10 @@ class Backlog:
         finally:
             queue.requests -= 1
             queue.tokens -= cost
+
+    def _queue(self, key: str, limits: BucketLimits) -> _Queue:
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue(limits)
+        queue.limits = limits
+        return queue

@@ -9,10 +9,10 @@ to ``max_in_flight`` upstream calls at once (asyncio + sharded httpx clients), s
 hundreds of calls in flight at the cost of one thread per chunk, not per call. What happens to
 each job is ``worker.runner``'s business.
 
-Fair slots (issue 11): a chunk holds its slot until each of its jobs is stored or deferred, so a
-chunk whose pair already has enough work waiting in this process is deferred whole on arrival
-(``_admit``, ``worker.backlog``) instead of waiting on the pair's bucket in a slot another
-pair's chunk could use.
+Fair slots (issue 11): a chunk holds its slot until each of its jobs is stored or deferred, so the
+jobs of a chunk that would wait past ``defer_after`` behind their pair's work in this process are
+deferred on arrival (``_admit``, ``worker.backlog``) instead of waiting on the pair's bucket in a
+slot another pair's chunk could use.
 
 Shutdown (issue 8): on SIGTERM Celery waits for running tasks, and a task blocked on a call that
 hangs never ended. ``begin_shutdown`` gives calls in flight a grace period, then cancels every
@@ -40,7 +40,7 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redis_tls import redis_options
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import Deferral
-from ratequeue.worker.backlog import admit_seconds
+from ratequeue.worker.backlog import MIN_PATIENCE_SECONDS, job_ref
 from ratequeue.worker.batchwatch import BatchState
 from ratequeue.worker.leases import JOB_LEASE_SECONDS, Leases, run_owner
 from ratequeue.worker.limiter import Limiter
@@ -197,16 +197,24 @@ class Engine:
             mine = {job.custom_id for job, _ in claimed}
             others = [cid for cid in custom_ids if cid not in mine]
             await self.leases.recheck_later(batch_id, owner, others, min(lease / 2, 30.0))
-        claimed, report.deferred = await self._admit(state, claimed)
-        renewer = self._loop.create_task(self._renew(batch_id, owner, [job.custom_id for job, _ in claimed], lease))
-        # Every job settles before an error is raised: the message is then given back with no job
-        # of this run still calling upstream in the background.
+        backlog = self.runner.backlog
+        held: list[str] = []  # the pairs this chunk holds a slot for (fair slots, worker.backlog)
         try:
-            done = await asyncio.gather(
-                *(self.runner.run(state, job, started) for job, started in claimed), return_exceptions=True
+            claimed, report.deferred = await self._admit(state, claimed, held)
+            renewer = self._loop.create_task(
+                self._renew(batch_id, owner, [job.custom_id for job, _ in claimed], lease)
             )
+            # Every job settles before an error is raised: the message is then given back with no
+            # job of this run still calling upstream in the background.
+            try:
+                done = await asyncio.gather(
+                    *(self.runner.run(state, job, started) for job, started in claimed), return_exceptions=True
+                )
+            finally:
+                renewer.cancel()
         finally:
-            renewer.cancel()
+            backlog.release(job_ref(batch_id, job.custom_id) for job, _ in claimed)
+            backlog.let_go(held)
         for outcome in done:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -214,29 +222,48 @@ class Engine:
         report.deferred += len(done) - report.stored
         return report
 
-    async def _admit(self, state: BatchState, claimed: list[Claimed]) -> tuple[list[Claimed], int]:
+    async def _admit(self, state: BatchState, claimed: list[Claimed], held: list[str]) -> tuple[list[Claimed], int]:
         """The claimed jobs to run now, and how many were deferred instead: those of a pair that
-        already has enough work waiting in this worker (``worker.backlog``), so that the chunk
-        does not hold a slot that another pair's chunk could use."""
+        already has more than ``defer_after`` seconds of work waiting in this worker, or holds its
+        share of the slots (``worker.backlog``), so that the chunk does not hold a slot that
+        another pair's chunk could use; they are booked to come back at their turn. The pairs
+        admitted are added to ``held`` (a slot each, until the chunk ends)."""
         by_model: dict[str, list[Claimed]] = defaultdict(list)
         for item in claimed:
             by_model[item[0].model].append(item)
         admitted: list[Claimed] = []
         deferred = 0
         backlog, learned = self.runner.backlog, self.runner.learned
+        patience = self.settings.defer_after_seconds
         for model, jobs in by_model.items():
             spec = self.table.get(model) if model in self.table else None
             key = keys.bucket_key(state.account, spec.name) if spec is not None else ""
-            ahead, limits = backlog.ahead(key)
-            # Not while the limits are a guess (slow start: the server has not announced them):
-            # a schedule priced by configured limits lower than the account's deferred most of a
-            # batch for tens of seconds, long after the server's own limits were known.
-            if spec is None or limits is None or limits.slow_start or ahead <= admit_seconds(limits):
+            if spec is None:
                 admitted += jobs  # an unknown model fails in the runner
                 continue
-            rule = learned.rule(pair_field(state.account, spec.name), spec)
-            tokens = sum(job.charge_under(rule) for job, _ in jobs)
-            delay = backlog.schedule(key, len(jobs), tokens)
+            pair = pair_field(state.account, spec.name)
+            ahead, limits = backlog.ahead(key)
+            limits = limits or learned.limits(pair, spec)
+            rule = learned.rule(pair, spec)
+            costs = [job.charge_under(rule) for job, _ in jobs]
+            # While the limits are a guess (slow start: the server has not announced them) no wait
+            # is judged by them, but the pair holds at most half of the slots: the others stay for
+            # pairs not seen yet, whose chunks may be queued behind its own.
+            slots = self.settings.worker_slots
+            fits = limits.slow_start or ahead <= patience
+            if fits and backlog.within_share(key, max(1, slots // 2) if limits.slow_start else slots):
+                backlog.hold(key)
+                held.append(key)  # admitted whole: each job keeps its place (backlog.admit)
+                admitted += jobs
+                backlog.admit(key, limits, {job_ref(state.batch_id, job.custom_id): cost
+                                            for (job, _), cost in zip(jobs, costs, strict=True)},
+                              keep_place=not limits.slow_start)
+                continue
+            # No schedule is priced by a guess: configured limits lower than the account's
+            # deferred most of a batch for tens of seconds. It asks again soon, once they may be known.
+            delay = MIN_PATIENCE_SECONDS if limits.slow_start else backlog.schedule(key, limits, costs, patience)
+            log.debug("fair slots: %d %s jobs deferred %.1f s (%.1f s of work waiting here)", len(jobs), model, delay,
+                      ahead)
             await asyncio.gather(*(self.store.defer(state.batch_id, job.custom_id, delay) for job, _ in jobs))
             for _ in jobs:
                 metrics.deferred(spec.name, state.account, Deferral.CAPACITY.value)

@@ -33,10 +33,11 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redact import configured_secrets, redact_response
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
-from ratequeue.worker.backlog import Backlog
+from ratequeue.worker.backlog import Backlog, job_ref
 from ratequeue.worker.batchwatch import BatchState
 from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
+from ratequeue.worker.inflight import FairInFlight
 from ratequeue.worker.learned import Learned
 from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.outcomes import Outcomes
@@ -75,7 +76,7 @@ class JobRunner:
         self.outcomes = Outcomes(store)
         self.client = client
         self.parking = parking
-        self.in_flight = asyncio.Semaphore(settings.max_in_flight)
+        self.in_flight = FairInFlight(settings.max_in_flight)  # divided among pairs by rate
         self.learned = Learned(settings, store.redis)
         self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
 
@@ -171,16 +172,19 @@ class JobRunner:
 
     async def _acquire(self, run: JobRun) -> Grant | Step:
         """Capacity from the shared bucket, or the step that ends the pass without it."""
-        timeout = max(0.0, min(self.settings.defer_after_seconds, run.deadline - time.time()))
+        ref = job_ref(run.batch_id, run.job.custom_id)
+        # A job the engine admitted behind its pair's queue may wait for that queue too.
+        patience = self.backlog.patience(ref, self.settings.defer_after_seconds)
+        timeout = max(0.0, min(patience, run.deadline - time.time()))
         cost = self._price(run)
         # A job that would time out behind its pair's queue here is deferred now, not after
         # holding its chunk's slot for the whole timeout (worker.backlog: fair slots).
-        defer = self.backlog.defer_for(run.key, run.gate.limits, cost, patience=timeout)
+        defer = self.backlog.defer_for(run.key, run.gate.limits, cost, patience=timeout, job=ref)
         if defer is not None:
             return await self.settler.defer(run, redis_wait(defer), Deferral.CAPACITY)
         acquire = run.gate.acquire(cost, timeout=timeout, price=lambda: self._price(run))
         try:
-            with self.backlog.waiting(run.key, run.gate.limits, cost):
+            with self.backlog.waiting(run.key, run.gate.limits, cost, job=ref):
                 grant = await self.store.watch.unless_halted(run.batch_id, acquire)
             # Halted while waiting (nothing charged): the next pass's check ends the job.
             return Step(End.AGAIN) if grant is None else grant
@@ -199,7 +203,8 @@ class JobRunner:
 
     async def _send(self, run: JobRun, rule: str, charge: int, probe: bool) -> Sent:
         """Call upstream and classify the answer; an error answer is redacted here."""
-        async with self.in_flight:
+        limits = run.gate.limits  # the calls a second its limits allow at this call's price
+        async with self.in_flight.slot(run.pair, min(limits.request_rate, limits.token_rate / max(charge, 1))):
             # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
             ledgered = self.learned.ledger.record(run.account, run.spec.name, run.job)
             with metrics.in_flight(run.spec.name, run.account):
