@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 
+from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec, ModelTable
 from ratequeue.config.settings import Settings
 from ratequeue.errors import RequestTooLargeError, UnknownModelError
@@ -197,7 +198,7 @@ class JobRunner:
         self.reconciler.add(run.key, run.gate.limits, token_delta=charge, request_delta=1)
         return True
 
-    async def _send(self, run: JobRun, rule: str, charge: int, probe: bool) -> Sent:
+    async def _send(self, run: JobRun, rule: ChargeRule, charge: int, probe: bool) -> Sent:
         """Call upstream and classify the answer; an error answer is redacted here."""
         async with self.in_flight:
             # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
@@ -216,7 +217,7 @@ class JobRunner:
         """What the answer teaches: the limits, the charge rule, the bucket's true level."""
         self.learned.learn_limits(run.pair, run.spec, sent.headers, run.gate, sent.verdict.kind.rate_limited)
         if sent.verdict.verdict is Verdict.SUCCESS:
-            self.learned.check_rule(run.pair, sent.rule, run.job, sent.headers, sent.ticket)
+            self.learned.check_rule(run.pair, run.spec, sent.rule, run.job, sent.headers, sent.ticket)
         elif sent.resp.status == 429 and sent.ticket is not None:  # refused before the server charged it
             self.learned.ledger.refund(run.account, run.spec.name, run.job)
         self._reconcile(run, sent, waited)
@@ -238,7 +239,7 @@ class JobRunner:
         pair = pair_field(account, spec.name)
         await self.learned.load(pair)
         metrics.set_limits(spec.name, account, spec.rpm, spec.tpm, "configured")
-        metrics.set_charge_rule(spec.name, account, self.learned.rule(pair, spec))
+        metrics.set_charge_rule(spec.name, account, self.learned.rule(pair, spec).combine)
         return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
