@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.config.charge import ChargeRule
+from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.worker.chargerule import ChargeRuleCheck, Observation, Verdict, judge
 from ratequeue.worker.ledger import Terms, Ticket
 
@@ -144,6 +144,15 @@ def test_the_allowance_without_max_tokens_is_solved_for(combine: str) -> None:
     solved = [v.missing_max_tokens for v in verdicts if v.missing_max_tokens is not None]
     assert len(solved) >= 3 and all(abs(x - 4096) < 0.05 * 4096 for x in solved), verdicts
     assert set(_combines(verdicts)) <= {combine}, verdicts
+
+
+def test_a_full_server_bucket_still_caps_the_allowance() -> None:
+    # We reserve the model's 16,384 per choice without a max; the server charges 2,000 and its
+    # bucket stays full (the window test is mute): what it misses after each such request bounds
+    # its allowance from above, never below what it charged.
+    verdicts = _serve(ChargeRule("sum", missing_max_tokens=2000), pace=0.5, start=1.0, seconds=20, defaulted=0.3)
+    capped = [v.missing_max_tokens for v in verdicts if v.missing_max_tokens is not None]
+    assert len(capped) >= 3 and all(2000 <= x < 16_384 * 0.5 for x in capped), verdicts
 
 
 def test_a_learned_allowance_gives_no_further_verdict() -> None:

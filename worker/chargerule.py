@@ -23,8 +23,10 @@ their charges too):
   until B.
 - **tail**: the tokens a bucket misses right after a request was charged are at least that
   request's charge. A sum-rule charge larger than what the server misses means the server did
-  not charge by sum. This is the test that works when the server's bucket is nearly full, which
-  is what happens when ratequeue overcharges (sum configured, a max-rule server) and the window
+  not charge by sum; an allowance per choice larger than what it misses after a request without
+  a max output is not the server's. This is the test that works when the server's bucket is
+  nearly full, which is what happens when ratequeue overcharges (sum configured, a max-rule
+  server; or the model's whole max output reserved, the server charging less) and the window
   test has nothing to say.
 
 Answers arrive out of order; a window only moves forward in ledger order, and a later answer of
@@ -33,6 +35,7 @@ an earlier ticket adds nothing but its tail test.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -83,6 +86,7 @@ class _Window:
     clipped: bool = False
     requests: int = 0  # of this process (answers in ledger order)
     not_sum: int = 0  # answers whose tail refutes the sum rule
+    ceilings: list[float] = field(default_factory=list)  # per answer without a max output: its allowance at most
     middle: list[Observation] = field(default_factory=list)  # the answers in between, in ledger order
 
     def server_charge(self, until: Observation) -> float:
@@ -113,6 +117,8 @@ class ChargeRuleCheck:
             return Verdict()
         if _refutes_sum(obs):
             win.not_sum += 1
+        if (ceiling := allowance_ceiling(obs, rule)) is not None:
+            win.ceilings.append(ceiling)
         if obs.ticket.n <= win.last.ticket.n:
             return Verdict()
         win.clipped = win.clipped or _may_have_filled(win.last, obs)
@@ -123,6 +129,18 @@ class ChargeRuleCheck:
         if obs.ticket.at - win.first.ticket.at < self._window or win.requests < self._min_requests:
             return Verdict()
         self._open[pair] = _Window(obs, obs, clipped=_may_be_full(obs))
+        missing = rule.missing_max_tokens or default_missing
+        verdict = self._judge(win, rule, missing)
+        # Our allowance above what the server charged: the tails say so even where the window
+        # test cannot (a server bucket kept full by our over-reserving).
+        if verdict.missing_max_tokens is None and len(win.ceilings) >= _MIN_DEFAULTED:
+            ceiling = math.ceil(min(win.ceilings))
+            if ceiling < missing * (1 - MISSING_AGREES):
+                verdict = replace(verdict, missing_max_tokens=ceiling)
+        return verdict
+
+    @staticmethod
+    def _judge(win: _Window, rule: ChargeRule, missing: int) -> Verdict:
         if win.not_sum >= max(_TAIL_MIN, _TAIL_SHARE * win.requests):
             return Verdict(combine="max")
         if win.clipped:
@@ -130,11 +148,20 @@ class ChargeRuleCheck:
         sent = win.last.ticket.totals - win.first.ticket.totals
         server = win.server_charge(win.last)
         if sent.dchoices < _MIN_DEFAULTED or not win.middle:
-            missing = rule.missing_max_tokens or default_missing
             return Verdict(**judge_shape(server, {s: sent.total(s, missing) for s in _SHAPES}))
         half = win.middle[len(win.middle) // 2]
         return judge_mixed(server, sent, win.server_charge(half), half.ticket.totals - win.first.ticket.totals,
-                           rule, rule.missing_max_tokens or default_missing)
+                           rule, missing)
+
+
+def allowance_ceiling(obs: Observation, rule: ChargeRule) -> float | None:
+    """The most the server can have allowed each choice of a request without a max output: the
+    tokens its bucket misses right after charging it include that charge (whatever the combine
+    rule, the allowance alone is at most that)."""
+    choices = obs.terms.dchoices if rule.n_multiplies else obs.terms.dprompts
+    if not choices or obs.missing is None:
+        return None
+    return (obs.missing + _tolerance(obs)) / choices
 
 
 def judge_mixed(server: float, sent: Terms, server_half: float, sent_half: Terms, rule: ChargeRule,

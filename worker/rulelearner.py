@@ -110,13 +110,14 @@ class RuleLearner:
     def _confirm(self, pair: str, spec: ModelSpec, dimension: str, seen: Any) -> None:
         if seen is None:
             return
-        last, count = self._verdicts.get((pair, dimension), (None, 0))
-        count = count + 1 if last is not None and _same(dimension, last, seen) else 1
-        self._verdicts[pair, dimension] = (seen, count)
         now = getattr(self.rule(pair, spec), dimension)
         if dimension == "missing_max_tokens" and now is None:
             now = spec.max_output_tokens
-        if count < self.confirmations or _same(dimension, now, seen):
+        side = _side(dimension, now, seen)
+        last, count = self._verdicts.get((pair, dimension), (None, 0))
+        count = count + 1 if last == side else 1
+        self._verdicts[pair, dimension] = (side, count)
+        if count < self.confirmations or side == "same":
             return
         if not self.pinned(spec):
             self._learned.setdefault(pair, {})[dimension] = seen
@@ -138,7 +139,11 @@ class RuleLearner:
         return changed
 
 
-def _same(dimension: str, a: Any, b: Any) -> bool:
-    if dimension == "missing_max_tokens":
-        return bool(abs(a - b) <= MISSING_AGREES * max(a, b))
-    return bool(a == b)
+def _side(dimension: str, now: Any, seen: Any) -> Any:
+    """What a verdict says against the value in force: "same", or the value itself; for the
+    allowance, "lower" or "higher" (each window's figure differs a little: the latest is taken)."""
+    if dimension != "missing_max_tokens":
+        return "same" if seen == now else seen
+    if abs(seen - now) <= MISSING_AGREES * max(seen, now):
+        return "same"
+    return "lower" if seen < now else "higher"
