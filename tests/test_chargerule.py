@@ -125,6 +125,14 @@ def test_a_server_that_ignores_n_is_read(combine: str) -> None:
     assert set(_combines(verdicts)) <= {combine}, verdicts
 
 
+def test_a_full_server_bucket_still_refutes_counting_n() -> None:
+    # n counted configured, the server ignores n: we over-reserve and its bucket stays full.
+    verdicts = _serve(ChargeRule("sum", n_multiplies=False), pace=0.6, start=1.0, seconds=20, n_choices=(1, 2, 3))
+    said = [v.n_multiplies for v in verdicts if v.n_multiplies is not None]
+    assert set(said) == {False} and len(said) >= 3, verdicts
+    assert "max" not in _combines(verdicts), verdicts
+
+
 def test_a_server_that_counts_n_is_read() -> None:
     verdicts = _serve(SUM, pace=1.1, seconds=20, n_choices=(1, 2, 3), configured=ChargeRule("max", False))
     assert {v.n_multiplies for v in verdicts if v.n_multiplies is not None} == {True}, verdicts

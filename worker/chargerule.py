@@ -36,6 +36,7 @@ an earlier ticket adds nothing but its tail test.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,6 +48,7 @@ _CLEAR = 0.5  # the better rule must explain the server's charge this much bette
 _TAIL_SHARE = 0.1  # share of a window's answers whose tail refutes "sum" before "max" is said
 _TAIL_MIN = 3  # ... and at least this many
 _MIN_DEFAULTED = 3  # choices without a max output in a window before their allowance is solved for
+_CEILING_WINDOWS = 5  # windows whose least tail bounds the allowance
 MISSING_AGREES = 0.05  # an allowance within this share of the one in force is the same one
 _SHAPES = tuple(ChargeRule(c, m) for c in COMBINES for m in (True, False))
 
@@ -85,7 +87,7 @@ class _Window:
     last: Observation
     clipped: bool = False
     requests: int = 0  # of this process (answers in ledger order)
-    not_sum: int = 0  # answers whose tail refutes the sum rule
+    refuted: dict[ChargeRule, int] = field(default_factory=dict)  # shape -> answers whose tail refutes it
     ceilings: list[float] = field(default_factory=list)  # per answer without a max output: its allowance at most
     middle: list[Observation] = field(default_factory=list)  # the answers in between, in ledger order
 
@@ -107,6 +109,7 @@ class ChargeRuleCheck:
         self._window = window
         self._min_requests = min_requests
         self._open: dict[str, _Window] = {}
+        self._ceilings: dict[str, deque[float]] = {}  # pair -> the least ceiling of each of its last windows
 
     def observe(self, pair: str, obs: Observation, rule: ChargeRule, default_missing: int) -> Verdict:
         """Account one answered request, priced by `rule` in force (`default_missing` per choice
@@ -115,8 +118,8 @@ class ChargeRuleCheck:
         if win is None or win.last.limit != obs.limit:
             self._open[pair] = _Window(obs, obs, clipped=_may_be_full(obs))
             return Verdict()
-        if _refutes_sum(obs):
-            win.not_sum += 1
+        for shape in refuted_shapes(obs):
+            win.refuted[shape] = win.refuted.get(shape, 0) + 1
         if (ceiling := allowance_ceiling(obs, rule)) is not None:
             win.ceilings.append(ceiling)
         if obs.ticket.n <= win.last.ticket.n:
@@ -134,15 +137,19 @@ class ChargeRuleCheck:
         # Our allowance above what the server charged: the tails say so even where the window
         # test cannot (a server bucket kept full by our over-reserving).
         if verdict.missing_max_tokens is None and len(win.ceilings) >= _MIN_DEFAULTED:
-            ceiling = math.ceil(min(win.ceilings))
+            # The allowance is the server's own: the least over a few windows is the tightest.
+            recent = self._ceilings.setdefault(pair, deque(maxlen=_CEILING_WINDOWS))
+            recent.append(min(win.ceilings))
+            ceiling = math.ceil(min(recent))
             if ceiling < missing * (1 - MISSING_AGREES):
                 verdict = replace(verdict, missing_max_tokens=ceiling)
         return verdict
 
     @staticmethod
     def _judge(win: _Window, rule: ChargeRule, missing: int) -> Verdict:
-        if win.not_sum >= max(_TAIL_MIN, _TAIL_SHARE * win.requests):
-            return Verdict(combine="max")
+        refuted = {s for s, count in win.refuted.items() if count >= max(_TAIL_MIN, _TAIL_SHARE * win.requests)}
+        if found := judge_tails(refuted):
+            return Verdict(**found)
         if win.clipped:
             return Verdict()
         sent = win.last.ticket.totals - win.first.ticket.totals
@@ -157,11 +164,12 @@ class ChargeRuleCheck:
 def allowance_ceiling(obs: Observation, rule: ChargeRule) -> float | None:
     """The most the server can have allowed each choice of a request without a max output: the
     tokens its bucket misses right after charging it include that charge (whatever the combine
-    rule, the allowance alone is at most that)."""
+    rule, the allowance alone is at most that; no prompt count of ours enters it, so the only
+    slack is the reset header's rounding to 1 ms)."""
     choices = obs.terms.dchoices if rule.n_multiplies else obs.terms.dprompts
     if not choices or obs.missing is None:
         return None
-    return (obs.missing + _tolerance(obs)) / choices
+    return (obs.missing + 1 + obs.limit / 60.0 * 0.001) / choices
 
 
 def judge_mixed(server: float, sent: Terms, server_half: float, sent_half: Terms, rule: ChargeRule,
@@ -201,14 +209,26 @@ def judge_shape(server: float, totals: dict[ChargeRule, int]) -> dict[str, Any]:
     return found
 
 
-def _refutes_sum(obs: Observation) -> bool:
-    """The tail test: the server misses fewer tokens than the sum rule charged this request alone,
-    n counted or not (but at least what the max rule charged). Only for a request that named its
-    max output (else the server's allowance, unknown to us, was charged)."""
+def refuted_shapes(obs: Observation) -> list[ChargeRule]:
+    """The tail test: the shapes that charged this request alone more than the server's bucket
+    misses after it (when one at least did not). Only for a request that named its max output
+    (else the server's allowance, unknown to us, was charged)."""
     missing, terms = obs.missing, obs.terms
-    if terms.dchoices or min(terms.sum, terms.sum1) <= terms.max or missing is None:
-        return False
-    return min(terms.sum, terms.sum1) > missing + _tolerance(obs) >= min(terms.max, terms.max1)
+    if terms.dchoices or missing is None:
+        return []
+    bound = missing + _tolerance(obs)
+    refuted = [shape for shape in _SHAPES if terms.total(shape, 0) > bound]
+    return refuted if len(refuted) < len(_SHAPES) else []
+
+
+def judge_tails(refuted: set[ChargeRule]) -> dict[str, Any]:
+    """A dimension whose every candidate of one value the tails refuted takes the other value."""
+    found: dict[str, Any] = {}
+    for dimension, values in (("combine", COMBINES), ("n_multiplies", (True, False))):
+        left = {getattr(s, dimension) for s in _SHAPES if s not in refuted}
+        if len(left) == 1 and len(values) == 2:
+            found[dimension] = left.pop()
+    return found
 
 
 def _may_be_full(obs: Observation) -> bool:

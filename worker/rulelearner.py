@@ -134,7 +134,7 @@ class RuleLearner:
         field = pair + _SUFFIX[dimension]
         changed = int(await self._set_rule(keys=[keys.learned_rules()], args=[field, _encode(seen)]))
         if changed:
-            before = repr(was) if dimension == "combine" else _say(dimension, was)
+            before = {"combine": repr(was), "missing_max_tokens": str(was)}.get(dimension) or _say(dimension, was)
             log.warning("%s: the server charges %s, not %s: switching", pair, _say(dimension, seen), before)
         return changed
 
