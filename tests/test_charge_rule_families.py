@@ -6,8 +6,10 @@ and ``rq:rules`` in real Redis."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,13 +47,15 @@ def _logs(tmp_path: Path, workers: int = 2) -> list[str]:
 
 def _run(redis_url: str, tmp_path: Path, start_worker: StartWorker, sim_args: list[str], jobs: list[dict],
          done: Callable[[dict[str, str]], bool], seconds: float = 60, after: float = 4,
-         **extra: str) -> dict[str, str]:
+         shown: Callable[[str], bool] | None = None, **extra: str) -> tuple[dict[str, str], str]:
     """Two workers run `jobs` against the simulator until `done(rules)` (or `seconds`); `after`
     seconds more for any second, wrong or repeated, verdict. Returns rq:rules, its fields without
-    the account (``gpt-4o-mini|n``)."""
+    the account (``gpt-4o-mini|n``), and the second worker's metrics once `shown(metrics)` (or 20 s
+    more: its gauges follow at its next reload, every 5 s, and next chunk)."""
+    port = _free_port()
     with start_sim(sim_args) as sim:
         env = base_env(redis_url, sim.url, tmp_path, **extra)
-        workers = [start_worker(env), start_worker(env)]
+        workers = [start_worker(env), start_worker({**env, "RATEQUEUE_METRICS_PORT": str(port)})]
         client = Client(load_settings(env))
         prefix = f"{client.settings.account_id}:"
 
@@ -66,16 +70,31 @@ def _run(redis_url: str, tmp_path: Path, start_worker: StartWorker, sim_args: li
             time.sleep(0.25)
         time.sleep(after)
         learned = rules()
+        until = time.monotonic() + 20
+        while True:
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if shown is None or shown(metrics) or time.monotonic() > until:
+                break
+            time.sleep(0.5)
         client.cancel(report.batch_id)
-    return learned
+    return learned, metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_two_workers_learn_a_server_that_ignores_n(redis_url: str, tmp_path: Path, start_worker: StartWorker) -> None:
     # n of 1, 2 and 3; the server charges one output allowance whatever n, we reserve n of them.
     n_field = "gpt-4o-mini|n"
-    rules = _run(redis_url, tmp_path, start_worker, _server("--no-charge-n"), _jobs(2000, n=(1, 2, 3)),
-                 lambda r: n_field in r, RATEQUEUE_MODEL_GPT_4O_MINI_TPM="300000")
+    gauge = re.compile(r'ratequeue_charge_rule_n_counted\{model="gpt-4o-mini",account="\w+"\} 0\.0')
+    rules, metrics = _run(redis_url, tmp_path, start_worker, _server("--no-charge-n"), _jobs(2000, n=(1, 2, 3)),
+                          lambda r: n_field in r, shown=lambda m: bool(gauge.search(m)),
+                          RATEQUEUE_MODEL_GPT_4O_MINI_TPM="300000")
     text = "".join(_logs(tmp_path))
+    assert gauge.search(metrics), [line for line in metrics.splitlines() if "charge_rule" in line]
     assert rules.get(n_field) == "0", text[-3000:]
     assert rules.get("gpt-4o-mini") in (None, "sum"), rules
     switched = "the server charges one output allowance whatever n, not n x the output allowance: switching"
@@ -95,7 +114,7 @@ def test_two_workers_learn_the_allowance_without_max_tokens_and_price_queued_job
     def near_2000(rules: dict[str, str]) -> bool:
         return missing_field in rules and 2000 <= int(rules[missing_field]) <= 2300
 
-    rules = _run(redis_url, tmp_path, start_worker, _server("--missing-max-charge", "2000", tpm=3_000_000),
+    rules, _ = _run(redis_url, tmp_path, start_worker, _server("--missing-max-charge", "2000", tpm=3_000_000),
                  _jobs(4000, without_max=3), near_2000, after=12, RATEQUEUE_MODEL_GPT_4O_MINI_TPM="3000000",
                  RATEQUEUE_LOG_LEVEL="INFO")
     logs = _logs(tmp_path)
@@ -122,7 +141,7 @@ def test_a_model_pinned_in_the_table_keeps_its_rule_while_another_learns(
     table.write_text('[models."gpt-4o-mini"]\ncharge_rule = "sum"\ncharge_rule_pinned = true\ntpm = 150000\n'
                      '[models."gpt-4o"]\ncharge_rule = "sum"\ntpm = 150000\n')
     jobs = [job for pair in zip(_jobs(1000), _jobs(1000, "gpt-4o"), strict=True) for job in pair]
-    rules = _run(redis_url, tmp_path, start_worker, _server("--charge-rule", "max", tpm=150_000), jobs,
+    rules, _ = _run(redis_url, tmp_path, start_worker, _server("--charge-rule", "max", tpm=150_000), jobs,
                  lambda r: "gpt-4o" in r, RATEQUEUE_MODELS_FILE=str(table))
     logs = _logs(tmp_path)
     assert rules.get("gpt-4o") == "max", rules

@@ -7,10 +7,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from ratequeue.config.charge import ChargeRule
+from ratequeue.config.models import load_model_table_from
+from ratequeue.errors import ConfigError
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.worker.chargerule import ChargeRuleCheck, Observation, Verdict, judge
 from ratequeue.worker.ledger import Terms, Ticket
@@ -201,3 +204,14 @@ def test_charge_under_n_and_a_missing_max() -> None:
     assert free.charge_under(ChargeRule("max", False, 4096)) == 4096
     legacy = StoredJob("z", 1, "/v1/completions", {"prompt": "x"}, "m", 17, 1, 16)
     assert not legacy.output_defaulted  # /v1/completions documents its default of 16 tokens
+
+
+def test_a_model_is_pinned_in_the_table(tmp_path: Path) -> None:
+    table = tmp_path / "models.toml"
+    table.write_text('[models."gpt-4o"]\ncharge_rule = "max"\ncharge_rule_pinned = true\n')
+    specs = load_model_table_from(table)
+    assert specs.get("gpt-4o").charge_rule_pinned and specs.get("gpt-4o").rule == MAX
+    assert not specs.get("gpt-4o-mini").charge_rule_pinned  # the default: learned
+    table.write_text('[models."gpt-4o"]\ncharge_rule_pinned = "yes"\n')
+    with pytest.raises(ConfigError, match=r'models.toml: models."gpt-4o".charge_rule_pinned: must be true or false'):
+        load_model_table_from(table)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from ratequeue.config.charge import COMBINES, ChargeRule
 from ratequeue.worker.usage import Usage
 
 if TYPE_CHECKING:
@@ -122,6 +123,20 @@ CHARGE_RULE = Gauge(
     "ratequeue_charge_rule",
     "1 for the charge rule a pair's jobs are priced by (sum or max; learned from the server unless pinned), 0 else.",
     [*_PAIR, "rule"],
+    multiprocess_mode="mostrecent",
+)
+CHARGE_N_COUNTED = Gauge(
+    "ratequeue_charge_rule_n_counted",
+    "1 when a pair's jobs are charged an output allowance for each of their n choices, 0 for one whatever n "
+    "(learned from the server unless pinned).",
+    list(_PAIR),
+    multiprocess_mode="mostrecent",
+)
+CHARGE_MISSING_MAX = Gauge(
+    "ratequeue_charge_rule_missing_max_tokens",
+    "Output tokens per choice a pair's jobs without a max output are charged (learned from the server unless "
+    "pinned; else the model's max output).",
+    list(_PAIR),
     multiprocess_mode="mostrecent",
 )
 
@@ -266,11 +281,14 @@ def set_limits(model: str, account: str, rpm: float, tpm: float, source: str = "
         log.exception("metrics: set_limits failed")
 
 
-def set_charge_rule(model: str, account: str, rule: str) -> None:
-    """Publish the charge rule in force: 1 on its series, 0 on the other rule's."""
+def set_charge_rule(model: str, account: str, rule: ChargeRule, default_missing: int) -> None:
+    """Publish the charge rule in force: 1 on its combine rule's series, 0 on the other's; whether
+    n is counted; the allowance without a max output (`default_missing` unless learned)."""
     try:
-        for name in ("sum", "max"):
-            _labels(CHARGE_RULE, model, account, name).set(1 if name == rule else 0)
+        for name in COMBINES:
+            _labels(CHARGE_RULE, model, account, name).set(1 if name == rule.combine else 0)
+        _labels(CHARGE_N_COUNTED, model, account).set(1 if rule.n_multiplies else 0)
+        _labels(CHARGE_MISSING_MAX, model, account).set(rule.missing_max_tokens or default_missing)
     except Exception:  # pragma: no cover
         log.exception("metrics: set_charge_rule failed")
 

@@ -239,7 +239,7 @@ class JobRunner:
         pair = pair_field(account, spec.name)
         await self.learned.load(pair)
         metrics.set_limits(spec.name, account, spec.rpm, spec.tpm, "configured")
-        metrics.set_charge_rule(spec.name, account, self.learned.rule(pair, spec).combine)
+        metrics.set_charge_rule(spec.name, account, self.learned.rule(pair, spec), spec.max_output_tokens)
         return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
