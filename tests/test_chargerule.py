@@ -15,8 +15,10 @@ from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import load_model_table_from
 from ratequeue.errors import ConfigError
 from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.worker.backlog import Backlog
 from ratequeue.worker.chargerule import ChargeRuleCheck, Observation, Verdict, judge
 from ratequeue.worker.ledger import Terms, Ticket
+from ratequeue.worker.limiter import BucketLimits
 
 
 def test_judge_picks_the_rule_that_explains_the_server() -> None:
@@ -215,3 +217,18 @@ def test_a_model_is_pinned_in_the_table(tmp_path: Path) -> None:
     table.write_text('[models."gpt-4o"]\ncharge_rule_pinned = "yes"\n')
     with pytest.raises(ConfigError, match=r'models.toml: models."gpt-4o".charge_rule_pinned: must be true or false'):
         load_model_table_from(table)
+
+
+def test_work_deferred_under_the_old_rule_is_recalled() -> None:
+    # Deferred by a schedule priced under the rule then in force; a new rule makes it due now
+    # (the runner re-scores these members in the deferred set) and starts the schedule afresh.
+    backlog = Backlog()
+    limits = BucketLimits(600, 60_000, 5.0)
+    with backlog.waiting("k", limits, 60_000):  # a minute's worth of tokens already waiting here
+        first = backlog.schedule("k", 2, 20_000, ["b\tj1", "b\tj2"])
+        later = backlog.defer_for("k", limits, 10_000, patience=1.0, member="b\tj3")
+        assert later is not None and later > first > 0
+        assert sorted(backlog.recall("k")) == ["b\tj1", "b\tj2", "b\tj3"]
+        assert backlog.recall("k") == []  # recalled once
+        assert backlog.schedule("k", 1, 1_000) == pytest.approx(first, abs=0.1)  # not behind the old schedule
+    assert backlog.recall("unknown") == []

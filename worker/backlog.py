@@ -27,9 +27,9 @@ seen here: deferred work then comes back early and is deferred again, which cost
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ratequeue.worker.limiter import BucketLimits
 
@@ -45,6 +45,8 @@ class _Queue:
     requests: int = 0  # jobs of this worker waiting for the pair's bucket
     tokens: int = 0  # their charges
     schedule_end: float = 0.0  # monotonic time until which deferred work is due back
+    # deferred-set member -> monotonic time it is due back: what ``recall`` brings back early
+    deferred: dict[str, float] = field(default_factory=dict)
 
 
 def seconds_of(limits: BucketLimits, requests: float, tokens: float) -> float:
@@ -71,7 +73,7 @@ class Backlog:
             return 0.0, None
         return seconds_of(queue.limits, queue.requests, queue.tokens), queue.limits
 
-    def schedule(self, key: str, requests: int, tokens: int) -> float:
+    def schedule(self, key: str, requests: int, tokens: int, members: Iterable[str] = ()) -> float:
         """Seconds to defer work of ``requests`` requests and ``tokens`` tokens for: until its turn
         behind the queue here and the work deferred before it, less half of ``admit_seconds``: it
         then finds the queue short enough to be admitted (work that comes back to a queue still
@@ -81,18 +83,35 @@ class Backlog:
         lead = admit_seconds(queue.limits) / 2
         due = max(now + seconds_of(queue.limits, queue.requests, queue.tokens) - lead, queue.schedule_end, now)
         if due - now >= MAX_DEFER_SECONDS:  # beyond the schedule kept: it asks again then
-            return MAX_DEFER_SECONDS
-        queue.schedule_end = due + seconds_of(queue.limits, requests, tokens)
+            due = now + MAX_DEFER_SECONDS
+        else:
+            queue.schedule_end = due + seconds_of(queue.limits, requests, tokens)
+        if len(queue.deferred) > 10_000:  # those already back are of no more use
+            queue.deferred = {m: at for m, at in queue.deferred.items() if at > now}
+        queue.deferred.update(dict.fromkeys(members, due))
         return due - now
 
-    def defer_for(self, key: str, limits: BucketLimits, cost: int, patience: float) -> float | None:
+    def recall(self, key: str) -> list[str]:
+        """The deferred-set members of ``key``'s work deferred here and not yet due, forgotten with
+        the schedule: it was priced by a charge rule no longer in force (a cheaper one learned
+        would otherwise leave the bucket idle until the old schedule's end, up to a minute)."""
+        queue = self._queues.get(key)
+        if queue is None:
+            return []
+        now = time.monotonic()
+        members = [member for member, at in queue.deferred.items() if at > now]
+        queue.deferred.clear()
+        queue.schedule_end = 0.0
+        return members
+
+    def defer_for(self, key: str, limits: BucketLimits, cost: int, patience: float, member: str = "") -> float | None:
         """None when a job charging ``cost`` should queue now, else the seconds to defer it for:
         the jobs ahead of it here already need more than ``patience`` seconds of the bucket."""
         ahead, _ = self.ahead(key)
         if ahead <= patience or limits.slow_start:  # limits still a guess: no schedule priced by them
             return None
         self._queues[key].limits = limits
-        return self.schedule(key, 1, cost)
+        return self.schedule(key, 1, cost, (member,) if member else ())
 
     @contextmanager
     def waiting(self, key: str, limits: BucketLimits, cost: int) -> Iterator[None]:

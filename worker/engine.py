@@ -37,6 +37,7 @@ from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
 from ratequeue.jobstore import keys, records
 from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.redis_tls import redis_options
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import Deferral
@@ -235,7 +236,8 @@ class Engine:
                 continue
             rule = learned.rule(pair_field(state.account, spec.name), spec)
             tokens = sum(job.charge_under(rule) for job, _ in jobs)
-            delay = backlog.schedule(key, len(jobs), tokens)
+            members = [f"{state.batch_id}{DEFERRED_SEP}{job.custom_id}" for job, _ in jobs]
+            delay = backlog.schedule(key, len(jobs), tokens, members)
             await asyncio.gather(*(self.store.defer(state.batch_id, job.custom_id, delay) for job, _ in jobs))
             for _ in jobs:
                 metrics.deferred(spec.name, state.account, Deferral.CAPACITY.value)

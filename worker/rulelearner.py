@@ -124,7 +124,8 @@ class RuleLearner:
             self._write(self._publish(pair, dimension, seen, now))
         elif (pair, dimension, seen) not in self._warned:
             self._warned.add((pair, dimension, seen))
-            configured = f"the configured {now!r}" if dimension == "combine" else f"configured: {_say(dimension, now)}"
+            said = _say(dimension, now)
+            configured = f"the configured {now!r}" if dimension == "combine" else f"{said} as configured"
             log.warning("%s: the server seems to charge %s, not %s (charge_rule_pinned or "
                         "RATEQUEUE_LEARN_CHARGE_RULE=0 pins the configured rule)", pair, _say(dimension, seen),
                         configured)

@@ -31,6 +31,7 @@ from ratequeue.config.settings import Settings
 from ratequeue.errors import RequestTooLargeError, UnknownModelError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.redact import configured_secrets, redact_response
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
@@ -78,6 +79,7 @@ class JobRunner:
         self.parking = parking
         self.in_flight = asyncio.Semaphore(settings.max_in_flight)
         self.learned = Learned(settings, store.redis)
+        self._priced: dict[str, ChargeRule] = {}  # pair -> the rule its deferred work here was priced by
         self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
@@ -176,7 +178,8 @@ class JobRunner:
         cost = self._price(run)
         # A job that would time out behind its pair's queue here is deferred now, not after
         # holding its chunk's slot for the whole timeout (worker.backlog: fair slots).
-        defer = self.backlog.defer_for(run.key, run.gate.limits, cost, patience=timeout)
+        member = f"{run.batch_id}{DEFERRED_SEP}{run.job.custom_id}"
+        defer = self.backlog.defer_for(run.key, run.gate.limits, cost, patience=timeout, member=member)
         if defer is not None:
             return await self.settler.defer(run, redis_wait(defer), Deferral.CAPACITY)
         acquire = run.gate.acquire(cost, timeout=timeout, price=lambda: self._price(run))
@@ -239,8 +242,19 @@ class JobRunner:
         pair = pair_field(account, spec.name)
         await self.learned.load(pair)
         metrics.set_limits(spec.name, account, spec.rpm, spec.tpm, "configured")
-        metrics.set_charge_rule(spec.name, account, self.learned.rule(pair, spec), spec.max_output_tokens)
+        rule = self.learned.rule(pair, spec)
+        metrics.set_charge_rule(spec.name, account, rule, spec.max_output_tokens)
+        if self._priced.setdefault(pair, rule) != rule:
+            self._priced[pair] = rule
+            await self._recall(keys.bucket_key(account, spec.name))
         return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
+
+    async def _recall(self, key: str) -> None:
+        """Work this worker deferred for capacity under the previous charge rule is due now: its
+        schedule was priced by that rule (the engine admits or defers it again at its new price)."""
+        members = self.backlog.recall(key)
+        if members:
+            await self.store.redis.zadd(keys.deferred_jobs(), dict.fromkeys(members, 0), xx=True)
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
         """Correct the shared bucket with what the server reported about this request."""
