@@ -8,17 +8,21 @@ import math
 import random
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from ratequeue.config.charge import ChargeRule
-from ratequeue.config.models import load_model_table_from
+from ratequeue.config.models import ModelSpec, load_model_table_from
+from ratequeue.config.settings import load_settings
 from ratequeue.errors import ConfigError
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.worker.backlog import Backlog
 from ratequeue.worker.chargerule import ChargeRuleCheck, Observation, Verdict, judge
 from ratequeue.worker.ledger import Terms, Ticket
 from ratequeue.worker.limiter import BucketLimits
+from ratequeue.worker.rulelearner import RuleLearner
 
 
 def test_judge_picks_the_rule_that_explains_the_server() -> None:
@@ -232,3 +236,37 @@ def test_work_deferred_under_the_old_rule_is_recalled() -> None:
         assert backlog.recall("k") == []  # recalled once
         assert backlog.schedule("k", 1, 1_000) == pytest.approx(first, abs=0.1)  # not behind the old schedule
     assert backlog.recall("unknown") == []
+
+
+def _learner(pinned: bool) -> tuple[RuleLearner, ModelSpec, list[object]]:
+    written: list[object] = []
+
+    def write(call: Any) -> None:  # the fire-and-forget write, not run here
+        written.append(call)
+        call.close()
+
+    learner = RuleLearner(load_settings({}), aioredis.Redis(), write)
+    learner.confirmations = 2
+    spec = replace(load_model_table_from().get("gpt-4o-mini"), charge_rule_pinned=pinned)
+    return learner, spec, written
+
+
+def test_a_pinned_model_is_told_of_another_allowance_once_and_keeps_its_own(caplog: pytest.LogCaptureFixture) -> None:
+    learner, spec, written = _learner(pinned=True)
+    for seen in (2101, 2101, 2218, 2218, 2101, 2101):  # each window's figure differs a little
+        learner._confirm("a:gpt-4o-mini", spec, "missing_max_tokens", seen)
+    assert learner.rule("a:gpt-4o-mini", spec) == ChargeRule("sum") and not written
+    said = [r.getMessage() for r in caplog.records if "seems to charge" in r.getMessage()]
+    assert len(said) == 1 and "2101 tokens per choice without max_tokens, not 16384" in said[0], said
+
+
+def test_an_unpinned_model_follows_each_dimension_after_two_verdicts() -> None:
+    learner, spec, written = _learner(pinned=False)
+    learner._confirm("a:gpt-4o-mini", spec, "n_multiplies", False)
+    assert learner.rule("a:gpt-4o-mini", spec) == ChargeRule("sum") and not written
+    learner._confirm("a:gpt-4o-mini", spec, "n_multiplies", False)
+    learner._confirm("a:gpt-4o-mini", spec, "missing_max_tokens", 2218)
+    learner._confirm("a:gpt-4o-mini", spec, "missing_max_tokens", 2101)  # the same side: the latest is taken
+    assert learner.rule("a:gpt-4o-mini", spec) == ChargeRule("sum", False, 2101) and len(written) == 2
+    learner.take("a:gpt-4o-mini", [b"max", None, b"2000"])  # what the other workers published
+    assert learner.rule("a:gpt-4o-mini", spec) == ChargeRule("max", False, 2000)

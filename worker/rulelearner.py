@@ -4,7 +4,7 @@ unless pinned, each of its dimensions followed to what the server's answers show
 
 A pair is pinned by ``charge_rule_pinned = true`` in its model's table entry, or every pair by
 ``RATEQUEUE_LEARN_CHARGE_RULE=0``: its configured rule is kept, and a server that seems to charge
-otherwise is said once per dimension and value.
+otherwise is said once per dimension and value (the allowance: once above, once below ours).
 
 ``rq:rules`` holds one field per dimension, written only when it changes (``set_rule.lua``), so
 two workers learning different dimensions at once never undo each other's:
@@ -69,7 +69,7 @@ class RuleLearner:
         self._write = write  # fire-and-forget Redis writes (Learned keeps them referenced)
         self._learned: dict[str, dict[str, Any]] = {}  # pair -> dimension -> value (by any worker)
         self._verdicts: dict[tuple[str, str], tuple[Any, int]] = {}  # (pair, dimension) -> (last, in a row)
-        self._warned: set[tuple[str, str, Any]] = set()  # (pair, dimension, value) a pinned pair was told
+        self._warned: set[tuple[str, str, Any]] = set()  # (pair, dimension, side) a pinned pair was told
         self.check = ChargeRuleCheck()
         self.confirmations = CONFIRMATIONS
         self._set_rule = redis.register_script(lua_source("set_rule", "ratequeue.worker"))
@@ -122,8 +122,8 @@ class RuleLearner:
         if not self.pinned(spec):
             self._learned.setdefault(pair, {})[dimension] = seen
             self._write(self._publish(pair, dimension, seen, now))
-        elif (pair, dimension, seen) not in self._warned:
-            self._warned.add((pair, dimension, seen))
+        elif (pair, dimension, side) not in self._warned:  # the allowance: once per side, whatever its figure
+            self._warned.add((pair, dimension, side))
             said = _say(dimension, now)
             configured = f"the configured {now!r}" if dimension == "combine" else f"{said} as configured"
             log.warning("%s: the server seems to charge %s, not %s (charge_rule_pinned or "
