@@ -118,7 +118,8 @@ def test_no_output_budget_or_headers_give_no_tail_verdict() -> None:
     for n in range(1, 100):  # a full bucket: missing only 300 tokens after a sum-500 request
         obs = Observation(Ticket(n / 10, n, Terms(dprompt=200 * n, dchoices=n, dprompts=n)), defaulted, 9_700,
                           600_000, 0.03)
-        assert not check.observe("p", obs, SUM, MODEL_MAX)
+        verdict = check.observe("p", obs, SUM, MODEL_MAX)
+        assert verdict.combine is None and verdict.n_multiplies is None  # its allowance only: at most ~310
         no_reset = Observation(Ticket(n / 10, n, Terms(500 * n, 300 * n, 500 * n, 300 * n)), named, 599_000,
                                600_000, None)
         assert not check.observe("q", no_reset, SUM, MODEL_MAX)  # near the limit: may be clipped
@@ -158,8 +159,10 @@ def test_the_allowance_without_max_tokens_is_solved_for(combine: str) -> None:
     # (we reserved the model's 16,384), and the configured combine rule is the server's.
     verdicts = _serve(ChargeRule(combine, missing_max_tokens=4096), pace=1.1, seconds=20, defaulted=0.3,
                       n_choices=(1, 2), configured=ChargeRule(combine))
-    solved = [v.missing_max_tokens for v in verdicts if v.missing_max_tokens is not None]
-    assert len(solved) >= 3 and all(abs(x - 4096) < 0.05 * 4096 for x in solved), verdicts
+    allowances = [v.missing_max_tokens for v in verdicts if v.missing_max_tokens is not None]
+    solved = [x for x in allowances if abs(x - 4096) < 0.05 * 4096]
+    # Solved by the window test; the tails' bounds from above may come first, never below it.
+    assert len(solved) >= 3 and all(x > 4096 * 0.95 for x in allowances), verdicts
     assert set(_combines(verdicts)) <= {combine}, verdicts
 
 
@@ -190,7 +193,9 @@ def test_all_three_dimensions_are_read_from_one_mix(seed: int) -> None:
     # Max configured; the server charges sum, one allowance whatever n, 4,096 without a max.
     server = ChargeRule("sum", n_multiplies=False, missing_max_tokens=4096)
     verdicts = _serve(server, pace=1.05, seconds=15, defaulted=0.3, n_choices=(1, 2), configured=MAX, seed=seed)
-    assert len(verdicts) >= 3 and set(verdicts) == {Verdict("sum", False, 4096)}, verdicts
+    shapes = {(v.combine, v.n_multiplies) for v in verdicts} - {(None, None)}
+    assert shapes == {("sum", False)} and Verdict("sum", False, 4096) in verdicts, verdicts
+    assert all(v.missing_max_tokens is None or v.missing_max_tokens > 4096 * 0.95 for v in verdicts), verdicts
 
 
 def test_charge_under_each_rule() -> None:

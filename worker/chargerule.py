@@ -48,7 +48,7 @@ _CLEAR = 0.5  # the better rule must explain the server's charge this much bette
 _TAIL_SHARE = 0.1  # share of a window's answers whose tail refutes "sum" before "max" is said
 _TAIL_MIN = 3  # ... and at least this many
 _MIN_DEFAULTED = 3  # choices without a max output in a window before their allowance is solved for
-_CEILING_WINDOWS = 5  # windows whose least tail bounds the allowance
+_CEILING_ANSWERS = 30  # answers without a max output whose least tail bounds the allowance
 MISSING_AGREES = 0.05  # an allowance within this share of the one in force is the same one
 _SHAPES = tuple(ChargeRule(c, m) for c in COMBINES for m in (True, False))
 
@@ -88,7 +88,6 @@ class _Window:
     clipped: bool = False
     requests: int = 0  # of this process (answers in ledger order)
     refuted: dict[ChargeRule, int] = field(default_factory=dict)  # shape -> answers whose tail refutes it
-    ceilings: list[float] = field(default_factory=list)  # per answer without a max output: its allowance at most
     middle: list[Observation] = field(default_factory=list)  # the answers in between, in ledger order
 
     def server_charge(self, until: Observation) -> float:
@@ -109,19 +108,43 @@ class ChargeRuleCheck:
         self._window = window
         self._min_requests = min_requests
         self._open: dict[str, _Window] = {}
-        self._ceilings: dict[str, deque[float]] = {}  # pair -> the least ceiling of each of its last windows
+        self._ceilings: dict[str, deque[float]] = {}  # pair -> allowance ceilings of its last answers
+        self._since_cap: dict[str, int] = {}  # pair -> answers with a ceiling since the last look
 
     def observe(self, pair: str, obs: Observation, rule: ChargeRule, default_missing: int) -> Verdict:
         """Account one answered request, priced by `rule` in force (`default_missing` per choice
-        without a max output when the rule does not say); a verdict when a window closes."""
+        without a max output when the rule does not say); a verdict when a window closes, or when
+        the tails of requests without a max output show our allowance too high."""
+        missing = rule.missing_max_tokens or default_missing
+        verdict = self._window_verdict(pair, obs, rule, missing)
+        if verdict.missing_max_tokens is None and (capped := self._cap(pair, obs, rule, missing)) is not None:
+            verdict = replace(verdict, missing_max_tokens=capped)
+        return verdict
+
+    def _cap(self, pair: str, obs: Observation, rule: ChargeRule, missing: int) -> int | None:
+        """Every _MIN_DEFAULTED answers without a max output: the least ceiling of the recent ones
+        when it is clearly below our allowance. Answer by answer, not per window: such answers
+        are few while our allowance is far too high (it paces them), and the window test is mute
+        then (our over-reserving keeps the server's bucket full)."""
+        ceiling = allowance_ceiling(obs, rule)
+        if ceiling is None:
+            return None
+        recent = self._ceilings.setdefault(pair, deque(maxlen=_CEILING_ANSWERS))
+        recent.append(ceiling)
+        self._since_cap[pair] = since = self._since_cap.get(pair, 0) + 1
+        if since < _MIN_DEFAULTED:
+            return None
+        self._since_cap[pair] = 0
+        capped = math.ceil(min(recent))
+        return capped if capped < missing * (1 - MISSING_AGREES) else None
+
+    def _window_verdict(self, pair: str, obs: Observation, rule: ChargeRule, missing: int) -> Verdict:
         win = self._open.get(pair)
         if win is None or win.last.limit != obs.limit:
             self._open[pair] = _Window(obs, obs, clipped=_may_be_full(obs))
             return Verdict()
         for shape in refuted_shapes(obs):
             win.refuted[shape] = win.refuted.get(shape, 0) + 1
-        if (ceiling := allowance_ceiling(obs, rule)) is not None:
-            win.ceilings.append(ceiling)
         if obs.ticket.n <= win.last.ticket.n:
             return Verdict()
         win.clipped = win.clipped or _may_have_filled(win.last, obs)
@@ -132,18 +155,7 @@ class ChargeRuleCheck:
         if obs.ticket.at - win.first.ticket.at < self._window or win.requests < self._min_requests:
             return Verdict()
         self._open[pair] = _Window(obs, obs, clipped=_may_be_full(obs))
-        missing = rule.missing_max_tokens or default_missing
-        verdict = self._judge(win, rule, missing)
-        # Our allowance above what the server charged: the tails say so even where the window
-        # test cannot (a server bucket kept full by our over-reserving).
-        if verdict.missing_max_tokens is None and len(win.ceilings) >= _MIN_DEFAULTED:
-            # The allowance is the server's own: the least over a few windows is the tightest.
-            recent = self._ceilings.setdefault(pair, deque(maxlen=_CEILING_WINDOWS))
-            recent.append(min(win.ceilings))
-            ceiling = math.ceil(min(recent))
-            if ceiling < missing * (1 - MISSING_AGREES):
-                verdict = replace(verdict, missing_max_tokens=ceiling)
-        return verdict
+        return self._judge(win, rule, missing)
 
     @staticmethod
     def _judge(win: _Window, rule: ChargeRule, missing: int) -> Verdict:
