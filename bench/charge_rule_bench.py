@@ -56,8 +56,8 @@ def wrong(said: str, server: str, args: argparse.Namespace) -> bool:
     if "whatever n" in said or "n x the output" in said:
         return ("whatever n" in said) == args.charge_n
     allowance = re.match(r"(\d+) tokens per choice", said)
-    if allowance and args.missing_max_charge:
-        return not args.missing_max_charge <= int(allowance.group(1)) <= args.missing_max_charge * 1.15
+    if allowance and args.missing_max_charge:  # above the server's: a bound from above, refined later
+        return int(allowance.group(1)) < args.missing_max_charge * 0.98
     return True
 
 
