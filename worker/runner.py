@@ -25,6 +25,8 @@ import asyncio
 import logging
 import time
 
+from redis.exceptions import RedisError
+
 from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec, ModelTable
 from ratequeue.config.settings import Settings
@@ -253,8 +255,11 @@ class JobRunner:
         """Work this worker deferred for capacity under the previous charge rule is due now: its
         schedule was priced by that rule (the engine admits or defers it again at its new price)."""
         members = self.backlog.recall(key)
-        if members:
-            await self.store.redis.zadd(keys.deferred_jobs(), dict.fromkeys(members, 0), xx=True)
+        try:
+            if members:
+                await self.store.redis.zadd(keys.deferred_jobs(), dict.fromkeys(members, 0), xx=True)
+        except RedisError as exc:  # they come back at their old time: slower, never lost
+            log.warning("deferred work of %s not recalled after a new charge rule: %s", key, exc)
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
         """Correct the shared bucket with what the server reported about this request."""
