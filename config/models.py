@@ -16,14 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
-from ratequeue.config.settings import CHARGE_RULES, Settings, mangle_model_name
+from ratequeue.config.charge import ChargeRule
+from ratequeue.config.model_layers import Fields, apply_overrides, merge_layers, read_toml
+from ratequeue.config.settings import CHARGE_RULES, Settings
 from ratequeue.errors import ConfigError, UnknownModelError
 
 # The tiktoken encodings a model may name: the ones whose rank files ship with ratequeue (offline).
@@ -35,7 +35,8 @@ KINDS = ("chat", "embedding")
 BUILTIN_SOURCE = "built-in config/models.toml"
 _INT_FIELDS = ("rpm", "tpm", "context_window", "max_output_tokens")
 _PRICE_FIELDS = ("input_per_1m", "cached_input_per_1m", "output_per_1m")
-_FIELDS = frozenset((*_INT_FIELDS, *_PRICE_FIELDS, "kind", "encoding", "charge_rule", "endpoints", "aliases"))
+_FIELDS = frozenset((*_INT_FIELDS, *_PRICE_FIELDS, "kind", "encoding", "charge_rule", "charge_rule_pinned",
+                     "endpoints", "aliases"))
 _REQUIRED = ("kind", "encoding", "charge_rule", "endpoints", *_INT_FIELDS, "input_per_1m", "output_per_1m")
 # A dated snapshot: gpt-4o-mini-2024-07-18, o3-mini-2025-01-31, or the older MMDD form gpt-4-0613.
 _SNAPSHOT = re.compile(r"^(?P<base>.+?)-(?:\d{4}-\d{2}-\d{2}|(?:0[1-9]|1[0-2])\d{2})$")
@@ -58,6 +59,12 @@ class ModelSpec:
     charge_rule: str  # "sum" or "max", see models.toml
     endpoints: tuple[str, ...]
     aliases: tuple[str, ...] = ()
+    charge_rule_pinned: bool = False  # never learned from the server: the configured rule is the server's
+
+    @property
+    def rule(self) -> ChargeRule:
+        """The configured charge rule: the starting guess of every dimension (config/charge.py)."""
+        return ChargeRule(self.charge_rule)
 
     def cost_usd(self, prompt_tokens: int, cached_tokens: int = 0, completion_tokens: int = 0) -> float:
         """The price in USD of a call. `cached_tokens` is the part of `prompt_tokens` served from
@@ -149,67 +156,15 @@ class ModelTable:
         return None
 
 
-# -- loading ------------------------------------------------------------------------------------------
+# -- loading (the layers are read and merged in config/model_layers.py) ------------------------------
 
-# field -> (value, source, path): where each value came from, so errors can name it
-_Fields = dict[str, tuple[Any, str, str]]
-
-
-def _read_toml(text: str, source: str) -> dict[str, Any]:
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
-    unknown = set(doc) - {"replace", "defaults", "models"}
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown top-level key(s) {sorted(unknown)} (expected replace, defaults, models)"
-        )
-    if not isinstance(doc.get("replace", False), bool):
-        raise ConfigError(f"{source}: replace: must be true or false")
-    for key in ("defaults", "models"):
-        if not isinstance(doc.get(key, {}), dict):
-            raise ConfigError(f"{source}: {key}: must be a table")
-    for name, table in doc.get("models", {}).items():
-        if not isinstance(table, dict):
-            raise ConfigError(f'{source}: models."{name}": must be a table')
-    return doc
-
-
-def _merge(layers: list[tuple[dict[str, Any], str]]) -> tuple[_Fields, dict[str, _Fields]]:
-    defaults: _Fields = {}
-    models: dict[str, _Fields] = {}
-    for doc, source in layers:
-        for key, value in doc.get("defaults", {}).items():
-            defaults[key] = (value, source, f"defaults.{key}")
-        for name, table in doc.get("models", {}).items():
-            fields = models.setdefault(name, {})
-            for key, value in table.items():
-                fields[key] = (value, source, f'models."{name}".{key}')
-    return defaults, models
-
-
-def _apply_overrides(models: dict[str, _Fields], overrides: Mapping[str, Mapping[str, int | str]]) -> None:
-    by_mangled: dict[str, list[str]] = {}
-    for name in models:
-        by_mangled.setdefault(mangle_model_name(name), []).append(name)
-    for mangled, fields in overrides.items():
-        for key, value in fields.items():
-            var = f"RATEQUEUE_MODEL_{mangled}_{key.upper()}"
-            names = by_mangled.get(mangled, [])
-            if len(names) != 1:
-                reason = f"matches models {names}" if names else "matches no model in the table"
-                raise ConfigError(f"{var}: {reason} (NAME is the model name upper-cased, '-' and '.' as '_')")
-            models[names[0]][key] = (value, f"environment variable {var}", f'models."{names[0]}".{key}')
-
-
-def _bad(fields: _Fields, key: str, name: str, reason: str) -> ConfigError:
+def _bad(fields: Fields, key: str, name: str, reason: str) -> ConfigError:
     value, source, path = fields[key]
     used_by = f" (used by model {name!r})" if path.startswith("defaults.") else ""
     return ConfigError(f"{source}: {path}: {reason}, got {value!r}{used_by}")
 
 
-def _build_spec(name: str, fields: _Fields, model_source: str) -> ModelSpec:
+def _build_spec(name: str, fields: Fields, model_source: str) -> ModelSpec:
     for key in fields:
         if key not in _FIELDS:
             raise _bad(fields, key, name, f"unknown field (known: {', '.join(sorted(_FIELDS))})")
@@ -234,6 +189,8 @@ def _build_spec(name: str, fields: _Fields, model_source: str) -> ModelSpec:
         raise _bad(fields, "kind", name, f"must be one of {', '.join(KINDS)}")
     if v["charge_rule"] not in CHARGE_RULES:
         raise _bad(fields, "charge_rule", name, f"must be one of {', '.join(CHARGE_RULES)}")
+    if not isinstance(v.get("charge_rule_pinned", False), bool):
+        raise _bad(fields, "charge_rule_pinned", name, "must be true or false")
     if v["encoding"] not in SUPPORTED_ENCODINGS:
         raise _bad(fields, "encoding", name, f"must be one of {', '.join(sorted(SUPPORTED_ENCODINGS))}")
     for key in ("endpoints", "aliases"):
@@ -261,6 +218,7 @@ def _build_spec(name: str, fields: _Fields, model_source: str) -> ModelSpec:
         charge_rule=v["charge_rule"],
         endpoints=tuple(v["endpoints"]),
         aliases=tuple(v.get("aliases", [])),
+        charge_rule_pinned=v.get("charge_rule_pinned", False),
     )
 
 
@@ -275,7 +233,7 @@ def load_model_table_from(
 
     Raises ConfigError naming the file or variable, the model and the field of a bad value.
     """
-    layers = [(_read_toml(_builtin_text(), BUILTIN_SOURCE), BUILTIN_SOURCE)]
+    layers = [(read_toml(_builtin_text(), BUILTIN_SOURCE), BUILTIN_SOURCE)]
     if user_file is not None:
         source = str(user_file)
         try:
@@ -283,10 +241,10 @@ def load_model_table_from(
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"{source}: cannot read the model table: {reason}") from exc
-        doc = _read_toml(text, source)
+        doc = read_toml(text, source)
         layers = [(doc, source)] if doc.get("replace", False) else [*layers, (doc, source)]
-    defaults, models = _merge(layers)
-    _apply_overrides(models, overrides or {})
+    defaults, models = merge_layers(layers)
+    apply_overrides(models, overrides or {})
     if not models:
         raise ConfigError(f"{layers[-1][1]}: the model table has no models")
     specs = {}

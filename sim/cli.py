@@ -50,6 +50,11 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 @click.option("--charge-rule", type=click.Choice(CHARGE_RULES), default=SimConfig.charge_rule,
               show_default=True,
               help="TPM charge at arrival: sum = prompt + n*max_output; max = max(prompt, n*max_output).")
+@click.option("--charge-n/--no-charge-n", "charge_n", default=True, show_default=True,
+              help="Whether the charged output allowance counts each of the n choices (else one per prompt).")
+@click.option("--missing-max-charge", default=None, type=int, metavar="TOKENS",
+              help="Output allowance charged per choice when a request sets no max "
+                   "[default: the model's max output].")
 @click.option("--prompt-estimate", type=click.Choice(PROMPT_ESTIMATES), default=SimConfig.prompt_estimate,
               show_default=True, help="How the prompt is counted: tiktoken, or characters / 4.")
 @click.option("--latency-ms", default=0.0, show_default=True, type=float, help="Base latency of a reply.")

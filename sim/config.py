@@ -30,6 +30,8 @@ _OPTIONS: dict[str, tuple[str, float | None]] = {
     "max_output": ("int", 1),
     "strict_models": ("bool", None),
     "charge_rule": ("str", None),
+    "charge_n": ("bool", None),
+    "missing_max_charge": ("?int", 1),
     "prompt_estimate": ("str", None),
     "latency_ms": ("float", 0),
     "per_token_ms": ("float", 0),
@@ -170,6 +172,8 @@ class SimConfig:
     models: dict[str, ModelSpec] = field(default_factory=dict)
     strict_models: bool = False
     charge_rule: str = "sum"
+    charge_n: bool = True  # the output allowance counts every one of n choices
+    missing_max_charge: int | None = None  # allowance per choice without a max (None: the model's max output)
     prompt_estimate: str = "tiktoken"
     latency_ms: float = 0.0
     per_token_ms: float = 0.0

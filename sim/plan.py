@@ -83,7 +83,19 @@ def plan_request(kind: str, body: dict[str, Any], limits: ModelLimits, config: S
         raise RequestInvalid(400, body_)
 
     choices = 0 if kind == "embeddings" else n * prompt.items
-    output_budget = choices * (requested_max if requested_max is not None else limits.max_output)
+    output_budget = _charged_choices(choices, n, config) * _allowance(requested_max, limits, config)
     charge = max(prompt.tokens, output_budget) if config.charge_rule == "max" else prompt.tokens + output_budget
     output_cap = max(1, min(limits.max_output, limits.context - measured))
     return Plan(body, prompt, requested_max, output_cap, choices, charge)
+
+
+def _charged_choices(choices: int, n: int, config: SimConfig) -> int:
+    """Choices the TPM charge counts: all of them, or one per prompt (a server that ignores n)."""
+    return choices if config.charge_n or not choices else choices // n
+
+
+def _allowance(requested_max: int | None, limits: ModelLimits, config: SimConfig) -> int:
+    """Output tokens charged per choice: the max sent, else the server's default allowance."""
+    if requested_max is not None:
+        return requested_max
+    return config.missing_max_charge if config.missing_max_charge is not None else limits.max_output

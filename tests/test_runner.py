@@ -354,8 +354,8 @@ def test_a_learned_charge_rule_prices_the_next_job(world: Any) -> None:
                          RATEQUEUE_MODEL_GPT_4O_MINI_TPM="70000", RATEQUEUE_BURST_SECONDS="60",
                          RATEQUEUE_LEARN_LIMITS="0") as w:
             # Judge after every answer, not over 2 s windows of 10 requests, and follow the first verdict.
-            w.runner.learned._rule_check = ChargeRuleCheck(window=0.0, min_requests=1)
-            w.runner.learned.confirmations = 1
+            w.runner.learned.rules.check = ChargeRuleCheck(window=0.0, min_requests=1)
+            w.runner.learned.rules.confirmations = 1
             spec = w.runner.table.get(MODEL)
             state = await w.runner.store.batch_state(w.batch_id)
             assert state is not None and spec.charge_rule == "max"
@@ -363,7 +363,7 @@ def test_a_learned_charge_rule_prices_the_next_job(world: Any) -> None:
                 [(stored, started)] = await w.runner.store.claim_pending(w.batch_id, [cid], "t", 60.0)
                 bucket["charge"] = stored.charge_under("sum")
                 assert await w.runner.run(state, stored, started) is True
-            assert w.runner.learned.rule(pair_field(state.account, MODEL), spec) == "sum"
+            assert w.runner.learned.rule(pair_field(state.account, MODEL), spec).combine == "sum"
             assert await w.run("big") == [True]
             err = w.error("big")["error"]
             assert err["code"] == "request_too_large" and w.upstream.jobs() == ["s1", "s2"]

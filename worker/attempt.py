@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
@@ -82,7 +83,7 @@ class Sent:
 
     resp: UpstreamResponse  # redacted unless it is a success
     verdict: Classified
-    rule: str  # the charge rule it was priced under
+    rule: ChargeRule  # the charge rule it was priced under
     charge: int  # tokens it was charged in the bucket
     usage: Usage | None  # a success's usage, else None
     headers: RateLimitHeaders

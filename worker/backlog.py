@@ -44,6 +44,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.worker.limiter import BucketLimits
 
 __all__ = ["LEAD_SECONDS", "MAX_DEFER_SECONDS", "MIN_PATIENCE_SECONDS", "Backlog", "job_ref", "seconds_of"]
@@ -66,6 +67,8 @@ class _Queue:
     # None unless it keeps its place).
     admitted: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     schedule_end: float = 0.0  # monotonic time until which deferred work is due back
+    # deferred-set member -> monotonic time it is due back: what ``recall`` brings back early
+    deferred: dict[str, float] = field(default_factory=dict)
 
     def forget(self, job: str) -> None:
         """Stop counting ``job`` as admitted (it reached the bucket, or its run ended)."""
@@ -76,8 +79,9 @@ class _Queue:
 
 
 def job_ref(batch_id: str, custom_id: str) -> str:
-    """How the backlog names a job (custom ids repeat across batches)."""
-    return f"{batch_id}/{custom_id}"
+    """How the backlog names a job (custom ids repeat across batches): as the deferred set does,
+    so that ``recall`` hands back members of that set."""
+    return f"{batch_id}{DEFERRED_SEP}{custom_id}"
 
 
 def seconds_of(limits: BucketLimits, requests: float, tokens: float) -> float:
@@ -122,18 +126,24 @@ class Backlog:
             return 0.0, None
         return seconds_of(queue.limits, queue.requests, queue.tokens), queue.limits
 
-    def schedule(self, key: str, limits: BucketLimits, costs: Sequence[int], patience: float) -> float:
+    def schedule(
+        self, key: str, limits: BucketLimits, costs: Sequence[int], patience: float, members: Iterable[str] = ()
+    ) -> float:
         """Seconds to defer jobs charging ``costs`` for: until their turn behind the queue here
         and the work deferred before them, less half of ``patience``: back then, they find the
         queue short enough to be admitted. ``MAX_DEFER_SECONDS`` at most: work past it asks again
-        then, and is not booked."""
+        then, and is not booked. ``members`` (their job_refs) are remembered for ``recall``."""
         queue = self._queue(key, limits)
         now = time.monotonic()
         lead = min(max(patience, MIN_PATIENCE_SECONDS) / 2, LEAD_SECONDS)
         due = max(now + seconds_of(queue.limits, queue.requests, queue.tokens) - lead, queue.schedule_end, now)
-        if due - now >= MAX_DEFER_SECONDS:
-            return MAX_DEFER_SECONDS
-        queue.schedule_end = due + seconds_of(queue.limits, len(costs), sum(costs))
+        if due - now >= MAX_DEFER_SECONDS:  # beyond the schedule kept: it asks again then
+            due = now + MAX_DEFER_SECONDS
+        else:
+            queue.schedule_end = due + seconds_of(queue.limits, len(costs), sum(costs))
+        if len(queue.deferred) > 10_000:  # those already back are of no more use
+            queue.deferred = {m: at for m, at in queue.deferred.items() if at > now}
+        queue.deferred.update(dict.fromkeys(members, due))
         return due - now
 
     def admit(self, key: str, limits: BucketLimits, jobs: dict[str, int], keep_place: bool = True) -> None:
@@ -164,6 +174,19 @@ class Backlog:
             for queue in self._queues.values():
                 queue.forget(job)
 
+    def recall(self, key: str) -> list[str]:
+        """The deferred-set members of ``key``'s work deferred here and not yet due, forgotten with
+        the schedule: it was priced by a charge rule no longer in force (a cheaper one learned
+        would otherwise leave the bucket idle until the old schedule's end, up to a minute)."""
+        queue = self._queues.get(key)
+        if queue is None:
+            return []
+        now = time.monotonic()
+        members = [member for member, at in queue.deferred.items() if at > now]
+        queue.deferred.clear()
+        queue.schedule_end = 0.0
+        return members
+
     def defer_for(self, key: str, limits: BucketLimits, cost: int, patience: float, job: str = "") -> float | None:
         """None when a job charging ``cost`` should queue now, else the seconds to defer it for:
         the jobs ahead of it here already need more than ``patience`` seconds of the bucket.
@@ -173,7 +196,7 @@ class Backlog:
         kept = queue is not None and job in queue.admitted and queue.admitted[job][1] is not None
         if ahead <= patience or limits.slow_start or kept:
             return None  # slow start: the limits are still a guess, no schedule is priced by them
-        return self.schedule(key, limits, [cost], patience)
+        return self.schedule(key, limits, [cost], patience, (job,) if job else ())
 
     @contextmanager
     def waiting(self, key: str, limits: BucketLimits, cost: int, job: str = "") -> Iterator[None]:

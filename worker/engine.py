@@ -261,7 +261,8 @@ class Engine:
                 continue
             # No schedule is priced by a guess: configured limits lower than the account's
             # deferred most of a batch for tens of seconds. It asks again soon, once they may be known.
-            delay = MIN_PATIENCE_SECONDS if limits.slow_start else backlog.schedule(key, limits, costs, patience)
+            refs = [job_ref(state.batch_id, job.custom_id) for job, _ in jobs]
+            delay = MIN_PATIENCE_SECONDS if limits.slow_start else backlog.schedule(key, limits, costs, patience, refs)
             log.debug("fair slots: %d %s jobs deferred %.1f s (%.1f s of work waiting here)", len(jobs), model, delay,
                       ahead)
             await asyncio.gather(*(self.store.defer(state.batch_id, job.custom_id, delay) for job, _ in jobs))

@@ -4,8 +4,8 @@
   shared with other workers through Redis (``rq:learned``);
 - the charge rule it applies, read off ``x-ratelimit-remaining-tokens`` against the account-wide
   charge ledger (``worker/chargerule.py``, ``worker/ledger.py``), followed by default (the
-  configured rule is the starting guess; ``RATEQUEUE_LEARN_CHARGE_RULE=0`` pins it) and shared with
-  the other workers through Redis (``rq:rules``);
+  configured rule is the starting guess; pinned per model or for all) and shared with the other
+  workers through Redis (``rq:rules``; ``worker/rulelearner.py``);
 - a slowdown after 429s that carry no headers to learn from: cut by a fifth, then recover slowly;
 - the server's window (``worker/window.py``): our bucket's burst follows it, and stays in Redis;
 - slow start: until the server announces a pair's limits to this worker, one request, then two
@@ -25,21 +25,20 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec
 from ratequeue.config.settings import Settings
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
-from ratequeue.jobstore.scripts import lua_source
-from ratequeue.worker.chargerule import ChargeRuleCheck, Observation
 from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.gate import BucketGate
 from ratequeue.worker.ledger import ChargeLedger, Ticket
 from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError
+from ratequeue.worker.rulelearner import RuleLearner, rule_fields
 from ratequeue.worker.window import SHRINK_TOLERANCE, TOLERANCE, WindowLearner
 
 log = logging.getLogger(__name__)
 RELOAD_SECONDS = 5.0  # how often the limits and rules other workers learned are read again
-CONFIRMATIONS = 2  # verdicts in a row (of one process) before a rule is switched
 
 
 class Learned:
@@ -50,22 +49,17 @@ class Learned:
         self.redis = redis
         self._limits: dict[str, tuple[int, int]] = {}  # pair -> (rpm, tpm) the server announced
         self._loaded: dict[str, float] = {}  # pair -> monotonic time of the last read from Redis
-        self._rules: dict[str, str] = {}  # pair -> charge rule learned from the server (by any worker)
-        self._verdicts: dict[str, tuple[str, int]] = {}  # pair -> (last verdict, how many in a row)
-        self._warned: dict[str, str] = {}  # pair -> the rule a pinned pair was last said to differ by
         # pair -> (share of the limits in force, time of the last cut)
         self._throttle: dict[str, tuple[float, float]] = {}
         self._shares: dict[str, float] = {}  # pair -> share of the limits the shared bucket leaves us
         self._share_cut_at: dict[str, float] = {}  # pair -> monotonic time this worker last took a cut
-        self._rule_check = ChargeRuleCheck()
         self.windows = WindowLearner(settings.burst_seconds)
         self._confirmed: set[str] = set()  # pairs whose limits the server announced: no slow start
         self._announced: set[str] = set()  # announced, slow start ends once the bucket took the answer
         self._limiter = Limiter(redis)  # slow-start credits live beside the pair's bucket
-        self.confirmations = CONFIRMATIONS
         self.ledger = ChargeLedger(redis)
-        self._set_rule = redis.register_script(lua_source("set_rule", "ratequeue.worker"))
         self._background: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, kept referenced
+        self.rules = RuleLearner(settings, redis, self._write)
 
     async def load(self, pair: str) -> None:
         """Take the limits and the charge rule other workers learned for `pair` (read again every
@@ -78,27 +72,21 @@ class Learned:
         self._loaded[pair] = now
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(keys.learned_limits(), pair)
-            pipe.hget(keys.learned_rules(), pair)
+            pipe.hmget(keys.learned_rules(), rule_fields(pair))
             raw, rule = await pipe.execute()
         if raw and self.settings.learn_limits:
             known = orjson.loads(raw)
             self._limits[pair] = (int(known["rpm"]), int(known["tpm"]))
             self._confirmed.add(pair)
-        if rule and self.settings.learn_charge_rule:
-            rule = rule.decode() if isinstance(rule, bytes) else rule
-            if self._rules.get(pair) != rule:
-                log.info("%s: charging by the %r rule another worker learned", pair, rule)
-            self._rules[pair] = rule
+        self.rules.take(pair, rule)
 
     def tpm(self, pair: str, spec: ModelSpec) -> int:
         """The TPM limit in force, without the throttle: learned from the server, else configured."""
         return self._limits.get(pair, (spec.rpm, spec.tpm))[1]
 
-    def rule(self, pair: str, spec: ModelSpec) -> str:
+    def rule(self, pair: str, spec: ModelSpec) -> ChargeRule:
         """The charge rule in force: learned from the server (unless pinned), else configured."""
-        if not self.settings.learn_charge_rule:
-            return spec.charge_rule
-        return self._rules.get(pair, spec.charge_rule)
+        return self.rules.rule(pair, spec)
 
     def limits(self, pair: str, spec: ModelSpec) -> BucketLimits:
         """The limits in force: learned (else configured), times the throttle's share; spent at
@@ -194,37 +182,10 @@ class Learned:
         if gate.limits != self.limits(pair, spec):
             gate.update_limits(self.limits(pair, spec))
 
-    def check_rule(
-        self, pair: str, rule: str, job: StoredJob, headers: RateLimitHeaders, ticket: Ticket | None
-    ) -> None:
-        """Account a success in the charge-rule check; follow a verdict confirmed CONFIRMATIONS
-        times in a row (or, pinned, say once that the server seems to charge otherwise)."""
-        if ticket is None or headers.remaining_tokens is None or headers.limit_tokens is None:
-            return
-        obs = Observation(ticket, job.charge_under("sum"), job.charge_under("max"), headers.remaining_tokens,
-                          headers.limit_tokens, headers.reset_tokens, exact=sets_output_budget(job))
-        seen = self._rule_check.observe(pair, obs)
-        if seen is None:
-            return
-        last, count = self._verdicts.get(pair, (seen, 0))
-        count = count + 1 if last == seen else 1
-        self._verdicts[pair] = (seen, count)
-        if count < self.confirmations or seen == rule:
-            return
-        if self.settings.learn_charge_rule:
-            self._rules[pair] = seen
-            self._write(self._publish_rule(pair, seen, rule))
-        elif self._warned.get(pair) != seen:
-            self._warned[pair] = seen
-            log.warning("%s: the server seems to charge by the %r rule, not the configured %r "
-                        "(RATEQUEUE_LEARN_CHARGE_RULE=0 pins the configured rule)", pair, seen, rule)
-
-    async def _publish_rule(self, pair: str, seen: str, was: str) -> int:
-        """Share a learned rule; the worker whose write changed it says so (once per change)."""
-        changed = int(await self._set_rule(keys=[keys.learned_rules()], args=[pair, seen]))
-        if changed:
-            log.warning("%s: the server charges by the %r rule, not %r: switching", pair, seen, was)
-        return changed
+    def check_rule(self, pair: str, spec: ModelSpec, rule: ChargeRule, job: StoredJob, headers: RateLimitHeaders,
+                   ticket: Ticket | None) -> None:
+        """Account a success, priced under `rule`, in the charge-rule check (worker/rulelearner.py)."""
+        self.rules.observe(pair, spec, rule, job, headers, ticket)
 
     def share_cut_at(self, pair: str) -> float:
         """When this worker last spent less after a cut (monotonic; -inf if never): the answers
@@ -253,8 +214,3 @@ class Learned:
             self._throttle[pair] = (share, cut_at)
         gate.update_limits(self.limits(pair, spec))
 
-
-def sets_output_budget(job: StoredJob) -> bool:
-    """Did the request name its output budget? Without one the server charges its own default
-    maximum, which our model table may not know (the tail test then proves nothing)."""
-    return any(job.body.get(k) is not None for k in ("max_tokens", "max_completion_tokens", "max_output_tokens"))

@@ -3,8 +3,9 @@
 ``x-ratelimit-remaining-tokens`` counts everyone's use of the account. Compared with one process's
 own requests it misreads the charge rule as soon as two processes share the account (issue 11:
 "server seems to charge by 'sum'" 9 times per run against a max-rule server, 2 workers). So each
-send adds its charge under both rules to running totals in Redis and gets the totals back
-(``charge_ledger.lua``): the difference of two tickets is exactly what the whole
+send adds its ``Terms`` (from which its charge under every candidate rule follows) to running
+totals in Redis and gets the totals back (``charge_ledger.lua``): the difference of two tickets is
+exactly what the whole
 deployment sent between two of this process's requests, whichever worker sent it (sends are
 batched per turn of the event loop: see ``ChargeLedger``). A 429 was not
 charged by the server, so its charges are taken back (the sequence number stays).
@@ -15,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from ratequeue.config.charge import ChargeRule
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.scripts import lua_source
@@ -30,22 +32,59 @@ KEEP_MS = 3_600_000  # a ledger idle for an hour is dropped; a new one simply st
 
 
 @dataclass(frozen=True)
+class Terms:
+    """What a request (or a stretch of the ledger) adds up to, so that its charge under any rule
+    (config/charge.py) follows: requests that named their max output are priced under each
+    (combine, n counted) pair; of those that did not, the server's own allowance per choice is
+    unknown, so their prompts and choices are kept for it to be solved for."""
+
+    sum: int = 0
+    max: int = 0
+    sum1: int = 0  # n not counted
+    max1: int = 0
+    dprompt: int = 0  # requests without a max output: prompt tokens
+    dchoices: int = 0  # ... choices, n counted
+    dprompts: int = 0  # ... requests (n not counted)
+
+    @classmethod
+    def of(cls, job: StoredJob) -> Terms:
+        if job.output_defaulted:
+            return cls(dprompt=job.prompt_tokens, dchoices=job.choices, dprompts=1)
+        price = {(c, m): job.charge_under(ChargeRule(c, m)) for c in ("sum", "max") for m in (True, False)}
+        return cls(price["sum", True], price["max", True], price["sum", False], price["max", False])
+
+    def __add__(self, other: Terms) -> Terms:
+        return Terms(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def __sub__(self, other: Terms) -> Terms:
+        return Terms(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def __neg__(self) -> Terms:
+        return Terms() - self
+
+    def total(self, rule: ChargeRule, missing: int) -> int:
+        """The charge of all of it under `rule`, `missing` tokens per choice without a max (a
+        max-rule charge taken as the allowance: it is the larger unless prompts are huge)."""
+        explicit = getattr(self, rule.combine + ("" if rule.n_multiplies else "1"))
+        allowance = missing * (self.dchoices if rule.n_multiplies else self.dprompts)
+        return explicit + allowance + (self.dprompt if rule.combine == "sum" else 0)
+
+
+@dataclass(frozen=True)
 class Ticket:
     """One request's place in the ledger: when this process sent it (its monotonic clock) and the
     ledger's totals including it. Only tickets of one process are ever compared."""
 
     at: float
     n: int
-    sum_total: int
-    max_total: int
+    totals: Terms
 
 
 @dataclass
 class _Batch:
     """Sends of one pair within one turn of the event loop, added to the ledger in one call."""
 
-    sum_total: int = 0
-    max_total: int = 0
+    terms: Terms = Terms()
     waiting: list[tuple[float, asyncio.Future[Ticket | None]]] = field(default_factory=list)
 
 
@@ -72,8 +111,7 @@ class ChargeLedger:
         if batch is None:
             batch = self._pending[key] = _Batch()
             self._keep(loop.create_task(self._flush(key)))
-        batch.sum_total += job.charge_under("sum")
-        batch.max_total += job.charge_under("max")
+        batch.terms += Terms.of(job)
         ticket: asyncio.Future[Ticket | None] = loop.create_future()
         batch.waiting.append((time.monotonic(), ticket))
         return ticket
@@ -93,18 +131,18 @@ class ChargeLedger:
         """Runs after the sends of this turn were recorded: one call for all of them."""
         batch = self._pending.pop(key)
         try:
-            n, sum_total, max_total = await self._script(
-                keys=[key], args=[len(batch.waiting), batch.sum_total, batch.max_total, KEEP_MS])
+            n, *totals = await self._script(keys=[key], args=[KEEP_MS, len(batch.waiting), *astuple(batch.terms)])
+            terms: Terms | None = Terms(*map(int, totals))
         except Exception as exc:  # the rule check loses these observations; the calls went ahead
             log.debug("charge ledger not updated: %s", exc)
-            n = None
+            terms = None
         for at, ticket in batch.waiting:
             if not ticket.done():  # a send cancelled meanwhile (shutdown) must not stop the others' tickets
-                ticket.set_result(None if n is None else Ticket(at, int(n), int(sum_total), int(max_total)))
+                ticket.set_result(None if terms is None else Ticket(at, int(n), terms))
 
     def refund(self, account: str, model: str, job: StoredJob) -> None:
         """Take back a send the server refused without charging (a 429), without waiting."""
-        args = [0, -job.charge_under("sum"), -job.charge_under("max"), KEEP_MS]
+        args = [KEEP_MS, 0, *astuple(-Terms.of(job))]
         self._keep(asyncio.ensure_future(self._script(keys=[keys.charge_ledger(account, model)], args=args)))
 
     def _keep(self, future: asyncio.Future[Any]) -> None:

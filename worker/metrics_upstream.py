@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from ratequeue.config.charge import COMBINES, ChargeRule
 from ratequeue.worker.metrics_core import PAIR, bounded, labels, never_raises, on_new_pair, pair, status_class
 from ratequeue.worker.usage import Usage
 
@@ -87,6 +88,20 @@ CHARGE_RULE = Gauge(
     "ratequeue_charge_rule",
     "1 for the charge rule a pair's jobs are priced by (sum or max; learned from the server unless pinned), 0 else.",
     [*PAIR, "rule"],
+    multiprocess_mode="mostrecent",
+)
+CHARGE_N_COUNTED = Gauge(
+    "ratequeue_charge_rule_n_counted",
+    "1 when a pair's jobs are charged an output allowance for each of their n choices, 0 for one whatever n "
+    "(learned from the server unless pinned).",
+    PAIR,
+    multiprocess_mode="mostrecent",
+)
+CHARGE_MISSING_MAX = Gauge(
+    "ratequeue_charge_rule_missing_max_tokens",
+    "Output tokens per choice a pair's jobs without a max output are charged (learned from the server unless "
+    "pinned; else the model's max output).",
+    PAIR,
     multiprocess_mode="mostrecent",
 )
 # The server's own view of what is left, beside our bucket's: drift between the two is visible.
@@ -229,10 +244,13 @@ def set_limits(model: str, account: str, rpm: float, tpm: float, source: str = "
 
 
 @never_raises
-def set_charge_rule(model: str, account: str, rule: str) -> None:
-    """Publish the charge rule in force: 1 on its series, 0 on the other rule's."""
-    for name in ("sum", "max"):
-        labels(CHARGE_RULE, model, account, name).set(1 if name == rule else 0)
+def set_charge_rule(model: str, account: str, rule: ChargeRule, default_missing: int) -> None:
+    """Publish the charge rule in force: 1 on its combine rule's series, 0 on the other's; whether
+    n is counted; the allowance without a max output (``default_missing`` unless learned)."""
+    for name in COMBINES:
+        labels(CHARGE_RULE, model, account, name).set(1 if name == rule.combine else 0)
+    labels(CHARGE_N_COUNTED, model, account).set(1 if rule.n_multiplies else 0)
+    labels(CHARGE_MISSING_MAX, model, account).set(rule.missing_max_tokens or default_missing)
 
 
 @contextlib.contextmanager

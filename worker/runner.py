@@ -25,6 +25,9 @@ import asyncio
 import logging
 import time
 
+from redis.exceptions import RedisError
+
+from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec, ModelTable
 from ratequeue.config.settings import Settings
 from ratequeue.errors import RequestTooLargeError, UnknownModelError
@@ -78,6 +81,7 @@ class JobRunner:
         self.parking = parking
         self.in_flight = FairInFlight(settings.max_in_flight)  # divided among pairs by rate
         self.learned = Learned(settings, store.redis)
+        self._priced: dict[str, ChargeRule] = {}  # pair -> the rule its deferred work here was priced by
         self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
@@ -201,7 +205,7 @@ class JobRunner:
         self.reconciler.add(run.key, run.gate.limits, token_delta=charge, request_delta=1)
         return True
 
-    async def _send(self, run: JobRun, rule: str, charge: int, probe: bool) -> Sent:
+    async def _send(self, run: JobRun, rule: ChargeRule, charge: int, probe: bool) -> Sent:
         """Call upstream and classify the answer; an error answer is redacted here."""
         limits = run.gate.limits  # the calls a second its limits allow at this call's price
         async with self.in_flight.slot(run.pair, min(limits.request_rate, limits.token_rate / max(charge, 1))):
@@ -221,7 +225,7 @@ class JobRunner:
         """What the answer teaches: the limits, the charge rule, the bucket's true level."""
         self.learned.learn_limits(run.pair, run.spec, sent.headers, run.gate, sent.verdict.kind.rate_limited)
         if sent.verdict.verdict is Verdict.SUCCESS:
-            self.learned.check_rule(run.pair, sent.rule, run.job, sent.headers, sent.ticket)
+            self.learned.check_rule(run.pair, run.spec, sent.rule, run.job, sent.headers, sent.ticket)
         elif sent.resp.status == 429 and sent.ticket is not None:  # refused before the server charged it
             self.learned.ledger.refund(run.account, run.spec.name, run.job)
         self._reconcile(run, sent, waited)
@@ -243,8 +247,22 @@ class JobRunner:
         pair = pair_field(account, spec.name)
         await self.learned.load(pair)
         metrics.set_limits(spec.name, account, spec.rpm, spec.tpm, "configured")
-        metrics.set_charge_rule(spec.name, account, self.learned.rule(pair, spec))
+        rule = self.learned.rule(pair, spec)
+        metrics.set_charge_rule(spec.name, account, rule, spec.max_output_tokens)
+        if self._priced.setdefault(pair, rule) != rule:
+            self._priced[pair] = rule
+            await self._recall(keys.bucket_key(account, spec.name))
         return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
+
+    async def _recall(self, key: str) -> None:
+        """Work this worker deferred for capacity under the previous charge rule is due now: its
+        schedule was priced by that rule (the engine admits or defers it again at its new price)."""
+        members = self.backlog.recall(key)
+        try:
+            if members:
+                await self.store.redis.zadd(keys.deferred_jobs(), dict.fromkeys(members, 0), xx=True)
+        except RedisError as exc:  # they come back at their old time: slower, never lost
+            log.warning("deferred work of %s not recalled after a new charge rule: %s", key, exc)
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
         """Correct the shared bucket with what the server reported about this request."""

@@ -7,6 +7,11 @@ from typing import Any
 
 import orjson
 
+from ratequeue.config.charge import ChargeRule
+
+# The body fields naming a request's max output (chat prefers max_completion_tokens).
+MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
 
 @dataclass(frozen=True)
 class StoredJob:
@@ -35,10 +40,27 @@ class StoredJob:
         d = orjson.loads(raw)
         return cls(custom_id, d["l"], d["u"], d["b"], d["m"], d["c"], d["p"], d.get("o", 0))
 
-    def charge_under(self, rule: str) -> int:
-        """The rate-limit charge under ``rule``: "sum" (prompt + output) or "max" (the larger)."""
+    def charge_under(self, rule: ChargeRule | str) -> int:
+        """The rate-limit charge under ``rule`` (config/charge.py; "sum" or "max" for the
+        default of the other dimensions)."""
         if not self.output_tokens:  # embeddings (prompt only), or a job stored before outputs were
             return self.charge
-        if rule == "max":
-            return max(self.prompt_tokens, self.output_tokens)
-        return self.prompt_tokens + self.output_tokens
+        rule = ChargeRule(rule) if isinstance(rule, str) else rule
+        return rule.price(self.prompt_tokens, self.output_tokens, self.choices, self.output_defaulted)
+
+    @property
+    def choices(self) -> int:
+        """Outputs generated per prompt: ``n`` (``best_of`` if larger, for /v1/completions)."""
+        if self.url.rstrip("/").endswith("/responses"):
+            return 1
+        counts = [self.body.get(k) for k in ("n", "best_of")]
+        return max([c for c in counts if type(c) is int and c > 0] or [1])
+
+    @property
+    def output_defaulted(self) -> bool:
+        """No max output named: the server charges its own default allowance per choice (the
+        16 tokens /v1/completions documents are known: not defaulted here)."""
+        path = self.url.split("?", 1)[0].rstrip("/")
+        if not self.output_tokens or (path.endswith("/completions") and not path.endswith("/chat/completions")):
+            return False
+        return all(self.body.get(k) is None for k in MAX_OUTPUT_FIELDS)

@@ -2,7 +2,8 @@
 
 The output reserved is what OpenAI reserves: n x (max_completion_tokens or max_tokens, or
 max_output_tokens for /v1/responses), or the model's maximum when none is set. The charge follows
-the model's charge rule: "sum" = prompt + output, "max" = max(prompt, output).
+the model's configured charge rule (config/charge.py): the starting guess; the workers price a job
+again by the rule learned from the server when they send it.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def estimate_request(url: str, body: Mapping[str, Any], spec: ModelSpec) -> Esti
     The output reserved is n x (max_completion_tokens or max_tokens, or max_output_tokens for
     /v1/responses); with none set, the model's max_output_tokens (capped by what the prompt leaves
     of the context window) is reserved and a warning is logged once per model. The charge follows
-    spec.charge_rule: "sum" = prompt + output, "max" = max(prompt, output); embeddings charge the prompt.
+    spec.rule (config/charge.py): "sum" = prompt + output, "max" = max(prompt, output); embeddings charge the prompt.
 
     Raises InvalidRequestError naming the field (code ``context_length_exceeded`` when too long).
     """
@@ -145,5 +146,6 @@ def estimate_request(url: str, body: Mapping[str, Any], spec: ModelSpec) -> Esti
 
     prompt = sum(prompts)
     output = n * per_choice * len(prompts)
-    charge = prompt + output if spec.charge_rule == "sum" else max(prompt, output)
+    defaulted = explicit is None and endpoint != "completions"  # 16 tokens there: the server's documented default
+    charge = spec.rule.price(prompt, output, n, defaulted)
     return Estimate(prompt, output, output_defaulted=explicit is None, charge=charge)

@@ -1,0 +1,62 @@
+"""The layers of the model table (built-in file, user file, environment overrides), read and merged
+field by field, each value remembering where it came from so that an error can name it."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from ratequeue.config.settings import mangle_model_name
+from ratequeue.errors import ConfigError
+
+# field -> (value, source, path): where each value came from, so errors can name it
+Fields = dict[str, tuple[Any, str, str]]
+
+
+def read_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+    unknown = set(doc) - {"replace", "defaults", "models"}
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown top-level key(s) {sorted(unknown)} (expected replace, defaults, models)"
+        )
+    if not isinstance(doc.get("replace", False), bool):
+        raise ConfigError(f"{source}: replace: must be true or false")
+    for key in ("defaults", "models"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise ConfigError(f"{source}: {key}: must be a table")
+    for name, table in doc.get("models", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f'{source}: models."{name}": must be a table')
+    return doc
+
+
+def merge_layers(layers: list[tuple[dict[str, Any], str]]) -> tuple[Fields, dict[str, Fields]]:
+    defaults: Fields = {}
+    models: dict[str, Fields] = {}
+    for doc, source in layers:
+        for key, value in doc.get("defaults", {}).items():
+            defaults[key] = (value, source, f"defaults.{key}")
+        for name, table in doc.get("models", {}).items():
+            fields = models.setdefault(name, {})
+            for key, value in table.items():
+                fields[key] = (value, source, f'models."{name}".{key}')
+    return defaults, models
+
+
+def apply_overrides(models: dict[str, Fields], overrides: Mapping[str, Mapping[str, int | str]]) -> None:
+    by_mangled: dict[str, list[str]] = {}
+    for name in models:
+        by_mangled.setdefault(mangle_model_name(name), []).append(name)
+    for mangled, fields in overrides.items():
+        for key, value in fields.items():
+            var = f"RATEQUEUE_MODEL_{mangled}_{key.upper()}"
+            names = by_mangled.get(mangled, [])
+            if len(names) != 1:
+                reason = f"matches models {names}" if names else "matches no model in the table"
+                raise ConfigError(f"{var}: {reason} (NAME is the model name upper-cased, '-' and '.' as '_')")
+            models[names[0]][key] = (value, f"environment variable {var}", f'models."{names[0]}".{key}')
