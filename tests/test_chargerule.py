@@ -18,7 +18,7 @@ from ratequeue.config.models import ModelSpec, load_model_table_from
 from ratequeue.config.settings import load_settings
 from ratequeue.errors import ConfigError
 from ratequeue.jobstore.jobs import StoredJob
-from ratequeue.worker.backlog import Backlog
+from ratequeue.worker.backlog import Backlog, job_ref
 from ratequeue.worker.chargerule import ChargeRuleCheck, Observation, Verdict, judge
 from ratequeue.worker.ledger import Terms, Ticket
 from ratequeue.worker.limiter import BucketLimits
@@ -234,12 +234,12 @@ def test_work_deferred_under_the_old_rule_is_recalled() -> None:
     backlog = Backlog()
     limits = BucketLimits(600, 60_000, 5.0)
     with backlog.waiting("k", limits, 60_000):  # a minute's worth of tokens already waiting here
-        first = backlog.schedule("k", 2, 20_000, ["b\tj1", "b\tj2"])
-        later = backlog.defer_for("k", limits, 10_000, patience=1.0, member="b\tj3")
+        first = backlog.schedule("k", limits, [10_000, 10_000], 1.0, [job_ref("b", "j1"), job_ref("b", "j2")])
+        later = backlog.defer_for("k", limits, 10_000, patience=1.0, job=job_ref("b", "j3"))
         assert later is not None and later > first > 0
         assert sorted(backlog.recall("k")) == ["b\tj1", "b\tj2", "b\tj3"]
         assert backlog.recall("k") == []  # recalled once
-        assert backlog.schedule("k", 1, 1_000) == pytest.approx(first, abs=0.1)  # not behind the old schedule
+        assert backlog.schedule("k", limits, [1_000], 1.0) == pytest.approx(first, abs=0.1)  # not behind the old schedule
     assert backlog.recall("unknown") == []
 
 
