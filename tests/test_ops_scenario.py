@@ -15,7 +15,8 @@ ops/prometheus/prometheus-local.yml does. The scenario, one phase after the othe
 4. the other worker stopped with jobs pending: the ETA panel reads "stalled (no_workers)".
 At the end the dashboard's stored-jobs counts, summed over the run, equal Redis' within one job (the killed
 worker's last outcomes included).
-Alerts are evaluated with their ``for:`` at 0 s: ALERTS shows RatequeuePairParked and RatequeueQueueStalled.
+The alert rules run with their ``for:`` at 0 s: ALERTS shows RatequeuePairParked and RatequeueQueueStalled
+(parked), RatequeueWorkerDown for the killed worker, RatequeueQueueStalled (no_workers) and RatequeueNoWorkerUp.
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ def _storm(prom: Prometheus, sim: SimHandle, client: Client) -> str:
         ended = time.time()
         left = read_model_counts(client.redis, batch_id, client.settings.account_id)[STORM]
         assert left.remaining > 0, "the storm must end before our jobs of its model do"
+        [eta] = panel_exprs("ETA per model", model=STORM)
+        assert (prom.value(eta) or 0) > 0  # slowed, not stalled: a time
     assert foreign.accepted > 0.5 * STORM_SHARE * RPM / 60 * (ended - started), foreign
     utilisation, _tokens = panel_exprs("Limit utilisation (accepted work)", model=STORM)
     points = prom.over(utilisation, started + WINDOW + 1, ended)
@@ -234,6 +237,7 @@ def _killed_worker(
     wait_until(lambda: [r["metric"]["instance"] for r in prom.api("query", query=down)["result"]] == [instance],
                30, f"{down} for {instance}")
     assert prom.value(scraped) == 1
+    _wait_firing(prom, f'alertname="RatequeueWorkerDown", instance="{instance}"')
     wait_until(lambda: prom.value(heartbeat) == 1, 60, "the heartbeat count to drop",
                explain=lambda: prom.value(heartbeat))
     return batch_id
@@ -274,6 +278,7 @@ def _stalled(prom: Prometheus, client: Client, last: subprocess.Popen[bytes]) ->
     wait_until(lambda: prom.value(eta) == stall_code("no_workers"), 30, "the ETA to read stalled (no_workers)",
                explain=lambda: prom.value(eta))
     _wait_firing(prom, f'alertname="RatequeueQueueStalled", model="{STORM}", reason="no_workers"')
+    _wait_firing(prom, 'alertname="RatequeueNoWorkerUp"')
     return batch_id
 
 
