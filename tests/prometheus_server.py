@@ -137,6 +137,18 @@ class Prometheus:
         assert len(series) == 1, (expr, labels, result)
         return [float(v) for _, v in series[0]["values"]]
 
+    def panel_over_run(self, title: str, run: str, at: float, by: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+        """What the dashboard panel's per-minute (or per-hour) rates add up to over `run` (e.g. "90s")
+        before `at` (s since epoch): its query with increase() for rate(), summed by the labels `by`."""
+        [rate] = panel_exprs(title, __rate_interval=run)
+        over = re.sub(r" \* (60|3600)$", "", rate).replace("rate(", "increase(")
+        assert over != rate and "rate(" not in over, rate
+        seen: dict[tuple[str, ...], float] = {}
+        for result in self.api("query", query=over, time=str(at))["result"]:
+            key = tuple(result["metric"][label] for label in by)
+            seen[key] = seen.get(key, 0.0) + float(result["value"][1])
+        return seen
+
     def stop(self) -> None:
         self.process.terminate()
         try:
