@@ -8,7 +8,6 @@ cleanly leaves the list."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -26,7 +25,7 @@ from ratequeue.jobstore.heartbeats import live_workers
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import SimHandle, start_sim
 from tests.conftest import ROOT, base_env, wait_until
-from tests.test_ops_prometheus import Prometheus
+from tests.prometheus_server import Prometheus, free_ports
 
 MODEL = "gpt-4o-mini"
 JOBS = 300
@@ -36,12 +35,6 @@ JOBS = 300
 def sim() -> Iterator[SimHandle]:
     with start_sim(["--latency-ms", "300", "--seed", "3", "--model", f"{MODEL}:rpm=1200:tpm=10000000"]) as handle:
         yield handle
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> bytes:
@@ -76,7 +69,7 @@ def test_stored_totals_equal_redis_and_a_killed_worker_stays_a_target(
     redis_url: str, rclient: redis.Redis, sim: SimHandle, exporter: str, tmp_path: Path,
     start_worker: Callable[[dict[str, str]], subprocess.Popen[bytes]],
 ) -> None:
-    ports = [_free_port(), _free_port()]
+    *ports, prom_port = free_ports(3)
     workers = []
     for port in ports:
         env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_WORKER_SLOTS="4", RATEQUEUE_CHUNK_SIZE="10",
@@ -95,7 +88,7 @@ def test_stored_totals_equal_redis_and_a_killed_worker_stays_a_target(
                                   "http_sd_configs": [{"url": f"{exporter}/sd/workers", "refresh_interval": "1s"}]}]}
     prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()
-    prom = Prometheus(config, prom_dir, _free_port())
+    prom = Prometheus(config, prom_dir, prom_port)
 
     def up() -> dict[str, float]:
         result = prom.api("query", query='up{job="ratequeue-worker"}')["result"]

@@ -6,7 +6,6 @@ but Prometheus, so no worker is up: RatequeueNoWorkerUp must arrive, firing and 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import threading
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, wait_until
-from tests.test_ops_prometheus import PROM, Prometheus, free_ports
+from tests.prometheus_server import PROM, Prometheus, free_ports, rules_without_waits
 
 ALERTMANAGER = ROOT / "ops" / "alertmanager" / "alertmanager.yml"
 
@@ -85,8 +84,7 @@ def test_an_alert_reaches_the_webhook_through_alertmanager(tmp_path: Path, webho
     for job in config["scrape_configs"]:
         job.pop("http_sd_configs", None)
         job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
-    # The project's rules, without their `for:` waits (their timing is promtool's job, alerts_test.yml).
-    rules = re.sub(r"(?m)^(\s+)for: \d+m$", r"\1for: 0s", (PROM / "alerts.yml").read_text())
+    rules = rules_without_waits()  # the project's rules, firing at once
     # Alerts that fire before Prometheus has found its Alertmanager are sent again after the resend delay
     # (1 min by default): 1 s here.
     prom = Prometheus(config, tmp_path, prom_port, rules=rules, args=("--rules.alert.resend-delay=1s",))

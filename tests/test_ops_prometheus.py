@@ -7,15 +7,9 @@ show nothing without one), which the shared test Redis cannot be given."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,80 +24,10 @@ from ratequeue.jobstore import keys
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import SimHandle, start_sim
 from tests.conftest import ROOT, base_env, private_redis, wait_until
+from tests.prometheus_server import PROM, Prometheus, dashboard, free_ports, substitute
 
-PROM = ROOT / "ops" / "prometheus"
-DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "ratequeue.json"
-# What Grafana puts in place of its variables: every account and model, a window that spans several
-# 1 s scrapes.
-GRAFANA_VARS = {"$__rate_interval": "5s", "$__range": "1m", "$account": ".*", "$model": ".*"}
 JOBS = 40
 MAXMEMORY = 256 * 1024 * 1024
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free ports (all bound at once, so none is handed out twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-class Prometheus:
-    """A Prometheus server process and its HTTP API."""
-
-    def __init__(
-        self, config: dict[str, Any], workdir: Path, port: int, rules: str | None = None, args: tuple[str, ...] = ()
-    ) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            pytest.fail("prometheus missing: scripts/setup installs the Debian package prometheus")
-        self.port = port
-        self.url = f"http://127.0.0.1:{self.port}"
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        (workdir / "alerts.yml").write_text(rules if rules is not None else (PROM / "alerts.yml").read_text())
-        self.log = (workdir / "prometheus.log").open("wb")
-        self.process = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir,
-        )
-        wait_until(self.ready, 20, "Prometheus to be ready", poll=0.2)
-
-    def ready(self) -> bool:
-        assert self.process.poll() is None, "prometheus exited; see prometheus.log"
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def api(self, path: str, **params: str) -> Any:
-        query = urllib.parse.urlencode(params)
-        try:
-            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as resp:
-                body = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read())
-        if body.get("status") != "success":
-            raise AssertionError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
-        return body["data"]
-
-    def value(self, expr: str) -> float | None:
-        result = self.api("query", query=expr)["result"]
-        return float(result[0]["value"][1]) if result else None
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
 
 
 def project_config(worker: int, exporter: int, prometheus: int) -> dict[str, Any]:
@@ -117,8 +41,6 @@ def project_config(worker: int, exporter: int, prometheus: int) -> dict[str, Any
         job.pop("http_sd_configs", None)  # the exporter's /sd/workers at a compose address: one local worker here
         job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
     return config
-
-
 
 
 @pytest.fixture
@@ -231,16 +153,13 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
         prom.api("query", query=expr)
     end = time.time()
     empty = []
-    data = json.loads(DASHBOARD.read_text())
+    data = dashboard()
     # Annotations, as instant queries: the parked pair may be newer than the last step of a range.
     annotations = [{"title": a["name"], "targets": [{**a["target"], "instant": True}]}
                    for a in data["annotations"]["list"] if "expr" in a]
     for panel in data["panels"] + annotations:
         for target in panel.get("targets", []):
-            expr = target["expr"]
-            for var, value in GRAFANA_VARS.items():
-                expr = expr.replace(var, value)
-            assert "$" not in expr, expr
+            expr = substitute(target["expr"])
             if target.get("instant"):
                 result = prom.api("query", query=expr)["result"]
             else:
