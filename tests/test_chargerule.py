@@ -239,7 +239,8 @@ def test_work_deferred_under_the_old_rule_is_recalled() -> None:
         assert later is not None and later > first > 0
         assert sorted(backlog.recall("k")) == ["b\tj1", "b\tj2", "b\tj3"]
         assert backlog.recall("k") == []  # recalled once
-        assert backlog.schedule("k", limits, [1_000], 1.0) == pytest.approx(first, abs=0.1)  # not behind the old schedule
+        # not behind the old schedule
+        assert backlog.schedule("k", limits, [1_000], 1.0) == pytest.approx(first, abs=0.1)
     assert backlog.recall("unknown") == []
 
 
