@@ -215,3 +215,16 @@ def test_the_first_answer_shrinks_the_bucket_without_forgetting_the_request_it_a
     assert batch["request_counts"]["completed"] == 12
     assert window == pytest.approx(0.97, abs=0.02)
     assert sum(stats["r429"].values()) == 0, [row["r429"] for row in stats["timeline"]]
+
+
+def test_a_reservation_with_a_shrunk_window_not_yet_stored_keeps_what_was_spent(
+    rclient: redis.Redis, bucket: str
+) -> None:
+    # A worker reserves with the 1 s window it has just read before set_window.lua stored it: the
+    # 400 tokens the 5 s bucket granted a moment ago still count (600 of 1,000 left, 1,000 a second).
+    limiter = SyncLimiter(rclient)
+    limiter.reserve(bucket, BucketLimits(600, 60_000, 5.0), [200, 200])
+    shrunk = limiter.reserve(bucket, BucketLimits(600, 60_000, 1.0), [700])
+    assert shrunk.waits[0] == pytest.approx(0.1, abs=0.03)
+    assert limiter.set_window(bucket, BucketLimits(600, 60_000, 5.0), 1.0) == 1.0  # then stored: no second cut
+    assert limiter.peek(bucket, BucketLimits(600, 60_000, 1.0)).tokens == pytest.approx(-100, abs=30)

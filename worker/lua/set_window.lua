@@ -24,14 +24,16 @@
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
-local old = tonumber(redis.call('GET', KEYS[2]) or ARGV[3])
+local stored = tonumber(redis.call('GET', KEYS[2]) or ARGV[3])
 local new, widen_tol, shrink_tol = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if new >= old * (1 - shrink_tol) and new <= old * (1 + widen_tol) then
-  return string.format('%.17g', old)
+if new >= stored * (1 - shrink_tol) and new <= stored * (1 + widen_tol) then
+  return string.format('%.17g', stored)
 end
 
 local rate_r, rate_t = rpm / 60, tpm / 60
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb')
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'bw')
+-- The burst the levels were sized by (reserve.lua's bw): a reservation may already have used it.
+local old = tonumber(h[6] or stored)
 local function resize(level, ts, rate)
   local cap_old, cap_new = rate * old, rate * new
   if not level then return cap_new end
@@ -45,7 +47,7 @@ local lt = resize(h[3], h[4], rate_t)
 redis.call('SET', KEYS[2], string.format('%.17g', new))
 local now_s = string.format('%.17g', now_us)
 redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
-  'tl', string.format('%.17g', lt), 'tt', now_s)
+  'tl', string.format('%.17g', lt), 'tt', now_s, 'bw', string.format('%.17g', new))
 local nb_wait = (tonumber(h[5] or 0) * 1000 - now_us) / 1e6
 local full = math.max((rate_r * new - lr) / rate_r, (rate_t * new - lt) / rate_t, nb_wait, 0)
 redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
