@@ -4,6 +4,8 @@
     .venv/bin/python bench/window_bench.py                     # every scenario, this checkout
     .venv/bin/python bench/window_bench.py --compare /work/main  # each also run with that checkout's workers
     .venv/bin/python bench/window_bench.py --only 1s-sum --only 60s-max
+    .venv/bin/python bench/window_bench.py --scale issue       # the issue's scale, 12 runs (~17 min)
+    .venv/bin/python bench/window_bench.py --only 1s-max --timeline --log-dir /tmp/logs  # to profile one
 
 Scenarios (scaled down from the issue's 1,500 jobs so that each takes about a minute on 2 shared cores):
   1s-sum, 1s-max        server window 1 s, both charge rules: 429s <= 0.2%, >= 97% of the limit
@@ -11,6 +13,8 @@ Scenarios (scaled down from the issue's 1,500 jobs so that each takes about a mi
   60s-sum, 60s-max      server forgives a whole minute: wall within 5% of the minimum, which here
                         spends the server's opening allowance (a minute of limit) at once
   100x-1s               limits configured 100x too high (300,000 RPM / 40M TPM) on a 1 s window: 429s <= 1%
+With --scale issue: 1,500 mixed jobs at 3,000 RPM / 400k TPM for every case (1s-*, 60s-*, 100x-1s-*),
+each under both charge rules, with and without Retry-After (names 1s-max-no-retry-after, ...).
 """
 
 from __future__ import annotations
