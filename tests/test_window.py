@@ -228,3 +228,17 @@ def test_a_reservation_with_a_shrunk_window_not_yet_stored_keeps_what_was_spent(
     assert shrunk.waits[0] == pytest.approx(0.1, abs=0.03)
     assert limiter.set_window(bucket, BucketLimits(600, 60_000, 5.0), 1.0) == 1.0  # then stored: no second cut
     assert limiter.peek(bucket, BucketLimits(600, 60_000, 1.0)).tokens == pytest.approx(-100, abs=30)
+
+
+def test_a_worker_in_slow_start_does_not_refill_the_bucket_at_its_guessed_limits(
+    rclient: redis.Redis, bucket: str
+) -> None:
+    # One worker knows the server's 600 RPM / 60k TPM and is 2,000 tokens in debt; another still
+    # guesses 100x that (slow start). Its grant must not refill the shared levels at 100x the rate.
+    limiter = SyncLimiter(rclient)
+    known = BucketLimits(600, 60_000, 1.0)
+    limiter.reserve(bucket, known, [1000, 1000, 1000])  # 2,000 tokens owed (2 s of refill)
+    time.sleep(0.05)
+    assert limiter.reserve(bucket, BucketLimits(60_000, 6_000_000, 1.0, slow_start=True), [10]).granted == 1
+    # 50 ms at the real 1,000 tokens/s: about -1,960 now (at the guessed rate it was full again).
+    assert limiter.peek(bucket, known).tokens == pytest.approx(-1960, abs=40)

@@ -108,8 +108,19 @@ end
 
 if #out > 2 then
   local now_s = string.format('%.17g', now_us)
-  redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
-    'tl', string.format('%.17g', lt), 'tt', now_s, 'bw', string.format('%.17g', burst))
+  if slow and h[1] and h[3] then
+    -- Limits in slow start are a guess (100x too high, say): refilling the shared levels at that
+    -- rate wiped the debt of the workers that know the server's limits, and their next burst drew
+    -- 22 429s. Only the debit is written; the refill stays with them (the stamps are kept).
+    local spent_r, spent_t = 0, 0
+    for i = 3, #out do spent_r, spent_t = spent_r + 1, spent_t + tonumber(ARGV[first + i - 3]) end
+    redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', tonumber(h[1]) - spent_r),
+      'tl', string.format('%.17g', tonumber(h[3]) - spent_t))
+    lr, lt = tonumber(h[1]) - spent_r, tonumber(h[3]) - spent_t
+  else
+    redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
+      'tl', string.format('%.17g', lt), 'tt', now_s, 'bw', string.format('%.17g', burst))
+  end
   local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, nb_wait)
   if slow then
     redis.call('HSET', KEYS[3], 'sc', string.format('%.17g', credits), 'st', now_s)
