@@ -4,6 +4,8 @@
     .venv/bin/python bench/window_bench.py                     # every scenario, this checkout
     .venv/bin/python bench/window_bench.py --compare /work/main  # each also run with that checkout's workers
     .venv/bin/python bench/window_bench.py --only 1s-sum --only 60s-max
+    .venv/bin/python bench/window_bench.py --scale issue       # the issue's scale, 12 runs (~17 min)
+    .venv/bin/python bench/window_bench.py --only 1s-max --timeline --log-dir /tmp/logs  # to profile one
 
 Scenarios (scaled down from the issue's 1,500 jobs so that each takes about a minute on 2 shared cores):
   1s-sum, 1s-max        server window 1 s, both charge rules: 429s <= 0.2%, >= 97% of the limit
@@ -11,6 +13,8 @@ Scenarios (scaled down from the issue's 1,500 jobs so that each takes about a mi
   60s-sum, 60s-max      server forgives a whole minute: wall within 5% of the minimum, which here
                         spends the server's opening allowance (a minute of limit) at once
   100x-1s               limits configured 100x too high (300,000 RPM / 40M TPM) on a 1 s window: 429s <= 1%
+With --scale issue: 1,500 mixed jobs at 3,000 RPM / 400k TPM for every case (1s-*, 60s-*, 100x-1s-*),
+each under both charge rules, with and without Retry-After (names 1s-max-no-retry-after, ...).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common import BENCH_REDIS_URL, HEADER, ROOT, figures, flush, mixed_workload, peak_rss_mb, worker_env
 
@@ -54,17 +60,38 @@ SCENARIOS = [
     Scenario("100x-1s", 300, 3000, 400_000, 1, "sum", configured_factor=100),
 ]
 
+# The issue's scale: 1,500 mixed jobs, 3,000 RPM / 400k TPM, every window case under both charge
+# rules, with and without Retry-After on the 429s (--scale issue).
+ISSUE_SCENARIOS = [
+    Scenario(f"{kind}-{rule}{'' if retry_after else '-no-retry-after'}", 1500, 3000, 400_000,
+             60 if kind == "60s" else 1, rule, 100 if kind == "100x-1s" else 1, retry_after)
+    for kind in ("1s", "60s", "100x-1s") for rule in ("sum", "max") for retry_after in (True, False)
+]
 
-def run(s: Scenario, code: Path, workers: int) -> str:
+
+def timeline_lines(stats: dict[str, Any], rpm: int, tpm: int) -> list[str]:
+    """Per second: requests and tokens accepted, as a share of the server's per-second allowance, and 429s."""
+    out = []
+    for row in stats["timeline"]:
+        req, tok = row["requests_ok"] / (rpm / 60), row["tokens_charged_ok"] / (tpm / 60)
+        out.append(f"  t={row['t']:3d} ok {row['requests_ok']:3d} ({req:6.1%} of RPM/s)"
+                   f" tokens {row['tokens_charged_ok']:6d} ({tok:6.1%} of TPM/s) 429 {row['r429']}")
+    return out
+
+
+def run(s: Scenario, code: Path, workers: int, show_timeline: bool = False, log_dir: Path | None = None) -> str:
     """One run with the workers of checkout `code`; returns its figures as a table row plus notes."""
     flush(BENCH_REDIS_URL)
     sim_args = ["--rpm", str(s.rpm), "--tpm", str(s.tpm), "--latency-ms", str(LATENCY_MS),
                 "--burst-seconds", str(s.sim_window), "--charge-rule", s.rule, "--seed", "42",
                 *([] if s.retry_after else ["--no-retry-after"])]
-    with start_sim(sim_args) as sim, tempfile.TemporaryDirectory() as tmp:
+    logs = nullcontext(tempfile.mkdtemp(dir=log_dir)) if log_dir else tempfile.TemporaryDirectory()
+    with start_sim(sim_args) as sim, logs as tmp:
         env = worker_env(sim.url, BENCH_REDIS_URL, s.rpm * s.configured_factor, s.tpm * s.configured_factor,
                          charge_rule=s.rule)
         env["PYTHONPATH"] = str(code)
+        if log_dir:  # one line per upstream call, to profile a run
+            env["RATEQUEUE_LOG_LEVEL"] = "INFO"
         procs = []
         for n in range(workers):
             with (Path(tmp) / f"worker-{n}.log").open("wb") as log:
@@ -93,16 +120,24 @@ def run(s: Scenario, code: Path, workers: int) -> str:
         opening = max(0.0, (s.jobs - s.rpm) / s.rpm, (stats["tokens_charged"] - s.tpm) / s.tpm) * 60
         minimum = opening + LATENCY_MS / 1000
         notes += f"; minimum with the opening allowance {minimum:.1f} s, wall/min {wall / minimum:.3f}"
-    return f"{row.row()}\n  {notes}"
+    if log_dir:
+        notes += f"; worker logs in {tmp}; simulator reset at {stats['started_at']:.3f}"
+    lines = [row.row(), f"  {notes}", *(timeline_lines(stats, s.rpm, s.tpm) if show_timeline else [])]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--scale", choices=("small", "issue"), default="small",
+                    help="small: 300-400 jobs (about a minute each); issue: 1,500 jobs at 3,000 RPM / 400k TPM")
     ap.add_argument("--only", action="append", default=[], help="scenario name (repeatable)")
+    ap.add_argument("--timeline", action="store_true", help="print each second's sends against the allowance")
+    ap.add_argument("--log-dir", type=Path, help="keep each run's worker logs in a new directory under this one")
     ap.add_argument("--compare", type=Path, help="another checkout whose workers also run each scenario")
     args = ap.parse_args()
-    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
+    scenarios = ISSUE_SCENARIOS if args.scale == "issue" else SCENARIOS
+    chosen = [s for s in scenarios if not args.only or s.name in args.only]
     codes = [ROOT, *([args.compare.resolve()] if args.compare else [])]
     print(f"setup: simulator latency {LATENCY_MS} ms, seed 42, {args.workers} worker process(es), mixed-size jobs; "
           f"redis {BENCH_REDIS_URL}; checkouts {[str(c) for c in codes]}; load {os.getloadavg()[0]:.1f}")
@@ -111,7 +146,7 @@ def main() -> None:
               f"rule {s.rule}, configured {s.configured_factor:g} x, retry-after {'on' if s.retry_after else 'off'}")
         print(HEADER)
         for code in codes:
-            print(run(s, code, args.workers), flush=True)
+            print(run(s, code, args.workers, args.timeline, args.log_dir), flush=True)
         print(f"load {os.getloadavg()[0]:.1f}")
 
 

@@ -152,3 +152,93 @@ def test_the_window_follows_the_server_both_ways_and_halves_on_blind_429s() -> N
     blind = WindowLearner(5.0)
     assert blind.observe(pair, RateLimitHeaders(), refused=True) == 2.5
     assert blind.observe(pair, RateLimitHeaders(), refused=True) is None  # one overrun, many 429s: once
+
+
+def test_a_shrink_keeps_what_the_last_seconds_spent(rclient: redis.Redis, bucket: str) -> None:
+    # A 5 s bucket at 600 RPM / 60k TPM (50 requests, 5,000 tokens) spends 2 requests of 200
+    # tokens, then learns that the server forgives 1 s (10 requests, 1,000 tokens). The server still
+    # counts those 2 requests: our bucket must hold 8 requests and 600 tokens, not a full 10 / 1,000
+    # (which drew a 429 on the next burst at 3,000 RPM / 400k TPM).
+    limiter = SyncLimiter(rclient)
+    configured = BucketLimits(600, 60_000, 5.0)
+    assert limiter.reserve(bucket, configured, [200, 200]).granted == 2
+    assert limiter.set_window(bucket, configured, 1.0) == 1.0
+    levels = limiter.peek(bucket, configured)
+    assert (levels.request_capacity, levels.token_capacity) == (10, 1000)
+    # Refill since the reservation (10 requests and 1,000 tokens a second) is a few ms' worth.
+    assert levels.requests == pytest.approx(8, abs=0.2)
+    assert levels.tokens == pytest.approx(600, abs=20)
+
+
+def test_a_shrink_keeps_a_debt_and_never_owes_below_empty(rclient: redis.Redis, bucket: str) -> None:
+    limiter = SyncLimiter(rclient)
+    configured = BucketLimits(600, 60_000, 5.0)
+    # 4,800 of the 5,000 tokens spent: the 1 s bucket is empty (not 200 - 4,000 tokens in debt).
+    limiter.reserve(bucket, configured, [4800])
+    limiter.set_window(bucket, configured, 1.0)
+    assert limiter.peek(bucket, configured).tokens == pytest.approx(0, abs=20)
+    # A debt (reservations granted ahead) is kept as it is: those requests are still to be sent.
+    other = bucket + "x"
+    try:
+        limiter.reserve(other, configured, [5000, 1000])  # 1,000 tokens owed: sent 1 s from now
+        limiter.set_window(other, configured, 1.0)
+        assert limiter.peek(other, configured).tokens == pytest.approx(-1000, abs=20)
+    finally:
+        rclient.delete(other)
+
+
+def test_a_widening_banks_what_the_larger_bucket_would_have_held(rclient: redis.Redis, bucket: str) -> None:
+    limiter = SyncLimiter(rclient)
+    configured = BucketLimits(600, 60_000, 5.0)
+    limiter.reserve(bucket, configured, [1000])
+    limiter.set_window(bucket, configured, 60.0)  # a minute: 60,000 tokens, of which 1,000 spent
+    assert limiter.peek(bucket, configured).tokens == pytest.approx(59_000, abs=20)
+
+
+def test_the_first_answer_shrinks_the_bucket_without_forgetting_the_request_it_answers(
+    redis_url: str, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    # The server forgives 1 s of 60k TPM (1,000 tokens); every job is charged about 400. Slow start
+    # sends one, whose answer (100 ms later) says the window is 1 s: the server then holds ~700
+    # tokens. A bucket shrunk to its capacity (970) sent two at once and the second drew a 429; one
+    # that keeps what was spent (~670) sends one, then follows the refill.
+    with start_sim(["--rpm", "6000", "--tpm", "60000", "--burst-seconds", "1", "--latency-ms", "100"]) as sim:
+        env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_MODEL_GPT_4O_MINI_RPM="6000",
+                       RATEQUEUE_MODEL_GPT_4O_MINI_TPM="60000")
+        start_worker(env)
+        client = Client(load_settings(env))
+        time.sleep(1.0)
+        sim.reset()
+        batch = client.wait(client.submit_batch(_jobs(12, max_tokens=388)).batch_id, timeout=60, poll=0.2)
+        stats = sim.stats()
+        window = _stored_window(client)
+    assert batch["request_counts"]["completed"] == 12
+    assert window == pytest.approx(0.97, abs=0.02)
+    assert sum(stats["r429"].values()) == 0, [row["r429"] for row in stats["timeline"]]
+
+
+def test_a_reservation_with_a_shrunk_window_not_yet_stored_keeps_what_was_spent(
+    rclient: redis.Redis, bucket: str
+) -> None:
+    # A worker reserves with the 1 s window it has just read before set_window.lua stored it: the
+    # 400 tokens the 5 s bucket granted a moment ago still count (600 of 1,000 left, 1,000 a second).
+    limiter = SyncLimiter(rclient)
+    limiter.reserve(bucket, BucketLimits(600, 60_000, 5.0), [200, 200])
+    shrunk = limiter.reserve(bucket, BucketLimits(600, 60_000, 1.0), [700])
+    assert shrunk.waits[0] == pytest.approx(0.1, abs=0.03)
+    assert limiter.set_window(bucket, BucketLimits(600, 60_000, 5.0), 1.0) == 1.0  # then stored: no second cut
+    assert limiter.peek(bucket, BucketLimits(600, 60_000, 1.0)).tokens == pytest.approx(-100, abs=30)
+
+
+def test_a_worker_in_slow_start_does_not_refill_the_bucket_at_its_guessed_limits(
+    rclient: redis.Redis, bucket: str
+) -> None:
+    # One worker knows the server's 600 RPM / 60k TPM and is 2,000 tokens in debt; another still
+    # guesses 100x that (slow start). Its grant must not refill the shared levels at 100x the rate.
+    limiter = SyncLimiter(rclient)
+    known = BucketLimits(600, 60_000, 1.0)
+    limiter.reserve(bucket, known, [1000, 1000, 1000])  # 2,000 tokens owed (2 s of refill)
+    time.sleep(0.05)
+    assert limiter.reserve(bucket, BucketLimits(60_000, 6_000_000, 1.0, slow_start=True), [10]).granted == 1
+    # 50 ms at the real 1,000 tokens/s: about -1,960 now (at the guessed rate it was full again).
+    assert limiter.peek(bucket, known).tokens == pytest.approx(-1960, abs=40)

@@ -6,6 +6,7 @@
 --   tl  token-bucket level (tokens; float; may be negative)
 --   tt  time tl was brought up to date (µs since epoch)
 --   nb  not-before: nothing may be sent before this time (ms since epoch), written after a 429
+--   bw  the burst_seconds the levels were last sized by (missing = the burst in force)
 -- KEYS[3], only with "slowstart" (below): the pair's slow-start hash (limiter.slow_start_key):
 --   sc  credits: requests that may still be granted before more answers come back (missing = 1);
 --       slow_start.lua adds 2 per answer (doubling per round trip) and ends slow start
@@ -53,7 +54,7 @@ for i = first, #ARGV do
   end
 end
 
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb')
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'bw')
 local credits = 0
 if slow then
   local s = redis.call('HMGET', KEYS[3], 'sc', 'st')
@@ -62,10 +63,20 @@ if slow then
   if credits < 1 and now_us - tonumber(s[2] or 0) > STALE_CREDIT_US then credits = 1 end
 end
 
+-- A bucket sized by a larger burst than the one in force now (a worker reserving with the window
+-- it just learned, before set_window.lua stored it) keeps what was used, as set_window.lua does:
+-- capping the level alone forgot the last second's requests and drew a 429 on the next burst. A
+-- larger burst only raises the cap (banking refill is set_window.lua's, once for all workers).
+local sized = tonumber(h[6] or burst)
 local function refill(level, ts, cap, rate)
   if not level then return cap end
   local elapsed = math.max(0, now_us - tonumber(ts)) / 1e6
-  return math.min(cap, tonumber(level) + rate * elapsed)
+  local held = tonumber(level) + rate * elapsed
+  if sized > burst then
+    held = math.min(rate * sized, held)
+    held = math.max(held - rate * (sized - burst), math.min(held, 0))
+  end
+  return math.min(cap, held)
 end
 
 local lr = refill(h[1], h[2], cap_r, rate_r)
@@ -97,8 +108,19 @@ end
 
 if #out > 2 then
   local now_s = string.format('%.17g', now_us)
-  redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
-    'tl', string.format('%.17g', lt), 'tt', now_s)
+  if slow and h[1] and h[3] then
+    -- Limits in slow start are a guess (100x too high, say): refilling the shared levels at that
+    -- rate wiped the debt of the workers that know the server's limits, and their next burst drew
+    -- 22 429s. Only the debit is written; the refill stays with them (the stamps are kept).
+    local spent_r, spent_t = 0, 0
+    for i = 3, #out do spent_r, spent_t = spent_r + 1, spent_t + tonumber(ARGV[first + i - 3]) end
+    redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', tonumber(h[1]) - spent_r),
+      'tl', string.format('%.17g', tonumber(h[3]) - spent_t))
+    lr, lt = tonumber(h[1]) - spent_r, tonumber(h[3]) - spent_t
+  else
+    redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
+      'tl', string.format('%.17g', lt), 'tt', now_s, 'bw', string.format('%.17g', burst))
+  end
   local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, nb_wait)
   if slow then
     redis.call('HSET', KEYS[3], 'sc', string.format('%.17g', credits), 'st', now_s)
