@@ -246,6 +246,16 @@ class Engine:
             limits = limits or learned.limits(pair, spec)
             rule = learned.rule(pair, spec)
             costs = [job.charge_under(rule) for job, _ in jobs]
+            # A job charging more than the TPM limit fails at once in the runner (request_too_large):
+            # counted as waiting work it would price every schedule behind it (9,000 tokens at
+            # 6,000 TPM: 90 s) and defer the pair's other jobs for a minute.
+            too_large = [item for item, cost in zip(jobs, costs, strict=True) if cost > limits.tpm]
+            if too_large:
+                admitted += too_large
+                kept = [(item, cost) for item, cost in zip(jobs, costs, strict=True) if cost <= limits.tpm]
+                jobs, costs = [item for item, _ in kept], [cost for _, cost in kept]
+                if not jobs:
+                    continue
             # While the limits are a guess (slow start: the server has not announced them) no wait
             # is judged by them, but the pair holds at most half of the slots: the others stay for
             # pairs not seen yet, whose chunks may be queued behind its own.
