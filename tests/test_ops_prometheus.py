@@ -54,8 +54,8 @@ def limited_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
 
 @pytest.fixture
 def sim() -> Iterator[SimHandle]:
-    # A 1 s burst at 600 RPM draws real 429s from a worker that starts out believing 6000 RPM and
-    # keeps a 5 s burst (RATEQUEUE_LEARN_WINDOW=0: the server's window learned prevents them); a
+    # A 1 s burst at 600 RPM against a worker that starts out believing 6000 RPM and keeps a 5 s
+    # burst (RATEQUEUE_LEARN_WINDOW=0) drew 429s before slow start and the opening claim; a
     # context of 1500 tokens makes the one long prompt fail upstream; 10% of accepted calls get a 5xx.
     args = ["--rpm", "600", "--tpm", "400000", "--burst-seconds", "1", "--latency-ms", "30",
             "--context", "1500", "--fail-rate", "0.1", "--seed", "5"]
@@ -123,8 +123,10 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
     # What Prometheus saw agrees with the simulator's own counts and the batch's.
     stats = sim.stats(timeline=False)
     assert prom.value("sum(ratequeue_upstream_requests_total)") == stats["requests_total"]
+    # Rate-limit 429s: as many as the simulator sent (since slow start and the opening claim,
+    # usually none here; tests/test_ops_scenario.py draws a storm of them on purpose).
     assert prom.value('sum(ratequeue_rate_limited_total{type=~"requests|tokens"})') == (
-        stats["r429"]["requests"] + stats["r429"]["tokens"]) > 0
+        stats["r429"].get("requests", 0) + stats["r429"].get("tokens", 0))
     assert prom.value('sum(ratequeue_rate_limited_total{type="quota"})') == stats["r429"]["insufficient_quota"] > 0
     faults = sum(n for kind, n in stats["faults"].items() if kind.isdigit())
     assert prom.value('sum(ratequeue_upstream_requests_total{status_class="5xx"})') == faults > 0
