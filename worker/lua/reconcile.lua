@@ -99,13 +99,16 @@ local function left_s(at)
 end
 
 -- What other clients spent in a window, in limits, read off one of the server's two buckets: its
--- room's expected change (refill, up to the most it holds, less what our answers were charged)
+-- room's expected change (refill, up to what it holds: our learned window, or more if it showed
+-- more; less what our answers were charged)
 -- minus the change seen. Both read off the same answers, one round trip old alike. The bucket
 -- that does not bind matters too: a foreign client's small requests drain the request room only,
 -- and counting requests against a draining token room (tokens binding) saw others everywhere.
-local function others_spent(left, before, ours, most, seconds)
+local function others_spent(left, before, ours, seconds)
   if left == nil or before == nil then return -math.huge end
-  local full = math.max(most, before, left)
+  -- Not fm (the most of the two rooms' lower one): a room at its top gains no refill, and one
+  -- read at a stale share (0.5 for 1) made fm 72 s on a 60 s server: 0.9 limits 'spent by others'.
+  local full = math.max(burst, before, left)
   return (math.min(full, before + seconds) - ours - left) / seconds
 end
 
@@ -160,8 +163,8 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   local alone = false
   if refusals == 0 and seconds > 0 and left ~= nil and before ~= nil then
     local ours_r, ours_t = requests_seen / full_r, tokens_seen / full_t
-    local others = math.max(others_spent(left_r, before_r, ours_r, most, seconds),
-      others_spent(left_t, before_t, ours_t, most, seconds))
+    local others = math.max(others_spent(left_r, before_r, ours_r, seconds),
+      others_spent(left_t, before_t, ours_t, seconds))
     -- Evidence needs our own spending in the readings (a tenth of the limit at least): a window
     -- before the opening's answers are back shows nothing spent, by anyone, while it is in flight.
     alone = others < ALONE and math.max(ours_r, ours_t) >= ALONE * seconds
