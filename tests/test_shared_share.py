@@ -71,18 +71,19 @@ def test_a_deployment_alone_doubles_its_claim_on_the_servers_room(redis_url: str
     full = BucketLimits(600, 60_000, 10.0)  # 10 requests, 1,000 tokens a second
     results = {}
     # (what our answers were charged, the server's token room after the window)
-    cases = {"alone": ((4, 4_000), 6_000), "another client": ((0, 0), 6_000), "no evidence": ((0, 0), 10_000)}
+    # (10 s, less 4 s of ours, plus 1.05 s of refill: 7 s; the request room stays full)
+    cases = {"alone": ((4, 4_000), 7_000), "another client": ((0, 0), 6_000), "no evidence": ((0, 0), 10_000)}
     for name, (charged, tokens_left) in cases.items():
         key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
         opening = limiter.reconcile(key, full, remaining_requests=100, remaining_tokens=10_000)
         assert opening.share == 0.5 and opening.tokens == pytest.approx(4_000, abs=50)
         time.sleep(1.05)
         half = replace(full, share=opening.share)
-        results[name] = limiter.reconcile(key, half, charged=charged, remaining_requests=96,
+        results[name] = limiter.reconcile(key, half, charged=charged, remaining_requests=100,
                                           remaining_tokens=tokens_left)
     alone = results["alone"]
-    # claim 80%: 40% + 40% of the room above the 2 s buffer (6 s left): 4,800 tokens; share back to 1
-    assert alone.share == 1.0 and alone.tokens == pytest.approx(0.8 * 6_000, abs=50)
+    # claim 80%: 40% + 40% of the room above the 2 s buffer (7 s left): 5,600 tokens; share back to 1
+    assert alone.share == 1.0 and alone.tokens == pytest.approx(0.8 * 7_000, abs=50)
     other = results["another client"]
     assert other.share < 1.0 and other.tokens == pytest.approx(0.4 * 6_000, abs=50)
     assert results["no evidence"].tokens == pytest.approx(0.4 * 10_000, abs=50)

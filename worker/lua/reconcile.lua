@@ -109,7 +109,9 @@ local function others_spent(left, before, ours, seconds)
   -- Not fm (the most of the two rooms' lower one): a room at its top gains no refill, and one
   -- read at a stale share (0.5 for 1) made fm 72 s on a 60 s server: 0.9 limits 'spent by others'.
   local full = math.max(burst, before, left)
-  return (math.min(full, before + seconds) - ours - left) / seconds
+  -- Our spending counted before the cap: a room full at the window's start (our opening drained
+  -- it at once) gains a whole window's refill, which hid a foreign client's half of the limit.
+  return (math.min(full, before + seconds - ours) - left) / seconds
 end
 
 -- Share per second to give back: what the server reports left beyond the buffer, spread over
