@@ -68,19 +68,18 @@ def test_a_deployment_alone_doubles_its_claim_on_the_servers_room(redis_url: str
     answers do not explain (another client), or no spending of ours to compare with, does not.
     The token room binds: counted in requests, our spending hardly showed (issue 11, 60 s window)."""
     limiter = SyncLimiter(redis.Redis.from_url(redis_url))
-    full = BucketLimits(600, 60_000, 10.0)  # 10 requests, 1,000 tokens a second
+    full = BucketLimits(600, 60_000, 20.0)  # 10 requests, 1,000 tokens a second; a bucket of 20 s
     results = {}
     # (what our answers were charged, the server's token room after the window)
-    # (10 s, less 4 s of ours, plus 1.05 s of refill: 7 s; the request room stays full)
+    # (10 s, less 4 s of ours, plus 1.05 s of refill: 7 s)
     cases = {"alone": ((4, 4_000), 7_000), "another client": ((0, 0), 6_000), "no evidence": ((0, 0), 10_000)}
     for name, (charged, tokens_left) in cases.items():
         key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
-        opening = limiter.reconcile(key, full, remaining_requests=100, remaining_tokens=10_000)
+        opening = limiter.reconcile(key, full, remaining_tokens=10_000)  # the token room: 10 s
         assert opening.share == 0.5 and opening.tokens == pytest.approx(4_000, abs=50)
         time.sleep(1.05)
         half = replace(full, share=opening.share)
-        results[name] = limiter.reconcile(key, half, charged=charged, remaining_requests=100,
-                                          remaining_tokens=tokens_left)
+        results[name] = limiter.reconcile(key, half, charged=charged, remaining_tokens=tokens_left)
     alone = results["alone"]
     # claim 80%: 40% + 40% of the room above the 2 s buffer (7 s left): 5,600 tokens; share back to 1
     assert alone.share == 1.0 and alone.tokens == pytest.approx(0.8 * 7_000, abs=50)
