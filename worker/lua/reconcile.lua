@@ -22,7 +22,7 @@
 -- in the window, fl: seconds of limit the server reported left when it began, fm: the most it was
 -- seen to hold, fc: the part of a reported remaining a level may hold (CLAIM, doubling per window
 -- while alone, up to 1), fn/ft: requests/tokens charged for the window's answers, fq/fk: the server's request
--- and token room when it began (seconds of limit), fx: the room given at its start while alone;
+-- and token room when it began (seconds of limit), fx: the room claimed or given not yet seen spent;
 -- missing = 1, or OPENING_SHARE on a first remaining read; a window starting now) is the part of
 -- the limits the server leaves to this
 -- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
@@ -150,7 +150,10 @@ local full_r, full_t = rate_r / (opening and 1 or share_in), rate_t / (opening a
 local left_r = (rem_r >= 0) and rem_r / full_r or nil
 local left_t = (rem_t >= 0) and rem_t / full_t or nil
 local before_r, before_t, given = tonumber(h[14]), tonumber(h[15]), tonumber(h[16] or 0)
-if opening then before_r, before_t = left_r, left_t end
+-- fx: what the claim and the gifts below let us spend that the readings may not show yet (in
+-- seconds of limit): our answers pay it off. Reserved ahead, a gift goes out over seconds: the
+-- last window's gift alone was too little to hold back (4.8% 429s on a 10 s server window).
+if opening then before_r, before_t, given = left_r, left_t, CLAIM * left end
 local most = tonumber(h[11] or 0)
 if left ~= nil then most = math.max(most, left) end
 -- The buffer kept at the server: what absorbs another client's onset while we react (a round
@@ -165,6 +168,7 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   local alone = false
   if refusals == 0 and seconds > 0 and left ~= nil and before ~= nil then
     local ours_r, ours_t = requests_seen / full_r, tokens_seen / full_t
+    given = math.max(0, given - math.max(ours_r, ours_t))
     local others = math.max(others_spent(left_r, before_r, ours_r, seconds),
       others_spent(left_t, before_t, ours_t, seconds))
     -- Evidence needs our own spending in the readings (a tenth of the limit at least): a window
@@ -184,11 +188,14 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     if lt < 0 then lt = lt * cut end
   elseif alone then
     -- The room above the buffer is ours: the claim doubles (a round trip of evidence per window),
-    -- and the level is given that part of it, less what the last window gave (spent, but not yet
-    -- in this reading: its answers are a round trip away). Three windows spend an opening.
+    -- and the level is given that part of it, less what was claimed or given before and is not
+    -- yet in this reading (fx: its answers are a round trip away, or more when reserved ahead).
     claim = math.min(1, claim * 2)
     share = math.min(1, share * 2)
-    give = math.max(0, claim * (left - target) - given)
+    -- Only from well above the buffer: a short window (1 s) refills our level as fast as the
+    -- server's room, and a gift on top spent the in-flight part twice (429s).
+    if left > 2 * target then give = math.max(0, claim * (left - target) - given) end
+    given = given + give
     lr, lt = math.min(cap_r, lr + give * full_r), math.min(cap_t, lt + give * full_t)
     if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
     if rem_t >= 0 then lt = math.min(lt, rem_t * claim) end
@@ -208,7 +215,7 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   elseif share < 1 then
     share = math.min(1, share + growth(left, before, target) * math.min(seconds, 1))
   end
-  window, seen, refusals, before, requests_seen, tokens_seen, given = now_us, 0, 0, left, 0, 0, give
+  window, seen, refusals, before, requests_seen, tokens_seen = now_us, 0, 0, left, 0, 0
   before_r, before_t = left_r, left_t
 end
 
