@@ -161,7 +161,10 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
                    for a in data["annotations"]["list"] if "expr" in a]
     for panel in data["panels"] + annotations:
         for target in panel.get("targets", []):
-            expr = substitute(target["expr"])
+            # A rate window of 15 s (Grafana's is 4 scrape intervals, at least 15 s by default):
+            # a series born late in the run (the one failure) still has two samples in it when a
+            # loaded machine's scrapes come late.
+            expr = substitute(target["expr"], __rate_interval="15s")
             if target.get("instant"):
                 result = prom.api("query", query=expr)["result"]
             else:

@@ -61,24 +61,31 @@ def test_a_draining_server_bucket_slows_ratequeue_before_any_429(redis_url: str)
     assert cut == pytest.approx(share * (1 - 0.6 / 1.07 / 2), abs=0.015)
 
 
-def test_a_deployment_alone_spends_the_room_its_claim_left(redis_url: str) -> None:
-    """The opening claims 40% of the server's remaining; a window in which the server's room lost
-    nothing beyond what our own answers took (nobody else spends) gives the bucket 40% of the room
-    above the buffer (the server's opening allowance is spent, not left), and not otherwise."""
+def test_a_deployment_alone_doubles_its_claim_on_the_servers_room(redis_url: str) -> None:
+    """The opening claims 40% of the server's remaining (10 s of limit here). A window in which the
+    server's rooms fell by what our own answers were charged (nobody else spends) doubles the claim
+    and gives the level that part of the room above the buffer, and the share back; a fall our
+    answers do not explain (another client), or no spending of ours to compare with, does not.
+    The token room binds: counted in requests, our spending hardly showed (issue 11, 60 s window)."""
     limiter = SyncLimiter(redis.Redis.from_url(redis_url))
-    full = BucketLimits(600, 60_000, 10.0)  # 10 requests a second
-    levels = {}
-    for own in (6, 0):  # our accepted answers in the window: 6 (with a rise of 5, the limit), or none
+    full = BucketLimits(600, 60_000, 20.0)  # 10 requests, 1,000 tokens a second; a bucket of 20 s
+    results = {}
+    # (what our answers were charged, the server's token room after the window)
+    # (10 s, less 4 s of ours, plus 1.05 s of refill: 7 s)
+    cases = {"alone": ((4, 4_000), 7_000), "another client": ((0, 0), 6_000), "no evidence": ((0, 0), 10_000)}
+    for name, (charged, tokens_left) in cases.items():
         key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
-        share = _cut_to_half(limiter, key, full)
-        # a first reading, a window's trend (6 s left), then our answers in the next window
-        steps = (({"remaining_requests": 60}, 1.05), ({"remaining_requests": 60}, 0), ({"answered": own}, 1.05))
-        for call, then in steps:
-            share = limiter.reconcile(key, replace(full, share=share), **call).share  # type: ignore[arg-type]
-            time.sleep(then)
-        levels[own] = limiter.reconcile(key, replace(full, share=share), remaining_requests=65).requests
-    assert levels[0] == pytest.approx(0.4 * 65)  # the claim: 40% of what the server reports left
-    assert levels[6] - levels[0] == pytest.approx(0.4 * (6.5 - 2) * 10, abs=1)  # and 40% above 2 s
+        opening = limiter.reconcile(key, full, remaining_tokens=10_000)  # the token room: 10 s
+        assert opening.share == 0.5 and opening.tokens == pytest.approx(4_000, abs=50)
+        time.sleep(1.05)
+        half = replace(full, share=opening.share)
+        results[name] = limiter.reconcile(key, half, charged=charged, remaining_tokens=tokens_left)
+    alone = results["alone"]
+    # claim 80%: 40% + 40% of the room above the 2 s buffer (7 s left): 5,600 tokens; share back to 1
+    assert alone.share == 1.0 and alone.tokens == pytest.approx(0.8 * 7_000, abs=50)
+    other = results["another client"]
+    assert other.share < 1.0 and other.tokens == pytest.approx(0.4 * 6_000, abs=50)
+    assert results["no evidence"].tokens == pytest.approx(0.4 * 10_000, abs=50)
 
 
 def test_a_draining_server_bucket_from_high_up_is_a_burst_a_tenth(redis_url: str) -> None:

@@ -124,6 +124,7 @@ class _LimiterBase:
         remaining_requests: float | None,
         refused: int = 0,
         answered: int = 0,
+        charged: tuple[int, int] = (0, 0),
     ) -> _Call[BucketLevels]:
         for value in (remaining_tokens, remaining_requests):
             if value is not None and value < 0:
@@ -136,6 +137,8 @@ class _LimiterBase:
             -1 if remaining_requests is None else repr(float(remaining_requests)),
             int(refused),
             int(answered),
+            int(charged[0]),
+            int(charged[1]),
         ]
         return _Call("reconcile", [key, window_key(key)], args, _parse_levels)
 
@@ -204,15 +207,16 @@ class Limiter(_LimiterBase):
         remaining_requests: float | None = None,
         refused: int = 0,
         answered: int = 0,
+        charged: tuple[int, int] = (0, 0),
     ) -> BucketLevels:
         """Correct the levels after a response: deltas are added (positive = refund, negative =
         extra charge); a server-reported remaining count (x-ratelimit-remaining-*, None = unknown
         or unreliable) only ever lowers a level. `refused` rate-limit 429s among `answered`
-        responses cut the bucket's shared share (reconcile.lua). Returns the new levels. Raises
-        `LimiterError`.
+        responses cut the bucket's shared share (reconcile.lua); `charged`: the requests and tokens
+        the server charged for all answers corrected here (stale or not). Returns the new levels. Raises `LimiterError`.
         """
         call = self._reconcile_call(
-            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered, charged
         )
         return await self._run(call)
 
@@ -273,10 +277,11 @@ class SyncLimiter(_LimiterBase):
         remaining_requests: float | None = None,
         refused: int = 0,
         answered: int = 0,
+        charged: tuple[int, int] = (0, 0),
     ) -> BucketLevels:
         """Blocking `Limiter.reconcile`."""
         call = self._reconcile_call(
-            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered, charged
         )
         return self._run(call)
 

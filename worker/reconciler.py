@@ -31,6 +31,7 @@ class _Pending:
     remaining_requests: int | None = None
     refused: int = 0
     answered: int = 0
+    charged: tuple[int, int] = (0, 0)  # requests and tokens the server charged for the answers
     on_share: Callable[[float], None] | None = None
 
 
@@ -57,12 +58,14 @@ class Reconciler:
         remaining_requests: int | None = None,
         refused: int = 0,
         answered: int = 0,
+        charged: tuple[int, int] = (0, 0),
         on_share: Callable[[float], None] | None = None,
     ) -> None:
         p = self._pending.setdefault(key, _Pending(limits))
         p.limits = limits
         p.refused += refused
         p.answered += answered
+        p.charged = (p.charged[0] + charged[0], p.charged[1] + charged[1])
         p.on_share = on_share or p.on_share
         p.token_delta += token_delta
         p.request_delta += request_delta
@@ -83,7 +86,7 @@ class Reconciler:
                 levels = await self._limiter.reconcile(
                     key, p.limits, token_delta=p.token_delta, request_delta=p.request_delta,
                     remaining_tokens=p.remaining_tokens, remaining_requests=p.remaining_requests,
-                    refused=p.refused, answered=p.answered,
+                    refused=p.refused, answered=p.answered, charged=p.charged,
                 )
             except Exception as exc:  # a correction is advice: losing one to a Redis blip is fine
                 log.warning("bucket correction of %s dropped: %s", key, exc)

@@ -301,5 +301,8 @@ class JobRunner:
             remaining_requests=headers.remaining_requests,
             refused=refused,
             answered=int(counted),
+            # What the server charged for it (a 429: nothing), stale or not: reconcile.lua tells
+            # whether the fall of the server's rooms is all ours (alone) or another client's too.
+            charged=(0, 0) if headers.empty or sent.verdict.kind.rate_limited else (1, sent.charge - token_delta),
             on_share=lambda share: self.learned.follow_share(run.pair, run.spec, run.gate, share),
         )

@@ -13,12 +13,16 @@
 -- ARGV[6] server remaining tokens (-1 = unknown)   ARGV[7] server remaining requests (-1 = unknown)
 -- ARGV[8] rate-limit 429s among the responses corrected here   ARGV[9] those responses (429s too)
 --   (only responses to requests sent at the share in force: see worker.runner)
+-- ARGV[10], ARGV[11] the requests and tokens the server charged for all the responses corrected
+--   here, stale ones too (missing: 0): what the fall of its rooms is compared with
 -- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity, share};
 -- levels, capacities and share as strings (Redis would truncate Lua floats).
 --
 -- The share (fields fs: share, fw: start of its current window µs, fa/fr: answers and 429s seen
 -- in the window, fl: seconds of limit the server reported left when it began, fm: the most it was
--- seen to hold, fc: the part of a reported remaining a level may hold (CLAIM, or 1 while alone);
+-- seen to hold, fc: the part of a reported remaining a level may hold (CLAIM, doubling per window
+-- while alone, up to 1), fn/ft: requests/tokens charged for the window's answers, fq/fk: the server's request
+-- and token room when it began (seconds of limit), fx: the room claimed or given not yet seen spent;
 -- missing = 1, or OPENING_SHARE on a first remaining read; a window starting now) is the part of
 -- the limits the server leaves to this
 -- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
@@ -53,7 +57,8 @@ local rate_r, rate_t = rpm / 60, tpm / 60
 local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm', 'fc')
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm', 'fc',
+  'ft', 'fq', 'fk', 'fx', 'fn')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -66,8 +71,9 @@ local lt = math.min(cap_t, refill(h[3], h[4], cap_t, rate_t) + token_delta)
 -- CLAIM: a level is lowered to a part of what the server reports left, not all of it: deployments
 -- that know nothing of each other (separate Redis) each read the same remaining; claiming all of it,
 -- two spent it twice at their opening (issue 11). With 0.4, two leave a fifth of it as a buffer; one
--- alone would leave most of the server's opening allowance unspent: a window that shows nobody else
--- spending (ALONE, below) gives it back a part of it, and lifts the claim to all (fc, until others show).
+-- alone would leave most of the server's opening allowance unspent: each window that shows nobody
+-- else spending (ALONE: less than a tenth of the limit, below) doubles the claim (fc, up to all of
+-- it, until others show) and gives the level that part of the room above the buffer.
 local CLAIM, ALONE = 0.4, 0.1
 local claim = tonumber(h[12] or CLAIM)
 if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
@@ -92,6 +98,22 @@ local function left_s(at)
   return s
 end
 
+-- What other clients spent in a window, in limits, read off one of the server's two buckets: its
+-- room's expected change (refill, up to what it holds: our learned window, or more if it showed
+-- more; less what our answers were charged)
+-- minus the change seen. Both read off the same answers, one round trip old alike. The bucket
+-- that does not bind matters too: a foreign client's small requests drain the request room only,
+-- and counting requests against a draining token room (tokens binding) saw others everywhere.
+local function others_spent(left, before, ours, seconds)
+  if left == nil or before == nil then return -math.huge end
+  -- Not fm (the most of the two rooms' lower one): a room at its top gains no refill, and one
+  -- read at a stale share (0.5 for 1) made fm 72 s on a 60 s server: 0.9 limits 'spent by others'.
+  local full = math.max(burst, before, left)
+  -- Our spending counted before the cap: a room full at the window's start (our opening drained
+  -- it at once) gains a whole window's refill, which hid a foreign client's half of the limit.
+  return (math.min(full, before + seconds - ours) - left) / seconds
+end
+
 -- Share per second to give back: what the server reports left beyond the buffer, spread over
 -- SPREAD_S seconds, so that growing never spends more than it has; at least SLOW, so that clients
 -- at the edge of the limit keep probing and even out (and in a bucket's first window, whose
@@ -107,6 +129,7 @@ local function growth(left, before, target)
 end
 
 local answered = tonumber(ARGV[9] or 0)
+local charged_r, charged_t = tonumber(ARGV[10] or 0), tonumber(ARGV[11] or 0)
 local share_in
 local share, window, before = tonumber(h[6]), tonumber(h[7] or now_us), tonumber(h[10])
 local left
@@ -114,19 +137,47 @@ if share == nil then
   -- The worker sent the full limits (no share known yet): what is left is read at 1.
   left = left_s(1)
   share = (left ~= nil) and OPENING_SHARE or 1
+  -- The first reading starts the first window's trend: the opening spent after it (not the answer
+  -- that brought it) is what the next reading is compared with, a round trip later.
+  if left ~= nil then before, charged_r, charged_t = left, 0, 0 end
 else
   left = left_s(share)
 end
 share_in = share  -- the share the worker spent at when it sent these (its limits follow the hash)
+-- The whole limits, per second (an opening's answers were sent at the full limits: read at 1).
+local opening = tonumber(h[6]) == nil and left ~= nil
+local full_r, full_t = rate_r / (opening and 1 or share_in), rate_t / (opening and 1 or share_in)
+local left_r = (rem_r >= 0) and rem_r / full_r or nil
+local left_t = (rem_t >= 0) and rem_t / full_t or nil
+local before_r, before_t, given = tonumber(h[14]), tonumber(h[15]), tonumber(h[16] or 0)
+-- fx: what the claim and the gifts below let us spend that the readings may not show yet (in
+-- seconds of limit): our answers pay it off. Reserved ahead, a gift goes out over seconds: the
+-- last window's gift alone was too little to hold back (4.8% 429s on a 10 s server window).
+if opening then before_r, before_t, given = left_r, left_t, CLAIM * left end
 local most = tonumber(h[11] or 0)
 if left ~= nil then most = math.max(most, left) end
 -- The buffer kept at the server: what absorbs another client's onset while we react (a round
 -- trip and a window). At most half of the most it was seen to hold (a 1 s window holds 1 s).
 local target = math.min(BUFFER_S, most / 2)
 local seen, refusals = tonumber(h[8] or 0) + answered, tonumber(h[9] or 0) + refused
+local requests_seen, tokens_seen = tonumber(h[17] or 0) + charged_r, tonumber(h[13] or 0) + charged_t
 -- A window closes after a second, or after a quarter of one when 429s already abound.
 if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_US / 4) then
   local seconds = (now_us - window) / 1e6
+  -- Alone: the server's rooms fell by no more than our own answers were charged (seen, tokens_seen).
+  local alone = false
+  if refusals == 0 and seconds > 0 and left ~= nil and before ~= nil then
+    local ours_r, ours_t = requests_seen / full_r, tokens_seen / full_t
+    given = math.max(0, given - math.max(ours_r, ours_t))
+    local others = math.max(others_spent(left_r, before_r, ours_r, seconds),
+      others_spent(left_t, before_t, ours_t, seconds))
+    -- Evidence needs our own spending in the readings (a tenth of the limit at least): a window
+    -- before the opening's answers are back shows nothing spent, by anyone, while it is in flight.
+    alone = others < ALONE and math.max(ours_r, ours_t) >= ALONE * seconds
+    redis.call('HSET', KEYS[1], 'fo', string.format('%.3f', others))  -- for profiles (bench --profile)
+    if others > 2 * ALONE then claim = CLAIM end
+  end
+  local give = 0
   if refusals > 0 then
     local accepted = 1 - refusals / math.max(seen, refusals) - 0.05
     local cut = math.max(MIN_SHARE, share * math.min(0.9, math.max(0.5, accepted))) / share
@@ -135,6 +186,22 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     -- with it, it takes as long as before, instead of idling every worker for many seconds.
     if lr < 0 then lr = lr * cut end
     if lt < 0 then lt = lt * cut end
+  elseif alone then
+    -- The room above the buffer is ours: the claim doubles (a round trip of evidence per window),
+    -- and the level is given that part of it, less what was claimed or given before and is not
+    -- yet in this reading (fx: its answers are a round trip away, or more when reserved ahead).
+    -- The share grows as when the room holds (by the room above the buffer, spread over 6 s),
+    -- even while our own spending drains it; doubled, two deployments that each saw a window
+    -- alone went back to the full limits together (8-14% 429s).
+    claim = math.min(1, claim * 2)
+    share = math.min(1, share + math.max(SLOW, (left - target) / SPREAD_S) * math.min(seconds, 1))
+    -- Only from well above the buffer: a short window (1 s) refills our level as fast as the
+    -- server's room, and a gift on top spent the in-flight part twice (429s).
+    if left > 2 * target then give = math.max(0, claim * (left - target) - given) end
+    given = given + give
+    lr, lt = math.min(cap_r, lr + give * full_r), math.min(cap_t, lt + give * full_t)
+    if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
+    if rem_t >= 0 then lt = math.min(lt, rem_t * claim) end
   elseif left ~= nil and before ~= nil and left < target and left < before - 0.1 then
     -- The buffer runs dry: slow down before any 429. From near the buffer, the fall of what is left
     -- (limits per second) is what all clients together spend beyond the limit (another client's
@@ -151,28 +218,19 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   elseif share < 1 then
     share = math.min(1, share + growth(left, before, target) * math.min(seconds, 1))
   end
-  -- Who else spends: what the server's room lost beyond the limit's refill, less what our own
-  -- accepted answers took (both read off the same answers: one round trip old alike), in limits.
-  if left ~= nil and before ~= nil and refusals == 0 and seconds > 0 then
-    local others = 1 - (seen / (rate_r / share_in * seconds)) - (left - before) / seconds
-    if others < ALONE and left > 2 * target and left >= before - 0.1 then
-      -- Alone, with more left at the server than the buffer: spend a part of it now (the server's
-      -- opening allowance, which the claim left), not only the refill.
-      local extra = CLAIM * (left - target) / share_in
-      lr, lt, claim = math.min(cap_r, lr + extra * rate_r), math.min(cap_t, lt + extra * rate_t), 1
-    elseif others > 2 * ALONE then
-      claim = CLAIM
-    end
-  end
-  window, seen, refusals, before = now_us, 0, 0, left
+  window, seen, refusals, before, requests_seen, tokens_seen = now_us, 0, 0, left, 0, 0
+  before_r, before_t = left_r, left_t
 end
 
 local now_s = string.format('%.17g', now_us)
 redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
-  'fa', seen, 'fr', refusals, 'fc', string.format('%.17g', claim))
+  'fa', seen, 'fr', refusals, 'fc', string.format('%.17g', claim), 'fn', requests_seen, 'ft', tokens_seen,
+  'fx', string.format('%.17g', given))
 if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
+if before_r ~= nil then redis.call('HSET', KEYS[1], 'fq', string.format('%.17g', before_r)) end
+if before_t ~= nil then redis.call('HSET', KEYS[1], 'fk', string.format('%.17g', before_t)) end
 if most > 0 then redis.call('HSET', KEYS[1], 'fm', string.format('%.17g', most)) end
 local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, (nb * 1000 - now_us) / 1e6, 0)
 local ttl_ms = math.ceil(full * 1000) + 1000
