@@ -60,15 +60,14 @@ class EnvReader:
         return raw
 
     def share(self, var: str, default: float) -> float:
-        raw = self.text(var)
-        if raw is None:
-            return default
+        """A share of the limits: above 0 and at most 1."""
+        message = f"{var}={self.text(var)!r}: must be a number above 0 and at most 1 (a share of the limits)"
         try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not 0 < value <= 1:  # also refuses nan
-            raise ConfigError(f"{var}={raw!r}: must be a number above 0 and at most 1 (a share of the limits)")
+            value = self.number(var, default)
+        except ConfigError:
+            raise ConfigError(message) from None
+        if value > 1:
+            raise ConfigError(message)
         return value
 
     def address(self, var: str) -> str | None:

@@ -104,12 +104,7 @@ def test_prefork_worker_exports_what_its_children_did(mredis: redis.Redis, tmp_p
             assert "(prefork)" in (tmp_path / "ratequeue.worker.log").read_text()
             assert children - {worker.pid}, "the values were written by the pool's child processes"
         finally:
-            worker.terminate()
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            _stop(worker)
             log.close()
 
 
@@ -169,10 +164,15 @@ def test_a_restarted_worker_starts_from_zero_and_a_killed_childs_calls_stop_coun
                 assert time.monotonic() < deadline, body
                 time.sleep(0.2)
         finally:
-            worker.terminate()
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            _stop(worker)
             log.close()
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 20 s."""
+    worker.terminate()
+    try:
+        worker.wait(20)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
