@@ -31,11 +31,15 @@ import redis
 
 from ratequeue.producer.embedded import find_redis_server
 
-# Databases of the shared Redis on 6379; overridable so that several suites can run at once.
-TEST_DB = int(os.environ.get("RATEQUEUE_TEST_DB", "15"))
-REDIS_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
-METRICS_DB = int(os.environ.get("RATEQUEUE_TEST_METRICS_DB", "12"))
-METRICS_REDIS_URL = f"redis://127.0.0.1:6379/{METRICS_DB}"  # the monitoring tests' own database
+# Databases of the shared Redis (127.0.0.1:6379 unless RATEQUEUE_TEST_REDIS_PORT says otherwise);
+# overridable so that several suites can run at once. Under pytest-xdist each worker process (gwN)
+# takes the pair 2N below, so parallel tests never flush each other's data.
+TEST_REDIS_PORT = int(os.environ.get("RATEQUEUE_TEST_REDIS_PORT", "6379"))
+_XDIST_OFFSET = 2 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+TEST_DB = int(os.environ.get("RATEQUEUE_TEST_DB", "15")) - _XDIST_OFFSET
+REDIS_URL = f"redis://127.0.0.1:{TEST_REDIS_PORT}/{TEST_DB}"
+METRICS_DB = int(os.environ.get("RATEQUEUE_TEST_METRICS_DB", "12")) - _XDIST_OFFSET
+METRICS_REDIS_URL = f"redis://127.0.0.1:{TEST_REDIS_PORT}/{METRICS_DB}"  # the monitoring tests' own database
 ROOT = Path(__file__).resolve().parent.parent
 
 KINDS = ("unit", "integration", "e2e")

@@ -27,7 +27,7 @@ from ratequeue.errors import RequestTooLargeError
 from ratequeue.jobstore.keys import bucket_key
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry
 from ratequeue.worker.limiter import BucketLimits, Limiter, ReserveResult
-from tests.conftest import REDIS_URL, TEST_DB, async_wait_until
+from tests.conftest import REDIS_URL, TEST_DB, TEST_REDIS_PORT, async_wait_until
 
 FAST = BucketLimits(rpm=12000, tpm=10_000_000, burst_seconds=0.5)  # 200 req/s, capacity 100
 TOKENS = BucketLimits(rpm=60000, tpm=60000, burst_seconds=1.0)  # 1000 tokens/s, capacity 1000
@@ -296,7 +296,7 @@ def test_pump_survives_redis_outage(key: str, caplog: pytest.LogCaptureFixture) 
             writer.close()
 
     async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", 6379)
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", TEST_REDIS_PORT)
         # Swallow the loop teardown's cancellation: Python 3.11's start_server logs it as an error.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
