@@ -67,7 +67,7 @@ def key(redis_url: str) -> str:
 
 def refund_flushed(gate: BucketGate) -> bool:
     """The gate's background refund has been sent (or there was none)."""
-    return gate._refund_task is None and gate._refund_requests == 0
+    return gate._refunds.idle
 
 
 def run(main: Callable[[CountingLimiter], Awaitable[T]], horizon: float = 2.0, url: str = REDIS_URL) -> T:

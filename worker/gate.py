@@ -21,17 +21,11 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    RetryError,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random_exponential,
-)
+from tenacity import AsyncRetrying, RetryCallState, wait_exponential, wait_random_exponential
 
 from ratequeue.errors import RatequeueError
 from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError, ReserveResult, check_cost
+from ratequeue.worker.refunds import Refunds
 
 __all__ = ["BucketGate", "CapacityTimeout", "GateRegistry", "Grant"]
 
@@ -44,9 +38,6 @@ _BACKOFF_MAX = 2.0
 _RESERVE_WAIT = wait_exponential(multiplier=_BACKOFF_MIN / 2, max=_BACKOFF_MAX / 2) + wait_random_exponential(
     multiplier=_BACKOFF_MIN / 2, max=_BACKOFF_MAX / 2
 )
-# Refunds: 0.1 s doubling, 6 tries in all (~3 s), then dropped: a lost refund only makes us slower.
-_REFUND_WAIT = wait_exponential(multiplier=2 * _BACKOFF_MIN, max=_BACKOFF_MAX)
-_REFUND_ATTEMPTS = 6
 
 
 class CapacityTimeout(RatequeueError):
@@ -111,9 +102,7 @@ class BucketGate:
         self._pump_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._next_attempt = 0.0  # loop time of the pump's next reservation
-        self._refund_tokens = 0
-        self._refund_requests = 0
-        self._refund_task: asyncio.Task[None] | None = None
+        self._refunds = Refunds(limiter, key, lambda: self._limits)
 
     @property
     def limits(self) -> BucketLimits:
@@ -175,7 +164,7 @@ class BucketGate:
         if waiter.future.done() and not waiter.future.cancelled():
             waiter.future.exception()  # mark retrieved: released or refused in the same instant
         if waiter.granted:
-            self._refund(waiter.cost)
+            self._refunds.add(waiter.cost)
             return
         was_head = False
         while self._queue and self._queue[0].future.done():
@@ -283,12 +272,12 @@ class BucketGate:
 
     def _grant(self, waiter: _Waiter, send_at: float) -> None:
         if waiter.future.done():  # gave up while its reservation was in flight
-            self._refund(waiter.cost)
+            self._refunds.add(waiter.cost)
             return
         now = asyncio.get_running_loop().time()
         if waiter.deadline is not None and send_at > waiter.deadline:
             # Would be sent after its deadline: give the capacity back and tell the caller now.
-            self._refund(waiter.cost)
+            self._refunds.add(waiter.cost)
             waiter.future.set_exception(CapacityTimeout(waiter.timeout, send_at - now))
             return
         if self._releases:  # FIFO even if limits changed between two reservations
@@ -310,40 +299,6 @@ class BucketGate:
                 waiter.future.set_result(now)
         if self._releases:
             self._release_timer = loop.call_at(self._releases[0].send_at, self._release_due)
-
-    # -- refunds ------------------------------------------------------------------------------
-
-    def _refund(self, cost: int) -> None:
-        """Give back a granted request that will never be sent; refunds are coalesced."""
-        self._refund_tokens += cost
-        self._refund_requests += 1
-        if self._refund_task is None:
-            self._refund_task = asyncio.get_running_loop().create_task(self._flush_refunds())
-
-    async def _flush_refunds(self) -> None:
-        try:
-            while self._refund_requests:
-                try:
-                    async for attempt in AsyncRetrying(wait=_REFUND_WAIT, stop=stop_after_attempt(_REFUND_ATTEMPTS)):
-                        with attempt:
-                            await self._send_refunds()
-                except RetryError as exc:  # dropping a refund only makes us slower, never over the limit
-                    log.warning("dropping refund of %d tokens on %s: %s", self._refund_tokens, self.key,
-                                exc.last_attempt.exception())
-                    self._refund_tokens = self._refund_requests = 0
-        finally:
-            self._refund_task = None
-
-    async def _send_refunds(self) -> None:
-        """Send the refunds due so far in one call; on failure they stay due (with any new ones)."""
-        tokens, requests = self._refund_tokens, self._refund_requests
-        self._refund_tokens = self._refund_requests = 0
-        try:
-            await self.limiter.reconcile(self.key, self._limits, tokens, requests)
-        except BaseException:
-            self._refund_tokens += tokens
-            self._refund_requests += requests
-            raise
 
 
 class GateRegistry:
