@@ -96,8 +96,11 @@ def load_account_table(
     accounts, failed = reader.accounts(doc["accounts"])
     routes = _routes(problems, doc.get("routes", {}), set(accounts), failed)
     default = doc.get("default_account")
+    if default is not None and not typed(default, STRING):
+        problems.add(("default_account",), f"must be an account alias, got {kind_of(default)}")
+        default = None
     if default is not None and default not in accounts and default not in failed:
-        problems.add(("default_account",), f"names no account (accounts: {', '.join(sorted(accounts)) or 'none'})")
+        problems.add(("default_account",), f"names no account (accounts: {', '.join(sorted({*accounts, *failed}))})")
         default = None
     result = AccountTable(accounts, table, routes, default if default in accounts else None)
     for model, entries in routes.items():  # each entry must resolve: a deployment, a model the table has

@@ -141,8 +141,14 @@ class Problems:
         self._found: list[tuple[int, str]] = []
 
     def line(self, path: KeyPath) -> int:
-        """The line of `path`, or of its nearest located parent; 0 when none is (a file's top)."""
-        for end in range(len(path), 0, -1):
+        """The line of `path`; else of its first sub-key written out (``[a.b.c]`` for a.b); else of
+        its nearest located parent; 0 when none is (the top of the file)."""
+        if path in self._lines:
+            return self._lines[path]
+        below = [line for key, line in self._lines.items() if key[: len(path)] == path]
+        if below:
+            return min(below)
+        for end in range(len(path) - 1, 0, -1):
             if path[:end] in self._lines:
                 return self._lines[path[:end]]
         return 0
