@@ -152,7 +152,7 @@ class _Reader:
             if dialect not in allowed:
                 p.add((*path, key), f"only for {' or '.join(allowed)} accounts, not {dialect}")
         if dialect != "openai" and "base_url" not in fields:
-            p.add(path, f"a {dialect} account needs base_url")
+            p.add(path, f"an {dialect} account needs base_url")  # azure or openai-compatible
         if dialect == "azure" and "api_version" not in fields:
             p.add(path, 'an azure account needs api_version (e.g. "2024-10-21")')
         given = [key for key in _CREDENTIALS if key in fields]

@@ -121,11 +121,13 @@ def test_azure_account_deployments_and_urls(full: AccountTable) -> None:
     assert (route.spec.tpm, route.spec.rpm, route.window_seconds) == (200000, 1200, 1.0)  # 6 RPM per 1,000 TPM
     assert route.spec.encoding == "o200k_base" and route.spec.input_per_1m == 0.15  # the model's, from the table
     base = "https://myres-eu.openai.azure.com/openai"
-    assert route.url("/v1/chat/completions") == f"{base}/deployments/gpt4omini-eu/chat/completions?api-version=2024-10-21"
-    assert route.url("/v1/embeddings") == f"{base}/deployments/gpt4omini-eu/embeddings?api-version=2024-10-21"
+    deployment = f"{base}/deployments/gpt4omini-eu"
+    assert route.url("/v1/chat/completions") == f"{deployment}/chat/completions?api-version=2024-10-21"
+    assert route.url("/v1/embeddings") == f"{deployment}/embeddings?api-version=2024-10-21"
     assert route.url("/v1/responses") == f"{base}/responses?api-version=2024-10-21"
-    with pytest.raises(InvalidRequestError, match="model_not_found|no deployment"):
+    with pytest.raises(InvalidRequestError, match="has no deployment of 'gpt-4o'") as caught:
         full.routes_for("gpt-4o", "azure-eu")
+    assert caught.value.code == "model_not_found"
 
 
 def test_azure_model_absent_from_the_table_takes_its_deployments_limits(full: AccountTable) -> None:

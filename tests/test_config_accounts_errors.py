@@ -118,7 +118,8 @@ window_seconds = 61
         "10: accounts.az.deployments.\"gpt-4.1\".deployment: 'mini' is already the deployment of 'gpt-4o-mini'",
         "12: accounts.az.deployments.\"gpt-4.1\".window_seconds: must be at most 60 (Azure enforces over 1 s or 10 s)",
     ]
-    text = text.replace('"mini"\ntpm = 1000\nwindow_seconds = 61', '"other"\ntpm = 1000') + '[routes]\n"gpt-4o" = ["az"]\n'
+    text = text.replace('"mini"\ntpm = 1000\nwindow_seconds = 61', '"other"\ntpm = 1000')
+    text += '[routes]\n"gpt-4o" = ["az"]\n'
     assert _errors(tmp_path, text, {"AZ_KEY": "azkey-0123456789"}) == [
         "13: routes.gpt-4o: entry 1 (az): body.model: account 'az' has no deployment of 'gpt-4o' "
         "(deployments of: gpt-4.1, gpt-4o-mini)"]
@@ -131,8 +132,9 @@ window_seconds = 61
          "3: accounts.a.api_key_file: set only one of api_key_env, api_key_file"),
         ('[accounts.a]\ndialect = "azure"\nbase_url = "https://r.openai.azure.com"\napi_version = "v"\n',
          "1: accounts.a: an azure account needs api_key_env, api_key_file or bearer_token_file"),
-        ('[accounts.a]\ndialect = "openai-compatible"\n', "1: accounts.a: a openai-compatible account needs base_url"),
-        ('[accounts.a]\nbase_url = "ftp://x"\n', "2: accounts.a.base_url: must be an http:// or https:// URL with a host"),
+        ('[accounts.a]\ndialect = "openai-compatible"\n', "1: accounts.a: an openai-compatible account needs base_url"),
+        ('[accounts.a]\nbase_url = "ftp://x"\n',
+         "2: accounts.a.base_url: must be an http:// or https:// URL with a host"),
         ('[accounts.a]\ndialect = "openai-compatible"\nbase_url = "http://x"\nencoding = "p50k"\n',
          "4: accounts.a.encoding: must be one of cl100k_base, o200k_base"),
         ('[accounts.a]\napi_key_file = "/nonexistent/key"\n',
