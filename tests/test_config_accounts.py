@@ -255,3 +255,30 @@ def test_accounts_pickle(full: AccountTable) -> None:  # settings and tables cro
     assert pickle.loads(pickle.dumps(account)).auth_headers() == account.auth_headers()
     route = full.routes_for("gpt-4o-mini", "azure-eu")[0]
     assert dataclasses.replace(pickle.loads(pickle.dumps(route)), account=account) == route
+
+
+# -- README -----------------------------------------------------------------------------------------
+
+
+def _readme_examples() -> list[str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("### Accounts: ", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```toml\n")[1:]]
+
+
+def test_readme_has_one_example_per_provider() -> None:
+    assert len(_readme_examples()) == 4
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_readme_examples_load(tmp_path: Path, index: int) -> None:
+    env = {"OPENAI_API_KEY": OPENAI_KEY, "AZURE_EU_KEY": AZURE_KEY, "OPENAI_KEY_A": "sk-a-0123456789",
+           "OPENAI_KEY_B": "sk-b-0123456789"}
+    accounts = _load(tmp_path, _readme_examples()[index], env=env)
+    assert accounts.all_routes() or accounts.routes_for("gpt-4o-mini")
+    if index == 1:
+        (route,) = accounts.routes_for("gpt-4o-mini")
+        assert (route.target, route.spec.rpm, route.window_seconds) == ("gpt4omini-eu", 1200, 10.0)
+    if index == 3:
+        assert [r.name for r in accounts.routes_for("gpt-4o-mini")] == ["key-a/gpt-4o-mini", "key-b/gpt-4o-mini"]
+        assert accounts.routes_for("llama-8b")[0].target == "meta-llama/Llama-3.1-8B-Instruct"
