@@ -98,7 +98,10 @@ class Account:
     tokenize: str = "local"  # openai-compatible: "server" counts with the server's /tokenize
     max_concurrency: int | None = None  # openai-compatible: ceiling of the adaptive window
     context_window: int = GENERIC_CONTEXT_WINDOW  # openai-compatible: of models the table lacks
-    unusable: str | None = None  # why this process cannot send for it (its key's variable is unset here)
+    # Why this process cannot send for it (its key's variable is unset here, load_account_table's
+    # require_credentials=False). Its bucket_id is then the senders' only where no key is needed to
+    # know it (Azure, or an organization): this process sends nothing on it anyway.
+    unusable: str | None = None
     implicit: bool = False  # built from the environment (no [accounts] table)
 
     def auth_headers(self) -> dict[str, str]:
@@ -271,7 +274,7 @@ class AccountTable:
 
     def all_routes(self) -> tuple[Route, ...]:
         """Every route the configuration names: [routes] entries, Azure deployments, and each model of
-        the table on the implicit account (what a worker starts its metrics series with)."""
+        the table on each openai account (what a worker starts its metrics series with)."""
         found: dict[tuple[str, str], Route] = {}
         for model, entries in self._routes.items():
             for e in entries:
@@ -280,7 +283,7 @@ class AccountTable:
         for acct in self:
             for dep in acct.deployments.values():
                 found.setdefault((acct.name, dep.name), self._azure_route(acct, dep.model, dep.model))
-            if acct.implicit:
+            if acct.dialect == "openai":  # the models it may serve: the table's, as a worker serves today
                 for name in self.table.names():
                     found.setdefault((acct.name, name), self.route(acct.name, name))
         return tuple(found[key] for key in sorted(found))

@@ -168,8 +168,8 @@ class _Reader:
         deployments = self.deployments(path, fields.get("deployments", {}))
         credential, unusable = self.credential(path, fields, given[0] if len(given) == 1 else None, dialect)
         org = fields.get("organization")
-        if credential is None or unusable:
-            key = "anonymous" if unusable is None else f"unusable:{name}"  # no id of the senders: it sends nothing
+        if credential is None:  # an organization's id needs no key; else this process sends nothing on it
+            key = "anonymous" if unusable is None or org else f"unusable:{name}"
         else:
             key = f"token-file:{credential.token_file.path}" if credential.token_file else credential.value()
         # Azure: the resource alone, whatever the key: its limits belong to its deployments.

@@ -198,8 +198,9 @@ def test_a_job_naming_no_account_needs_a_default_or_a_route(full: AccountTable, 
 
 
 def test_all_routes_lists_routes_and_deployments(full: AccountTable) -> None:
-    assert [r.name for r in full.all_routes()] == [
-        "azure-eu/ft-eu", "azure-eu/gpt4omini-eu", "gpu/meta-llama/Llama-3.1-8B-Instruct", "openai/gpt-4o-mini"]
+    names = [r.name for r in full.all_routes()]
+    assert names == sorted(["azure-eu/ft-eu", "azure-eu/gpt4omini-eu", "gpu/meta-llama/Llama-3.1-8B-Instruct",
+                            *(f"openai/{name}" for name in full.table.names())])
 
 
 # -- secrets ----------------------------------------------------------------------------------------
@@ -248,6 +249,9 @@ def test_an_account_whose_key_is_not_here_can_be_kept_unusable(tmp_path: Path) -
     assert azure.bucket_id == _load(tmp_path, FULL).account("azure-eu").bucket_id  # Azure's id needs no key
     with pytest.raises(ConfigError, match="AZURE_EU_KEY is not set"):
         load_account_table(settings, env={"OPENAI_API_KEY": OPENAI_KEY})
+    # an organization's bucket id needs no key either
+    keyless = load_account_table(settings, env={}, require_credentials=False).account("openai")
+    assert keyless.unusable and keyless.bucket_id == accounts.account("openai").bucket_id
 
 
 def test_accounts_pickle(full: AccountTable) -> None:  # settings and tables cross process boundaries
