@@ -64,9 +64,10 @@ def read_api_key(direct: str | None, key_file: str | None) -> Secret | None:
 
 
 class TokenFile:
-    """A bearer token kept in a file that something else renews (Entra ID workload identity, a
-    sidecar): read at start, then read again whenever the file changes, looked at most once per
-    `check_seconds`. A renewal that cannot be read keeps the last good token, with a warning: the
+    """A bearer token kept in a file that something else renews (e.g. a sidecar writing an Entra ID
+    access token for Azure OpenAI; not workload identity's federated token file, which must first be
+    exchanged for one): read at start, then read again whenever the file changes, looked at most
+    once per `check_seconds`. A renewal that cannot be read keeps the last good token, with a warning: the
     old token may still be valid, and a failed call says so anyway.
     """
 
