@@ -105,7 +105,8 @@ class Account:
     implicit: bool = False  # built from the environment (no [accounts] table)
 
     def auth_headers(self) -> dict[str, str]:
-        """The headers that authenticate a request of this account (none without credentials)."""
+        """The headers that authenticate a request of this account (none without credentials). Ask
+        per request, not once: a token file may have been renewed since (checked at most once a second)."""
         headers: dict[str, str] = {}
         if self.credential is not None and self.unusable is None:
             value = self.credential.value()

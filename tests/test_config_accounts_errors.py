@@ -215,3 +215,18 @@ def test_generic_spec_refuses_bad_values() -> None:
         generic_spec("m", "p50k_base")
     with pytest.raises(ValueError, match="max_output_tokens"):
         generic_spec("m", context_window=100, max_output_tokens=101)
+
+
+def _leaf_paths(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = []
+    for key, value in node.items():
+        found += _leaf_paths(value, (*prefix, key)) if isinstance(value, dict) else [(*prefix, key)]
+    return found
+
+
+def test_key_lines_finds_every_key_of_the_builtin_table() -> None:
+    text = (Path(__file__).parent.parent / "config" / "models.toml").read_text()
+    lines = key_lines(text)
+    written = text.splitlines()
+    for path in _leaf_paths(tomllib.loads(text)):
+        assert written[lines[path] - 1].startswith(f"{path[-1]} ="), path
