@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ratequeue.config.settings import mangle_model_name
@@ -14,16 +15,27 @@ from ratequeue.errors import ConfigError
 Fields = dict[str, tuple[Any, str, str]]
 
 
+# Top-level keys of a models file; accounts, routes and default_account are read by config/accounts_load.py.
+TOP_LEVEL = ("replace", "defaults", "models", "accounts", "routes", "default_account")
+
+
+def read_table_file(path: Path) -> str:
+    """The text of the user's models file. Raises ConfigError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read the model table: {reason}") from exc
+
+
 def read_toml(text: str, source: str) -> dict[str, Any]:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
-    unknown = set(doc) - {"replace", "defaults", "models"}
+    unknown = set(doc) - set(TOP_LEVEL)
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown top-level key(s) {sorted(unknown)} (expected replace, defaults, models)"
-        )
+        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)} (expected {', '.join(TOP_LEVEL)})")
     if not isinstance(doc.get("replace", False), bool):
         raise ConfigError(f"{source}: replace: must be true or false")
     for key in ("defaults", "models"):

@@ -22,14 +22,15 @@ from importlib import resources
 from pathlib import Path
 
 from ratequeue.config.charge import ChargeRule
-from ratequeue.config.model_layers import Fields, apply_overrides, merge_layers, read_toml
+from ratequeue.config.model_layers import Fields, apply_overrides, merge_layers, read_table_file, read_toml
 from ratequeue.config.settings import CHARGE_RULES, Settings
 from ratequeue.errors import ConfigError, UnknownModelError
 
 # The tiktoken encodings a model may name: the ones whose rank files ship with ratequeue (offline).
 SUPPORTED_ENCODINGS = frozenset({"o200k_base", "cl100k_base"})
 
-__all__ = ["KINDS", "ModelSpec", "ModelTable", "load_model_table", "load_model_table_from"]
+__all__ = ["GENERIC_ENCODING", "KINDS", "UNLIMITED", "ModelSpec", "ModelTable", "generic_spec", "load_model_table",
+           "load_model_table_from"]
 
 KINDS = ("chat", "embedding")
 BUILTIN_SOURCE = "built-in config/models.toml"
@@ -39,6 +40,14 @@ _FIELDS = frozenset((*_INT_FIELDS, *_PRICE_FIELDS, "kind", "encoding", "charge_r
                      "endpoints", "aliases"))
 _REQUIRED = ("kind", "encoding", "charge_rule", "endpoints", *_INT_FIELDS, "input_per_1m", "output_per_1m")
 # A dated snapshot: gpt-4o-mini-2024-07-18, o3-mini-2025-01-31, or the older MMDD form gpt-4-0613.
+# The rpm and tpm of a spec whose limits are not known (limits_known False): a self-hosted server
+# is bounded by how many requests it serves at once, not by a rate. A number rather than None so
+# that every bucket and estimate works unchanged; far above any real limit, so it never binds.
+UNLIMITED = 1_000_000_000
+GENERIC_ENCODING = "cl100k_base"  # a model absent from the table, unless its account names another
+# The paths a model absent from the table may be sent to: whatever its server serves.
+GENERIC_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+GENERIC_CONTEXT_WINDOW = 131_072  # the server refuses what does not fit: ratequeue must not refuse first
 _SNAPSHOT = re.compile(r"^(?P<base>.+?)-(?:\d{4}-\d{2}-\d{2}|(?:0[1-9]|1[0-2])\d{2})$")
 
 
@@ -60,6 +69,9 @@ class ModelSpec:
     endpoints: tuple[str, ...]
     aliases: tuple[str, ...] = ()
     charge_rule_pinned: bool = False  # never learned from the server: the configured rule is the server's
+    # False: a model no table describes (generic_spec): rpm and tpm are UNLIMITED, prices 0, and
+    # only the adaptive concurrency window of its route bounds how much is sent.
+    limits_known: bool = True
 
     @property
     def rule(self) -> ChargeRule:
@@ -156,6 +168,35 @@ class ModelTable:
         return None
 
 
+def generic_spec(
+    name: str,
+    encoding: str = GENERIC_ENCODING,
+    *,
+    context_window: int = GENERIC_CONTEXT_WINDOW,
+    max_output_tokens: int | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
+) -> ModelSpec:
+    """The spec of a model the table does not describe, served by an account that accepts any name
+    (openai-compatible) or by an Azure deployment that names its own limits.
+
+    Tokens are counted with `encoding`; nothing is charged (prices 0); with no rpm and tpm the
+    limits are unknown (``limits_known`` False, both UNLIMITED). The maximum output defaults to the
+    whole context window (the server refuses what is too long). Raises ValueError for a bad value.
+    """
+    if encoding not in SUPPORTED_ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(sorted(SUPPORTED_ENCODINGS))}, got {encoding!r}")
+    max_output = context_window if max_output_tokens is None else max_output_tokens
+    if not 1 <= max_output <= context_window:
+        raise ValueError(f"max_output_tokens {max_output} must be between 1 and the context window {context_window}")
+    known = rpm is not None or tpm is not None
+    return ModelSpec(
+        name=name, kind="chat", rpm=rpm or UNLIMITED, tpm=tpm or UNLIMITED, context_window=context_window,
+        max_output_tokens=max_output, encoding=encoding, input_per_1m=0.0, cached_input_per_1m=0.0,
+        output_per_1m=0.0, charge_rule="sum", endpoints=GENERIC_ENDPOINTS, limits_known=known,
+    )
+
+
 # -- loading (the layers are read and merged in config/model_layers.py) ------------------------------
 
 def _bad(fields: Fields, key: str, name: str, reason: str) -> ConfigError:
@@ -236,12 +277,7 @@ def load_model_table_from(
     layers = [(read_toml(_builtin_text(), BUILTIN_SOURCE), BUILTIN_SOURCE)]
     if user_file is not None:
         source = str(user_file)
-        try:
-            text = user_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(f"{source}: cannot read the model table: {reason}") from exc
-        doc = read_toml(text, source)
+        doc = read_toml(read_table_file(user_file), source)
         layers = [(doc, source)] if doc.get("replace", False) else [*layers, (doc, source)]
     defaults, models = merge_layers(layers)
     apply_overrides(models, overrides or {})

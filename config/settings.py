@@ -250,6 +250,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+def environment() -> Mapping[str, str]:
+    """The process environment, for loaders that resolve the variables a configuration file names
+    (an account's ``api_key_env``, config/accounts_load.py): this module stays the one reading it."""
+    return os.environ
+
+
 def debug_requested(env: Mapping[str, str] | None = None) -> bool:
     """``RATEQUEUE_DEBUG`` is on: the CLI shows tracebacks instead of one-line errors."""
     try:
