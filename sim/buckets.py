@@ -77,7 +77,7 @@ class ModelBuckets:
     def __init__(self, limits: ModelLimits, now: float) -> None:
         self.limits = limits
         self.requests = Bucket(limits.rpm, limits.burst_seconds, now)
-        self.tokens = Bucket(limits.tpm, limits.burst_seconds, now)
+        self.tokens = Bucket(limits.tpm, _token_burst(limits), now)
 
     def refill(self, now: float) -> None:
         """Refill both buckets up to ``now``."""
@@ -93,4 +93,9 @@ class ModelBuckets:
         """Adopt new limits, keeping the amounts used."""
         self.limits = limits
         self.requests.reconfigure(limits.rpm, limits.burst_seconds, now)
-        self.tokens.reconfigure(limits.tpm, limits.burst_seconds, now)
+        self.tokens.reconfigure(limits.tpm, _token_burst(limits), now)
+
+
+def _token_burst(limits: ModelLimits) -> float:
+    """The token bucket's window: its own when set (an Azure option), else the model's."""
+    return limits.token_burst_seconds if limits.token_burst_seconds is not None else limits.burst_seconds
