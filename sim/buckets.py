@@ -28,15 +28,21 @@ class Bucket:
             self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
             self.stamp = now
 
-    def take(self, amount: float) -> bool:
-        """Debit ``amount`` if the bucket holds it; True when debited."""
-        if self.level < amount:
+    def take(self, amount: float, borrow: bool = False) -> bool:
+        """Debit ``amount`` if the bucket holds it; True when debited.
+
+        With ``borrow``, an amount larger than the whole bucket passes once the bucket is full and leaves
+        it in debt (a short enforcement window, as Azure's 1 s / 10 s, would otherwise refuse it forever).
+        """
+        if self.level < amount and not (borrow and amount > self.capacity and self.level >= self.capacity):
             return False
         self.level -= amount
         return True
 
-    def wait_for(self, amount: float) -> float:
-        """Seconds until the bucket holds ``amount`` (0 when it already does)."""
+    def wait_for(self, amount: float, borrow: bool = False) -> float:
+        """Seconds until ``take(amount, borrow)`` can pass (0 when it already can)."""
+        if borrow:
+            amount = min(amount, self.capacity)
         return max(0.0, (amount - self.level) / self.rate)
 
     @property

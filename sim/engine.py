@@ -73,6 +73,7 @@ class Engine:
         # Separate streams, so turning slow replies on does not change which requests fail.
         self._fault_rng = random.Random(f"{self.config.seed}:fail")
         self._slow_rng = random.Random(f"{self.config.seed}:slow")
+        self.odd_rng = random.Random(f"{self.config.seed}:odd")  # Azure's odd -1 / 0 headers
 
     def new_id(self) -> str:
         """A unique 32-hex-digit id (random prefix + counter: cheaper than uuid4 per request)."""

@@ -90,7 +90,7 @@ class Stats:
         self.spend_usd += cost
 
     def record_429(self, now: float, model: str, kind: str) -> None:
-        """A 429 of ``kind`` (one of ``R429_KINDS``)."""
+        """A 429 of ``kind`` (one of ``R429_KINDS``, or "daily_quota")."""
         self.r429[kind] += 1
         self._slot(now)[2] += 1
         self._model(model)[2] += 1
@@ -102,7 +102,8 @@ class Stats:
             "started_at": self.started_at,
             "requests_total": sum(self.by_status.values()),
             "by_status": {str(code): n for code, n in sorted(self.by_status.items())},
-            "r429": {kind: self.r429[kind] for kind in R429_KINDS},
+            # The OpenAI kinds always; a dialect's own ("daily_quota" at Azure) once seen.
+            "r429": {kind: self.r429[kind] for kind in R429_KINDS} | dict(self.r429),
             "faults": dict(self.faults),
             "accepted_requests": self.accepted_requests,
             "tokens_charged": self.tokens_charged,
