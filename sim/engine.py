@@ -159,11 +159,11 @@ class Engine:
         if client_id is not None:
             stats.calls_by_client_id[client_id] += 1
         body = parse_body(raw)
-        model = body.get("model") if body is not None else None
-        named = isinstance(model, str) and bool(model)
+        named = body.get("model") if body is not None else None
+        model = named if isinstance(named, str) else ""
         key = sent_key(authorization)
-        stats.record_key(model if named else "", client_id, fingerprint(key))
-        buckets = self.buckets(model, fingerprint(key), now) if named else None
+        stats.record_key(model, client_id, fingerprint(key))
+        buckets = self.buckets(model, fingerprint(key), now) if model else None
 
         def reply(status: int, payload: dict[str, Any], delay: float = 0.0) -> Reply:
             stats.by_status[status] += 1
@@ -178,7 +178,7 @@ class Engine:
             return reply(401, errors.invalid_api_key(mask_key(key) if key else None))
         if body is None:
             return reply(400, errors.invalid_json())
-        if not named:
+        if not model:
             return reply(400, errors.invalid_request("you must provide a model parameter", "model"))
         if buckets is None:
             return reply(404, errors.model_not_found(model))
