@@ -150,7 +150,7 @@ def test_daily_quota_refuses_for_a_day_until_reset_or_raised(client: httpx.Clien
     assert refused.headers["retry-after"] == "86400" and refused.headers["retry-after-ms"] == "86400000"
     stats = sim.stats()
     assert stats["r429"]["daily_quota"] == 1 and stats["daily_tokens"]["chat"] >= 100
-    assert httpx.post(f"{sim.url}/sim/daily-reset").status_code == 200  # a new day
+    sim.daily_reset()  # a new day
     assert [chat(client, max_tokens=60).status_code for _ in range(3)] == [200, 200, 429]
     sim.configure(deployments={"chat": {"daily_tokens": 10_000}})  # a raised quota, as a support ticket does
     assert chat(client, max_tokens=60).status_code == 200
