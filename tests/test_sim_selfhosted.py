@@ -14,9 +14,11 @@ import pytest
 
 from ratequeue.sim.config import SimConfig
 from ratequeue.sim.engine import Engine
+from ratequeue.sim.gate import Gate
 from ratequeue.sim.keys import NO_KEY, fingerprint
 from ratequeue.sim.process import SimHandle, start_sim
 from ratequeue.sim.selfhosted import SelfHosted
+from ratequeue.sim.stats import Stats
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.e2e]  # the simulator runs as a subprocess
 
@@ -140,3 +142,29 @@ def test_tokenize_matches_usage(client: httpx.Client, sim: SimHandle) -> None:
     assert sim.stats()["tokenized"] == 2
     sim.configure(tokenize=False)
     assert client.post("/tokenize", json={"model": "llama3.1:8b", "prompt": prompt}).status_code == 404
+
+
+def test_gate_passes_places_on_in_order_and_forgets_a_cancelled_waiter() -> None:
+    async def scenario() -> list[str]:
+        gate = Gate(lambda: 1, lambda: 2, Stats())
+        order: list[str] = []
+        assert await gate.enter()
+
+        async def wait(name: str) -> None:
+            await gate.enter()
+            order.append(name)
+
+        gone = asyncio.create_task(wait("gone"))
+        second = asyncio.create_task(wait("second"))
+        await asyncio.sleep(0)
+        assert not await gate.enter()  # one in service, two waiting: full
+        gone.cancel()
+        await asyncio.sleep(0)
+        gate.leave()  # the place skips the cancelled waiter
+        await second
+        assert gate.in_service == 1
+        gate.leave()
+        assert gate.in_service == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["second"]
