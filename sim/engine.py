@@ -162,8 +162,9 @@ class Engine:
         named = body.get("model") if body is not None else None
         model = named if isinstance(named, str) else ""
         key = sent_key(authorization)
-        stats.record_key(model, client_id, fingerprint(key))
-        buckets = self.buckets(model, fingerprint(key), now) if model else None
+        key_fingerprint = fingerprint(key)
+        stats.record_key(model, client_id, key_fingerprint)
+        buckets = self.buckets(model, key_fingerprint, now) if model else None
 
         def reply(status: int, payload: dict[str, Any], delay: float = 0.0) -> Reply:
             stats.by_status[status] += 1

@@ -3,6 +3,7 @@ key" from ``/sim/stats`` without the simulator ever storing, printing or returni
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterable
@@ -10,6 +11,7 @@ from collections.abc import Iterable
 NO_KEY = "none"  # the fingerprint of a request that sent no key
 
 
+@functools.lru_cache(maxsize=1024)  # a server sees a few keys, over and over: hash each once
 def fingerprint(key: str | None) -> str:
     """A short stable digest of ``key`` (``"key-" + 12 hex digits of its SHA-256``); ``NO_KEY`` for none.
 
