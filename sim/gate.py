@@ -25,6 +25,7 @@ class Gate:
 
     async def enter(self) -> bool:
         """Wait for a place in service; False at once when the queue is full (the caller refuses it)."""
+        self._admit()  # a capacity raised since the last departure lets waiting requests in first
         if self.in_service < self._capacity() and not self._waiting:
             self.in_service += 1
             self._stats.record_load(self.in_service, 0)
