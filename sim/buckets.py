@@ -28,15 +28,21 @@ class Bucket:
             self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
             self.stamp = now
 
-    def take(self, amount: float) -> bool:
-        """Debit ``amount`` if the bucket holds it; True when debited."""
-        if self.level < amount:
+    def take(self, amount: float, borrow: bool = False) -> bool:
+        """Debit ``amount`` if the bucket holds it; True when debited.
+
+        With ``borrow``, an amount larger than the whole bucket passes once the bucket is full and leaves
+        it in debt (a short enforcement window, as Azure's 1 s / 10 s, would otherwise refuse it forever).
+        """
+        if self.level < amount and not (borrow and amount > self.capacity and self.level >= self.capacity):
             return False
         self.level -= amount
         return True
 
-    def wait_for(self, amount: float) -> float:
-        """Seconds until the bucket holds ``amount`` (0 when it already does)."""
+    def wait_for(self, amount: float, borrow: bool = False) -> float:
+        """Seconds until ``take(amount, borrow)`` can pass (0 when it already can)."""
+        if borrow:
+            amount = min(amount, self.capacity)
         return max(0.0, (amount - self.level) / self.rate)
 
     @property
@@ -77,7 +83,7 @@ class ModelBuckets:
     def __init__(self, limits: ModelLimits, now: float) -> None:
         self.limits = limits
         self.requests = Bucket(limits.rpm, limits.burst_seconds, now)
-        self.tokens = Bucket(limits.tpm, limits.burst_seconds, now)
+        self.tokens = Bucket(limits.tpm, _token_burst(limits), now)
 
     def refill(self, now: float) -> None:
         """Refill both buckets up to ``now``."""
@@ -93,4 +99,9 @@ class ModelBuckets:
         """Adopt new limits, keeping the amounts used."""
         self.limits = limits
         self.requests.reconfigure(limits.rpm, limits.burst_seconds, now)
-        self.tokens.reconfigure(limits.tpm, limits.burst_seconds, now)
+        self.tokens.reconfigure(limits.tpm, _token_burst(limits), now)
+
+
+def _token_burst(limits: ModelLimits) -> float:
+    """The token bucket's window: its own when set (an Azure option), else the model's."""
+    return limits.token_burst_seconds if limits.token_burst_seconds is not None else limits.burst_seconds

@@ -10,7 +10,14 @@ from typing import Any
 
 import click
 
-from ratequeue.sim.config import CHARGE_RULES, PROMPT_ESTIMATES, ConfigError, SimConfig, parse_model_spec
+from ratequeue.sim.config import (
+    CHARGE_RULES,
+    DIALECTS,
+    PROMPT_ESTIMATES,
+    ConfigError,
+    SimConfig,
+    parse_model_spec,
+)
 from ratequeue.sim.engine import Engine
 from ratequeue.sim.server import serve
 from ratequeue.sim.tokens import PromptCounter
@@ -67,7 +74,41 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 @click.option("--slow-ms", default=0.0, show_default=True, type=float, help="Extra delay of a slow request.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of faults and generated output.")
 @click.option("--quota-usd", default=None, type=float, help="Answer insufficient_quota once this is spent.")
-@click.option("--api-key", default=None, help="Require Authorization: Bearer KEY (else 401 invalid_api_key).")
+@click.option("--api-key", default=None,
+              help="Require this key: Authorization: Bearer KEY (Azure: api-key: KEY) else 401.")
+@click.option("--accept-key", "accept_keys", multiple=True, metavar="KEY",
+              help="Another key accepted besides --api-key, repeatable (several accounts on one server).")
+@click.option("--buckets-per-key", "per_key_buckets", is_flag=True,
+              help="Give each key its own buckets (accounts of their own) instead of one set per model.")
+@click.option("--dialect", type=click.Choice(DIALECTS), default=SimConfig.dialect, show_default=True,
+              help="Which server to be (see above).")
+@click.option("--deployment", "deployments", multiple=True, metavar="SPEC",
+              help="Azure: a deployment, repeatable: NAME:model=gpt-4o-mini:tpm=30000[:rpm=..][:daily=..] "
+                   "(rpm defaults to 6 per 1,000 TPM; also context, max_output, burst). None given: any "
+                   "deployment name, serving the model of its name at --tpm.")
+@click.option("--azure-window", type=click.Choice(["1", "10"]), default="10", show_default=True,
+              help="Azure: seconds over which a deployment's limits are enforced.")
+@click.option("--azure-token-window", default=None, type=float, metavar="SECONDS",
+              help="Azure: the token limit's own window [default: --azure-window].")
+@click.option("--azure-odd-headers", default=0.0, show_default=True, type=float, metavar="SHARE",
+              help="Azure: share of answers whose x-ratelimit-remaining-* read -1 / 0.")
+@click.option("--entra-token", default=None, help="Azure: accept Authorization: Bearer TOKEN (Entra ID).")
+@click.option("--daily-quota-tokens", default=None, type=int, metavar="TOKENS",
+              help="Azure: tokens per deployment per day; then 429 'retry after 86400 seconds' "
+                   "(POST /sim/daily-reset starts a new day; POST /sim/config raises it).")
+@click.option("--content-filter-word", "content_filter_words", multiple=True, metavar="WORD",
+              help="Azure: a prompt holding WORD gets 400 content_filter, repeatable.")
+@click.option("--content-filter-output-word", "content_filter_output_words", multiple=True, metavar="WORD",
+              help="Azure: a prompt holding WORD gets its output filtered (finish_reason content_filter).")
+@click.option("--max-concurrency", default=SimConfig.max_concurrency, show_default=True, type=int,
+              help="Self-hosted: requests served at once.")
+@click.option("--queue-depth", default=SimConfig.queue_depth, show_default=True, type=int,
+              help="Self-hosted: requests waiting beyond --max-concurrency; more are refused.")
+@click.option("--overload-status", type=click.Choice(["503", "429"]), default="503", show_default=True,
+              help="Self-hosted: status of a refusal (503 as Ollama, 429 as text-generation-inference).")
+@click.option("--load-slowdown", default=SimConfig.load_slowdown, show_default=True, type=float,
+              help="Self-hosted: per-token time x (1 + this x in service / --max-concurrency).")
+@click.option("--no-tokenize", is_flag=True, help="Self-hosted: no POST /tokenize (404).")
 @click.option("--no-retry-after", is_flag=True, help="Omit retry-after and retry-after-ms on 429s.")
 @click.option("--no-ratelimit-headers", is_flag=True, help="Omit all x-ratelimit-* headers.")
 @click.option("--organization", default=SimConfig.organization, show_default=True, help="Org named in 429s.")
@@ -77,15 +118,36 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 @click.option("--log-level", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def sim_command(
-    host: str, port: int, models: tuple[str, ...], strict_models: bool, no_retry_after: bool,
-    no_ratelimit_headers: bool, access_log: bool, tiktoken_cache: str | None, log_level: str, **options: Any,
+    host: str, port: int, models: tuple[str, ...], deployments: tuple[str, ...], strict_models: bool,
+    no_retry_after: bool, no_ratelimit_headers: bool, no_tokenize: bool, access_log: bool,
+    tiktoken_cache: str | None, log_level: str, **options: Any,
 ) -> None:
-    """Run an OpenAI-compatible API simulator with per-model RPM/TPM buckets and fault injection."""
+    """Run an OpenAI-compatible API simulator with per-model RPM/TPM buckets and fault injection.
+
+    \b
+    Dialects (--dialect):
+      openai             api.openai.com: /v1/... with Bearer keys, per-model buckets, x-ratelimit-* headers.
+      azure              Azure OpenAI: POST /openai/deployments/NAME/chat/completions (also /embeddings,
+                         /completions) and /openai/responses, ?api-version=... required (else 404 "Resource
+                         not found", as Azure); api-key: KEY or Authorization: Bearer TOKEN (--entra-token);
+                         limits per --deployment over --azure-window seconds; remaining-* headers per window;
+                         Azure's 429 wording with retry-after(-ms); --daily-quota-tokens; the content filter;
+                         a request without max_tokens is charged the whole context window.
+      openai-compatible  a self-hosted server (vLLM, Ollama): any model name, no key (unless --api-key), no
+                         rate-limit headers; --max-concurrency served at once, --queue-depth waiting, the rest
+                         refused (--overload-status); latency = --latency-ms + --per-token-ms x output tokens x
+                         (1 + --load-slowdown x in service / --max-concurrency); GET /v1/models lists the
+                         --model names; POST /tokenize {"model","prompt"} -> {"count","max_model_len","tokens"}.
+    GET /sim/stats counts, in every dialect, the key fingerprints (sim.keys.fingerprint) each model or
+    deployment and each X-Client-Request-Id came with; the self-hosted server's own view is under "server".
+    """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = SimConfig().updated({
             **options,
             "models": dict(parse_model_spec(spec) for spec in models),
+            "deployments": dict(parse_model_spec(spec, "deployment") for spec in deployments),
+            "tokenize": not no_tokenize,
             "strict_models": strict_models,
             "retry_after": not no_retry_after,
             "ratelimit_headers": not no_ratelimit_headers,

@@ -7,18 +7,24 @@ The same option names serve the CLI (``--fail-rate``), ``POST /sim/config`` (``f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ratequeue.sim import catalog
+from ratequeue.sim.options import ConfigError, coerce, mask_key
+from ratequeue.sim.specs import ModelSpec, parse_model_spec, updated_specs
+
+__all__ = ["CHARGE_RULES", "DIALECTS", "PROMPT_ESTIMATES", "ConfigError", "ModelLimits", "ModelSpec", "SimConfig",
+           "mask_key", "parse_model_spec"]
 
 CHARGE_RULES = ("sum", "max")
 PROMPT_ESTIMATES = ("tiktoken", "chars")
-
-
-class ConfigError(ValueError):
-    """An option or model spec that cannot be used; the message says which and why."""
+# openai: api.openai.com; azure: Azure OpenAI deployments (sim/azure.py); openai-compatible: a
+# self-hosted server such as vLLM or Ollama (sim/selfhosted.py).
+DIALECTS = ("openai", "azure", "openai-compatible")
+AZURE_WINDOWS = (1.0, 10.0)
+OVERLOAD_STATUSES = (503, 429)
 
 
 # Option name -> (kind, minimum). Kinds: int, float, bool, str, and "?" prefixed when None is allowed.
@@ -44,107 +50,22 @@ _OPTIONS: dict[str, tuple[str, float | None]] = {
     "retry_after": ("bool", None),
     "ratelimit_headers": ("bool", None),
     "organization": ("str", None),
+    "dialect": ("str", None),
+    "accept_keys": ("strs", None),
+    "per_key_buckets": ("bool", None),
+    "azure_window": ("float", 1),
+    "azure_token_window": ("?float", 1),
+    "azure_odd_headers": ("float", 0),
+    "entra_token": ("?str", None),
+    "daily_quota_tokens": ("?int", 0),
+    "content_filter_words": ("strs", None),
+    "content_filter_output_words": ("strs", None),
+    "max_concurrency": ("int", 1),
+    "queue_depth": ("int", 0),
+    "overload_status": ("int", None),
+    "load_slowdown": ("float", 0),
+    "tokenize": ("bool", None),
 }
-_MODEL_FIELDS: dict[str, tuple[str, float | None]] = {
-    "rpm": ("int", 1),
-    "tpm": ("int", 1),
-    "burst_seconds": ("float", 0.001),
-    "context": ("int", 1),
-    "max_output": ("int", 1),
-    "encoding": ("str", None),
-    "input_price": ("float", 0),
-    "output_price": ("float", 0),
-}
-_MODEL_ALIASES = {"burst": "burst_seconds", "max_output_tokens": "max_output"}
-
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def _coerce(name: str, kind: str, minimum: float | None, value: Any) -> Any:
-    """Check one option's value (strings from the CLI are converted); raises ConfigError."""
-    if kind.startswith("?"):
-        if value is None:
-            return None
-        kind = kind[1:]
-    try:
-        if kind == "bool":
-            if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
-                return value.lower() in _TRUE
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-        if isinstance(value, bool):
-            raise TypeError
-        number: float = int(value) if kind == "int" else float(value)
-        if kind == "int" and isinstance(value, float) and value != number:
-            raise TypeError
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}: expected {kind}, got {value!r}") from exc
-    if minimum is not None and number < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value!r}")
-    return number
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Per-model overrides; a field left None falls back to the global default."""
-
-    rpm: int | None = None
-    tpm: int | None = None
-    burst_seconds: float | None = None
-    context: int | None = None
-    max_output: int | None = None
-    encoding: str | None = None
-    input_price: float | None = None
-    output_price: float | None = None
-
-    def merged(self, changes: Mapping[str, Any]) -> ModelSpec:
-        """Return a copy with ``changes`` applied; raises ConfigError on an unknown field or bad value."""
-        values: dict[str, Any] = {}
-        for key, value in changes.items():
-            name = _MODEL_ALIASES.get(key, key)
-            if name not in _MODEL_FIELDS:
-                raise ConfigError(f"unknown model field {key!r} (known: {', '.join(_MODEL_FIELDS)})")
-            kind, minimum = _MODEL_FIELDS[name]
-            values[name] = None if value is None else _coerce(name, kind, minimum, value)
-        if values.get("encoding") not in (None, "o200k_base", "cl100k_base"):
-            raise ConfigError(f"encoding: expected o200k_base or cl100k_base, got {values['encoding']!r}")
-        return dataclasses.replace(self, **values)
-
-
-def parse_model_spec(spec: str) -> tuple[str, ModelSpec]:
-    """Parse ``NAME:rpm=500:tpm=30000:context=128000:max_output=16384``; raises ConfigError.
-
-    Parts without ``=`` form the name, so fine-tune names with colons (``ft:gpt-4o:org::id``) survive.
-    """
-    name, fields = _spec_fields(spec)
-    if not name:
-        raise ConfigError(f"model spec {spec!r} has no model name")
-    try:
-        return name, ModelSpec().merged(fields)
-    except ConfigError as exc:
-        raise ConfigError(f"model spec {spec!r}: {exc}") from exc
-
-
-def _spec_fields(spec: str) -> tuple[str, dict[str, str]]:
-    """Split a spec into its name (parts without ``=``) and its ``key=value`` fields."""
-    name_parts: list[str] = []
-    fields: dict[str, str] = {}
-    for part in spec.split(":"):
-        key, sep, value = part.partition("=")
-        if sep:
-            fields[key.strip()] = value.strip()
-        else:
-            name_parts.append(part)
-    return ":".join(name_parts).strip(), fields
-
-
 @dataclass(frozen=True)
 class ModelLimits:
     """Everything the server needs about one model, defaults resolved."""
@@ -158,6 +79,9 @@ class ModelLimits:
     encoding: str
     input_price: float  # USD per 1M tokens
     output_price: float
+    served: str = ""  # the model answering (an Azure deployment's model); "" means ``name``
+    token_burst_seconds: float | None = None  # the token bucket's own window (None: ``burst_seconds``)
+    daily_tokens: int | None = None  # an Azure deployment's daily quota
 
 
 @dataclass(frozen=True)
@@ -186,25 +110,67 @@ class SimConfig:
     retry_after: bool = True
     ratelimit_headers: bool = True
     organization: str = "org-sim"
+    dialect: str = "openai"
+    accept_keys: tuple[str, ...] = ()  # keys accepted besides api_key (several accounts on one server)
+    per_key_buckets: bool = False  # each key its own buckets (separate accounts), else one per model
+    deployments: dict[str, ModelSpec] = field(default_factory=dict)  # Azure: deployment -> limits
+    azure_window: float = 10.0  # seconds over which Azure enforces a deployment's limits (1 or 10)
+    azure_token_window: float | None = None  # the token limit's own window (None: azure_window)
+    azure_odd_headers: float = 0.0  # share of Azure answers whose remaining-* headers read -1 / 0
+    entra_token: str | None = None  # Azure: the bearer token accepted in place of an api-key
+    daily_quota_tokens: int | None = None  # Azure: tokens per deployment per day (None: no quota)
+    content_filter_words: tuple[str, ...] = ()  # Azure: a prompt holding one gets 400 content_filter
+    content_filter_output_words: tuple[str, ...] = ()  # Azure: ... gets its output filtered
+    max_concurrency: int = 8  # self-hosted: requests served at once
+    queue_depth: int = 64  # self-hosted: requests waiting beyond those; more are refused
+    overload_status: int = 503  # self-hosted: the refusal's status (503 as Ollama, or 429)
+    load_slowdown: float = 1.0  # self-hosted: per-token time x (1 + this x busy / capacity)
+    tokenize: bool = True  # self-hosted: serve POST /tokenize
 
     def limits_for(self, model: str) -> ModelLimits | None:
-        """Resolve ``model``'s limits; None when ``strict_models`` is on and the model is not configured."""
+        """Resolve ``model``'s limits (an Azure deployment's in the azure dialect); None when it is unknown:
+        ``strict_models`` on and the model not configured, or deployments configured and not this one."""
+        if self.dialect == "azure":
+            return self._deployment_limits(model)
         spec = self.models.get(model)
         if spec is None:
             if self.strict_models:
                 return None
             spec = ModelSpec()
-        default_in, default_out = catalog.price_per_m(model)
+        return self._resolve(model, model, spec, self.rpm, self.burst_seconds)
+
+    def _deployment_limits(self, deployment: str) -> ModelLimits | None:
+        spec = self.deployments.get(deployment)
+        if spec is None:
+            if self.deployments:
+                return None
+            spec = ModelSpec()  # none configured: any deployment, serving the model of its name
+        tpm = spec.tpm if spec.tpm is not None else self.tpm
+        # Azure derives a deployment's RPM from its TPM: 6 RPM per 1,000 TPM for the older chat models
+        # (learn.microsoft.com "Azure OpenAI quotas and limits"; a Microsoft Q&A answer gives
+        # RPM = TPM x 6 / 1000: 20,000 TPM -> 120 RPM). ``rpm=`` overrides it, as newer models differ.
+        derived_rpm = max(1, tpm * 6 // 1000)
+        window = spec.burst_seconds if spec.burst_seconds is not None else self.azure_window
+        limits = self._resolve(deployment, spec.model or deployment, spec, derived_rpm, window)
+        return dataclasses.replace(
+            limits,
+            token_burst_seconds=self.azure_token_window if spec.burst_seconds is None else None,
+            daily_tokens=spec.daily_tokens if spec.daily_tokens is not None else self.daily_quota_tokens,
+        )
+
+    def _resolve(self, name: str, served: str, spec: ModelSpec, rpm: int, burst: float) -> ModelLimits:
+        default_in, default_out = catalog.price_per_m(served)
         return ModelLimits(
-            name=model,
-            rpm=spec.rpm if spec.rpm is not None else self.rpm,
+            name=name,
+            rpm=spec.rpm if spec.rpm is not None else rpm,
             tpm=spec.tpm if spec.tpm is not None else self.tpm,
-            burst_seconds=spec.burst_seconds if spec.burst_seconds is not None else self.burst_seconds,
+            burst_seconds=spec.burst_seconds if spec.burst_seconds is not None else burst,
             context=spec.context if spec.context is not None else self.context,
             max_output=spec.max_output if spec.max_output is not None else self.max_output,
-            encoding=spec.encoding or catalog.encoding_for(model),
+            encoding=spec.encoding or catalog.encoding_for(served),
             input_price=spec.input_price if spec.input_price is not None else default_in,
             output_price=spec.output_price if spec.output_price is not None else default_out,
+            served=served if served != name else "",
         )
 
     def updated(self, changes: Mapping[str, Any]) -> SimConfig:
@@ -216,13 +182,13 @@ class SimConfig:
         """
         values: dict[str, Any] = {}
         for key, value in changes.items():
-            if key == "models":
-                values["models"] = _updated_models(self.models, value)
+            if key in ("models", "deployments"):
+                values[key] = updated_specs(getattr(self, key), value, key[:-1])
                 continue
             if key not in _OPTIONS:
-                raise ConfigError(f"unknown option {key!r} (known: models, {', '.join(_OPTIONS)})")
+                raise ConfigError(f"unknown option {key!r} (known: models, deployments, {', '.join(_OPTIONS)})")
             kind, minimum = _OPTIONS[key]
-            values[key] = _coerce(key, kind, minimum, value)
+            values[key] = coerce(key, kind, minimum, value)
         new = dataclasses.replace(self, **values)
         if new.charge_rule not in CHARGE_RULES:
             raise ConfigError(f"charge_rule: expected one of {CHARGE_RULES}, got {new.charge_rule!r}")
@@ -230,7 +196,8 @@ class SimConfig:
             raise ConfigError(
                 f"prompt_estimate: expected one of {PROMPT_ESTIMATES}, got {new.prompt_estimate!r}"
             )
-        for rate in ("fail_rate", "slow_rate"):
+        _check_choices(new)
+        for rate in ("fail_rate", "slow_rate", "azure_odd_headers"):
             if getattr(new, rate) > 1:
                 raise ConfigError(f"{rate}: must be <= 1, got {getattr(new, rate)}")
         return new
@@ -238,41 +205,24 @@ class SimConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view; the API key is masked."""
         out = dataclasses.asdict(self)
-        out["models"] = {
-            name: {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
-            for name, spec in self.models.items()
-        }
+        out["models"] = {name: spec.fields() for name, spec in self.models.items()}
+        out["deployments"] = {name: spec.fields() for name, spec in self.deployments.items()}
         out["api_key"] = mask_key(self.api_key) if self.api_key else None
+        out["accept_keys"] = [mask_key(key) for key in self.accept_keys]
+        out["entra_token"] = mask_key(self.entra_token) if self.entra_token else None
         return out
 
-
-def _updated_models(current: Mapping[str, ModelSpec], value: Any) -> dict[str, ModelSpec]:
-    models = dict(current)
-    items: Iterable[tuple[str, Any]]
-    if value is None:  # drop every per-model override
-        return {}
-    if isinstance(value, list):
-        items = [parse_model_spec(str(spec)) for spec in value]
-    elif isinstance(value, Mapping):
-        items = value.items()
-    else:
-        raise ConfigError(f"models: expected an object or a list of specs, got {value!r}")
-    for name, entry in items:
-        if entry is None:
-            models.pop(name, None)
-        elif isinstance(entry, ModelSpec):
-            models[name] = entry
-        elif isinstance(entry, str):  # "rpm=5:tpm=100", fields only
-            models[name] = models.get(name, ModelSpec()).merged(_spec_fields(entry)[1])
-        elif isinstance(entry, Mapping):
-            models[name] = models.get(name, ModelSpec()).merged(entry)
-        else:
-            raise ConfigError(f"models.{name}: expected an object, a spec string or null, got {entry!r}")
-    return models
+    def keys(self) -> tuple[str, ...]:
+        """Every key accepted; empty when no key is required."""
+        if self.api_key is None and not self.accept_keys:
+            return ()
+        return tuple(k for k in (self.api_key, *self.accept_keys) if k is not None)
 
 
-def mask_key(key: str) -> str:
-    """Show a key the way OpenAI's errors do: ``sk-...abcd``, never the whole secret."""
-    if len(key) < 12:
-        return "***"
-    return f"{key[:3]}...{key[-4:]}"
+def _check_choices(config: SimConfig) -> None:
+    """Options limited to a few values; raises ConfigError."""
+    for name, allowed in (
+        ("dialect", DIALECTS), ("azure_window", AZURE_WINDOWS), ("overload_status", OVERLOAD_STATUSES),
+    ):
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")

@@ -5,7 +5,6 @@ Pure and synchronous (the server awaits only the reply's delay), so one event lo
 
 from __future__ import annotations
 
-import hmac
 import math
 import os
 import random
@@ -17,10 +16,11 @@ import orjson
 
 from ratequeue.sim import catalog, errors
 from ratequeue.sim.buckets import ModelBuckets
-from ratequeue.sim.config import ModelLimits, SimConfig, mask_key
+from ratequeue.sim.config import ConfigError, ModelLimits, SimConfig, mask_key
 from ratequeue.sim.durations import ceil_ms, format_wait
-from ratequeue.sim.plan import RequestInvalid, plan_request
-from ratequeue.sim.render import render
+from ratequeue.sim.keys import bearer, fingerprint, matches, sent_key
+from ratequeue.sim.plan import Plan, RequestInvalid, plan_request
+from ratequeue.sim.render import Rendered, render
 from ratequeue.sim.responses import Filler
 from ratequeue.sim.stats import Stats
 from ratequeue.sim.tokens import PromptCounter
@@ -37,6 +37,24 @@ class Reply(NamedTuple):
     delay: float
 
 
+class Served(NamedTuple):
+    """An accepted request's outcome: a seeded fault (``rendered`` None) or the rendered answer."""
+
+    status: int
+    body: dict[str, Any]
+    delay: float  # base latency plus any slow fault; per-token time is the caller's (it depends on load)
+    rendered: Rendered | None
+
+
+def parse_body(raw: bytes) -> dict[str, Any] | None:
+    """The request's JSON object; None when it is not one."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 class Engine:
     """Holds the configuration, the buckets of every model and the statistics."""
 
@@ -46,7 +64,7 @@ class Engine:
         self.stats = Stats()
         self.filler = Filler()
         self._limits: dict[str, ModelLimits | None] = {}
-        self._buckets: dict[str, ModelBuckets] = {}
+        self._buckets: dict[tuple[str, str], ModelBuckets] = {}  # (key scope, model or deployment)
         self._id_prefix = os.urandom(4).hex()
         self._next_id = 0
         self._reseed()
@@ -55,6 +73,7 @@ class Engine:
         # Separate streams, so turning slow replies on does not change which requests fail.
         self._fault_rng = random.Random(f"{self.config.seed}:fail")
         self._slow_rng = random.Random(f"{self.config.seed}:slow")
+        self.odd_rng = random.Random(f"{self.config.seed}:odd")  # Azure's odd -1 / 0 headers
 
     def new_id(self) -> str:
         """A unique 32-hex-digit id (random prefix + counter: cheaper than uuid4 per request)."""
@@ -64,14 +83,16 @@ class Engine:
     def configure(self, changes: Mapping[str, Any]) -> SimConfig:
         """Apply runtime changes; buckets keep what they used. Raises ConfigError (nothing applied)."""
         new = self.config.updated(changes)
+        if new.dialect != self.config.dialect:  # the server's routes were built for the first one
+            raise ConfigError(f"dialect: fixed at start ({self.config.dialect}); start another simulator")
         old_seed = self.config.seed
         self.config = new
         self._limits.clear()
         now = time.monotonic()
-        for model, buckets in list(self._buckets.items()):
-            limits = new.limits_for(model)
+        for scoped, buckets in list(self._buckets.items()):
+            limits = new.limits_for(scoped[1])
             if limits is None:
-                del self._buckets[model]
+                del self._buckets[scoped]
             elif limits != buckets.limits:
                 buckets.reconfigure(limits, now)
         if new.seed != old_seed:
@@ -86,18 +107,47 @@ class Engine:
             buckets.fill(now)
         self._reseed()
 
-    def _model(self, model: str, now: float) -> ModelBuckets | None:
+    def limits(self, model: str) -> ModelLimits | None:
+        """``model``'s (or an Azure deployment's) limits; None when the server does not know it."""
         if model not in self._limits:
             self._limits[model] = self.config.limits_for(model)
-        limits = self._limits[model]
+        return self._limits[model]
+
+    def buckets(self, model: str, key_fingerprint: str, now: float) -> ModelBuckets | None:
+        """The buckets charged for ``model``, refilled to ``now``: one set per model, or per (key, model)
+        with ``per_key_buckets`` (accounts of their own); None when the model is unknown."""
+        limits = self.limits(model)
         if limits is None:
             return None
-        buckets = self._buckets.get(model)
+        scoped = (key_fingerprint if self.config.per_key_buckets else "", model)
+        buckets = self._buckets.get(scoped)
         if buckets is None:
-            buckets = self._buckets[model] = ModelBuckets(limits, now)
+            buckets = self._buckets[scoped] = ModelBuckets(limits, now)
         else:
             buckets.refill(now)
         return buckets
+
+    def serve(self, kind: str, limits: ModelLimits, plan: Plan, rid: str, now: float, charge: int) -> Served:
+        """A request past every check and charged ``charge``: only now may it fail or be slow, as at a real
+        server; else render it and bill its usage."""
+        cfg = self.config
+        stats = self.stats
+        fault = self._fault_rng.random() < cfg.fail_rate
+        slow = self._slow_rng.random() < cfg.slow_rate
+        status = self._fault_rng.choice(_FAULT_STATUSES) if fault else 200
+        stats.record_accept(now, limits.name, charge, ok=not fault)
+        delay = cfg.latency_ms / 1000
+        if slow:
+            stats.faults["slow"] += 1
+            delay += cfg.slow_ms / 1000
+        if fault:
+            stats.faults[str(status)] += 1
+            return Served(status, errors.SERVER_ERRORS[status], delay, None)
+        out = render(kind, limits.served or limits.name, plan, rid, cfg.seed, self.filler)
+        prompt = plan.prompt.tokens
+        cost = (prompt * limits.input_price + out.completion_tokens * limits.output_price) / 1e6
+        stats.record_usage(prompt, out.completion_tokens, cost)
+        return Served(200, out.body, delay, out)
 
     def handle(self, kind: str, raw: bytes, authorization: str | None, client_id: str | None) -> Reply:
         """Judge one request to endpoint ``kind`` (chat, embeddings, responses, completions)."""
@@ -108,14 +158,13 @@ class Engine:
         headers = {"x-request-id": f"req_{rid}", "openai-organization": cfg.organization}
         if client_id is not None:
             stats.calls_by_client_id[client_id] += 1
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
-            body = None
-        model = body.get("model") if body is not None else None
-        buckets = self._model(model, now) if isinstance(model, str) and model else None
+        body = parse_body(raw)
+        named = body.get("model") if body is not None else None
+        model = named if isinstance(named, str) else ""
+        key = sent_key(authorization)
+        key_fingerprint = fingerprint(key)
+        stats.record_key(model, client_id, key_fingerprint)
+        buckets = self.buckets(model, key_fingerprint, now) if model else None
 
         def reply(status: int, payload: dict[str, Any], delay: float = 0.0) -> Reply:
             stats.by_status[status] += 1
@@ -125,11 +174,12 @@ class Engine:
                 _add_ratelimit_headers(headers, buckets)
             return Reply(status, payload, headers, delay)
 
-        if cfg.api_key is not None and not _authorized(authorization, cfg.api_key):
-            return reply(401, errors.invalid_api_key(_sent_key(authorization)))
+        keys = cfg.keys()
+        if keys and not matches(bearer(authorization), keys):
+            return reply(401, errors.invalid_api_key(mask_key(key) if key else None))
         if body is None:
             return reply(400, errors.invalid_json())
-        if not isinstance(model, str) or not model:
+        if not model:
             return reply(400, errors.invalid_request("you must provide a model parameter", "model"))
         if buckets is None:
             return reply(404, errors.model_not_found(model))
@@ -151,50 +201,39 @@ class Engine:
         if not requests.take(1):
             stats.record_429(now, model, "requests")
             wait = requests.wait_for(1)
-            self._add_retry_after(headers, wait)
+            self.add_retry_after(headers, wait)
             return reply(429, errors.rate_limited(
                 model, cfg.organization, "requests", limits.rpm, requests.used, 1, format_wait(wait)))
         # The request bucket stays debited when the token bucket refuses: failed requests count.
         if not tokens.take(charge):
             stats.record_429(now, model, "tokens")
             wait = tokens.wait_for(charge)
-            self._add_retry_after(headers, wait)
+            self.add_retry_after(headers, wait)
             return reply(429, errors.rate_limited(
                 model, cfg.organization, "tokens", limits.tpm, tokens.used, charge, format_wait(wait)))
 
-        # Charged like a real server; only then may it fail or be slow.
-        fault = self._fault_rng.random() < cfg.fail_rate
-        slow = self._slow_rng.random() < cfg.slow_rate
-        status = self._fault_rng.choice(_FAULT_STATUSES) if fault else 200
-        stats.record_accept(now, model, charge, ok=not fault)
-        delay = cfg.latency_ms / 1000
-        if slow:
-            stats.faults["slow"] += 1
-            delay += cfg.slow_ms / 1000
-        if fault:
-            stats.faults[str(status)] += 1
-            return reply(status, errors.SERVER_ERRORS[status], delay)
-        out = render(kind, model, plan, rid, cfg.seed, self.filler)
-        prompt = plan.prompt.tokens
-        cost = (prompt * limits.input_price + out.completion_tokens * limits.output_price) / 1e6
-        stats.record_usage(prompt, out.completion_tokens, cost)
+        served = self.serve(kind, limits, plan, rid, now, charge)
+        if served.rendered is None:
+            return reply(served.status, served.body, served.delay)
         # Choices are generated side by side, so the longest one sets the time.
-        delay += cfg.per_token_ms * out.longest / 1000
-        return reply(200, out.body, delay)
+        return reply(200, served.body, served.delay + cfg.per_token_ms * served.rendered.longest / 1000)
 
     def list_models(self, authorization: str | None) -> Reply:
         """``GET /v1/models``: the configured models (else the catalogue's), behind the same key
         check as the API calls; never charged, so a client can check its key for free."""
         headers = {"x-request-id": f"req_{self.new_id()}", "openai-organization": self.config.organization}
-        if self.config.api_key is not None and not _authorized(authorization, self.config.api_key):
+        keys = self.config.keys()
+        if keys and not matches(bearer(authorization), keys):
             self.stats.by_status[401] += 1
-            return Reply(401, errors.invalid_api_key(_sent_key(authorization)), headers, 0.0)
+            key = sent_key(authorization)
+            return Reply(401, errors.invalid_api_key(mask_key(key) if key else None), headers, 0.0)
         self.stats.models_listed += 1
         names = sorted(self.config.models) or sorted(catalog.PRICES_PER_M)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "ratequeue-sim"} for name in names]
         return Reply(200, {"object": "list", "data": data}, headers, 0.0)
 
-    def _add_retry_after(self, headers: dict[str, str], wait: float) -> None:
+    def add_retry_after(self, headers: dict[str, str], wait: float) -> None:
+        """``retry-after`` (whole seconds, at least 1) and ``retry-after-ms``, unless turned off."""
         if self.config.retry_after:
             ms = ceil_ms(wait)
             headers["retry-after"] = str(max(1, math.ceil(ms / 1000)))
@@ -209,18 +248,3 @@ def _add_ratelimit_headers(headers: dict[str, str], buckets: ModelBuckets) -> No
     headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
     headers["x-ratelimit-reset-requests"] = format_wait(requests.reset_seconds)
     headers["x-ratelimit-reset-tokens"] = format_wait(tokens.reset_seconds)
-
-
-def _sent_key(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, key = authorization.partition(" ")
-    key = key.strip() if scheme.lower() == "bearer" else authorization.strip()
-    return mask_key(key) if key else None
-
-
-def _authorized(authorization: str | None, api_key: str) -> bool:
-    if not authorization:
-        return False
-    scheme, _, key = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), api_key.encode())

@@ -51,8 +51,12 @@ def _int_param(body: dict[str, Any], name: str, low: int, high: int | None = Non
 
 
 def plan_request(kind: str, body: dict[str, Any], limits: ModelLimits, config: SimConfig,
-                 counter: PromptCounter) -> Plan:
-    """Validate ``body`` for endpoint ``kind`` and measure it; raises RequestInvalid."""
+                 counter: PromptCounter, missing_max_fills_context: bool = False) -> Plan:
+    """Validate ``body`` for endpoint ``kind`` and measure it; raises RequestInvalid.
+
+    ``missing_max_fills_context``: a request without a max is charged the rest of the context window
+    per choice (prompt + that = the whole context), as Azure reserves it (docs/openai-facts.md).
+    """
     field = PROMPT_FIELD[kind]
     value = body.get(field)
     if value is None or (isinstance(value, (list, str)) and not value and kind != "completions"):
@@ -83,7 +87,11 @@ def plan_request(kind: str, body: dict[str, Any], limits: ModelLimits, config: S
         raise RequestInvalid(400, body_)
 
     choices = 0 if kind == "embeddings" else n * prompt.items
-    output_budget = _charged_choices(choices, n, config) * _allowance(requested_max, limits, config)
+    if requested_max is None and missing_max_fills_context:
+        allowance = max(0, limits.context - measured)
+    else:
+        allowance = _allowance(requested_max, limits, config)
+    output_budget = _charged_choices(choices, n, config) * allowance
     charge = max(prompt.tokens, output_budget) if config.charge_rule == "max" else prompt.tokens + output_budget
     output_cap = max(1, min(limits.max_output, limits.context - measured))
     return Plan(body, prompt, requested_max, output_cap, choices, charge)

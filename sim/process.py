@@ -75,6 +75,10 @@ class SimHandle:
         """``POST /sim/reset``: clear statistics and spend, refill every bucket."""
         self._call("POST", "/sim/reset", {})
 
+    def daily_reset(self) -> None:
+        """``POST /sim/daily-reset``: a new day for Azure's daily quotas (nothing else changes)."""
+        self._call("POST", "/sim/daily-reset", {})
+
     def healthy(self) -> bool:
         """True when ``/health`` answers."""
         try:

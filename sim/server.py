@@ -1,4 +1,5 @@
-"""The aiohttp application: OpenAI endpoints plus ``/health`` and the ``/sim/*`` control endpoints."""
+"""The aiohttp application: the dialect's API endpoints (sim/routes.py) plus ``/health`` and the ``/sim/*``
+control endpoints."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
@@ -14,40 +15,11 @@ from aiohttp import web
 from ratequeue.sim import errors
 from ratequeue.sim.config import ConfigError
 from ratequeue.sim.engine import Engine
+from ratequeue.sim.routes import add_azure_routes, add_openai_routes, add_selfhosted_routes, json_response
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = {
-    "/v1/chat/completions": "chat",
-    "/v1/embeddings": "embeddings",
-    "/v1/responses": "responses",
-    "/v1/completions": "completions",
-}
-_JSON = "application/json"
 _MAX_BODY_BYTES = 64 * 1024 * 1024
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type=_JSON)
-
-
-def _api_handler(engine: Engine, kind: str) -> Handler:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        headers = request.headers
-        try:
-            reply = engine.handle(kind, raw, headers.get("Authorization"), headers.get("X-Client-Request-Id"))
-        except Exception:  # a simulator bug must still answer like an API, not with aiohttp's text page
-            log.exception("simulator failed on %s", request.path)
-            engine.stats.by_status[500] += 1
-            return _json(errors.SERVER_ERRORS[500], 500, {"x-request-id": f"req_{engine.new_id()}"})
-        if reply.delay > 0:
-            await asyncio.sleep(reply.delay)
-        return _json(reply.body, reply.status, reply.headers)
-
-    return handle
 
 
 def build_app(engine: Engine) -> web.Application:
@@ -55,18 +27,18 @@ def build_app(engine: Engine) -> web.Application:
     app = web.Application(client_max_size=_MAX_BODY_BYTES)
 
     async def health(request: web.Request) -> web.StreamResponse:
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def stats(request: web.Request) -> web.StreamResponse:
         timeline = request.query.get("timeline", "1").lower() not in ("0", "false", "no")
-        return _json(engine.stats.snapshot(timeline=timeline))
+        return json_response(engine.stats.snapshot(timeline=timeline))
 
     async def reset(request: web.Request) -> web.StreamResponse:
         engine.reset()
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def get_config(request: web.Request) -> web.StreamResponse:
-        return _json(engine.config.to_dict())
+        return json_response(engine.config.to_dict())
 
     async def set_config(request: web.Request) -> web.StreamResponse:
         try:
@@ -75,25 +47,32 @@ def build_app(engine: Engine) -> web.Application:
                 raise ConfigError("expected a JSON object of options")
             config = engine.configure(changes)
         except (orjson.JSONDecodeError, ConfigError) as exc:
-            return _json(errors.invalid_request(str(exc)), 400)
-        return _json(config.to_dict())
+            return json_response(errors.invalid_request(str(exc)), 400)
+        return json_response(config.to_dict())
 
-    async def list_models(request: web.Request) -> web.StreamResponse:
-        reply = engine.list_models(request.headers.get("Authorization"))
-        return _json(reply.body, reply.status, reply.headers)
+    async def daily_reset(request: web.Request) -> web.StreamResponse:
+        engine.stats.daily_tokens.clear()  # a new day at Azure: parked deployments may resume
+        return json_response({"status": "ok"})
 
     async def not_found(request: web.Request) -> web.StreamResponse:
+        if engine.config.dialect == "openai-compatible":
+            return json_response({"detail": "Not Found"}, 404)  # FastAPI's, as vLLM answers
         body = errors.invalid_request(f"Invalid URL ({request.method} {request.path})")
-        return _json(body, 404, {"x-request-id": f"req_{engine.new_id()}"})
+        return json_response(body, 404, {"x-request-id": f"req_{engine.new_id()}"})
 
-    for path, kind in ENDPOINTS.items():
-        app.router.add_post(path, _api_handler(engine, kind))
-    app.router.add_get("/v1/models", list_models)
+    dialect = engine.config.dialect
+    if dialect == "azure":
+        add_azure_routes(app, engine)
+    elif dialect == "openai-compatible":
+        add_selfhosted_routes(app, engine)
+    else:
+        add_openai_routes(app, engine)
     app.router.add_get("/health", health)
     app.router.add_get("/sim/stats", stats)
     app.router.add_post("/sim/reset", reset)
     app.router.add_get("/sim/config", get_config)
     app.router.add_post("/sim/config", set_config)
+    app.router.add_post("/sim/daily-reset", daily_reset)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 

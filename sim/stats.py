@@ -32,6 +32,14 @@ class Stats:
         self.calls_by_client_id: Counter[str] = Counter()
         self.answers_by_client_id: Counter[str] = Counter()  # 200s: answers paid for
         self.models_listed = 0  # GET /v1/models answered 200 (a client's key check; not an API call)
+        # Key fingerprints (sim.keys.fingerprint) per model or deployment, and per X-Client-Request-Id.
+        self.keys_by_model: dict[str, Counter[str]] = {}
+        self.keys_by_client_id: dict[str, Counter[str]] = {}
+        self.daily_tokens: Counter[str] = Counter()  # Azure: tokens charged today per deployment
+        self.filtered: Counter[str] = Counter()  # Azure content filter: "prompt" (400s) and "output"
+        # A self-hosted server's own view: most requests in service / waiting at once, refusals, served.
+        self.server = {"max_concurrent": 0, "max_queued": 0, "overloaded": 0, "served": 0}
+        self.tokenized = 0  # POST /tokenize answered
 
     def _slot(self, now: float) -> list[int]:
         second = max(0, int(now - self.started))
@@ -57,6 +65,24 @@ class Stats:
             row[0] += 1
             row[1] += charge
 
+    def record_key(self, model: str, client_id: str | None, key_fingerprint: str) -> None:
+        """The key (fingerprint) a request to ``model`` came with; ``model`` is "" when none was named."""
+        by_model = self.keys_by_model.get(model)
+        if by_model is None:
+            by_model = self.keys_by_model[model] = Counter()
+        by_model[key_fingerprint] += 1
+        if client_id is not None:
+            by_client = self.keys_by_client_id.get(client_id)
+            if by_client is None:
+                by_client = self.keys_by_client_id[client_id] = Counter()
+            by_client[key_fingerprint] += 1
+
+    def record_load(self, in_service: int, queued: int) -> None:
+        """A self-hosted server's occupancy as a request arrives or starts."""
+        server = self.server
+        server["max_concurrent"] = max(server["max_concurrent"], in_service)
+        server["max_queued"] = max(server["max_queued"], queued)
+
     def record_usage(self, prompt: int, completion: int, cost: float) -> None:
         """Usage billed for a successful response."""
         self.prompt_tokens += prompt
@@ -64,7 +90,7 @@ class Stats:
         self.spend_usd += cost
 
     def record_429(self, now: float, model: str, kind: str) -> None:
-        """A 429 of ``kind`` (one of ``R429_KINDS``)."""
+        """A 429 of ``kind`` (one of ``R429_KINDS``, or "daily_quota")."""
         self.r429[kind] += 1
         self._slot(now)[2] += 1
         self._model(model)[2] += 1
@@ -76,7 +102,8 @@ class Stats:
             "started_at": self.started_at,
             "requests_total": sum(self.by_status.values()),
             "by_status": {str(code): n for code, n in sorted(self.by_status.items())},
-            "r429": {kind: self.r429[kind] for kind in R429_KINDS},
+            # The OpenAI kinds always; a dialect's own ("daily_quota" at Azure) once seen.
+            "r429": {kind: self.r429[kind] for kind in R429_KINDS} | dict(self.r429),
             "faults": dict(self.faults),
             "accepted_requests": self.accepted_requests,
             "tokens_charged": self.tokens_charged,
@@ -89,6 +116,12 @@ class Stats:
             "calls_by_client_id": dict(self.calls_by_client_id),
             "answers_by_client_id": dict(self.answers_by_client_id),
             "models_listed": self.models_listed,
+            "keys_by_model": {model: dict(keys) for model, keys in self.keys_by_model.items()},
+            "keys_by_client_id": {cid: dict(keys) for cid, keys in self.keys_by_client_id.items()},
+            "daily_tokens": dict(self.daily_tokens),
+            "filtered": dict(self.filtered),
+            "server": dict(self.server),
+            "tokenized": self.tokenized,
         }
         if timeline:
             out["timeline"] = [

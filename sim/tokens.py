@@ -127,6 +127,11 @@ class PromptCounter:
         self._counts[name] = {}
         return encode
 
+    def encode(self, encoding: str, text: str) -> list[int] | None:
+        """``text``'s token ids (a server's ``/tokenize``); None when tiktoken is unavailable."""
+        encode = self._encoder(encoding)
+        return encode(text) if encode is not None else None
+
     def measure(self, encoding: str, mode: str) -> Callable[[str], int]:
         """A function giving one text's size in tokens under ``mode`` ("tiktoken" or "chars")."""
         encode = self._encoder(encoding) if mode == "tiktoken" else None

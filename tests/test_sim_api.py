@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ratequeue.sim.keys import fingerprint
 from ratequeue.sim.process import SimError, SimHandle, start_sim
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.e2e]  # the simulator runs as a subprocess
@@ -24,6 +25,8 @@ BASELINE: dict[str, Any] = {
     "tpm": 100_000_000,
     "strict_models": False,
     "api_key": None,
+    "accept_keys": [],
+    "per_key_buckets": False,
     "fail_rate": 0.0,
     "slow_rate": 0.0,
     "slow_ms": 0.0,
@@ -149,6 +152,22 @@ def test_api_key(client: httpx.Client, sim: SimHandle) -> None:
     assert wrong_key not in message and "9876543210" not in message
     assert post(client, "/v1/chat/completions", body, Authorization=f"Bearer {key}").status_code == 200
     assert key not in str(sim.config())  # the control endpoint masks it too
+
+
+def test_key_record_per_model_and_client_id(client: httpx.Client, sim: SimHandle) -> None:
+    """Which key each call came with (a fingerprint): two accounts' keys on one server, each its own buckets."""
+    first, second = "sk-account-one-0123456789", "sk-account-two-9876543210"
+    sim.configure(api_key=first, accept_keys=[second], per_key_buckets=True, models={"gpt-4o": {"rpm": 10}})
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 5}
+    for job, key in (("a", first), ("b", second), ("c", second)):
+        r = post(client, "/v1/chat/completions", body, Authorization=f"Bearer {key}", **{"X-Client-Request-Id": job})
+        assert r.status_code == 200
+    assert r.headers["x-ratelimit-remaining-requests"] == "8"  # the second account's own bucket: 2 of 10 used
+    stats = sim.stats()
+    assert stats["keys_by_client_id"] == {"a": {fingerprint(first): 1}, "b": {fingerprint(second): 1},
+                                          "c": {fingerprint(second): 1}}
+    assert stats["keys_by_model"] == {"gpt-4o": {fingerprint(first): 1, fingerprint(second): 2}}
+    assert first not in str(stats) and second not in str(sim.config())
 
 
 def fire(client: httpx.Client, count: int) -> list[int]:

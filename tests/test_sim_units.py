@@ -108,6 +108,34 @@ def test_limits_resolution_and_strict_models() -> None:
     assert config.updated({"models": None}).models == {}
 
 
+def test_bucket_borrows_past_a_short_window_only_when_full() -> None:
+    bucket = Bucket(60_000, 10, now=0.0)  # Azure's 10 s window: 10,000 tokens
+    assert not bucket.take(12_000) and bucket.take(12_000, borrow=True)  # full: passes, in debt
+    assert bucket.remaining == 0 and bucket.wait_for(12_000, borrow=True) == pytest.approx(12.0)
+    bucket.refill(1.0)
+    assert not bucket.take(500, borrow=True)  # still repaying
+
+
+def test_deployment_limits_derive_rpm_and_take_the_window() -> None:
+    config = SimConfig(tpm=50_000).updated({
+        "dialect": "azure", "azure_window": 1, "daily_quota_tokens": 900,
+        "deployments": ["eu:model=gpt-4o:tpm=20000", "us:model=gpt-4o:tpm=20000:rpm=500:daily=50"],
+    })
+    eu, us = config.limits_for("eu"), config.limits_for("us")
+    assert eu is not None and us is not None and config.limits_for("gpt-4o") is None  # deployments, not models
+    assert (eu.rpm, eu.burst_seconds, eu.served, eu.daily_tokens, eu.encoding) == (120, 1.0, "gpt-4o", 900,
+                                                                                    "o200k_base")
+    assert (us.rpm, us.daily_tokens) == (500, 50)
+    anything = SimConfig(tpm=10_000).updated({"dialect": "azure"}).limits_for("gpt-4o-mini")
+    assert anything is not None and (anything.rpm, anything.burst_seconds) == (60, 10.0)
+    with pytest.raises(ConfigError, match="only a deployment"):
+        parse_model_spec("gpt-4o:model=gpt-4o-mini")
+    with pytest.raises(ConfigError, match="azure_window"):
+        config.updated({"azure_window": 5})
+    with pytest.raises(ConfigError, match="dialect"):
+        config.updated({"dialect": "bedrock"})
+
+
 def test_config_update_validates_everything_or_nothing() -> None:
     config = SimConfig()
     with pytest.raises(ConfigError):
