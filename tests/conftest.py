@@ -47,9 +47,23 @@ KINDS = ("unit", "integration", "e2e")
 _KIND_FIXTURES = {"e2e": {"start_worker"}, "integration": {"redis_url", "rclient", "mredis"}}
 
 
+# Modules whose tests measure rates, shares or reaction times of real workers: they assert figures
+# that other tests' processes on the same cores would skew. Marked `serial`: scripts/test runs them
+# after the parallel part, one at a time, on an otherwise idle machine.
+SERIAL_MODULES = frozenset({
+    "test_batch_control", "test_charge_rule_families", "test_charge_rule_learning", "test_failure_kinds",
+    "test_fair_slots", "test_gate", "test_learning", "test_limiter_concurrency", "test_progress_e2e",
+    "test_redis_full", "test_scheduling", "test_shared_account", "test_shared_opening", "test_shared_share",
+    "test_window",
+})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Give each test without an explicit kind marker the kind of the fixtures it uses."""
+    """Give each test without an explicit kind marker the kind of the fixtures it uses; mark the
+    tests of SERIAL_MODULES `serial`."""
     for item in items:
+        if item.path.stem in SERIAL_MODULES:
+            item.add_marker("serial")
         if any(item.get_closest_marker(kind) for kind in KINDS):
             continue
         used = set(getattr(item, "fixturenames", ()))
