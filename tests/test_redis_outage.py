@@ -20,7 +20,7 @@ from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
 from ratequeue.producer.embedded import EmbeddedRedis
 from ratequeue.sim.process import start_sim
-from tests.conftest import base_env
+from tests.conftest import base_env, wait_until
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
@@ -42,6 +42,10 @@ def _tolerant(fn: Callable[[], Any], timeout: float = 30) -> Any:
             time.sleep(0.2)
 
 
+def _done(client: Client, batch_id: str) -> int:
+    return int(_tolerant(lambda: client.status(batch_id))["request_counts"]["completed"])
+
+
 def test_redis_killed_and_restarted_three_times_under_busy_workers_loses_and_repeats_nothing(
     tmp_path: Path, start_worker: StartWorker
 ) -> None:
@@ -57,9 +61,16 @@ def test_redis_killed_and_restarted_three_times_under_busy_workers_loses_and_rep
             workers = [start_worker(env), start_worker(env)]
             client = Client(load_settings(env))
             batch_id = client.submit_batch(_jobs(jobs)).batch_id
+            done_before = 0
             for down_for in (1.0, 3.0, 6.0):
-                time.sleep(4.0)
-                assert 0 < _tolerant(lambda: client.status(batch_id))["request_counts"]["completed"] < jobs
+                # Each kill after the workers have made progress since the last restart (not after a
+                # fixed time: workers start late on a loaded machine), and before the batch is done.
+                def progressed(since: int = done_before) -> bool:
+                    return _done(client, batch_id) >= since + 40
+
+                wait_until(progressed, 60, "the workers to complete 40 more jobs")
+                done_before = _done(client, batch_id)
+                assert done_before < jobs
                 server.kill()
                 time.sleep(down_for)
                 server.start()
