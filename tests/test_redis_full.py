@@ -19,7 +19,7 @@ from ratequeue.errors import RedisFullError
 from ratequeue.jobstore import keys
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import start_sim
-from tests.conftest import base_env, private_redis
+from tests.conftest import base_env, private_redis, wait_until
 
 StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
 
@@ -60,14 +60,19 @@ def test_busy_workers_keep_paid_answers_while_redis_is_full_and_finish_exactly_o
         workers = [start_worker(env), start_worker(env)]
         client = Client(load_settings(env))
         batch_id = client.submit_batch(_jobs("f", jobs)).batch_id
-        time.sleep(3.0)
+
+        def calls_made() -> int:
+            return sum(sim.stats()["calls_by_client_id"].values())
+
+        # Full once the workers are busy (not after a fixed time: they start late on a loaded machine).
+        wait_until(lambda: calls_made() >= 20, 60, "the workers' first calls")
         admin = redis.Redis.from_url(url)
         admin.config_set("maxmemory", 1)  # full: every write that needs memory is refused
         full_at = client.status(batch_id)["request_counts"]["completed"]
-        time.sleep(5.0)
-        calls_while_full = sum(sim.stats()["calls_by_client_id"].values())
+        # Answers come back and are paid for while nothing can be stored: they are held.
+        wait_until(lambda: calls_made() > full_at, 30, "calls answered while Redis is full")
+        time.sleep(1.0)  # a flush or two of the held answers, refused
         assert client.status(batch_id)["request_counts"]["completed"] == full_at  # nothing could be stored
-        assert calls_while_full > full_at  # ... but answers came back and were paid for: they are held
         admin.config_set("maxmemory", 0)
         done = client.wait(batch_id, timeout=90, poll=0.5)
         calls = sim.stats()["calls_by_client_id"]
