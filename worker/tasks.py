@@ -20,7 +20,8 @@ from celery.exceptions import Reject
 from tenacity import Retrying, retry_if_exception_type, wait_fixed
 
 from ratequeue import broker
-from ratequeue.config.models import load_model_table
+from ratequeue.config.accounts import AccountTable
+from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import Settings, shown_redis_url
 from ratequeue.jobstore.heartbeats import advertised_address
 from ratequeue.queue import DEFAULT_REDIS_URL, send_chunk
@@ -42,9 +43,12 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is our
 class WorkerRuntime:
     """Everything a worker process runs for ratequeue, from one ``Settings``."""
 
-    def __init__(self, settings: Settings, app: Any) -> None:
+    def __init__(self, settings: Settings, app: Any, accounts: AccountTable | None = None) -> None:
         self.settings = settings
         self.app = app
+        # Read once per process, before any chunk: a key missing here makes its account unusable
+        # (its jobs are left to workers that hold it), not the whole worker.
+        self.accounts = accounts or load_account_table(settings, require_credentials=False)
         self._lock = threading.Lock()
         self._engine: Engine | None = None
         self._mover: DeferredMover | None = None
@@ -71,7 +75,7 @@ class WorkerRuntime:
         with self._lock:
             if self._engine is None:
                 ensure_offline_encodings()
-                self._engine = Engine(self.settings, load_model_table(self.settings))
+                self._engine = Engine(self.settings, self.accounts.table, self.accounts)
             return self._engine
 
     def dead_letters(self) -> DeadLetters:
@@ -148,9 +152,11 @@ class WorkerRuntime:
 
     def _start_metrics(self, consumer: Any) -> None:
         """Every configured (model, account)'s series at zero, the pool's slots, then serve."""
-        s = self.settings
-        table = load_model_table(s)
-        metrics.start_pairs((name, s.account_id) for name in table.names())
+        s, accounts = self.settings, self.accounts
+        if accounts.implicit:
+            metrics.start_pairs((name, s.account_id) for name in accounts.table.names())
+        else:  # the routes this worker can send on; metrics name each by its bucket's (account, model)
+            metrics.start_pairs((r.pair[1], r.pair[0]) for r in accounts.all_routes() if r.account.unusable is None)
         concurrency = getattr(getattr(consumer, "controller", None), "concurrency", None)
         metrics.set_slots(int(concurrency or s.worker_slots))
         start_metrics_server(s.metrics_port, s.metrics_host)
