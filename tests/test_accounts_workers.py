@@ -1,0 +1,107 @@
+"""Accounts are data (issue 13): every job goes out with its own account's key, to its account's
+server, whichever worker runs it. Real worker processes, real Redis, one simulator per account
+(each requiring its own key: a request with another key would be a 401 there).
+
+The finding reproduced: two workers holding different keys on one Redis sent each submitter's jobs
+with whichever key the worker that took them held.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ratequeue.config.settings import load_settings
+from ratequeue.producer.api import Client
+from ratequeue.sim.process import SimHandle, start_sim
+from tests.conftest import base_env
+
+pytestmark = pytest.mark.e2e
+
+StartWorker = Callable[[dict[str, str]], subprocess.Popen[bytes]]
+KEY_A = "sk-team-a-0123456789abcdef"
+KEY_B = "sk-team-b-fedcba9876543210"
+
+
+@pytest.fixture
+def sims() -> Iterator[tuple[SimHandle, SimHandle]]:
+    with start_sim(["--api-key", KEY_A]) as a, start_sim(["--api-key", KEY_B]) as b:
+        yield a, b
+
+
+def _models_file(tmp_path: Path, a: SimHandle, b: SimHandle) -> Path:
+    path = tmp_path / "models.toml"
+    path.write_text(f"""\
+default_account = "team-a"
+
+[accounts.team-a]
+base_url = "{a.url}"
+api_key_env = "KEY_A"
+
+[accounts.team-b]
+base_url = "{b.url}"
+api_key_env = "KEY_B"
+""")
+    return path
+
+
+def _env(redis_url: str, tmp_path: Path, models: Path, **keys: str) -> dict[str, str]:
+    """A worker's (or submitter's) environment: the models file and only the keys given; the
+    environment's own OPENAI_* point at team a's server with team a's key, as the workers of the
+    finding had (before the fix, every job went there with it)."""
+    env = base_env(redis_url, "http://127.0.0.1:9", tmp_path, RATEQUEUE_MODELS_FILE=str(models), **keys)
+    env.pop("OPENAI_API_KEY")
+    return env
+
+
+def _requests(n: int) -> list[dict[str, object]]:
+    """Jobs of both accounts, interleaved: odd lines name team-b, even ones take the default (team-a)."""
+    lines: list[dict[str, object]] = []
+    for i in range(n):
+        line: dict[str, object] = {
+            "custom_id": f"{'b' if i % 2 else 'a'}-{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": f"item {i}"}]},
+        }
+        if i % 2:
+            line["account"] = "team-b"
+        lines.append(line)
+    return lines
+
+
+def _check_each_job_went_to_its_own_account(batch_id: str, batch: dict[str, object], a: SimHandle,
+                                           b: SimHandle, n: int) -> None:
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+    for sim, mine in ((a, "a-"), (b, "b-")):
+        stats = sim.stats(timeline=False)
+        seen = {cid.split("/", 1)[1] for cid in stats["calls_by_client_id"]}
+        assert seen == {f"{mine}{i}" for i in range(n) if (i % 2 == 1) == (mine == "b-")}, (
+            f"{sim.url} ({mine[0]}'s server) saw other jobs than its account's: {sorted(seen)}")
+        assert "401" not in stats["by_status"], f"a request reached {sim.url} with another account's key"
+        assert stats["by_status"].get("200") == n // 2
+
+
+def test_one_worker_holding_both_keys_sends_each_job_with_its_own_account(
+        redis_url: str, tmp_path: Path, start_worker: StartWorker, sims: tuple[SimHandle, SimHandle]) -> None:
+    a, b = sims
+    models = _models_file(tmp_path, a, b)
+    start_worker(_env(redis_url, tmp_path, models, KEY_A=KEY_A, KEY_B=KEY_B))
+    client = Client(load_settings(_env(redis_url, tmp_path, models)))  # the submitter holds no key
+    batch_id = client.submit_batch(_requests(20)).batch_id
+    _check_each_job_went_to_its_own_account(batch_id, client.wait(batch_id, timeout=60), a, b, 20)
+
+
+def test_two_workers_with_different_keys_each_send_only_their_own_accounts_jobs(
+        redis_url: str, tmp_path: Path, start_worker: StartWorker, sims: tuple[SimHandle, SimHandle]) -> None:
+    """The finding: each worker holds one key. A job of the other account is left to the worker
+    that holds its key (deferred, never sent with the wrong one), and every job completes."""
+    a, b = sims
+    models = _models_file(tmp_path, a, b)
+    # Each worker's own environment also names its own server and key, as before accounts.
+    start_worker({**_env(redis_url, tmp_path, models, KEY_A=KEY_A), "OPENAI_BASE_URL": a.url, "OPENAI_API_KEY": KEY_A})
+    start_worker({**_env(redis_url, tmp_path, models, KEY_B=KEY_B), "OPENAI_BASE_URL": b.url, "OPENAI_API_KEY": KEY_B})
+    client = Client(load_settings(_env(redis_url, tmp_path, models)))
+    batch_id = client.submit_batch(_requests(30)).batch_id
+    _check_each_job_went_to_its_own_account(batch_id, client.wait(batch_id, timeout=90), a, b, 30)
