@@ -17,7 +17,7 @@ import pytest
 from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import SimHandle, start_sim
-from tests.conftest import base_env
+from tests.conftest import base_env, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -105,3 +105,40 @@ def test_two_workers_with_different_keys_each_send_only_their_own_accounts_jobs(
     client = Client(load_settings(_env(redis_url, tmp_path, models)))
     batch_id = client.submit_batch(_requests(30)).batch_id
     _check_each_job_went_to_its_own_account(batch_id, client.wait(batch_id, timeout=90), a, b, 30)
+
+
+def test_a_worker_without_one_accounts_key_runs_the_others_and_leaves_that_ones_jobs_waiting(
+        redis_url: str, tmp_path: Path, start_worker: StartWorker, sims: tuple[SimHandle, SimHandle]) -> None:
+    """Team a's jobs run; team b's are neither sent (b's server sees nothing) nor failed: they wait,
+    and run once a worker holding b's key starts."""
+    a, b = sims
+    models = _models_file(tmp_path, a, b)
+    start_worker(_env(redis_url, tmp_path, models, KEY_A=KEY_A))
+    client = Client(load_settings(_env(redis_url, tmp_path, models)))
+    batch_id = client.submit_batch(_requests(10)).batch_id
+    wait_until(lambda: client.status(batch_id)["request_counts"]["completed"] == 5, 30, "team a's 5 jobs")
+    assert client.status(batch_id)["request_counts"]["failed"] == 0
+    assert b.stats(timeline=False)["requests_total"] == 0
+    start_worker(_env(redis_url, tmp_path, models, KEY_B=KEY_B))
+    _check_each_job_went_to_its_own_account(batch_id, client.wait(batch_id, timeout=60), a, b, 10)
+
+
+def test_a_self_hosted_model_runs_with_no_key_and_no_rate_limit_headers(
+        redis_url: str, tmp_path: Path, start_worker: StartWorker) -> None:
+    """Any model name on an openai-compatible account: no models table entry, no key, no headers
+    (its limits unknown: nothing holds it back but the server)."""
+    with start_sim(["--no-ratelimit-headers", "--latency-ms", "20"]) as gpu:
+        models = tmp_path / "models.toml"
+        models.write_text(f'[accounts.gpu]\ndialect = "openai-compatible"\nbase_url = "{gpu.url}"\n')
+        env = _env(redis_url, tmp_path, models)
+        start_worker(env)
+        client = Client(load_settings(env))
+        lines = [{"custom_id": f"l-{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "llama3.1:8b", "max_tokens": 5, "messages": [{"role": "user", "content": f"{i}"}]}}
+                 for i in range(40)]
+        batch_id = client.submit_batch(lines).batch_id
+        batch = client.wait(batch_id, timeout=60)
+        stats = gpu.stats(timeline=False)
+    assert batch["request_counts"] == {"total": 40, "completed": 40, "failed": 0}
+    assert stats["by_status"] == {"200": 40}
+    assert batch["usage"]["prompt_tokens"] > 0

@@ -122,7 +122,8 @@ class JobRunner:
             return STORED
         if target.refused is not None:  # never sent with another key: left to a worker holding it
             deadline = started + self.settings.job_deadline_seconds
-            return await self.routing.refuse(self.store, self.outcomes, batch_id, job, target, deadline)
+            return await self.routing.refuse(self.store, self.outcomes, batch_id, job, target, deadline,
+                                             self.settings.park_cooldown_seconds)
         spec = target.spec
         gate = await self._gate(target.account, spec)
         run = JobRun(batch_id, job, spec, target.account, gate, started + self.settings.job_deadline_seconds,

@@ -23,6 +23,7 @@ from ratequeue import broker
 from ratequeue.config.accounts import AccountTable
 from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import Settings, shown_redis_url
+from ratequeue.jobstore import deferrals, keys
 from ratequeue.jobstore.heartbeats import advertised_address
 from ratequeue.queue import DEFAULT_REDIS_URL, send_chunk
 from ratequeue.redis_tls import redis_options
@@ -35,6 +36,7 @@ from ratequeue.worker.engine import Engine, WorkerStopping
 from ratequeue.worker.metrics_redis import TimedRedis
 from ratequeue.worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server, worker_name
 from ratequeue.worker.reaper import Reaper
+from ratequeue.worker.routing import held_accounts
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is ours (engine), not httpx's
@@ -148,7 +150,17 @@ class WorkerRuntime:
         )
         self._mover.start()
         self._start_metrics(sender)
+        self._advertise_accounts()
         self.engine()  # warm up: encodings and connections before the first chunk arrives
+
+    def _advertise_accounts(self) -> None:
+        """Say which accounts this worker holds keys for (a worker without one leaves their jobs to
+        it: worker.routing), and make the jobs that waited for such a worker due now."""
+        held = held_accounts(self.accounts)
+        if held:
+            self.redis.hset(keys.accounts_held(), self.name, ",".join(held))
+            for name in held:
+                deferrals.wake_refused(self.redis, name)
 
     def _start_metrics(self, consumer: Any) -> None:
         """Every configured (model, account)'s series at zero, the pool's slots, then serve."""
@@ -173,6 +185,11 @@ class WorkerRuntime:
             mark_process_dead(pid)
 
     def on_shutdown(self, **_: Any) -> None:
+        if not self.accounts.implicit:
+            try:
+                self.redis.hdel(keys.accounts_held(), self.name)
+            except redis.RedisError as exc:  # a dead worker's entry is ignored anyway (no heartbeat)
+                log.warning("could not withdraw this worker's accounts: %s", exc)
         if self._reaper is not None:
             self._reaper.stop()
         if self._heartbeat is not None:

@@ -40,3 +40,12 @@ def wake_pair(client: redis.Redis, account: str, model: str) -> int:
         pipe.delete(keys.parked_jobs(account, model))
         members, _ = pipe.execute()
     return wake(client, members)
+
+
+def wake_refused(client: redis.Redis, account: str) -> int:
+    """Make the jobs deferred for lack of account `account`'s key due now (a worker holding it started)."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.smembers(keys.refused_jobs(account))
+        pipe.delete(keys.refused_jobs(account))
+        members, _ = pipe.execute()
+    return wake(client, members)
