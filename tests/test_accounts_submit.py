@@ -62,8 +62,8 @@ def _accounts(tmp_path: Path, text: str = MODELS) -> AccountTable:
 
 
 def _line(n: int, model: str = "gpt-4o-mini", account: object = None, **extra: object) -> bytes:
-    line: dict[str, object] = {"custom_id": f"c-{n}", "method": "POST", "url": "/v1/chat/completions",
-                               "body": {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}}
+    body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    line: dict[str, object] = {"custom_id": f"c-{n}", "method": "POST", "url": "/v1/chat/completions", "body": body}
     if account is not None:
         line["account"] = account
     return orjson.dumps({**line, **extra})
