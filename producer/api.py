@@ -204,9 +204,9 @@ class Client(BatchOperations):
         return batch_object(self.redis, batch_id)
 
     def model_limits(self, model: str) -> ModelLimits | None:
-        """The per-minute limits ``model`` runs at: learned by the workers, else configured
-        (None for a model the table does not know)."""
-        return model_limits(self.redis, self.table, self.settings.account_id, model)
+        """The per-minute limits ``model`` runs at on the default account: learned by the workers,
+        else configured (None for a model the table does not know)."""
+        return model_limits(self.redis, self.table, self._bucket_account(None), model)
 
     def wait(self, batch_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         """Block until the batch reaches a final status; returns the Batch object.

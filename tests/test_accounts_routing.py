@@ -15,32 +15,10 @@ from ratequeue.config.settings import load_settings
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.worker.routing import Routing, held_accounts
 from ratequeue.worker.upstream import UpstreamClient
+from tests.test_accounts_submit import MODELS  # team-a, team-b, gpu and azure-eu
 
 AZURE_KEY = "0123456789abcdefazuresecret"
 KEY_A = "sk-team-a-0123456789abcdef"
-MODELS = """\
-default_account = "team-a"
-
-[accounts.team-a]
-api_key_env = "KEY_A"
-
-[accounts.team-b]
-api_key_env = "KEY_B"
-
-[accounts.gpu]
-dialect = "openai-compatible"
-base_url = "http://gpu1:8000"
-
-[accounts.azure-eu]
-dialect = "azure"
-base_url = "https://myres-eu.openai.azure.com"
-api_version = "2024-10-21"
-api_key_env = "AZURE_EU_KEY"
-
-[accounts.azure-eu.deployments.gpt-4o-mini]
-deployment = "gpt4omini-eu"
-tpm = 200000
-"""
 
 
 def _routing(tmp_path: Path) -> Routing:
