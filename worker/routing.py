@@ -9,35 +9,30 @@ Without ``[accounts]`` nothing changes: the bucket is the batch's account id (th
 fingerprint, as before) and the request goes out with the client's own environment key.
 
 A route whose account this worker holds no credentials for (its key's variable or file is missing
-here: ``Account.unusable``) is refused, never sent with another key: its jobs are deferred and go back
-to the queue, where a worker that holds the key takes them. Each worker writes the accounts it holds
-at start (``keys.accounts_held``); a refused job waits about a second while a live worker holds its
-key, else ``RATEQUEUE_PARK_COOLDOWN`` seconds, and a worker holding the key makes such jobs due when it
-starts (``keys.refused_jobs``). Deferred, not handed back as a requeued message: a requeued message
-returns to the queue and the same idle worker takes it again at once (a busy loop while it is the
-only worker), whereas a deferred job waits in Redis, safe from crashes, and counts no attempt.
-Parking the pair in Redis would stop the workers that do hold the key, so the refusal stays in this
-worker's view (logged when it starts and whenever a holder appears or goes, counted as a ``parked``
-deferral; ``ratequeue status`` shows no pause, the worker's log does).
+here: ``Account.unusable``) is refused, never sent with another key: its jobs are deferred for
+``RATEQUEUE_PARK_COOLDOWN`` seconds and noted per account (``keys.refused_jobs``); every worker that
+holds the key makes them due within ``WAKE_SECONDS`` (worker.tasks), and one of them takes them from
+the queue (the refuser may take one again: it defers it again, no attempt counted). Deferred, not
+handed back as a requeued message: a requeued message returns to the queue and the same idle worker
+takes it again at once (a busy loop while it is the only worker), whereas a deferred job waits in
+Redis, safe from crashes. Parking the pair in Redis would stop the workers that do hold the key, so
+the refusal stays in this worker's view: logged once per account, counted as a ``parked`` deferral;
+each worker writes the accounts it holds (``keys.accounts_held``), and ``ratequeue status`` shows
+how many live workers hold each account's key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from ratequeue.config.accounts import AccountTable, Route
 from ratequeue.config.models import ModelSpec
 from ratequeue.jobstore import keys
-from ratequeue.jobstore.codec import text
-from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, workers_key
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.worker import metrics
@@ -48,9 +43,7 @@ from ratequeue.worker.store import JobStore
 
 log = logging.getLogger(__name__)
 
-# How long a job this worker cannot send waits before it is queued again while another live worker
-# holds its key (it may take this worker again: about a second a bounce, no attempt counted).
-REFUSED_DEFER_SECONDS = 1.0
+WAKE_SECONDS = 1.0  # how often a worker makes due the jobs refused by workers without its accounts' keys
 
 
 def held_accounts(accounts: AccountTable) -> list[str]:
@@ -78,8 +71,7 @@ class Routing:
 
     def __init__(self, accounts: AccountTable) -> None:
         self.accounts = accounts
-        self._warned: dict[str, bool] = {}  # account -> held elsewhere, when its refusal was last logged
-        self._held: dict[str, tuple[float, bool]] = {}  # account -> (when asked, held by a live worker)
+        self._warned: set[str] = set()  # accounts whose refusal this worker has logged
 
     def route(self, job: StoredJob) -> Route:
         """The route `job` takes (the first one). Raises InvalidRequestError or UnknownModelError."""
@@ -99,46 +91,28 @@ class Routing:
 
     async def refuse(self, store: JobStore, outcomes: Outcomes, batch_id: str, job: StoredJob, target: Target,
                      deadline: float, idle_wait: float) -> Step:
-        """`job` cannot be sent by this worker (no credentials for its account here): deferred for a
-        worker that holds them, or failed once `deadline` (time.time()) has passed with none having
-        taken it. The wait is short (jittered) while a live worker holds the key, else `idle_wait`
-        (a worker holding it makes the job due when it starts: ``keys.refused_jobs``)."""
+        """`job` cannot be sent by this worker (no credentials for its account here): deferred for
+        `idle_wait` seconds and noted in ``keys.refused_jobs``, whose jobs every worker holding the key
+        makes due within ``WAKE_SECONDS`` (``wake_refused``); failed once `deadline` (time.time())
+        has passed with none having taken it."""
         account = target.route.account
         if time.time() > deadline:
             message = (f"no worker holding the credentials of account {account.name!r} took it before its "
                        f"deadline (RATEQUEUE_JOB_DEADLINE); here: {target.refused}")
             await outcomes.fail(batch_id, job, DEADLINE_EXCEEDED, message, param="account")
             return STORED
-        held = await self._held_elsewhere(store.redis, account.name)
-        if self._warned.get(account.name) != held:
-            self._warned[account.name] = held
-            log.warning("account %r: this worker holds no credentials for it (%s); %s", account.name, target.refused,
-                        "its jobs are left to the workers that do" if held else
-                        f"no live worker holds them: its jobs wait (asked again every {idle_wait:.0f} s, "
-                        "or when a worker holding them starts)")
-        wait = REFUSED_DEFER_SECONDS * random.uniform(0.5, 1.5) if held else idle_wait
-        member = f"{batch_id}{DEFERRED_SEP}{job.custom_id}"
+        if account.name not in self._warned:
+            self._warned.add(account.name)
+            log.warning("account %r: this worker holds no credentials for it (%s); its jobs are left to the workers "
+                        "that do (`ratequeue status` counts them under accounts)", account.name, target.refused)
+        # Deferred first, noted second: a wake between the two finds the note later, never a job not yet deferred.
+        await store.defer(batch_id, job.custom_id, idle_wait)
         async with store.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(keys.refused_jobs(account.name), member)
+            pipe.sadd(keys.refused_jobs(account.name), f"{batch_id}{DEFERRED_SEP}{job.custom_id}")
             pipe.expire(keys.refused_jobs(account.name), int(idle_wait) + 3600)  # outlives the wait it serves
             await pipe.execute()
-        await store.defer(batch_id, job.custom_id, wait)
         metrics.deferred(target.spec.name, target.account, Deferral.PARKED.value)
         return Step(End.DEFERRED, Deferral.PARKED)
-
-    async def _held_elsewhere(self, redis: aioredis.Redis, account: str) -> bool:
-        """Does a live worker (a heartbeat within HEARTBEAT_STALE_SECONDS) hold `account`'s key?
-        Asked at most once a second per account."""
-        asked = self._held.get(account)
-        if asked is not None and time.monotonic() - asked[0] < 1.0:
-            return asked[1]
-        seconds, _ = await redis.time()
-        live = [text(name) for name in await redis.zrangebyscore(workers_key(), seconds - HEARTBEAT_STALE_SECONDS,
-                                                                   "+inf")]
-        lists = await redis.hmget(keys.accounts_held(), live) if live else []
-        held = any(account in text(found).split(",") for found in lists if found)
-        self._held[account] = (time.monotonic(), held)
-        return held
 
     @staticmethod
     def request(route: Route | None, job: StoredJob) -> tuple[str, Mapping[str, Any], Mapping[str, str] | None]:

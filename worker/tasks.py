@@ -36,7 +36,7 @@ from ratequeue.worker.engine import Engine, WorkerStopping
 from ratequeue.worker.metrics_redis import TimedRedis
 from ratequeue.worker.metrics_server import Heartbeat, mark_process_dead, start_metrics_server, worker_name
 from ratequeue.worker.reaper import Reaper
-from ratequeue.worker.routing import held_accounts
+from ratequeue.worker.routing import WAKE_SECONDS, held_accounts
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call is ours (engine), not httpx's
@@ -62,6 +62,7 @@ class WorkerRuntime:
         app.conf.broker_transport_options = {**app.conf.broker_transport_options, broker.HOLDER_OPTION: self.name}
         self._redis: redis.Redis | None = None
         self._dead_letters: DeadLetters | None = None
+        self._stopped = threading.Event()  # set at shutdown: ends this runtime's own threads
 
     @property
     def redis(self) -> redis.Redis:
@@ -154,13 +155,22 @@ class WorkerRuntime:
         self.engine()  # warm up: encodings and connections before the first chunk arrives
 
     def _advertise_accounts(self) -> None:
-        """Say which accounts this worker holds keys for (a worker without one leaves their jobs to
-        it: worker.routing), and make the jobs that waited for such a worker due now."""
+        """Say which accounts this worker holds keys for (``status`` counts them), and keep making
+        due the jobs that workers without those keys deferred (worker.routing)."""
         held = held_accounts(self.accounts)
-        if held:
-            self.redis.hset(keys.accounts_held(), self.name, ",".join(held))
-            for name in held:
-                deferrals.wake_refused(self.redis, name)
+        if not held:
+            return
+        self.redis.hset(keys.accounts_held(), self.name, ",".join(held))
+
+        def wake() -> None:
+            while not self._stopped.wait(WAKE_SECONDS):
+                try:
+                    for name in held:
+                        deferrals.wake_refused(self.redis, name)
+                except redis.RedisError as exc:  # Redis away for a moment: the next round may work
+                    log.debug("refused jobs not woken: %s", exc)
+
+        threading.Thread(target=wake, name="ratequeue-wake-refused", daemon=True).start()
 
     def _start_metrics(self, consumer: Any) -> None:
         """Every configured (model, account)'s series at zero, the pool's slots, then serve."""
@@ -185,6 +195,7 @@ class WorkerRuntime:
             mark_process_dead(pid)
 
     def on_shutdown(self, **_: Any) -> None:
+        self._stopped.set()
         if not self.accounts.implicit:
             try:
                 self.redis.hdel(keys.accounts_held(), self.name)
