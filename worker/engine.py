@@ -37,7 +37,7 @@ from ratequeue.config.accounts import AccountTable
 from ratequeue.config.accounts_load import implicit_table
 from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
-from ratequeue.errors import InvalidRequestError, UnknownModelError
+from ratequeue.errors import InvalidRequestError
 from ratequeue.jobstore import keys, records
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redis_tls import redis_options
@@ -244,7 +244,7 @@ class Engine:
         for (_, model), jobs in by_model.items():
             try:
                 target = self.routing.target(state.account, jobs[0][0])
-            except (InvalidRequestError, UnknownModelError):
+            except InvalidRequestError:
                 target = None
             if target is None or target.refused is not None:
                 admitted += jobs  # the runner fails an unknown model, defers a refused account's jobs at once

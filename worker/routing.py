@@ -32,6 +32,7 @@ from typing import Any
 
 from ratequeue.config.accounts import AccountTable, Route
 from ratequeue.config.models import ModelSpec
+from ratequeue.errors import InvalidRequestError, UnknownModelError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.keys import DEFERRED_SEP
@@ -79,8 +80,12 @@ class Routing:
 
     def target(self, batch_account: str, job: StoredJob) -> Target:
         """`job`'s route and bucket; `batch_account` keys the bucket without [accounts]. Raises
-        InvalidRequestError (an account or deployment this configuration lacks) or UnknownModelError."""
-        route = self.route(job)
+        InvalidRequestError: an account or deployment this configuration lacks, or an unknown model
+        (code ``model_not_found``, field ``body.model``, the reason UnknownModelError's text)."""
+        try:
+            route = self.route(job)
+        except UnknownModelError as exc:
+            raise InvalidRequestError("body.model", str(exc), code="model_not_found") from exc
         if route.account.implicit:
             return Target(route, batch_account, route.spec)
         account, model = route.pair

@@ -31,7 +31,7 @@ from ratequeue.config.accounts_load import implicit_table
 from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec, ModelTable
 from ratequeue.config.settings import Settings
-from ratequeue.errors import InvalidRequestError, RequestTooLargeError, UnknownModelError
+from ratequeue.errors import InvalidRequestError, RequestTooLargeError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redact import configured_secrets, redact_response
@@ -114,16 +114,13 @@ class JobRunner:
             return halt
         try:
             target = self.routing.target(state.account, job)
-        except UnknownModelError as exc:
-            await self.outcomes.fail(batch_id, job, "model_not_found", str(exc), param="body.model")
-            return STORED
-        except InvalidRequestError as exc:  # the configuration lost the job's account or deployment
-            await self.outcomes.fail(batch_id, job, exc.code, str(exc), param=exc.field)
+        except InvalidRequestError as exc:  # an unknown model, or an account or deployment the configuration lost
+            await self.outcomes.fail(batch_id, job, exc.code, exc.reason, param=exc.field)
             return STORED
         if target.refused is not None:  # never sent with another key: left to a worker holding it
-            deadline = started + self.settings.job_deadline_seconds
-            return await self.routing.refuse(self.store, self.outcomes, batch_id, job, target, deadline,
-                                             self.settings.park_cooldown_seconds)
+            s = self.settings
+            return await self.routing.refuse(self.store, self.outcomes, batch_id, job, target,
+                                             started + s.job_deadline_seconds, s.park_cooldown_seconds)
         spec = target.spec
         gate = await self._gate(target.account, spec)
         run = JobRun(batch_id, job, spec, target.account, gate, started + self.settings.job_deadline_seconds,
