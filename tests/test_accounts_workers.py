@@ -9,9 +9,11 @@ with whichever key the worker that took them held.
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from ratequeue.config.settings import load_settings
@@ -145,3 +147,39 @@ def test_a_self_hosted_model_runs_with_no_key_and_no_rate_limit_headers(
     assert batch["request_counts"] == {"total": 40, "completed": 40, "failed": 0}
     assert stats["by_status"] == {"200": 40}
     assert batch["usage"]["prompt_tokens"] > 0
+
+
+def test_run_account_sends_the_batch_with_that_account_after_checking_its_server(
+        redis_url: str, tmp_path: Path) -> None:
+    """`ratequeue run --account gpu`: the key check asks the account's server (no key needed), the
+    local workers send every job there; a model only that account serves is accepted."""
+    with start_sim(["--no-ratelimit-headers"]) as gpu, start_sim(["--api-key", KEY_A]) as a:
+        models = tmp_path / "models.toml"
+        models.write_text(f'default_account = "team-a"\n[accounts.team-a]\nbase_url = "{a.url}"\n'
+                          f'api_key_env = "KEY_A"\n[accounts.gpu]\ndialect = "openai-compatible"\n'
+                          f'base_url = "{gpu.url}"\n')
+        lines = [{"custom_id": f"l-{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "mistralai/Mistral-7B-Instruct", "max_tokens": 5,
+                           "messages": [{"role": "user", "content": f"{i}"}]}} for i in range(5)]
+        (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        env = _env(redis_url, tmp_path, models, KEY_A=KEY_A)
+        proc = subprocess.run([sys.executable, "-m", "ratequeue.producer.cli", "run", "--account", "gpu",
+                               str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")],
+                              env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5
+        stats = gpu.stats(timeline=False)
+        assert stats["by_status"] == {"200": 5} and stats["models_listed"] == 1  # the key check went there
+        assert a.stats(timeline=False)["requests_total"] == 0
+
+
+def test_a_worker_with_a_bad_accounts_table_exits_naming_file_line_and_field(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[accounts.azure-eu]\ndialect = "azure"\nbase_url = "https://r.openai.azure.com"\n'
+                      'api_key_env = "AZURE_EU_KEY"\n')
+    env = _env("redis://127.0.0.1:9/0", tmp_path, models)
+    proc = subprocess.run([sys.executable, "-m", "ratequeue.worker"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f'{models}:1: accounts.azure-eu: an azure account needs api_version (e.g. "2024-10-21")')
