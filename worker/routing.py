@@ -11,8 +11,8 @@ fingerprint, as before) and the request goes out with the client's own environme
 A route whose account this worker holds no credentials for (its key's variable or file is missing
 here: ``Account.unusable``) is refused, never sent with another key: its jobs are deferred for
 ``RATEQUEUE_PARK_COOLDOWN`` seconds and noted per account (``keys.refused_jobs``); every worker that
-holds the key makes them due within ``WAKE_SECONDS`` (worker.tasks), and one of them takes them from
-the queue (the refuser may take one again: it defers it again, no attempt counted). Deferred, not
+holds the key makes a few chunks of them due each ``WAKE_SECONDS`` (worker.tasks), and one of them
+takes them from the queue (the refuser may take one again: it defers it again, no attempt counted). Deferred, not
 handed back as a requeued message: a requeued message returns to the queue and the same idle worker
 takes it again at once (a busy loop while it is the only worker), whereas a deferred job waits in
 Redis, safe from crashes. Parking the pair in Redis would stop the workers that do hold the key, so
@@ -97,9 +97,9 @@ class Routing:
     async def refuse(self, store: JobStore, outcomes: Outcomes, batch_id: str, job: StoredJob, target: Target,
                      deadline: float, idle_wait: float) -> Step:
         """`job` cannot be sent by this worker (no credentials for its account here): deferred for
-        `idle_wait` seconds and noted in ``keys.refused_jobs``, whose jobs every worker holding the key
-        makes due within ``WAKE_SECONDS`` (``wake_refused``); failed once `deadline` (time.time())
-        has passed with none having taken it."""
+        `idle_wait` seconds and noted in ``keys.refused_jobs``, whose jobs the workers holding the key
+        make due (``jobstore.deferrals.wake_refused``); failed once `deadline` (time.time()) has passed
+        with none having taken it."""
         account = target.route.account
         if time.time() > deadline:
             message = (f"no worker holding the credentials of account {account.name!r} took it before its "

@@ -161,12 +161,15 @@ class WorkerRuntime:
         if not held:
             return
         self.redis.hset(keys.accounts_held(), self.name, ",".join(held))
+        # About four chunks a second per account: enough to keep this worker's slots fed; few enough that,
+        # while it is busy, refused jobs do not circle through a worker without the key much faster.
+        at_once = 4 * self.settings.chunk_size
 
         def wake() -> None:
             while not self._stopped.wait(WAKE_SECONDS):
                 try:
                     for name in held:
-                        deferrals.wake_refused(self.redis, name)
+                        deferrals.wake_refused(self.redis, name, at_once)
                 except redis.RedisError as exc:  # Redis away for a moment: the next round may work
                     log.debug("refused jobs not woken: %s", exc)
 

@@ -42,10 +42,9 @@ def wake_pair(client: redis.Redis, account: str, model: str) -> int:
     return wake(client, members)
 
 
-def wake_refused(client: redis.Redis, account: str) -> int:
-    """Make the jobs deferred for lack of account `account`'s key due now (a worker holding it started)."""
-    with client.pipeline(transaction=True) as pipe:
-        pipe.smembers(keys.refused_jobs(account))
-        pipe.delete(keys.refused_jobs(account))
-        members, _ = pipe.execute()
-    return wake(client, members)
+def wake_refused(client: redis.Redis, account: str, limit: int) -> int:
+    """Make up to `limit` of the jobs deferred for lack of account `account`'s key due now (a worker
+    holding it asks; bounded, so that while it is busy they do not circle between it and a worker
+    without the key faster than it can take them)."""
+    members = client.spop(keys.refused_jobs(account), limit)
+    return wake(client, members or [])
