@@ -23,6 +23,8 @@ from typing import Any, BinaryIO
 import orjson
 import redis
 
+from ratequeue.config.accounts import IMPLICIT, AccountTable
+from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.models import ModelTable, load_model_table
 from ratequeue.config.settings import DEFAULT_REDIS_URL, Settings, load_settings, shown_redis_url
 from ratequeue.errors import BatchNotFoundError, InvalidRequestError, RedisFullError, UsageError
@@ -48,16 +50,23 @@ REDIS_CONNECT_TIMEOUT = 5.0
 
 
 class Client(BatchOperations):
-    """A connection to one ratequeue deployment (its Redis) with the settings and model table."""
+    """A connection to one ratequeue deployment (its Redis) with the settings, model table and accounts.
+
+    A batch is sent with one account (``account=``: an alias of the models file's ``[accounts]``, else
+    its default); a request line may name its own with a top-level ``"account"``. The keys are the
+    workers' business: this process needs none of them.
+    """
 
     def __init__(
         self,
         settings: Settings | None = None,
         table: ModelTable | None = None,
         publish: Publish | None = None,
+        accounts: AccountTable | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         self.table = table or load_model_table(self.settings)
+        self.accounts = accounts or load_account_table(self.settings, self.table, require_credentials=False)
         self.redis = redis.Redis.from_url(
             self.settings.redis_url or DEFAULT_REDIS_URL, socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
             **redis_options(self.settings),
@@ -67,8 +76,21 @@ class Client(BatchOperations):
         self._submitter = Submitter(
             self.redis, publish, chunk_size=self.settings.chunk_size, retention=self.settings.retention_seconds
         )
-        self._validator = LineValidator(self.table)
+        self._validator = LineValidator(self.accounts)
         self._batches = BatchStore(self.redis)
+
+    def _bucket_account(self, account: str | None) -> str:
+        """The bucket id a batch of `account` is shown under (its meta's ``account``: status reads its
+        parked pairs and limits there): today's fingerprint without [accounts]. Raises UsageError for
+        an alias the configuration lacks, before anything is stored."""
+        if self.accounts.implicit and account in (None, IMPLICIT):
+            return self.settings.account_id
+        if account is None and self.accounts.default_account() is None:
+            return ""  # no default: each line names its own account (or is refused for naming none)
+        try:
+            return self.accounts.account(account).bucket_id
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
 
     def submit_batch(
         self,
@@ -76,8 +98,12 @@ class Client(BatchOperations):
         completion_window: str = "24h",
         metadata: Mapping[str, Any] | None = None,
         batch_id: str | None = None,
+        account: str | None = None,
     ) -> SubmitReport:
         """Submit a Batch-format JSONL file (path or binary stream) or an iterable of request dicts.
+
+        ``account``: the alias its lines are sent with unless a line names its own (default: the
+        configuration's default account). Raises ``UsageError`` for an unknown alias.
 
         Invalid lines become error lines of the batch (naming line, field and reason); the valid
         ones run. Returns once every job is stored in Redis and enqueued. Raises ``UsageError``
@@ -98,10 +124,12 @@ class Client(BatchOperations):
         elif batch_id is not None:
             raw = source.read() if hasattr(source, "read") else b"\n".join(_as_lines(source))
             digest, source = hashlib.sha256(raw).hexdigest(), io.BytesIO(raw)
+        bucket_account = self._bucket_account(account)
+        validator = self._validator if account is None else LineValidator(self.accounts, account)
         capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
         try:
             batch_id = self._submitter.create_batch(
-                self.settings.account_id, "", name, completion_window, metadata, batch_id, digest
+                bucket_account, "", name, completion_window, metadata, batch_id, digest
             )
         except BatchExistsError:
             assert batch_id is not None
@@ -110,9 +138,9 @@ class Client(BatchOperations):
         try:
             if isinstance(source, str | Path):
                 with open(source, "rb") as stream:
-                    report = self._submitter.add(batch_id, read_lines(stream, self._validator, limits))
+                    report = self._submitter.add(batch_id, read_lines(stream, validator, limits))
             else:
-                report = self._submitter.add(batch_id, read_lines(_as_lines(source), self._validator, limits))
+                report = self._submitter.add(batch_id, read_lines(_as_lines(source), validator, limits))
             if report.jobs + report.errors == 0:  # blank: a batch of nothing would "complete" at once
                 delete_batch(self.redis, batch_id, force=True)
                 raise UsageError(f"{name} has no requests")
@@ -134,19 +162,23 @@ class Client(BatchOperations):
         url: str = "/v1/chat/completions",
         custom_id: str | None = None,
         batch_id: str | None = None,
+        account: str | None = None,
     ) -> tuple[str, str]:
         """Enqueue one request; returns (batch_id, custom_id).
 
         Without ``batch_id`` the job gets a batch of its own. With one, it joins that open batch
-        (made with ``open_batch``). Raises ``InvalidRequestError`` for a request that can be known
-        to fail, before anything is stored.
+        (made with ``open_batch``). ``account``: the alias it is sent with (default: the
+        configuration's default). Raises ``InvalidRequestError`` for a request that can be known
+        to fail (an unknown account included), before anything is stored.
         """
         custom_id = custom_id or f"job-{time.time_ns()}"
-        request = {"custom_id": custom_id, "method": "POST", "url": url, "body": dict(body)}
+        request: dict[str, Any] = {"custom_id": custom_id, "method": "POST", "url": url, "body": dict(body)}
+        if account is not None:
+            request["account"] = account
         job = self._validator.job(1, custom_id, request)
         own_batch = batch_id is None
         if batch_id is None:
-            batch_id = self._submitter.create_batch(self.settings.account_id, url, "<submit_job>")
+            batch_id = self._submitter.create_batch(self._bucket_account(job.account), url, "<submit_job>")
         elif (joined := self._batches.status(batch_id)) is None:
             raise BatchNotFoundError(f"no batch {batch_id!r}")
         elif joined is not BatchStatus.VALIDATING:  # closed, cancelled or past its window: no job joins
@@ -172,9 +204,9 @@ class Client(BatchOperations):
         return batch_object(self.redis, batch_id)
 
     def model_limits(self, model: str) -> ModelLimits | None:
-        """The per-minute limits ``model`` runs at: learned by the workers, else configured
-        (None for a model the table does not know)."""
-        return model_limits(self.redis, self.table, self.settings.account_id, model)
+        """The per-minute limits ``model`` runs at on the default account: learned by the workers,
+        else configured (None for a model the table does not know)."""
+        return model_limits(self.redis, self.table, self._bucket_account(None), model)
 
     def wait(self, batch_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         """Block until the batch reaches a final status; returns the Batch object.
@@ -241,13 +273,14 @@ def default_client() -> Client:
 
 
 def submit_batch(source: Any, completion_window: str = "24h", client: Client | None = None,
-                 batch_id: str | None = None) -> SubmitReport:
-    return (client or default_client()).submit_batch(source, completion_window, batch_id=batch_id)
+                 batch_id: str | None = None, account: str | None = None) -> SubmitReport:
+    return (client or default_client()).submit_batch(source, completion_window, batch_id=batch_id, account=account)
 
 
 def submit_job(body: Mapping[str, Any], url: str = "/v1/chat/completions", custom_id: str | None = None,
-               batch_id: str | None = None, client: Client | None = None) -> tuple[str, str]:
-    return (client or default_client()).submit_job(body, url, custom_id, batch_id)
+               batch_id: str | None = None, client: Client | None = None,
+               account: str | None = None) -> tuple[str, str]:
+    return (client or default_client()).submit_job(body, url, custom_id, batch_id, account)
 
 
 def status(batch_id: str, client: Client | None = None) -> dict[str, Any]:

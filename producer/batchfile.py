@@ -12,7 +12,10 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from ratequeue.config.accounts import AccountTable
+from ratequeue.config.accounts_load import implicit_table
 from ratequeue.config.models import ModelTable
+from ratequeue.config.settings import Settings
 from ratequeue.errors import InvalidRequestError, RequestTooLargeError, UnknownModelError
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.tokens.estimate import estimate_request
@@ -50,10 +53,18 @@ _SKIP_PIECE = 1 << 20  # bytes read at a time while skipping an over-long line
 
 
 class LineValidator:
-    """Turns one request object into a ``StoredJob`` or raises ``InvalidRequestError``."""
+    """Turns one request object into a ``StoredJob`` or raises ``InvalidRequestError``.
 
-    def __init__(self, table: ModelTable) -> None:
-        self.table = table
+    A job's account is the line's own top-level ``"account"``, else `account` (the batch's), else
+    the table's default; its model is checked on that account's route (``routes_for``): any name
+    on an openai-compatible account, a deployment of it on an Azure one, else the model table's.
+    """
+
+    def __init__(self, table: ModelTable | AccountTable, account: str | None = None) -> None:
+        # A bare model table is the configuration without [accounts] (its one implicit account).
+        self.accounts = table if isinstance(table, AccountTable) else implicit_table(Settings(), table)
+        self.table = self.accounts.table
+        self.account = account
 
     def job(self, line: int, custom_id: str, request: dict[str, Any]) -> StoredJob:
         method = request.get("method", "POST")
@@ -70,17 +81,24 @@ class LineValidator:
             # A streamed answer is a series of events, not one response body: it cannot be stored
             # as a Batch output line (OpenAI's Batch API refuses it as well).
             raise InvalidRequestError("body.stream", "streaming is not supported in batches: remove it or set false")
+        account = request.get("account", self.account)
+        if account is not None and (not isinstance(account, str) or not account):
+            raise InvalidRequestError("account", f"must be an account alias (a string), got {account!r}",
+                                      code="unknown_account")
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequestError("body.model", "missing or not a string")
         try:
-            spec = self.table.get(model)
+            # The first route: choosing among several is the worker's (it resolves the job again).
+            route = self.accounts.routes_for(model, account)[0]
         except UnknownModelError as exc:
             raise InvalidRequestError("body.model", str(exc), code="model_not_found") from exc
+        spec = route.spec
         if url not in spec.endpoints:
             raise InvalidRequestError(
                 "url", f"model {model!r} does not serve {url} (it serves {', '.join(spec.endpoints)})"
             )
+        route.url(url)  # raises for a path the account's server has no operation for (Azure)
         estimate = estimate_request(url, body, spec)
         if estimate.charge > spec.tpm:
             err = RequestTooLargeError(estimate.charge, spec.tpm, spec.name)
@@ -89,8 +107,12 @@ class LineValidator:
                         f"({spec.max_output_tokens}): set one")
                 raise InvalidRequestError(err.field, err.reason + hint, err.code) from err
             raise err
+        # Stored under the logical model the line named (canonical for a table model: snapshots share
+        # its counters), which the worker resolves to the same route; None for the implicit account.
+        stored_model = self.table.resolve(route.model) if route.model in self.table else route.model
         return StoredJob(
-            custom_id, line, url, body, spec.name, estimate.charge, estimate.prompt_tokens, estimate.output_tokens
+            custom_id, line, url, body, stored_model, estimate.charge, estimate.prompt_tokens,
+            estimate.output_tokens, None if route.account.implicit else route.account.name,
         )
 
 

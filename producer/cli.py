@@ -13,6 +13,7 @@ import click
 
 from ratequeue.producer.cli_errors import ExitCode, check_writable, run_main, state
 from ratequeue.producer.cli_parts import (
+    ACCOUNT_HELP,
     DATA_DIR_HELP,
     WINDOW,
     LazyCommand,
@@ -59,16 +60,17 @@ def main(debug: bool) -> None:
               help="Redis, AOF and logs here (default: RATEQUEUE_DATA_DIR, else one directory per input).")
 @click.option("--fresh", is_flag=True, help="A new batch, even if this input has an unfinished one.")
 @click.option("--no-check", is_flag=True, help="Skip the upstream key check (GET /v1/models) before starting.")
+@click.option("--account", help=ACCOUNT_HELP)
 @click.pass_context
 def run(ctx: click.Context, input_file: Path, output: Path, errors: Path | None, workers: int, window: str,
-        data_dir: Path | None, fresh: bool, no_check: bool) -> None:
+        data_dir: Path | None, fresh: bool, no_check: bool, account: str | None) -> None:
     """Run INPUT_FILE to completion here: Redis, workers, progress, results. Run again, the same
     command continues the input's unfinished batch."""
     from ratequeue.producer.runner import print_summary, run_file
 
     check_outputs(output, errors)
     summary = run_file(input_file, output, errors, workers, window, console=console, data_dir=data_dir,
-                       fresh=fresh, check=not no_check)
+                       fresh=fresh, check=not no_check, account=account)
     print_summary(summary, console)
     ctx.exit(batch_exit_code(summary.batch, str(input_file), str(summary.errors_path)))
 
@@ -79,17 +81,19 @@ def run(ctx: click.Context, input_file: Path, output: Path, errors: Path | None,
 @click.option("--batch-id", help="Use this id (1-64 of A-Z a-z 0-9 _ -); submitting the same file again under it "
               "returns the batch already queued.")
 @click.option("--no-check", is_flag=True, help="Skip the upstream key check (GET /v1/models) before submitting.")
+@click.option("--account", help=ACCOUNT_HELP)
 @click.pass_context
-def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | None, no_check: bool) -> None:
+def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | None, no_check: bool,
+           account: str | None) -> None:
     """Submit INPUT_FILE to the configured Redis for workers elsewhere; prints the batch id.
     Exits 1 when input lines were rejected (they are in the batch's errors file)."""
     client = client_for()
     if not no_check:
-        from ratequeue.producer.preflight import check_upstream
+        from ratequeue.producer.preflight import check_batch_upstream
 
         client.redis.ping()  # an unreachable Redis is said first: nothing can be submitted without it
-        check_upstream(client.settings)
-    report = client.submit_batch(input_file, window, batch_id=batch_id)
+        check_batch_upstream(client.settings, client.accounts, account)
+    report = client.submit_batch(input_file, window, batch_id=batch_id, account=account)
     if report.existing:
         console.print(f"batch {report.batch_id} was submitted before from this input: nothing queued again",
                       markup=False, highlight=False)

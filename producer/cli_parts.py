@@ -74,6 +74,8 @@ def data_dir_redis_for(data_dir: Path | None) -> contextlib.AbstractContextManag
     return data_dir_redis(data_dir)
 
 
+ACCOUNT_HELP = ("Send the batch with this account of RATEQUEUE_MODELS_FILE's [accounts] (default: its "
+                "default_account); a line's own top-level \"account\" wins.")
 DATA_DIR_HELP = "The data directory of a `ratequeue run` (printed by it): read its embedded Redis."
 
 

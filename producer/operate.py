@@ -8,12 +8,14 @@ from typing import Any
 import orjson
 import redis
 
+from ratequeue.config.accounts import AccountTable
 from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
 from ratequeue.errors import BatchNotFoundError
 from ratequeue.jobstore import deferrals, keys
 from ratequeue.jobstore.batches import BatchStore
 from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.heartbeats import live_holders
 from ratequeue.producer.retention import delete_batch
 from ratequeue.producer.submit import Submitter
 from ratequeue.redact import configured_secrets, redact_json
@@ -25,6 +27,7 @@ class BatchOperations:
     redis: redis.Redis
     settings: Settings
     table: ModelTable
+    accounts: AccountTable
     _batches: BatchStore
     _submitter: Submitter
 
@@ -100,5 +103,14 @@ class BatchOperations:
             # Chunks that failed RATEQUEUE_MAX_CHUNK_FAILURES times (newest first; their jobs failed).
             "dead_lettered_chunks": [orjson.loads(r) for r in self.redis.lrange(keys.dead_letters(), 0, 9)],
             "recent_batches": [{k: b[k] for k in ("id", "status", "request_counts", "cost_usd")} for b in recent],
+            **({} if self.accounts.implicit else {"accounts": self.account_workers()}),
         }
+
+    def account_workers(self) -> dict[str, dict[str, Any]]:
+        """Each configured account: its dialect, the bucket id its pairs are shown under (the metrics'
+        ``account`` label; left out when this process lacks the key it is derived from) and how many
+        live workers hold its key (0: its jobs wait for one)."""
+        held = live_holders(self.redis)
+        return {a.name: {"dialect": a.dialect, **({} if a.unusable else {"bucket": a.bucket_id}),
+                         "workers_with_key": held[a.name]} for a in self.accounts}
 

@@ -13,8 +13,10 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import orjson
 
+from ratequeue.config.accounts import Account, AccountTable
 from ratequeue.config.settings import Settings
-from ratequeue.errors import UpstreamUnusableError
+from ratequeue.config.urls import redact_url
+from ratequeue.errors import InvalidRequestError, UpstreamUnusableError, UsageError
 
 REFUSED_STATUSES = frozenset({401, 403})
 DEFAULT_TIMEOUT = 5.0  # seconds; the check is one small GET, a server slower than this is not "reachable"
@@ -66,17 +68,56 @@ def check_upstream(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> None
         headers["openai-organization"] = settings.organization
     if settings.project:
         headers["openai-project"] = settings.project
-    where = shown_url(settings.base_url)
+    _check(settings.base_url + "/v1/models", shown_url(settings.base_url), headers, timeout, "set OPENAI_BASE_URL",
+           None if settings.api_key is not None else "set OPENAI_API_KEY or OPENAI_API_KEY_FILE", "set OPENAI_API_KEY")
+
+
+def check_account(account: Account, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """``check_upstream`` for an account of the models file's ``[accounts]`` (its URL, its key).
+
+    An account whose key this process does not hold (``unusable``) is not checked: the workers
+    that hold it send its jobs, and a submitter needs no key.
+    """
+    if account.unusable is not None:
+        return
+    if account.dialect == "azure":
+        url = f"{account.base_url}/openai/models?api-version={account.api_version}"
+        where = redact_url(account.base_url) + "/openai"
+    else:
+        url, where = account.base_url + "/v1/models", shown_url(account.base_url)
+    hint = f"check accounts.{account.name} in RATEQUEUE_MODELS_FILE"
+    no_key = None if account.credential is not None else f"{hint}: it names no key"
+    _check(url, f"{where} (account {account.name})", {"accept": "application/json", **account.auth_headers()},
+           timeout, hint, no_key, hint)
+
+
+def _check(url: str, where: str, headers: dict[str, str], timeout: float, fix_url: str, no_key: str | None,
+           fix_key: str) -> None:
+    """GET `url`; raises UpstreamUnusableError when it cannot be reached or refuses the key
+    (`no_key`: what to do when none was sent, None if one was)."""
     try:
-        response = httpx.get(settings.base_url + "/v1/models", headers=headers, timeout=timeout)
+        response = httpx.get(url, headers=headers, timeout=timeout)
     except httpx.TransportError as exc:
         raise UpstreamUnusableError(
-            f"cannot reach upstream {where} ({_why_unreachable(exc, timeout)}); set OPENAI_BASE_URL"
+            f"cannot reach upstream {where} ({_why_unreachable(exc, timeout)}); {fix_url}"
         ) from None  # the chained httpx error repeats the URL, credentials and all
     if response.status_code in REFUSED_STATUSES:
         code = _error_code(response)
         status = f"{response.status_code} {code}" if code else str(response.status_code)
-        if settings.api_key is None:
-            raise UpstreamUnusableError(f"upstream {where} wants an API key ({status}) and none is set; "
-                                        "set OPENAI_API_KEY or OPENAI_API_KEY_FILE")
-        raise UpstreamUnusableError(f"upstream {where} refused the API key ({status}); set OPENAI_API_KEY")
+        if no_key is not None:
+            raise UpstreamUnusableError(f"upstream {where} wants an API key ({status}) and none is set; {no_key}")
+        raise UpstreamUnusableError(f"upstream {where} refused the API key ({status}); {fix_key}")
+
+
+def check_batch_upstream(settings: Settings, accounts: AccountTable, account: str | None = None) -> None:
+    """The check of the upstream a batch's jobs go to: the environment's without [accounts], else
+    its account's (`account`, or the default; none is checked when lines name their own)."""
+    if accounts.implicit:
+        check_upstream(settings)
+        return
+    try:
+        found = accounts.default_account() if account is None else accounts.account(account)
+    except InvalidRequestError as exc:
+        raise UsageError(str(exc)) from None
+    if found is not None:
+        check_account(found)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import Settings, load_settings
 from ratequeue.errors import UsageError
 from ratequeue.jobstore import keys
@@ -27,7 +28,7 @@ from ratequeue.producer.children import LocalWorkers
 from ratequeue.producer.collect import FINAL_STATUSES, errors_path_for, write_outputs
 from ratequeue.producer.continuation import RunStopped
 from ratequeue.producer.embedded import EmbeddedRedis
-from ratequeue.producer.preflight import check_upstream
+from ratequeue.producer.preflight import check_batch_upstream
 from ratequeue.producer.rundir import hold_data_dir, run_data_dir
 
 if TYPE_CHECKING:
@@ -64,12 +65,14 @@ def run_file(
     fresh: bool = False,
     check: bool = True,
     resume_hint: str | None = None,
+    account: str | None = None,
 ) -> RunSummary:
     """Run a Batch-format JSONL file to completion and write its results and errors files.
 
     ``data_dir``: where Redis, its AOF and the logs go; default the configured RATEQUEUE_DATA_DIR,
     else one directory per input under the default root. ``fresh``: a new batch even if the input
-    has one. ``check``: ask the upstream whether it takes the key first. Raises ``RunStopped``
+    has one. ``check``: ask the upstream whether it takes the key first. ``account``: the alias of
+    the models file's [accounts] its lines are sent with (default: the default one). Raises ``RunStopped``
     (exit 130 on Ctrl-C, 1 when the upstream refuses the key midway; the batch can be continued),
     ``UpstreamUnusableError``, ``DataDirBusyError``.
     """
@@ -80,7 +83,7 @@ def run_file(
         raise UsageError(f"{input_path} has no requests")
     try:
         if check:
-            check_upstream(settings)
+            check_batch_upstream(settings, load_account_table(settings, require_credentials=False), account)
         digest = file_sha256(input_path)
     except KeyboardInterrupt:
         raise RunStopped("interrupted before anything was sent", _EXIT_INTERRUPTED) from None
@@ -93,7 +96,7 @@ def run_file(
     started = time.monotonic()
     with hold_data_dir(data_dir):
         console.print(f"data directory: {data_dir}")
-        run = _Run(load_settings(env), env, console, workers, grace)
+        run = _Run(load_settings(env), env, console, workers, grace, account)
         batch, counts = run.execute(input_path, digest, completion_window, fresh, results_path, errors_path,
                                     resume_hint or resume_command())
     return RunSummary(batch, results_path, errors_path, counts[0], counts[1], time.monotonic() - started)
@@ -103,8 +106,8 @@ class _Run:
     """One run's children and batch; ``execute`` is the whole life of them."""
 
     def __init__(self, settings: Settings, env: dict[str, str], console: Console, workers: int,
-                 grace: float) -> None:
-        self.settings, self.env, self.console = settings, env, console
+                 grace: float, account: str | None = None) -> None:
+        self.settings, self.env, self.console, self.account = settings, env, console, account
         self.worker_count, self.grace = workers, grace
         self.redis: EmbeddedRedis | None = None
         self.workers: LocalWorkers | None = None
@@ -187,7 +190,7 @@ class _Run:
                 # Interrupted while being submitted: it may lack lines, so it goes and the input is sent again.
                 client.delete(batch_id, force=True)
                 self.console.print(f"batch {batch_id} was interrupted while being submitted: submitting again")
-        report = client.submit_batch(input_path, window)
+        report = client.submit_batch(input_path, window, account=self.account)
         self.console.print(
             f"batch [bold]{report.batch_id}[/bold]: {report.jobs} jobs queued, "
             f"{report.errors} input lines rejected, {self.worker_count} worker process(es)"

@@ -22,6 +22,9 @@ from ratequeue.producer import capacity
 from ratequeue.producer.batchfile import LineError
 from ratequeue.queue import Publish
 
+# Chunks hold the jobs of one (account, model) each, so a throttled model, or an account a worker
+# holds no key for, never holds up another's jobs.
+Chunking = tuple[str | None, str]
 INPUT_ERROR_MARK = "\x00"  # order-list entries "\x00<n>" point at input_errors[n]
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -34,6 +37,11 @@ class SubmitReport:
     chunks: int = 0
     by_model: dict[str, int] = field(default_factory=dict)
     existing: bool = False  # submitted before under this batch id: this call queued nothing
+
+
+def chunk_of(job: StoredJob) -> Chunking:
+    """The chunk a job goes out in: its (account, model)."""
+    return job.account, job.model
 
 
 def parse_window(window: str) -> float:
@@ -88,7 +96,7 @@ class Submitter:
     def add(self, batch_id: str, items: Iterable[StoredJob | LineError]) -> SubmitReport:
         """Store every job and error of ``items`` and enqueue the jobs in chunks of one model."""
         report = SubmitReport(batch_id)
-        pending: dict[str, list[str]] = defaultdict(list)
+        pending: dict[Chunking, list[str]] = defaultdict(list)
         input_errors = int(self._redis.hget(keys.batch_meta(batch_id), "input_errors") or 0)
         # Under a maxmemory, chunks are enqueued only once every job is stored: a batch Redis
         # refuses halfway can then be removed whole before any of it has run (RedisFullError).
@@ -117,7 +125,7 @@ class Submitter:
     def requeue_pending(self, batch_id: str) -> int:
         """Enqueue again every stored job without an outcome, in chunks of one model; seal."""
         order_key, start, count = keys.batch_order(batch_id), 0, 0
-        pending: dict[str, list[str]] = defaultdict(list)
+        pending: dict[Chunking, list[str]] = defaultdict(list)
         while True:
             page = [text(e) for e in self._redis.lrange(order_key, start, start + 999)]
             if not page:
@@ -134,11 +142,11 @@ class Submitter:
             for cid, job, res, err in zip(ids, jobs, results, errors, strict=True):
                 if job is None or res is not None or err is not None:
                     continue
-                model = StoredJob.loads(cid, job).model
-                pending[model].append(cid)
+                kind = chunk_of(StoredJob.loads(cid, job))
+                pending[kind].append(cid)
                 count += 1
-                if len(pending[model]) >= self._chunk_size:
-                    self._publish(batch_id, pending.pop(model))
+                if len(pending[kind]) >= self._chunk_size:
+                    self._publish(batch_id, pending.pop(kind))
         for custom_ids in pending.values():
             self._publish(batch_id, custom_ids)
         self.seal(batch_id)
@@ -207,16 +215,15 @@ class Submitter:
         self,
         batch_id: str,
         block: Sequence[StoredJob | LineError],
-        pending: dict[str, list[str]],
+        pending: dict[Chunking, list[str]],
         report: SubmitReport,
         publish: Publish,
     ) -> None:
-        # Chunks hold one model each, so a throttled model never holds up another model's jobs.
         for item in block:
             if isinstance(item, StoredJob):
-                chunk = pending[item.model]
+                chunk = pending[chunk_of(item)]
                 chunk.append(item.custom_id)
                 if len(chunk) >= self._chunk_size:
                     publish(batch_id, chunk)
                     report.chunks += 1
-                    pending[item.model] = []
+                    pending[chunk_of(item)] = []

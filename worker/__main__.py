@@ -12,7 +12,10 @@ from typing import Any
 
 from celery import signals
 
+from ratequeue.config.accounts import AccountTable
+from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import Settings, load_settings, shown_redis_url
+from ratequeue.errors import ConfigError
 from ratequeue.worker.multiproc import wipe_multiprocess_dir
 
 log = logging.getLogger("ratequeue.worker")
@@ -77,13 +80,37 @@ def exit_on_second_stop_signal(sender: Any = None, **_: Any) -> None:
                 return
 
 
+def load_configuration() -> tuple[Settings, AccountTable]:
+    """The settings and the account table, read once; a configuration error ends the process with
+    its message (the models file's name the file, line and field), exit code 2 as the CLI's."""
+    try:
+        settings = load_settings()
+        accounts = load_account_table(settings, require_credentials=False)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)
+    return settings, accounts
+
+
+def log_accounts(accounts: AccountTable) -> None:
+    """Each configured account once: which bucket id (the metrics' account label) is which alias
+    (an Account's repr never shows its key), and those this worker cannot send for."""
+    if accounts.implicit:
+        return
+    for account in accounts:
+        log.info("account %s: %r", account.name, account)
+        if account.unusable:
+            log.warning("account %s: no credentials here (%s): its jobs are left to workers that hold them",
+                        account.name, account.unusable)
+
+
 def main(extra: list[str] | None = None) -> None:
     """Load the settings (once), build the worker from them, run it; exits with its exit code."""
-    settings = load_settings()
+    settings, accounts = load_configuration()
     wipe_multiprocess_dir()  # before any metric exists: a restarted worker starts from zero
     from ratequeue.worker.app import build_worker  # creates the metrics: after the wipe
 
-    app, _ = build_worker(settings)
+    app, _ = build_worker(settings, accounts)
     args = extra if extra is not None else sys.argv[1:]
     pool = pool_option(args)
     if pool:
@@ -103,6 +130,7 @@ def main(extra: list[str] | None = None) -> None:
     # transport class, not the URL, and a worker left on the default Redis waits there for ever.
     where = shown_redis_url(settings.redis_url) + ("" if settings.redis_url else " (default; set RATEQUEUE_REDIS_URL)")
     signals.after_setup_logger.connect(lambda **_: log.info("connecting to Redis at %s", where), weak=False)
+    signals.after_setup_logger.connect(lambda **_: log_accounts(accounts), weak=False)
     signals.worker_ready.connect(exit_on_second_stop_signal, weak=False)
     app.worker_main(worker_argv(settings, args))
     sys.exit(max(exit_codes, default=0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from celery import Celery, Task, signals
 
+from ratequeue.config.accounts import AccountTable
 from ratequeue.config.settings import Settings
 from ratequeue.queue import RUN_CHUNK, create_app
 from ratequeue.worker.tasks import WorkerRuntime
@@ -12,10 +13,11 @@ from ratequeue.worker.tasks import WorkerRuntime
 __all__ = ["build_worker"]
 
 
-def build_worker(settings: Settings) -> tuple[Celery, WorkerRuntime]:
-    """A Celery app for ``settings`` with ratequeue's task registered, and the runtime behind it."""
+def build_worker(settings: Settings, accounts: AccountTable | None = None) -> tuple[Celery, WorkerRuntime]:
+    """A Celery app for ``settings`` with ratequeue's task registered, and the runtime behind it
+    (`accounts`: the models file's, read with ``require_credentials=False`` unless given)."""
     app = create_app(settings)
-    runtime = WorkerRuntime(settings, app)
+    runtime = WorkerRuntime(settings, app, accounts)
 
     def run_chunk(self: Task, batch_id: str, custom_ids: list[str]) -> dict[str, object]:
         return runtime.run_chunk(self, batch_id, custom_ids)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from ratequeue.config.accounts import Route
 from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec
 from ratequeue.jobstore import keys
@@ -59,7 +60,10 @@ STORED = Step(End.STORED)
 
 @dataclass(frozen=True)
 class JobRun:
-    """One job on its way: what every step needs, fixed once its model and bucket are known."""
+    """One job on its way: what every step needs, fixed once its route and bucket are known.
+
+    ``account`` and ``spec.name`` name the bucket (worker.routing.Target); ``route`` is where the
+    call goes (None: the client's own base URL and key, as before accounts)."""
 
     batch_id: str
     job: StoredJob
@@ -67,6 +71,7 @@ class JobRun:
     account: str
     gate: BucketGate
     deadline: float  # time.time() after which the job gives up
+    route: Route | None = None
 
     @property
     def pair(self) -> str:

@@ -33,8 +33,11 @@ import redis.asyncio as aioredis
 import uvloop
 from tenacity import AsyncRetrying, stop_after_delay, stop_when_event_set, wait_exponential
 
+from ratequeue.config.accounts import AccountTable
+from ratequeue.config.accounts_load import implicit_table
 from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
+from ratequeue.errors import InvalidRequestError
 from ratequeue.jobstore import keys, records
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redis_tls import redis_options
@@ -46,6 +49,7 @@ from ratequeue.worker.leases import JOB_LEASE_SECONDS, Leases, run_owner
 from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.metrics_redis import TimedAsyncRedis
 from ratequeue.worker.parking import Parking, pair_field
+from ratequeue.worker.routing import Routing
 from ratequeue.worker.runner import JobRunner
 from ratequeue.worker.store import JobStore, Outcome
 from ratequeue.worker.upstream import Timeouts, UpstreamClient
@@ -69,9 +73,10 @@ class ChunkReport:
 class Engine:
     """Owns the event loop thread and the Redis and HTTP clients of one process."""
 
-    def __init__(self, settings: Settings, table: ModelTable) -> None:
+    def __init__(self, settings: Settings, table: ModelTable, accounts: AccountTable | None = None) -> None:
         self.settings = settings
         self.table = table
+        self.routing = Routing(accounts or implicit_table(settings, table))
         # uvloop: the engine loop's socket reads and writes (aiohttp, Redis) and its callbacks
         # run in C; asyncio's own loop cost ~15% of a worker's CPU at 1,000 calls/s.
         self._loop = uvloop.new_event_loop()
@@ -89,11 +94,12 @@ class Engine:
         )
         self.redis = TimedAsyncRedis(connection_pool=pool)  # every call timed (ratequeue_redis_*)
         self.store = JobStore(self.redis)
+        own = self.routing.accounts.implicit  # with [accounts], every call carries its account's credentials
         self.client = UpstreamClient(
             s.base_url,
-            s.api_key.reveal() if s.api_key else None,
-            s.organization,
-            s.project,
+            s.api_key.reveal() if s.api_key and own else None,
+            s.organization if own else None,
+            s.project if own else None,
             # The whole call, not only each read, ends within the read timeout (a trickling server).
             Timeouts(connect=s.connect_timeout, read=s.read_timeout, total=s.read_timeout),
             max_connections=s.max_in_flight,
@@ -101,7 +107,7 @@ class Engine:
         )
         self.leases = Leases(self.redis)
         limiter = Limiter(self.redis, horizon_seconds=s.reserve_horizon_seconds)
-        self.runner = JobRunner(s, self.table, limiter, self.store, self.client, Parking(self.redis))
+        self.runner = JobRunner(s, self.table, limiter, self.store, self.client, Parking(self.redis), self.routing)
 
     def run_chunk(self, batch_id: str, custom_ids: Sequence[str], owner: str | None = None) -> ChunkReport:
         """Run a chunk's jobs to an outcome or a deferral; blocks the calling (Celery) thread.
@@ -228,20 +234,24 @@ class Engine:
         share of the slots (``worker.backlog``), so that the chunk does not hold a slot that
         another pair's chunk could use; they are booked to come back at their turn. The pairs
         admitted are added to ``held`` (a slot each, until the chunk ends)."""
-        by_model: dict[str, list[Claimed]] = defaultdict(list)
+        by_model: dict[tuple[str | None, str], list[Claimed]] = defaultdict(list)
         for item in claimed:
-            by_model[item[0].model].append(item)
+            by_model[item[0].account, item[0].model].append(item)
         admitted: list[Claimed] = []
         deferred = 0
         backlog, learned = self.runner.backlog, self.runner.learned
         patience = self.settings.defer_after_seconds
-        for model, jobs in by_model.items():
-            spec = self.table.get(model) if model in self.table else None
-            key = keys.bucket_key(state.account, spec.name) if spec is not None else ""
-            if spec is None:
-                admitted += jobs  # an unknown model fails in the runner
+        for (_, model), jobs in by_model.items():
+            try:
+                target = self.routing.target(state.account, jobs[0][0])
+            except InvalidRequestError:
+                target = None
+            if target is None or target.refused is not None:
+                admitted += jobs  # the runner fails an unknown model, defers a refused account's jobs at once
                 continue
-            pair = pair_field(state.account, spec.name)
+            spec, account = target.spec, target.account
+            key = keys.bucket_key(account, spec.name)
+            pair = pair_field(account, spec.name)
             ahead, limits = backlog.ahead(key)
             limits = limits or learned.limits(pair, spec)
             rule = learned.rule(pair, spec)
@@ -277,7 +287,7 @@ class Engine:
                       ahead)
             await asyncio.gather(*(self.store.defer(state.batch_id, job.custom_id, delay) for job, _ in jobs))
             for _ in jobs:
-                metrics.deferred(spec.name, state.account, Deferral.CAPACITY.value)
+                metrics.deferred(spec.name, account, Deferral.CAPACITY.value)
             deferred += len(jobs)
         return admitted, deferred
 

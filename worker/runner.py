@@ -27,10 +27,11 @@ import time
 
 from redis.exceptions import RedisError
 
+from ratequeue.config.accounts_load import implicit_table
 from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec, ModelTable
 from ratequeue.config.settings import Settings
-from ratequeue.errors import RequestTooLargeError, UnknownModelError
+from ratequeue.errors import InvalidRequestError, RequestTooLargeError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.redact import configured_secrets, redact_response
@@ -47,6 +48,7 @@ from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.parking import Parked, Parking, pair_field
 from ratequeue.worker.policy import Reason, Verdict, classify
 from ratequeue.worker.reconciler import Reconciler
+from ratequeue.worker.routing import Routing
 from ratequeue.worker.settle import DEADLINE_EXCEEDED, Settler, redis_wait
 from ratequeue.worker.store import JobStore
 from ratequeue.worker.upstream import UpstreamClient
@@ -68,9 +70,11 @@ class JobRunner:
         store: JobStore,
         client: UpstreamClient,
         parking: Parking,
+        routing: Routing | None = None,
     ) -> None:
         self.settings = settings
         self.table = table
+        self.routing = routing or Routing(implicit_table(settings, table))
         self.limiter = limiter
         self.gates = GateRegistry(limiter)
         self.backlog = Backlog()  # each pair's jobs waiting here: slots are not held for long waits
@@ -109,12 +113,18 @@ class JobRunner:
         if halt is not None:
             return halt
         try:
-            spec = self.table.get(job.model)
-        except UnknownModelError as exc:
-            await self.outcomes.fail(batch_id, job, "model_not_found", str(exc), param="body.model")
+            target = self.routing.target(state.account, job)
+        except InvalidRequestError as exc:  # an unknown model, or an account or deployment the configuration lost
+            await self.outcomes.fail(batch_id, job, exc.code, exc.reason, param=exc.field)
             return STORED
-        gate = await self._gate(state.account, spec)
-        run = JobRun(batch_id, job, spec, state.account, gate, started + self.settings.job_deadline_seconds)
+        if target.refused is not None:  # never sent with another key: left to a worker holding it
+            s = self.settings
+            return await self.routing.refuse(self.store, self.outcomes, batch_id, job, target,
+                                             started + s.job_deadline_seconds, s.park_cooldown_seconds)
+        spec = target.spec
+        gate = await self._gate(target.account, spec)
+        run = JobRun(batch_id, job, spec, target.account, gate, started + self.settings.job_deadline_seconds,
+                     target.route)
         charge = self._price(run)
         tpm = self.learned.tpm(run.pair, spec)  # the server's, once learned (from any worker), else configured
         if charge > min(tpm, gate.limits.tpm):
@@ -211,13 +221,14 @@ class JobRunner:
         async with self.in_flight.slot(run.pair, min(limits.request_rate, limits.token_rate / max(charge, 1))):
             # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
             ledgered = self.learned.ledger.record(run.account, run.spec.name, run.job)
+            url, body, auth = self.routing.request(run.route, run.job)
             with metrics.in_flight(run.spec.name, run.account):
-                resp = await self.client.post(run.job.url, run.job.body, f"{run.batch_id}/{run.job.custom_id}")
+                resp = await self.client.post(url, body, f"{run.batch_id}/{run.job.custom_id}", auth)
             ticket = await self.learned.ledger.ticket_of(ledgered)
         verdict = classify(resp, park_after=self.settings.park_retry_after_seconds)
         success = verdict.verdict is Verdict.SUCCESS
         if not success:  # the boundary: an upstream error may echo the key
-            resp = redact_response(resp, configured_secrets(self.settings))
+            resp = redact_response(resp, (*configured_secrets(self.settings), *self.routing.secrets()))
         usage = usage_of(resp.body) if success else None
         return Sent(resp, verdict, rule, charge, usage, parse_ratelimit_headers(resp.headers), probe, ticket)
 

@@ -109,7 +109,8 @@ class Timeouts:
 
 
 class UpstreamClient:
-    """Sends requests to ``base_url`` with the account's credentials; one per event loop."""
+    """Sends requests to ``base_url`` with the environment's credentials, or to any absolute URL with
+    the credentials of the job's account (``post(..., auth=)``); one per event loop."""
 
     def __init__(
         self,
@@ -124,7 +125,8 @@ class UpstreamClient:
     ) -> None:
         self._base_url = base_url.rstrip("/")
         # Only encodings worker.bounded inflates in bounded memory (aiohttp would add br and zstd).
-        self._headers = {"content-type": "application/json", "accept-encoding": ACCEPT_ENCODING}
+        self._plain = {"content-type": "application/json", "accept-encoding": ACCEPT_ENCODING}
+        self._headers = dict(self._plain)
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         if organization:
@@ -151,19 +153,29 @@ class UpstreamClient:
 
     def _url(self, path: str) -> httpx.URL:
         url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = httpx.URL(self._base_url + "/" + path.lstrip("/"))
+        if url is None:  # the paths and the configured routes' URLs: a few, built once each
+            absolute = path.startswith(("http://", "https://"))
+            url = self._urls[path] = httpx.URL(path if absolute else self._base_url + "/" + path.lstrip("/"))
         return url
 
-    async def post(self, path: str, body: Mapping[str, Any], client_request_id: str | None = None) -> UpstreamResponse:
-        """POST ``body`` as JSON to ``path`` (e.g. ``/v1/chat/completions``).
+    async def post(
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        client_request_id: str | None = None,
+        auth: Mapping[str, str] | None = None,
+    ) -> UpstreamResponse:
+        """POST ``body`` as JSON to ``path`` (e.g. ``/v1/chat/completions``, or a route's full URL).
+
+        ``auth``: the headers of the job's account (config/accounts.py), sent instead of the
+        client's own credentials, never beside them (a self-hosted server gets no OpenAI key).
 
         Never raises for HTTP or transport failures: they come back as an ``UpstreamResponse``
         (status 0 and ``transport_error`` for timeouts, the total deadline and connection errors;
         ``body_problem`` for a body over the size limit, not JSON, or not a JSON object), so the
         caller's retry policy sees every failure in one shape. Cancellation is raised as usual.
         """
-        headers = self._headers
+        headers = self._headers if auth is None else {**self._plain, **auth}
         if client_request_id:
             headers = {**headers, "x-client-request-id": client_request_id}
         request = httpx.Request(

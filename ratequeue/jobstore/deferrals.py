@@ -40,3 +40,11 @@ def wake_pair(client: redis.Redis, account: str, model: str) -> int:
         pipe.delete(keys.parked_jobs(account, model))
         members, _ = pipe.execute()
     return wake(client, members)
+
+
+def wake_refused(client: redis.Redis, account: str, limit: int) -> int:
+    """Make up to `limit` of the jobs deferred for lack of account `account`'s key due now (a worker
+    holding it asks; bounded, so that while it is busy they do not circle between it and a worker
+    without the key faster than it can take them)."""
+    members = client.spop(keys.refused_jobs(account), limit)
+    return wake(client, members or [])

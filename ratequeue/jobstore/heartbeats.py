@@ -6,10 +6,14 @@ live workers from them and lists their metrics addresses for Prometheus (``/sd/w
 from __future__ import annotations
 
 import socket
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
+from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
 
 __all__ = [
@@ -17,7 +21,9 @@ __all__ = [
     "HEARTBEAT_STALE_SECONDS",
     "ListedWorker",
     "advertised_address",
+    "holders",
     "listed_workers",
+    "live_holders",
     "live_workers",
     "redis_now",
     "worker_addresses_key",
@@ -80,3 +86,15 @@ def listed_workers(client: redis.Redis) -> list[ListedWorker]:
         beats, addresses = pipe.execute()
     found = {text(name): text(address) for name, address in addresses.items()}
     return [ListedWorker(text(name), found[text(name)], float(seen)) for name, seen in beats if text(name) in found]
+
+
+def holders(entries: Iterable[Any]) -> Counter[str]:
+    """How many workers hold each account, from their ``keys.accounts_held`` entries ("a,b"; None
+    for a worker that wrote none)."""
+    return Counter(name for entry in entries if entry for name in text(entry).split(",") if name)
+
+
+def live_holders(client: redis.Redis) -> Counter[str]:
+    """How many live workers (a heartbeat within ``HEARTBEAT_STALE_SECONDS``) hold each account's key."""
+    live = [text(n) for n in client.zrangebyscore(workers_key(), redis_now(client) - HEARTBEAT_STALE_SECONDS, "+inf")]
+    return holders(client.hmget(keys.accounts_held(), live) if live else [])

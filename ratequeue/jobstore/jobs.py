@@ -18,7 +18,9 @@ class StoredJob:
     """One request of a batch. ``model`` is the model-table name whose bucket it draws from;
     ``charge`` the tokens the rate limiter debits (by the model's charge rule at submit);
     ``prompt_tokens`` our own count of the prompt; ``output_tokens`` the output it reserves
-    (n x max tokens), so the charge can be worked out again under the other rule."""
+    (n x max tokens), so the charge can be worked out again under the other rule. ``account`` is
+    the alias of the account it is sent with (config/accounts.py); None: the default account (and
+    every job of a configuration without ``[accounts]``, whose stored form is as before)."""
 
     custom_id: str
     line: int
@@ -28,17 +30,19 @@ class StoredJob:
     charge: int
     prompt_tokens: int
     output_tokens: int = 0
+    account: str | None = None
 
     def dumps(self) -> bytes:
-        return orjson.dumps(
-            {"l": self.line, "u": self.url, "b": self.body, "m": self.model, "c": self.charge,
-             "p": self.prompt_tokens, "o": self.output_tokens}
-        )
+        fields = {"l": self.line, "u": self.url, "b": self.body, "m": self.model, "c": self.charge,
+                  "p": self.prompt_tokens, "o": self.output_tokens}
+        if self.account is not None:
+            fields["a"] = self.account
+        return orjson.dumps(fields)
 
     @classmethod
     def loads(cls, custom_id: str, raw: bytes | str) -> StoredJob:
         d = orjson.loads(raw)
-        return cls(custom_id, d["l"], d["u"], d["b"], d["m"], d["c"], d["p"], d.get("o", 0))
+        return cls(custom_id, d["l"], d["u"], d["b"], d["m"], d["c"], d["p"], d.get("o", 0), d.get("a"))
 
     def charge_under(self, rule: ChargeRule | str) -> int:
         """The rate-limit charge under ``rule`` (config/charge.py; "sum" or "max" for the

@@ -177,3 +177,15 @@ def chunk_failures(message_id: str) -> str:
 def dead_letters() -> str:
     """List (newest first, capped) of JSON records of dead-lettered chunks."""
     return f"{PREFIX}:deadletter"
+
+
+def accounts_held() -> str:
+    """Hash: worker name -> the aliases of the accounts it holds credentials for ("a,b"), written at
+    its start (worker/routing.py); a worker without an account's key asks it whether a live one does."""
+    return f"{PREFIX}:accounts:held"
+
+
+def refused_jobs(account: str) -> str:
+    """Set of deferred-set members ("<batch_id>\t<custom_id>") a worker without the key of account
+    `account` (an alias) deferred: a worker that holds it makes them due when it starts."""
+    return f"{PREFIX}:refusedjobs:{{{account}}}"
