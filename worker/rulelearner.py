@@ -68,7 +68,8 @@ class RuleLearner:
         self.settings = settings
         self._write = write  # fire-and-forget Redis writes (Learned keeps them referenced)
         self._learned: dict[str, dict[str, Any]] = {}  # pair -> dimension -> value (by any worker)
-        self._verdicts: dict[tuple[str, str], tuple[Any, int]] = {}  # (pair, dimension) -> (last, in a row)
+        # (pair, dimension) -> (last side, in a row, the value in force they were judged against)
+        self._verdicts: dict[tuple[str, str], tuple[Any, int, Any]] = {}
         self._warned: set[tuple[str, str, Any]] = set()  # (pair, dimension, side) a pinned pair was told
         self.check = ChargeRuleCheck()
         self.confirmations = CONFIRMATIONS
@@ -114,9 +115,11 @@ class RuleLearner:
         if dimension == "missing_max_tokens" and now is None:
             now = spec.max_output_tokens
         side = _side(dimension, now, seen)
-        last, count = self._verdicts.get((pair, dimension), (None, 0))
-        count = count + 1 if last == side else 1
-        self._verdicts[pair, dimension] = (side, count)
+        last, count, against = self._verdicts.get((pair, dimension), (None, 0, now))
+        # Verdicts against a value no longer in force do not count (a bound of 2,202 that took over
+        # from 16,384 is not confirmed by the "lower" said of 16,384).
+        count = count + 1 if last == side and against == now else 1
+        self._verdicts[pair, dimension] = (side, count, now)
         if count < self.confirmations or side == "same":
             return
         if not self.pinned(spec):
