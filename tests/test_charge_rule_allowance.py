@@ -83,26 +83,33 @@ def _learned_allowances(seed: int, seconds: float = 40.0, lag: float = 0.01) -> 
     return seen
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_the_allowance_learned_at_a_high_rate_never_goes_under_the_servers(seed: int) -> None:
-    seen = _learned_allowances(seed)
+@pytest.mark.parametrize(("seed", "lag"), [*((s, 0.01) for s in range(6)), *((s, 0.1) for s in range(4))])
+def test_the_allowance_learned_at_a_high_rate_never_goes_under_the_servers(seed: int, lag: float) -> None:
+    # lag 0.1: a send reaches the server 100 ms after its ticket on average (a loaded machine)
+    seen = _learned_allowances(seed, lag=lag)
     assert seen and min(seen) >= 2000, sorted(seen)[:10]
     assert seen[-1] <= 2100, seen[-20:]  # refined to within 5% of the server's
 
 
 def test_a_run_of_windows_solves_with_a_margin_for_blurred_ends() -> None:
-    # Three windows that follow one another; each end is blurred by a request counted on the wrong
-    # side: window figures of 2,000 - 30 + 40, the run's 2,000 plus the margin.
+    # Windows that follow one another (the first left out: our sending speeds up in it); each end
+    # is blurred by a request counted on the wrong side: window figures of 2,000 - 60, + 100, - 40,
+    # + 30, - 30 per choice, the run's 2,000 plus the margin, said when the allowance in force is clearly
+    # above it, or under it by more than the margin.
     run = AllowanceRun()
     one = Terms(sum=230 * 20, max=130 * 20, sum1=230 * 20, max1=130 * 20, dprompt=130 * 10, dchoices=10, dprompts=10)
     exact = one.total(SERVER, 2000)
-    for blur in (-600, 1000, -400):
+    for blur in (-5000, -600, 1000, -400, 300, -300):
         run.add(exact + blur, one)
-    allowance = run.allowance(ChargeRule("sum"))
+    allowance = run.allowance(ChargeRule("sum"), 16_384)
     assert allowance is not None and 2000 < allowance <= 2000 * 1.05
+    assert run.allowance(ChargeRule("sum"), allowance) is None  # agrees with the allowance in force
+    assert run.allowance(ChargeRule("sum"), 2040) is None  # within the margin: not clearly under
+    assert run.allowance(ChargeRule("sum"), 1800) == allowance  # clearly under: raised
     run.clear()
-    run.add(exact, one)
-    assert run.allowance(ChargeRule("sum")) is None  # too short a run to say how blurred its ends are
+    for _ in range(3):
+        run.add(exact, one)
+    assert run.allowance(ChargeRule("sum"), 16_384) is None  # too short a run to say how blurred its ends are
 
 
 def test_the_pin_is_set_per_model_from_the_environment(tmp_path: Path) -> None:

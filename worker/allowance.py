@@ -11,7 +11,9 @@ before its request goes out (a 10 ms lag at 3M TPM is 500 tokens of refill). Tha
 the ends, not to the length: windows that follow one another share their ends, so over a run of
 them the errors of the inner ends cancel and the two outer ones are spread over every choice of
 the run. Each window's misfit against the run's figure shows how blurred an end is; the figure
-learned is the run's, plus ``MARGIN`` x that misfit spread over the run's choices.
+learned is the run's, plus ``MARGIN`` x that misfit spread over the run's choices; it is followed
+only when the run clearly says the allowance in force is wrong (else a loaded machine's blur would
+keep raising it).
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from collections import deque
 from ratequeue.config.charge import ChargeRule
 from ratequeue.worker.ledger import Terms
 
-RUN_WINDOWS = 6  # windows of a run at most (~12 s of 2 s windows): the allowance does not change
+RUN_WINDOWS = 10  # windows of a run at most (~20 s of 2 s windows): the allowance does not change
 MIN_RUN = 3  # windows before a figure (the misfit of fewer says little)
 MARGIN = 3.0  # misfits (one standard deviation of the run's error) added: the safe side
+# ... for a short run, whose misfits say little of the blur: Student's t (one-sided 99%) by the
+# misfits' degrees of freedom (windows - 1), MARGIN beyond
+_SHORT_MARGIN = {2: 6.96, 3: 4.54, 4: 3.75, 5: 3.36, 6: 3.14}
 MIN_CHOICES = 3  # choices without a max output in the run before its allowance is solved for
+AGREES = 0.05  # an allowance this share above the server's is close enough (no switch to save it)
 
 
 def choices_of(sent: Terms, rule: ChargeRule) -> int:
@@ -47,22 +53,33 @@ class AllowanceRun:
 
     def __init__(self) -> None:
         self._windows: deque[tuple[float, Terms]] = deque(maxlen=RUN_WINDOWS)  # (server charge, sent)
+        self._settled = False
 
     def add(self, server: float, sent: Terms) -> None:
-        self._windows.append((server, sent))
+        # The first window of a run is left out: it begins as the server's bucket stops filling up,
+        # while our sending speeds up, so more of it is on its way than at the run's later ends
+        # (an end all the run's windows share: their misfits cannot show it).
+        if self._settled:
+            self._windows.append((server, sent))
+        self._settled = True
 
     def clear(self) -> None:
         """A window that does not follow (clipped, or the limit changed): a new run begins."""
         self._windows.clear()
+        self._settled = False
 
-    def allowance(self, rule: ChargeRule) -> int | None:
-        """The run's allowance under `rule`'s combine and n, raised by its margin (None while the
-        run is too short or has too few choices without a max output)."""
-        solved = self._solve(rule)
-        blur = self.blur(rule)
+    def allowance(self, rule: ChargeRule, missing: int) -> int | None:
+        """The run's allowance under `rule`'s combine and n, raised by its margin, when the run
+        shows `missing` (the allowance in force) wrong: the raised figure clearly below it, or
+        even the figure less its margin above it (we under-reserve). None when the run agrees,
+        is too short, or has too few choices without a max output."""
+        solved, blur = self._solve(rule), self.blur(rule)
         if solved is None or blur is None:
             return None
-        return round(solved + MARGIN * blur / choices_of(self._sent(), rule))
+        margin = _SHORT_MARGIN.get(len(self._windows) - 1, MARGIN) * blur / choices_of(self._sent(), rule)
+        if solved + margin < missing * (1 - AGREES) or solved - margin > missing:
+            return round(solved + margin)
+        return None
 
     def blur(self, rule: ChargeRule) -> float | None:
         """How far off one window's reading of the server's charge may be, in tokens: the spread of

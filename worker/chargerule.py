@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ratequeue.config.charge import COMBINES, ChargeRule
-from ratequeue.worker.allowance import MARGIN, AllowanceRun, choices_of, solve_missing
+from ratequeue.worker.allowance import AGREES, MARGIN, AllowanceRun, choices_of, solve_missing
 from ratequeue.worker.ledger import Terms, Ticket
 
 _FULL = 0.98  # no reset header: remaining at or above this share of the limit may have been clipped
@@ -52,7 +52,6 @@ _TAIL_SHARE = 0.1  # share of a window's answers whose tail refutes "sum" before
 _TAIL_MIN = 3  # ... and at least this many
 _MIN_DEFAULTED = 3  # choices without a max output in a window before their allowance is solved for
 _CEILING_ANSWERS = 30  # answers without a max output whose least tail bounds the allowance
-MISSING_AGREES = 0.05  # an allowance within this share of the one in force is the same one
 _SHAPES = tuple(ChargeRule(c, m) for c in COMBINES for m in (True, False))
 
 
@@ -140,7 +139,7 @@ class ChargeRuleCheck:
             return None
         self._since_cap[pair] = 0
         capped = math.ceil(min(recent))
-        return capped if capped < missing * (1 - MISSING_AGREES) else None
+        return capped if capped < missing * (1 - AGREES) else None
 
     def _window_verdict(self, pair: str, obs: Observation, rule: ChargeRule, missing: int) -> Verdict:
         win = self._open.get(pair)
@@ -186,8 +185,8 @@ class ChargeRuleCheck:
             found = judge_mixed(server, sent, win.server_charge(half), half.ticket.totals - win.first.ticket.totals,
                                 floor)
         # The allowance of the rule then in force, over the run of windows (worker/allowance.py).
-        allowance = run.allowance(replace(ChargeRule(rule.combine, rule.n_multiplies), **found))
-        if allowance is not None and abs(allowance - missing) > MISSING_AGREES * missing:
+        allowance = run.allowance(replace(ChargeRule(rule.combine, rule.n_multiplies), **found), missing)
+        if allowance is not None:
             found["missing_max_tokens"] = allowance
         return Verdict(**found)
 
