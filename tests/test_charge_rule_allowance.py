@@ -27,7 +27,6 @@ from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.ledger import Terms, Ticket
 from ratequeue.worker.rulelearner import RuleLearner
 
-pytestmark = pytest.mark.unit
 SERVER = ChargeRule("sum", missing_max_tokens=2000)  # what the server charges; we start at the model's 16,384
 LIMIT, PAIR = 3_000_000, "a:gpt-4o-mini"
 
