@@ -80,13 +80,15 @@ def run(args: argparse.Namespace, server: str) -> None:
                 *(["--no-retry-after"] if args.no_retry_after else []), *([] if args.charge_n else ["--no-charge-n"]),
                 *(["--missing-max-charge", str(args.missing_max_charge)] if args.missing_max_charge else [])]
     extra = {"RATEQUEUE_LEARN_CHARGE_RULE": "0"} if args.pin else {}
+    if args.log_dir:  # every send's charge logged (INFO) for a profile
+        extra["RATEQUEUE_LOG_LEVEL"] = "INFO"
     print(f"\nsetup: server {server} / configured {configured}{' (pinned)' if args.pin else ''}; sim "
           f"{' '.join(sim_args)}; {args.workers} worker process(es); {args.jobs} mixed-size jobs, n {args.n}, "
           f"{f'every {args.without_max}th without max_tokens' if args.without_max else 'all with max_tokens'}; "
           f"redis {BENCH_REDIS_URL}")
     with start_sim(sim_args) as sim, tempfile.TemporaryDirectory() as tmp:
         env = worker_env(sim.url, BENCH_REDIS_URL, args.rpm, args.tpm, charge_rule=configured, **extra)
-        logs = Path(tmp) / "logs"
+        logs = args.log_dir / server if args.log_dir else Path(tmp) / "logs"
         with workers(args.workers, env, logs) as procs:
             client = Client(load_settings(env))
             time.sleep(2.0)  # workers connected and warm before the clock starts
@@ -132,6 +134,7 @@ def main() -> None:
     ap.add_argument("--without-max", type=int, default=0, metavar="K", help="every K-th job names no max_tokens")
     ap.add_argument("--missing-max-charge", type=int, default=None,
                     help="what the simulator charges per choice without max_tokens (default: its max output, 4096)")
+    ap.add_argument("--log-dir", type=Path, default=None, help="keep the workers' logs (INFO) under DIR/<server>")
     args = ap.parse_args()
     for server in ("max", "sum") if args.server == "both" else (args.server,):
         run(args, server)

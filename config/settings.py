@@ -5,7 +5,7 @@ raises :class:`ConfigError` naming the variable and the reason, never echoing a 
 
 Per-model limit overrides come from ``RATEQUEUE_MODEL_<NAME>_<FIELD>``, where NAME is the model name
 upper-cased with every non-alphanumeric character replaced by ``_`` (see :func:`mangle_model_name`)
-and FIELD one of RPM, TPM, CONTEXT_WINDOW, MAX_OUTPUT_TOKENS, CHARGE_RULE, e.g.
+and FIELD one of RPM, TPM, CONTEXT_WINDOW, MAX_OUTPUT_TOKENS, CHARGE_RULE, CHARGE_RULE_PINNED, e.g.
 ``RATEQUEUE_MODEL_GPT_4O_MINI_TPM=2000000``. They are matched to models by ``config.models``.
 """
 
@@ -45,7 +45,8 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _OVERRIDE_PREFIX = "RATEQUEUE_MODEL_"
 # FIELD suffix of an override variable -> (ModelSpec field, value kind)
-_OVERRIDE_FIELDS = {
+_OVERRIDE_FIELDS = {  # the longer suffix first: ..._CHARGE_RULE_PINNED is not a CHARGE_RULE
+    "CHARGE_RULE_PINNED": ("charge_rule_pinned", "flag"),
     "MAX_OUTPUT_TOKENS": ("max_output_tokens", "int"),
     "CONTEXT_WINDOW": ("context_window", "int"),
     "CHARGE_RULE": ("charge_rule", "rule"),
@@ -170,6 +171,8 @@ def _read_overrides(env: Mapping[str, str]) -> Mapping[str, Mapping[str, int | s
         value: int | str
         if kind == "int":
             value = parse_int(var, raw.strip(), minimum=1)
+        elif kind == "flag":
+            value = EnvReader(env).flag(var, False)
         else:
             value = raw.strip().lower()
             if value not in CHARGE_RULES:

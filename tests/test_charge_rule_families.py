@@ -106,15 +106,15 @@ def test_two_workers_learn_the_allowance_without_max_tokens_and_price_queued_job
 ) -> None:
     # A third of the jobs name no max output: we reserve the model's 16,384 tokens for each, the
     # server charges 2,000. Every job is queued before the allowance is learned; those sent after
-    # it are priced by it (the charge the worker logs for each send). The allowance learned is at
-    # most 15% above the server's: read off a server bucket our reservation keeps near full, it is
-    # the least the server missed after such a request (a bound from above: never below it).
+    # it are priced by it (the charge the worker logs for each send). The allowance learned is
+    # never below the server's (under-reserving draws 429s: 1,912 was learned once, read off one
+    # window of ~2 s at 3M TPM) and within 5% above it: the least the server's bucket missed after
+    # such a request bounds it from above at once, a run of windows then reads it with a margin
+    # for their blurred ends (worker/allowance.py).
     missing_field = "gpt-4o-mini|missing"
 
     def near_2000(rules: dict[str, str]) -> bool:
-        # 1,800: 1,912 (4% under the server's 2,000) was learned once in a full suite run after the
-        # opening-claim merge; to look into (the bound from above should never go under).
-        return missing_field in rules and 1800 <= int(rules[missing_field]) <= 2300
+        return missing_field in rules and 2000 <= int(rules[missing_field]) <= 2100
 
     rules, _ = _run(redis_url, tmp_path, start_worker, _server("--missing-max-charge", "2000", tpm=3_000_000),
                  _jobs(4000, without_max=3), near_2000, after=12, RATEQUEUE_MODEL_GPT_4O_MINI_TPM="3000000",
@@ -123,6 +123,8 @@ def test_two_workers_learn_the_allowance_without_max_tokens_and_price_queued_job
     assert near_2000(rules), rules
     assert rules.get("gpt-4o-mini") in (None, "sum"), rules
     assert "tokens per choice without max_tokens, not 16384: switching" in "".join(logs)
+    learned = [int(x) for x in re.findall(r"the server charges (\d+) tokens per choice", "".join(logs))]
+    assert min(learned) >= 2000, learned  # never under the server's, not even for a while
     after_switch = []
     for log in logs:
         # This worker's sends after it last took a new allowance (its own verdict, or another

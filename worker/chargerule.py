@@ -17,7 +17,9 @@ their charges too):
   gets no verdict). Requests without a max output are charged the server's own allowance per
   choice, unknown: in a window that has some, each candidate's allowance is solved for from the
   whole window, and the candidates are judged by how well that predicts the window's first half
-  (only a wrong candidate's allowance depends on the mix of requests). Only if the server's
+  (only a wrong candidate's allowance depends on the mix of requests), once they part by more than
+  a window's ends can be off. The allowance itself is read over the run of windows that followed
+  one another, with a margin for those ends (``worker/allowance.py``). Only if the server's
   bucket cannot have filled up meanwhile (refill beyond its capacity is lost and the arithmetic
   fails): the tokens it was missing at A (``reset-tokens`` x limit/60) must exceed what flowed in
   until B.
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ratequeue.config.charge import COMBINES, ChargeRule
+from ratequeue.worker.allowance import AGREES, MARGIN, AllowanceRun, choices_of, solve_missing
 from ratequeue.worker.ledger import Terms, Ticket
 
 _FULL = 0.98  # no reset header: remaining at or above this share of the limit may have been clipped
@@ -49,7 +52,6 @@ _TAIL_SHARE = 0.1  # share of a window's answers whose tail refutes "sum" before
 _TAIL_MIN = 3  # ... and at least this many
 _MIN_DEFAULTED = 3  # choices without a max output in a window before their allowance is solved for
 _CEILING_ANSWERS = 30  # answers without a max output whose least tail bounds the allowance
-MISSING_AGREES = 0.05  # an allowance within this share of the one in force is the same one
 _SHAPES = tuple(ChargeRule(c, m) for c in COMBINES for m in (True, False))
 
 
@@ -110,6 +112,7 @@ class ChargeRuleCheck:
         self._open: dict[str, _Window] = {}
         self._ceilings: dict[str, deque[float]] = {}  # pair -> allowance ceilings of its last answers
         self._since_cap: dict[str, int] = {}  # pair -> answers with a ceiling since the last look
+        self._runs: dict[str, AllowanceRun] = {}  # pair -> its windows that followed one another
 
     def observe(self, pair: str, obs: Observation, rule: ChargeRule, default_missing: int) -> Verdict:
         """Account one answered request, priced by `rule` in force (`default_missing` per choice
@@ -136,12 +139,13 @@ class ChargeRuleCheck:
             return None
         self._since_cap[pair] = 0
         capped = math.ceil(min(recent))
-        return capped if capped < missing * (1 - MISSING_AGREES) else None
+        return capped if capped < missing * (1 - AGREES) else None
 
     def _window_verdict(self, pair: str, obs: Observation, rule: ChargeRule, missing: int) -> Verdict:
         win = self._open.get(pair)
         if win is None or win.last.limit != obs.limit:
             self._open[pair] = _Window(obs, obs, clipped=_may_be_full(obs))
+            self._runs.pop(pair, None)  # the next window does not follow the last one
             return Verdict()
         for shape in refuted_shapes(obs):
             win.refuted[shape] = win.refuted.get(shape, 0) + 1
@@ -155,10 +159,14 @@ class ChargeRuleCheck:
         if obs.ticket.at - win.first.ticket.at < self._window or win.requests < self._min_requests:
             return Verdict()
         self._open[pair] = _Window(obs, obs, clipped=_may_be_full(obs))
-        return self._judge(win, rule, missing)
+        return self._judge(pair, win, rule, missing)
 
-    @staticmethod
-    def _judge(win: _Window, rule: ChargeRule, missing: int) -> Verdict:
+    def _judge(self, pair: str, win: _Window, rule: ChargeRule, missing: int) -> Verdict:
+        run = self._runs.setdefault(pair, AllowanceRun())
+        if win.clipped:
+            run.clear()
+        else:
+            run.add(win.server_charge(win.last), win.last.ticket.totals - win.first.ticket.totals)
         refuted = {s for s, count in win.refuted.items() if count >= max(_TAIL_MIN, _TAIL_SHARE * win.requests)}
         if found := judge_tails(refuted):
             return Verdict(**found)
@@ -167,10 +175,20 @@ class ChargeRuleCheck:
         sent = win.last.ticket.totals - win.first.ticket.totals
         server = win.server_charge(win.last)
         if sent.dchoices < _MIN_DEFAULTED or not win.middle:
-            return Verdict(**judge_shape(server, {s: sent.total(s, missing) for s in _SHAPES}))
-        half = win.middle[len(win.middle) // 2]
-        return judge_mixed(server, sent, win.server_charge(half), half.ticket.totals - win.first.ticket.totals,
-                           rule, missing)
+            found = judge_shape(server, {s: sent.total(s, missing) for s in _SHAPES})
+        else:
+            half = win.middle[len(win.middle) // 2]
+            # Candidates must part by more than a window's ends can be off, as the run shows under
+            # the shape that fits it best (a steady mix hardly parts them: every candidate's
+            # allowance absorbs the difference); no verdict before the run shows it.
+            floor = MARGIN * min((b for b in map(run.blur, _SHAPES) if b is not None), default=math.inf)
+            found = judge_mixed(server, sent, win.server_charge(half), half.ticket.totals - win.first.ticket.totals,
+                                floor)
+        # The allowance of the rule then in force, over the run of windows (worker/allowance.py).
+        allowance = run.allowance(replace(ChargeRule(rule.combine, rule.n_multiplies), **found), missing)
+        if allowance is not None:
+            found["missing_max_tokens"] = allowance
+        return Verdict(**found)
 
 
 def allowance_ceiling(obs: Observation, rule: ChargeRule) -> float | None:
@@ -178,35 +196,23 @@ def allowance_ceiling(obs: Observation, rule: ChargeRule) -> float | None:
     tokens its bucket misses right after charging it include that charge (whatever the combine
     rule, the allowance alone is at most that; no prompt count of ours enters it, so the only
     slack is the reset header's rounding to 1 ms)."""
-    choices = obs.terms.dchoices if rule.n_multiplies else obs.terms.dprompts
+    choices = choices_of(obs.terms, rule)
     if not choices or obs.missing is None:
         return None
     return (obs.missing + 1 + obs.limit / 60.0 * 0.001) / choices
 
 
-def judge_mixed(server: float, sent: Terms, server_half: float, sent_half: Terms, rule: ChargeRule,
-                missing: int) -> Verdict:
+def judge_mixed(server: float, sent: Terms, server_half: float, sent_half: Terms, floor: float) -> dict[str, Any]:
     """A window with requests that named no max output: each candidate's allowance solved for
-    from the whole window predicts its first half; the candidates are judged on that, and the
-    allowance of the rule then in force is the verdict when it differs from ours."""
+    from the whole window predicts its first half; the candidates are judged on that (only a
+    wrong candidate's allowance depends on the mix of requests)."""
     solved = {shape: solve_missing(server, sent, shape) for shape in _SHAPES}
-    found = judge_shape(server_half, {s: sent_half.total(s, x) for s, x in solved.items() if x is not None})
-    allowance = solved[replace(ChargeRule(rule.combine, rule.n_multiplies), **found)]
-    if allowance is not None and abs(allowance - missing) > MISSING_AGREES * missing:
-        found["missing_max_tokens"] = allowance
-    return Verdict(**found)
+    return judge_shape(server_half, {s: sent_half.total(s, x) for s, x in solved.items() if x is not None}, floor)
 
 
-def solve_missing(server: float, sent: Terms, rule: ChargeRule) -> int | None:
-    """The allowance per choice without a max output that makes `rule` charge what the server
-    did (None when the answer is no allowance at all: the window's other figures are off)."""
-    choices = sent.dchoices if rule.n_multiplies else sent.dprompts
-    solved = (server - sent.total(rule, 0)) / choices if choices else 0
-    return round(solved) if solved >= 1 else None
-
-
-def judge_shape(server: float, totals: dict[ChargeRule, int]) -> dict[str, Any]:
-    """Each of combine and n counted, where the candidates' totals tell them apart."""
+def judge_shape(server: float, totals: dict[ChargeRule, int], floor: float = 0.0) -> dict[str, Any]:
+    """Each of combine and n counted, where the candidates' totals tell them apart (by more than
+    `floor` tokens)."""
     if not totals:
         return {}
     best = min(totals, key=lambda shape: abs(server - totals[shape]))
@@ -216,7 +222,7 @@ def judge_shape(server: float, totals: dict[ChargeRule, int]) -> dict[str, Any]:
         if not rivals:
             continue
         rival = min(rivals, key=lambda shape: abs(server - totals[shape]))
-        if totals[rival] != totals[best] and nearer(server, totals[best], totals[rival]) == 0:
+        if abs(totals[rival] - totals[best]) > floor and nearer(server, totals[best], totals[rival]) == 0:
             found[dimension] = getattr(best, dimension)
     return found
 

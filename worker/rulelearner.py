@@ -26,7 +26,8 @@ from ratequeue.config.settings import Settings
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.scripts import lua_source
-from ratequeue.worker.chargerule import MISSING_AGREES, ChargeRuleCheck, Observation
+from ratequeue.worker.allowance import AGREES
+from ratequeue.worker.chargerule import ChargeRuleCheck, Observation
 from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.ledger import Terms, Ticket
 
@@ -68,7 +69,9 @@ class RuleLearner:
         self.settings = settings
         self._write = write  # fire-and-forget Redis writes (Learned keeps them referenced)
         self._learned: dict[str, dict[str, Any]] = {}  # pair -> dimension -> value (by any worker)
-        self._verdicts: dict[tuple[str, str], tuple[Any, int]] = {}  # (pair, dimension) -> (last, in a row)
+        # (pair, dimension) -> (last side, in a row, the value in force they were judged against,
+        # the value to take)
+        self._verdicts: dict[tuple[str, str], tuple[Any, int, Any, Any]] = {}
         self._warned: set[tuple[str, str, Any]] = set()  # (pair, dimension, side) a pinned pair was told
         self.check = ChargeRuleCheck()
         self.confirmations = CONFIRMATIONS
@@ -114,9 +117,13 @@ class RuleLearner:
         if dimension == "missing_max_tokens" and now is None:
             now = spec.max_output_tokens
         side = _side(dimension, now, seen)
-        last, count = self._verdicts.get((pair, dimension), (None, 0))
-        count = count + 1 if last == side else 1
-        self._verdicts[pair, dimension] = (side, count)
+        last, count, against, top = self._verdicts.get((pair, dimension), (None, 0, now, seen))
+        # Verdicts against a value no longer in force do not count (a bound of 2,202 that took over
+        # from 16,384 is not confirmed by the "lower" said of 16,384).
+        count = count + 1 if last == side and against == now else 1
+        if dimension == "missing_max_tokens":  # of the figures that agree, the highest: the safe side
+            seen = max(seen, top) if count > 1 else seen
+        self._verdicts[pair, dimension] = (side, count, now, seen)
         if count < self.confirmations or side == "same":
             return
         if not self.pinned(spec):
@@ -142,9 +149,11 @@ class RuleLearner:
 
 def _side(dimension: str, now: Any, seen: Any) -> Any:
     """What a verdict says against the value in force: "same", or the value itself; for the
-    allowance, "lower" or "higher" (each window's figure differs a little: the latest is taken)."""
+    allowance, "lower" (by more than AGREES: a little above the server's is the safe side) or
+    "higher" (the check says so only when a run of windows shows it, worker/allowance.py); each
+    window's figure differs a little: the highest of those in a row is taken."""
     if dimension != "missing_max_tokens":
         return "same" if seen == now else seen
-    if abs(seen - now) <= MISSING_AGREES * max(seen, now):
-        return "same"
-    return "lower" if seen < now else "higher"
+    if seen > now:
+        return "higher"
+    return "lower" if seen < now * (1 - AGREES) else "same"
