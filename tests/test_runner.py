@@ -176,7 +176,8 @@ def test_a_429_retries_after_a_not_before_every_worker_honours(world: Any) -> No
                        "x-ratelimit-remaining-requests": "0"})
 
     async def scenario() -> None:
-        async with world([job("a"), job("b")], limited, ok) as w:
+        # A deferral window of 10 s (the module's 2 s was passed on a loaded machine: b deferred).
+        async with world([job("a"), job("b")], limited, ok, RATEQUEUE_DEFER_AFTER="10") as w:
             # A second worker: its own runner, gates and Redis client, on the same Redis.
             other = JobRunner(w.settings, w.runner.table, Limiter(w.runner.store.redis), JobStore(w.runner.store.redis),
                               w.runner.client, Parking(w.runner.store.redis))
