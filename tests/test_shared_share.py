@@ -126,3 +126,22 @@ def test_a_cut_share_outlives_an_idle_bucket(redis_url: str) -> None:
     assert limiter.reconcile(key, small).share == pytest.approx(0.65)  # 30% refused: 5% below the rest
     time.sleep(2.5)  # the bucket would be full and its hash gone
     assert limiter.reconcile(key, replace(small, share=0.65)).share == pytest.approx(0.66, abs=0.005)
+
+
+def test_a_share_holds_while_the_servers_room_stays_below_the_buffer(redis_url: str) -> None:
+    """A room that stays low but does not fall: every client of the account together spends the
+    limit (it would rise otherwise), and growing only probes for 429s (measured without
+    Retry-After: two deployments and a foreign client at the edge, 1-3 429s a second for 20 s).
+    The share holds there, and grows again once the room rises above the buffer."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 10.0)  # 10 requests a second, a bucket of 100
+    share = _cut_to_half(limiter, key, full)
+    for left in (40, 10, 10, 10):  # 4 s seen (a buffer of 2 s), then 1 s left, flat
+        share = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=left).share
+        time.sleep(1.05)
+    held = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=10).share
+    assert held == pytest.approx(share)
+    time.sleep(1.05)  # the room rose to 4 s: grown by the room above the buffer, spread over 6 s
+    grown = limiter.reconcile(key, replace(full, share=held), answered=1, remaining_requests=40).share
+    assert grown == pytest.approx(held + 2 / 6 * 1.05, abs=0.02)

@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.worker.limiter import BucketLimits
 
-__all__ = ["LEAD_SECONDS", "MAX_DEFER_SECONDS", "MIN_PATIENCE_SECONDS", "Backlog", "job_ref", "seconds_of"]
+__all__ = [
+    "LEAD_SECONDS", "MAX_DEFER_SECONDS", "MIN_PATIENCE_SECONDS", "REPRICE_SPEEDUP", "Backlog", "job_ref", "seconds_of",
+]
 
 MAX_DEFER_SECONDS = 60.0
 # A shorter queue may run dry before deferred work comes back (the mover looks every 0.5 s).
@@ -55,6 +57,9 @@ MIN_PATIENCE_SECONDS = 2.0
 # How early deferred work comes back before its turn (at most half of the patience): each
 # second of it holds a slot per chunk of the pair's limit's worth longer, so it is short.
 LEAD_SECONDS = 2.0
+# Limits this many times faster than those that priced deferred work bring it forward (a share
+# given back by a few percent at a time would otherwise rewrite the schedule on every answer).
+REPRICE_SPEEDUP = 1.15
 
 
 @dataclass
@@ -67,8 +72,10 @@ class _Queue:
     # None unless it keeps its place).
     admitted: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     schedule_end: float = 0.0  # monotonic time until which deferred work is due back
-    # deferred-set member -> monotonic time it is due back: what ``recall`` brings back early
-    deferred: dict[str, float] = field(default_factory=dict)
+    # deferred-set member -> (monotonic time it is due back, the limits that priced it): what
+    # ``recall`` brings back early, and ``reprice`` sooner
+    deferred: dict[str, tuple[float, BucketLimits]] = field(default_factory=dict)
+    slowest: BucketLimits | None = None  # the slowest limits among those that priced the schedule
 
     def forget(self, job: str) -> None:
         """Stop counting ``job`` as admitted (it reached the bucket, or its run ended)."""
@@ -82,6 +89,12 @@ def job_ref(batch_id: str, custom_id: str) -> str:
     """How the backlog names a job (custom ids repeat across batches): as the deferred set does,
     so that ``recall`` hands back members of that set."""
     return f"{batch_id}{DEFERRED_SEP}{custom_id}"
+
+
+def _speedup(before: BucketLimits, after: BucketLimits) -> float:
+    """How many times sooner ``after`` drains the same work as ``before`` (the lesser of its
+    request and token speed-ups: either may bind)."""
+    return min(after.request_rate / before.request_rate, after.token_rate / before.token_rate)
 
 
 def seconds_of(limits: BucketLimits, requests: float, tokens: float) -> float:
@@ -142,8 +155,10 @@ class Backlog:
         else:
             queue.schedule_end = due + seconds_of(queue.limits, len(costs), sum(costs))
         if len(queue.deferred) > 10_000:  # those already back are of no more use
-            queue.deferred = {m: at for m, at in queue.deferred.items() if at > now}
-        queue.deferred.update(dict.fromkeys(members, due))
+            queue.deferred = {m: booked for m, booked in queue.deferred.items() if booked[0] > now}
+        queue.deferred.update(dict.fromkeys(members, (due, queue.limits)))
+        if queue.slowest is None or _speedup(queue.slowest, queue.limits) < 1:
+            queue.slowest = queue.limits
         return due - now
 
     def admit(self, key: str, limits: BucketLimits, jobs: dict[str, int], keep_place: bool = True) -> None:
@@ -182,10 +197,33 @@ class Backlog:
         if queue is None:
             return []
         now = time.monotonic()
-        members = [member for member, at in queue.deferred.items() if at > now]
+        members = [member for member, (at, _) in queue.deferred.items() if at > now]
         queue.deferred.clear()
-        queue.schedule_end = 0.0
+        queue.schedule_end, queue.slowest = 0.0, None
         return members
+
+    def reprice(self, key: str, limits: BucketLimits) -> dict[str, float]:
+        """Bring ``key``'s schedule forward when ``limits`` spend faster than those that priced
+        it (the share given back after a cut, by REPRICE_SPEEDUP at least): each member's wait
+        from now shrinks by its speed-up. Returns the members moved, with their seconds from now.
+        Why: work deferred during a deep cut (a share of 0.25 priced 50 jobs at 10 s) came back on
+        that schedule after the share was back at 1: the bucket idled between chunks, and each
+        chunk, back at once, was sent in one burst (measured: 50 calls every 10 s for 40 s at
+        half the limit left by another client)."""
+        queue = self._queues.get(key)
+        if queue is None or queue.slowest is None or _speedup(queue.slowest, limits) < REPRICE_SPEEDUP:
+            return {}
+        now = time.monotonic()
+        moved: dict[str, float] = {}
+        for member, (at, priced) in queue.deferred.items():
+            speedup = _speedup(priced, limits)
+            if at > now and speedup >= REPRICE_SPEEDUP:
+                moved[member] = (at - now) / speedup
+                queue.deferred[member] = (now + moved[member], limits)
+        if queue.schedule_end > now:
+            queue.schedule_end = now + (queue.schedule_end - now) / _speedup(queue.slowest, limits)
+        queue.slowest = limits
+        return moved
 
     def defer_for(self, key: str, limits: BucketLimits, cost: int, patience: float, job: str = "") -> float | None:
         """None when a job charging ``cost`` should queue now, else the seconds to defer it for:

@@ -33,6 +33,7 @@ from ratequeue.config.settings import Settings
 from ratequeue.errors import RequestTooLargeError, UnknownModelError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.jobstore.scripts import lua_source
 from ratequeue.redact import configured_secrets, redact_response
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
@@ -82,6 +83,8 @@ class JobRunner:
         self.in_flight = FairInFlight(settings.max_in_flight)  # divided among pairs by rate
         self.learned = Learned(settings, store.redis)
         self._priced: dict[str, ChargeRule] = {}  # pair -> the rule its deferred work here was priced by
+        self._hasten = store.redis.register_script(lua_source("hasten", "ratequeue.worker"))
+        self._hastening: set[asyncio.Task[None]] = set()  # reprice writes in flight, kept referenced
         self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
@@ -252,7 +255,29 @@ class JobRunner:
         if self._priced.setdefault(pair, rule) != rule:
             self._priced[pair] = rule
             await self._recall(keys.bucket_key(account, spec.name))
-        return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
+        gate = self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
+        await self._reprice(gate)
+        return gate
+
+    def _follow_share(self, run: JobRun, share: float) -> None:
+        """Spend at the shared bucket's share (worker.learned); work deferred here at a smaller
+        one comes back sooner (``_reprice``)."""
+        self.learned.follow_share(run.pair, run.spec, run.gate, share)
+        task = asyncio.ensure_future(self._reprice(run.gate))
+        self._hastening.add(task)
+        task.add_done_callback(self._hastening.discard)
+
+    async def _reprice(self, gate: BucketGate) -> None:
+        """Bring forward the work this worker deferred for capacity on ``gate``'s bucket when its
+        limits now spend faster than those that priced it (``Backlog.reprice``)."""
+        moved = self.backlog.reprice(gate.key, gate.limits)
+        if not moved:
+            return
+        args = [x for member, wait in moved.items() for x in (member, int(redis_wait(wait) * 1000))]
+        try:
+            await self._hasten(keys=[keys.deferred_jobs()], args=args)
+        except RedisError as exc:  # they come back at their old time: slower, never lost
+            log.warning("deferred work of %s not brought forward: %s", gate.key, exc)
 
     async def _recall(self, key: str) -> None:
         """Work this worker deferred for capacity under the previous charge rule is due now: its
@@ -304,5 +329,5 @@ class JobRunner:
             # What the server charged for it (a 429: nothing), stale or not: reconcile.lua tells
             # whether the fall of the server's rooms is all ours (alone) or another client's too.
             charged=(0, 0) if headers.empty or sent.verdict.kind.rate_limited else (1, sent.charge - token_delta),
-            on_share=lambda share: self.learned.follow_share(run.pair, run.spec, run.gate, share),
+            on_share=lambda share: self._follow_share(run, share),
         )

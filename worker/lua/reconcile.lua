@@ -115,16 +115,18 @@ local function others_spent(left, before, ours, seconds)
 end
 
 -- Share per second to give back: what the server reports left beyond the buffer, spread over
--- SPREAD_S seconds, so that growing never spends more than it has; at least SLOW, so that clients
--- at the edge of the limit keep probing and even out (and in a bucket's first window, whose
--- reading predates what this deployment and any other spent since their opening); 0 while what it
--- reports left shrinks (the account is already spent faster than it refills: growing would only
--- run it dry sooner). Not by what it rose: that reading is a round trip old, so every window
--- would add again what the last one added (measured: two deployments from 0.4 to 0.95 each in
--- four windows, then a 429 storm).
+-- SPREAD_S seconds, so that growing never spends more than it has; at least SLOW from the buffer
+-- up (and in a bucket's first window, whose reading predates what this deployment and any other
+-- spent since their opening); 0 while what it reports left shrinks (the account is already spent
+-- faster than it refills: growing would only run it dry sooner), and 0 below the buffer: a room
+-- that stays low without falling is all clients together spending the limit (it would rise
+-- otherwise), and probing there only drew 429s (without Retry-After: two deployments and a foreign
+-- client at the edge, 1-3 a second for 20 s). Not by what it rose: that reading is a round trip
+-- old, so every window would add again what the last one added (measured: two deployments from
+-- 0.4 to 0.95 each in four windows, then a 429 storm).
 local function growth(left, before, target)
   if left == nil or before == nil then return SLOW end  -- before: the first window says no trend
-  if left < before - 0.1 then return 0 end
+  if left < before - 0.1 or left < target then return 0 end
   return math.max(SLOW, (left - target) / SPREAD_S)
 end
 
