@@ -62,7 +62,8 @@ def test_a_draining_server_bucket_slows_ratequeue_before_any_429(redis_url: str)
 
 
 def test_a_deployment_alone_doubles_its_claim_on_the_servers_room(redis_url: str) -> None:
-    """The opening claims 40% of the server's remaining (10 s of limit here). A window in which the
+    """The opening claims 40% of the server's remaining (10 s of limit here). After the opening's
+    own window (partial: it holds, whatever it shows), a window in which the
     server's rooms fell by what our own answers were charged (nobody else spends) doubles the claim
     and gives the level that part of the room above the buffer, and the share back; a fall our
     answers do not explain (another client), or no spending of ours to compare with, does not.
@@ -79,6 +80,11 @@ def test_a_deployment_alone_doubles_its_claim_on_the_servers_room(redis_url: str
         assert opening.share == 0.5 and opening.tokens == pytest.approx(4_000, abs=50)
         time.sleep(1.05)
         half = replace(full, share=opening.share)
+        # The opening's window is partial (the front of its answers: our first few charges, the
+        # room as it was): it looks alone, and changes nothing.
+        front = limiter.reconcile(key, half, charged=(1, 1_000), remaining_tokens=10_000)
+        assert front.share == 0.5 and front.tokens <= 4_000
+        time.sleep(1.05)
         results[name] = limiter.reconcile(key, half, charged=charged, remaining_tokens=tokens_left)
     alone = results["alone"]
     # claim 80%: 40% + 40% of the room above the 2 s buffer (7 s left): 5,600 tokens; share back to 1
@@ -145,3 +151,23 @@ def test_a_share_holds_while_the_servers_room_stays_below_the_buffer(redis_url: 
     time.sleep(1.05)  # the room rose to 4 s: grown by the room above the buffer, spread over 6 s
     grown = limiter.reconcile(key, replace(full, share=held), answered=1, remaining_requests=40).share
     assert grown == pytest.approx(held + 2 / 6 * 1.05, abs=0.02)
+
+
+def test_a_deployment_alone_two_windows_in_a_row_doubles_its_share(redis_url: str) -> None:
+    """An opening that spent the server's room leaves it below the buffer: grown by the room, the
+    share crept up by 1% a second (a lone deployment on a 60 s server window spent half the
+    limits for most of its run). The second window in a row that shows us alone doubles it; the
+    first does not (another deployment may have sent nothing for a second: its jobs deferred)."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 20.0)  # 10 requests, 1,000 tokens a second
+    assert limiter.reconcile(key, full, remaining_tokens=10_000).share == 0.5  # the opening: 10 s
+    time.sleep(1.05)
+    limiter.reconcile(key, replace(full, share=0.5), remaining_tokens=10_000)  # the opening's partial window
+    time.sleep(1.05)
+    # Our opening drained the token room to 2 s (10 s, less 9 s of ours, plus the refill).
+    share = limiter.reconcile(key, replace(full, share=0.5), charged=(9, 9_000), remaining_tokens=2_050).share
+    assert share == pytest.approx(0.51, abs=0.005)
+    time.sleep(1.05)
+    doubled = limiter.reconcile(key, replace(full, share=share), charged=(1, 1_000), remaining_tokens=2_100).share
+    assert doubled == 1.0  # twice 0.51

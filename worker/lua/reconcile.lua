@@ -22,7 +22,8 @@
 -- in the window, fl: seconds of limit the server reported left when it began, fm: the most it was
 -- seen to hold, fc: the part of a reported remaining a level may hold (CLAIM, doubling per window
 -- while alone, up to 1), fn/ft: requests/tokens charged for the window's answers, fq/fk: the server's request
--- and token room when it began (seconds of limit), fx: the room claimed or given not yet seen spent;
+-- and token room when it began (seconds of limit), fx: the room claimed or given not yet seen spent,
+-- fz: windows in a row that showed us alone (the share doubles from the second);
 -- missing = 1, or OPENING_SHARE on a first remaining read; a window starting now) is the part of
 -- the limits the server leaves to this
 -- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
@@ -58,7 +59,7 @@ local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
 local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm', 'fc',
-  'ft', 'fq', 'fk', 'fx', 'fn')
+  'ft', 'fq', 'fk', 'fx', 'fn', 'fz')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -74,7 +75,7 @@ local lt = math.min(cap_t, refill(h[3], h[4], cap_t, rate_t) + token_delta)
 -- alone would leave most of the server's opening allowance unspent: each window that shows nobody
 -- else spending (ALONE: less than a tenth of the limit, below) doubles the claim (fc, up to all of
 -- it, until others show) and gives the level that part of the room above the buffer.
-local CLAIM, ALONE = 0.4, 0.1
+local CLAIM, ALONE, ALONE_STREAK = 0.4, 0.1, 2
 local claim = tonumber(h[12] or CLAIM)
 if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
 if rem_t >= 0 then lt = math.min(lt, rem_t * claim) end
@@ -131,6 +132,7 @@ local function growth(left, before, target)
 end
 
 local answered = tonumber(ARGV[9] or 0)
+local streak = tonumber(h[18] or 0)  -- fz: windows alone in a row
 local charged_r, charged_t = tonumber(ARGV[10] or 0), tonumber(ARGV[11] or 0)
 local share_in
 local share, window, before = tonumber(h[6]), tonumber(h[7] or now_us), tonumber(h[10])
@@ -155,7 +157,8 @@ local before_r, before_t, given = tonumber(h[14]), tonumber(h[15]), tonumber(h[1
 -- fx: what the claim and the gifts below let us spend that the readings may not show yet (in
 -- seconds of limit): our answers pay it off. Reserved ahead, a gift goes out over seconds: the
 -- last window's gift alone was too little to hold back (4.8% 429s on a 10 s server window).
-if opening then before_r, before_t, given = left_r, left_t, CLAIM * left end
+-- The opening's window is partial (fz -1): see below.
+if opening then before_r, before_t, given, streak = left_r, left_t, CLAIM * left, -1 end
 local most = tonumber(h[11] or 0)
 if left ~= nil then most = math.max(most, left) end
 -- The buffer kept at the server: what absorbs another client's onset while we react (a round
@@ -179,6 +182,13 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     redis.call('HSET', KEYS[1], 'fo', string.format('%.3f', others))  -- for profiles (bench --profile)
     if others > 2 * ALONE then claim = CLAIM end
   end
+  -- The window after the opening closes with the first flush a second on: the front of the
+  -- opening's answers, whose readings predate most of what this deployment and any other sent in
+  -- their openings. Read as evidence, both deployments of a shared key saw themselves alone, went
+  -- back to the full limits and each was given the server's room (31 429s in their second
+  -- second, without Retry-After). It changes nothing but a cut for 429s.
+  local partial = streak < 0
+  streak = (alone and not partial) and streak + 1 or 0
   local give = 0
   if refusals > 0 then
     local accepted = 1 - refusals / math.max(seen, refusals) - 0.05
@@ -188,15 +198,21 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     -- with it, it takes as long as before, instead of idling every worker for many seconds.
     if lr < 0 then lr = lr * cut end
     if lt < 0 then lt = lt * cut end
+  elseif partial then
+    share = share  -- held (above)
   elseif alone then
     -- The room above the buffer is ours: the claim doubles (a round trip of evidence per window),
     -- and the level is given that part of it, less what was claimed or given before and is not
     -- yet in this reading (fx: its answers are a round trip away, or more when reserved ahead).
     -- The share grows as when the room holds (by the room above the buffer, spread over 6 s),
-    -- even while our own spending drains it; doubled, two deployments that each saw a window
-    -- alone went back to the full limits together (8-14% 429s).
+    -- even while our own spending drains it; it doubles only from the second window alone in a
+    -- row (ALONE_STREAK): doubled at once, two deployments that each saw a window alone went back
+    -- to the full limits together (8-14% 429s); grown by the room alone, a lone deployment whose
+    -- opening had spent the server's room took 50 s from half the limits to all of them (at 1%/s
+    -- below the buffer: a 60 s server window's wall 1.08-1.15 of the minimum).
     claim = math.min(1, claim * 2)
-    share = math.min(1, share + math.max(SLOW, (left - target) / SPREAD_S) * math.min(seconds, 1))
+    local grown = share + math.max(SLOW, (left - target) / SPREAD_S) * math.min(seconds, 1)
+    share = math.min(1, streak >= ALONE_STREAK and math.max(grown, 2 * share) or grown)
     -- Only from well above the buffer: a short window (1 s) refills our level as fast as the
     -- server's room, and a gift on top spent the in-flight part twice (429s).
     if left > 2 * target then give = math.max(0, claim * (left - target) - given) end
@@ -229,7 +245,7 @@ redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
   'fa', seen, 'fr', refusals, 'fc', string.format('%.17g', claim), 'fn', requests_seen, 'ft', tokens_seen,
-  'fx', string.format('%.17g', given))
+  'fx', string.format('%.17g', given), 'fz', streak)
 if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
 if before_r ~= nil then redis.call('HSET', KEYS[1], 'fq', string.format('%.17g', before_r)) end
 if before_t ~= nil then redis.call('HSET', KEYS[1], 'fk', string.format('%.17g', before_t)) end
