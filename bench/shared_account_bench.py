@@ -140,7 +140,8 @@ class Profile:
                 dc, d429 = c - last[n][0], (c - a) - last[n][1]
                 last[n] = (c, c - a)
                 b = buckets[n]
-                cells.append(f"{dc:3d} {d429:3d} {float(b.get('fs', 1)):.2f} {float(b.get('fl', -1)):5.1f} {deferred[n]:4d}")
+                share, left = float(b.get("fs", 1)), float(b.get("fl", -1))
+                cells.append(f"{dc:3d} {d429:3d} {share:.2f} {left:5.1f} {deferred[n]:4d}")
             print(f"{t:5.1f} | " + " | ".join(cells))
 
 

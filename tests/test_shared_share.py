@@ -171,3 +171,28 @@ def test_a_deployment_alone_two_windows_in_a_row_doubles_its_share(redis_url: st
     time.sleep(1.05)
     doubled = limiter.reconcile(key, replace(full, share=share), charged=(1, 1_000), remaining_tokens=2_100).share
     assert doubled == 1.0  # twice 0.51
+
+
+def test_no_gift_once_the_claim_is_whole(redis_url: str) -> None:
+    """A gift (the room above the buffer, given to the level) is for the room the claim held back
+    while it climbed. Once the claim is whole, our level refills as the server's room does; a gift
+    then, sized by readings that predate what was in flight, spent it twice (60 s window: 14
+    requests sent at once from a level refilled while idle, 12 429s)."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 60.0)  # 1,000 tokens a second; a bucket of 60 s
+    share = limiter.reconcile(key, full, remaining_tokens=60_000).share  # the opening: claim 0.4
+    room = 60_000
+    # The opening's partial window, then two windows alone: the claim climbs to 0.8, then 1.
+    for spent in (0, 20_000, 20_000, 1_000):
+        time.sleep(1.05)
+        room += 1_050 - spent
+        levels = limiter.reconcile(key, replace(full, share=share), token_delta=-spent,
+                                   charged=(spent // 1_000, spent), remaining_tokens=room)
+        share = levels.share
+    time.sleep(1.05)
+    # 13,000 tokens reserved and answered; the readings of these answers do not show them yet.
+    room += 1_050
+    after = limiter.reconcile(key, replace(full, share=share), token_delta=-13_000, charged=(13, 13_000),
+                              remaining_tokens=room)
+    assert after.tokens == pytest.approx(levels.tokens - 13_000 + 1_050, abs=100)

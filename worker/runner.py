@@ -25,15 +25,12 @@ import asyncio
 import logging
 import time
 
-from redis.exceptions import RedisError
-
 from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec, ModelTable
 from ratequeue.config.settings import Settings
 from ratequeue.errors import RequestTooLargeError, UnknownModelError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
-from ratequeue.jobstore.scripts import lua_source
 from ratequeue.redact import configured_secrets, redact_response
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
@@ -48,6 +45,7 @@ from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.parking import Parked, Parking, pair_field
 from ratequeue.worker.policy import Reason, Verdict, classify
 from ratequeue.worker.reconciler import Reconciler
+from ratequeue.worker.reschedule import Rescheduler
 from ratequeue.worker.settle import DEADLINE_EXCEEDED, Settler, redis_wait
 from ratequeue.worker.store import JobStore
 from ratequeue.worker.upstream import UpstreamClient
@@ -83,8 +81,7 @@ class JobRunner:
         self.in_flight = FairInFlight(settings.max_in_flight)  # divided among pairs by rate
         self.learned = Learned(settings, store.redis)
         self._priced: dict[str, ChargeRule] = {}  # pair -> the rule its deferred work here was priced by
-        self._hasten = store.redis.register_script(lua_source("hasten", "ratequeue.worker"))
-        self._hastening: set[asyncio.Task[None]] = set()  # reprice writes in flight, kept referenced
+        self.rescheduler = Rescheduler(self.backlog, store.redis)  # deferred work back sooner
         self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
@@ -254,40 +251,16 @@ class JobRunner:
         metrics.set_charge_rule(spec.name, account, rule, spec.max_output_tokens)
         if self._priced.setdefault(pair, rule) != rule:
             self._priced[pair] = rule
-            await self._recall(keys.bucket_key(account, spec.name))
+            await self.rescheduler.recall(keys.bucket_key(account, spec.name))
         gate = self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
-        await self._reprice(gate)
+        await self.rescheduler.reprice(gate.key, gate.limits)
         return gate
 
     def _follow_share(self, run: JobRun, share: float) -> None:
         """Spend at the shared bucket's share (worker.learned); work deferred here at a smaller
-        one comes back sooner (``_reprice``)."""
+        one comes back sooner (``Rescheduler.reprice``)."""
         self.learned.follow_share(run.pair, run.spec, run.gate, share)
-        task = asyncio.ensure_future(self._reprice(run.gate))
-        self._hastening.add(task)
-        task.add_done_callback(self._hastening.discard)
-
-    async def _reprice(self, gate: BucketGate) -> None:
-        """Bring forward the work this worker deferred for capacity on ``gate``'s bucket when its
-        limits now spend faster than those that priced it (``Backlog.reprice``)."""
-        moved = self.backlog.reprice(gate.key, gate.limits)
-        if not moved:
-            return
-        args = [x for member, wait in moved.items() for x in (member, int(redis_wait(wait) * 1000))]
-        try:
-            await self._hasten(keys=[keys.deferred_jobs()], args=args)
-        except RedisError as exc:  # they come back at their old time: slower, never lost
-            log.warning("deferred work of %s not brought forward: %s", gate.key, exc)
-
-    async def _recall(self, key: str) -> None:
-        """Work this worker deferred for capacity under the previous charge rule is due now: its
-        schedule was priced by that rule (the engine admits or defers it again at its new price)."""
-        members = self.backlog.recall(key)
-        try:
-            if members:
-                await self.store.redis.zadd(keys.deferred_jobs(), dict.fromkeys(members, 0), xx=True)
-        except RedisError as exc:  # they come back at their old time: slower, never lost
-            log.warning("deferred work of %s not recalled after a new charge rule: %s", key, exc)
+        self.rescheduler.reprice_soon(run.key, run.gate.limits)
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
         """Correct the shared bucket with what the server reported about this request."""
