@@ -196,3 +196,25 @@ def test_no_gift_once_the_claim_is_whole(redis_url: str) -> None:
     after = limiter.reconcile(key, replace(full, share=share), token_delta=-13_000, charged=(13, 13_000),
                               remaining_tokens=room)
     assert after.tokens == pytest.approx(levels.tokens - 13_000 + 1_050, abs=100)
+
+
+def test_the_room_is_grown_into_in_proportion_to_our_spending(redis_url: str) -> None:
+    """When another client stops, every deployment on the key sees the same room rise; each grew
+    into all of it, and together they went back to twice the limit. Each now grows by its part of
+    what the window shows spent (ours / (ours + others))."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    full = BucketLimits(600, 60_000, 10.0)  # 10 requests a second, a bucket of 100
+    grown = {}
+    for name, ours in {"all of it": 4, "half of it": 2}.items():
+        key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+        share = _cut_to_half(limiter, key, full)
+        time.sleep(1.05)  # a window that reads 3 s of limit left (growing by 1%: no trend yet)
+        share = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=30).share
+        time.sleep(1.05)
+        # 3.65 s left now: 0.4 s of limit spent in the window (plus 1.05 s of refill), all by us,
+        # or half by us and half by another client.
+        after = limiter.reconcile(key, replace(full, share=share), answered=ours, charged=(ours, 0),
+                                  remaining_requests=36.5).share
+        grown[name] = after - share
+    assert grown["all of it"] == pytest.approx((3.65 - 2) / 6 * 1.05, abs=0.02)
+    assert grown["half of it"] == pytest.approx(grown["all of it"] / 2, abs=0.02)

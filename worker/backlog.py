@@ -32,7 +32,11 @@ to the end of the schedule, the work booked after it came back late, and the mod
 between answers: 87.6-96.8% of its limit. And chunks that arrived within the same few milliseconds
 all found the queue short, as their jobs had not reached the bucket yet: 10 chunks of one model
 were admitted at once and held every slot.)
-At most ``MAX_DEFER_SECONDS`` ahead: a longer schedule would leave the pair idle if the jobs in it
+A schedule is priced by the limits in force when it was booked; when they grow (the share of the
+account given back after another client's spending cut it), ``reprice`` shrinks each wait by the
+speed-up (``worker.reschedule`` moves the deferred set's entries): priced at a quarter share, 50 jobs
+waited 10 s a chunk after the share was whole again, and each chunk, back at once, went out in one
+burst. At most ``MAX_DEFER_SECONDS`` ahead: a longer schedule would leave the pair idle if the jobs in it
 never came back (cancelled, or taken by another worker). Other workers' use of the same bucket is
 not seen here: deferred work then comes back early and is deferred again, which costs a message.
 """

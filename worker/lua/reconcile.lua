@@ -171,6 +171,11 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   local seconds = (now_us - window) / 1e6
   -- Alone: the server's rooms fell by no more than our own answers were charged (seen, tokens_seen).
   local alone = false
+  -- Our part of all the spending the window shows (ours / (ours + others)): the part of the
+  -- room above the buffer this deployment grows into. Each deployment growing by all of it, two
+  -- that knew nothing of each other went back to the full limits together when a foreign client
+  -- stopped (twice the limit for seconds: 15 429s at the end of a run).
+  local split = 1
   if refusals == 0 and seconds > 0 and left ~= nil and before ~= nil then
     local ours_r, ours_t = requests_seen / full_r, tokens_seen / full_t
     given = math.max(0, given - math.max(ours_r, ours_t))
@@ -180,6 +185,8 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     -- before the opening's answers are back shows nothing spent, by anyone, while it is in flight.
     alone = others < ALONE and math.max(ours_r, ours_t) >= ALONE * seconds
     redis.call('HSET', KEYS[1], 'fo', string.format('%.3f', others))  -- for profiles (bench --profile)
+    local ours_ps = math.max(ours_r, ours_t) / seconds
+    if ours_ps + math.max(0, others) > 0 then split = ours_ps / (ours_ps + math.max(0, others)) end
     if others > 2 * ALONE then claim = CLAIM end
   end
   -- The window after the opening closes with the first flush a second on: the front of the
@@ -239,7 +246,7 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     end
     share = math.max(MIN_SHARE, share * (1 - cut))
   elseif share < 1 then
-    share = math.min(1, share + growth(left, before, target) * math.min(seconds, 1))
+    share = math.min(1, share + growth(left, before, target) * split * math.min(seconds, 1))
   end
   window, seen, refusals, before, requests_seen, tokens_seen = now_us, 0, 0, left, 0, 0
   before_r, before_t = left_r, left_t
