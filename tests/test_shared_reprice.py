@@ -59,3 +59,17 @@ def test_repricing_moves_the_deferred_set_earlier_never_later(rclient: redis.Red
     assert due[late.encode()] == pytest.approx(now_ms + 20_000 / 4, abs=300)
     assert due[early.encode()] == now_ms + 1_000  # never later than it was
     assert gone.encode() not in due  # not brought back into the set
+
+
+def test_work_that_fits_in_what_the_bucket_holds_waits_for_nobody() -> None:
+    """Priced at the refill rate alone, the work behind a 60 s server window's opening allowance
+    was deferred in chunks every 2 s while the server reported 35 s of limit left."""
+    backlog = Backlog()
+    with backlog.waiting("k", WHOLE, 100), backlog.waiting("k", WHOLE, 100):
+        backlog.admit("k", WHOLE, {job_ref("b", f"w{n}"): 100 for n in range(98)})  # 100 waiting: 10 s
+        assert backlog.ahead("k")[0] == pytest.approx(10)
+        backlog.credit("k", WHOLE, requests=80, tokens=8_000)  # the bucket holds 8 s of the limits
+        assert backlog.ahead("k")[0] == pytest.approx(2)
+        assert backlog.defer_for("k", WHOLE, 100, patience=3.0) is None
+        backlog.credit("k", WHOLE, requests=-20, tokens=8_000)  # in debt: no credit, no more
+        assert backlog.ahead("k")[0] == pytest.approx(10)

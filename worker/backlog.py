@@ -52,7 +52,8 @@ from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.worker.limiter import BucketLimits
 
 __all__ = [
-    "LEAD_SECONDS", "MAX_DEFER_SECONDS", "MIN_PATIENCE_SECONDS", "REPRICE_SPEEDUP", "Backlog", "job_ref", "seconds_of",
+    "CREDIT_SECONDS", "LEAD_SECONDS", "MAX_DEFER_SECONDS", "MIN_PATIENCE_SECONDS", "REPRICE_SPEEDUP",
+    "Backlog", "job_ref", "seconds_of",
 ]
 
 MAX_DEFER_SECONDS = 60.0
@@ -61,6 +62,9 @@ MIN_PATIENCE_SECONDS = 2.0
 # How early deferred work comes back before its turn (at most half of the patience): each
 # second of it holds a slot per chunk of the pair's limit's worth longer, so it is short.
 LEAD_SECONDS = 2.0
+# How long a level reported by the bucket's last correction is believed (they come every 50 ms
+# while answers arrive; the level also pays for what was granted since).
+CREDIT_SECONDS = 2.0
 # Limits this many times faster than those that priced deferred work bring it forward (a share
 # given back by a few percent at a time would otherwise rewrite the schedule on every answer).
 REPRICE_SPEEDUP = 1.15
@@ -80,6 +84,14 @@ class _Queue:
     # ``recall`` brings back early, and ``reprice`` sooner
     deferred: dict[str, tuple[float, BucketLimits]] = field(default_factory=dict)
     slowest: BucketLimits | None = None  # the slowest limits among those that priced the schedule
+    credit: float = 0.0  # seconds of limits the bucket held at its last correction (``credit``)
+    credit_at: float = float("-inf")  # monotonic time of that correction
+
+    def work(self, now: float) -> float:
+        """Seconds of the bucket the jobs waiting here need beyond what it holds (a recent
+        ``credit``): a generous server's opening allowance, or a gift of its room, is spent at once."""
+        held = self.credit if now - self.credit_at < CREDIT_SECONDS else 0.0
+        return max(0.0, seconds_of(self.limits, self.requests, self.tokens) - held)
 
     def forget(self, job: str) -> None:
         """Stop counting ``job`` as admitted (it reached the bucket, or its run ended)."""
@@ -141,7 +153,7 @@ class Backlog:
         queue = self._queues.get(key)
         if queue is None:
             return 0.0, None
-        return seconds_of(queue.limits, queue.requests, queue.tokens), queue.limits
+        return queue.work(time.monotonic()), queue.limits
 
     def schedule(
         self, key: str, limits: BucketLimits, costs: Sequence[int], patience: float, members: Iterable[str] = ()
@@ -153,7 +165,7 @@ class Backlog:
         queue = self._queue(key, limits)
         now = time.monotonic()
         lead = min(max(patience, MIN_PATIENCE_SECONDS) / 2, LEAD_SECONDS)
-        due = max(now + seconds_of(queue.limits, queue.requests, queue.tokens) - lead, queue.schedule_end, now)
+        due = max(now + queue.work(now) - lead, queue.schedule_end, now)
         if due - now >= MAX_DEFER_SECONDS:  # beyond the schedule kept: it asks again then
             due = now + MAX_DEFER_SECONDS
         else:
@@ -205,6 +217,15 @@ class Backlog:
         queue.deferred.clear()
         queue.schedule_end, queue.slowest = 0.0, None
         return members
+
+    def credit(self, key: str, limits: BucketLimits, requests: float, tokens: float) -> None:
+        """The bucket's levels as its last correction reported them: work that fits in what it
+        holds waits for nobody. Why: priced at the refill rate alone, the work behind a 60 s server
+        window's opening allowance (1,500 jobs that fit in it) was deferred in chunks of 50 every 2 s
+        while the server reported 35 s of limit left (wall 1.5-3.2 times the minimum)."""
+        queue = self._queue(key, limits)
+        queue.credit = max(0.0, min(requests / limits.request_rate, tokens / limits.token_rate))
+        queue.credit_at = time.monotonic()
 
     def reprice(self, key: str, limits: BucketLimits) -> dict[str, float]:
         """Bring ``key``'s schedule forward when ``limits`` spend faster than those that priced

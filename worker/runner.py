@@ -40,7 +40,7 @@ from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
 from ratequeue.worker.inflight import FairInFlight
 from ratequeue.worker.learned import Learned
-from ratequeue.worker.limiter import Limiter
+from ratequeue.worker.limiter import BucketLevels, Limiter
 from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.parking import Parked, Parking, pair_field
 from ratequeue.worker.policy import Reason, Verdict, classify
@@ -256,10 +256,11 @@ class JobRunner:
         await self.rescheduler.reprice(gate.key, gate.limits)
         return gate
 
-    def _follow_share(self, run: JobRun, share: float) -> None:
-        """Spend at the shared bucket's share (worker.learned); work deferred here at a smaller
-        one comes back sooner (``Rescheduler.reprice``)."""
-        self.learned.follow_share(run.pair, run.spec, run.gate, share)
+    def _follow(self, run: JobRun, levels: BucketLevels) -> None:
+        """Spend at the shared bucket's share (worker.learned); price the work waiting here
+        against what the bucket holds, and bring work deferred at a smaller share sooner."""
+        self.learned.follow_share(run.pair, run.spec, run.gate, levels.share)
+        self.backlog.credit(run.key, run.gate.limits, levels.requests, levels.tokens)
         self.rescheduler.reprice_soon(run.key, run.gate.limits)
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
@@ -302,5 +303,5 @@ class JobRunner:
             # What the server charged for it (a 429: nothing), stale or not: reconcile.lua tells
             # whether the fall of the server's rooms is all ours (alone) or another client's too.
             charged=(0, 0) if headers.empty or sent.verdict.kind.rate_limited else (1, sent.charge - token_delta),
-            on_share=lambda share: self._follow_share(run, share),
+            on_levels=lambda levels: self._follow(run, levels),
         )
