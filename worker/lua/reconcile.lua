@@ -222,17 +222,12 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     local grown = share + math.max(SLOW, (left - target) / SPREAD_S) * math.min(seconds, 1)
     share = math.min(1, streak >= ALONE_STREAK and math.max(grown, 2 * share) or grown)
     -- Only from well above the buffer: a short window (1 s) refills our level as fast as the
-    -- server's room, and a gift on top spent the in-flight part twice (429s). While the claim
-    -- climbs (the room it held back: an opening's, or after another client showed), or to a level
-    -- all but spent (below the buffer) while the server shows room: a gift to a level that held
-    -- seconds of limit spent what was in flight twice (60 s window: 14 requests, 13k tokens, sent
-    -- at once from a level refilled while idle, a gift sized by the readings of their first
-    -- answers, 12 429s); none at all once the claim was whole left a lone deployment with 37 s of
-    -- the server's room unspent for 5 s (60 s window, 1,500 jobs).
-    local held = math.min(lr / rate_r, lt / rate_t)
-    if (climbing or held < target) and left > 2 * target then
-      give = math.max(0, claim * (left - target) - given)
-    end
+    -- server's room, and a gift on top spent the in-flight part twice (429s). Only while the claim
+    -- climbs: a gift is for the room the claim held back (an opening's, or after another client
+    -- showed); else our level refills as the server's room does. A gift to a level that had
+    -- refilled while idle spent what was in flight twice: 60 s window, 14 requests (13k tokens)
+    -- sent at once, a gift sized by the readings of their first answers, 12 429s.
+    if climbing and left > 2 * target then give = math.max(0, claim * (left - target) - given) end
     given = given + give
     lr, lt = math.min(cap_r, lr + give * full_r), math.min(cap_t, lt + give * full_t)
     if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
