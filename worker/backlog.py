@@ -175,7 +175,7 @@ class Backlog:
         queue.deferred.update(dict.fromkeys(members, (due, queue.limits)))
         if queue.slowest is None or _speedup(queue.slowest, queue.limits) < 1:
             queue.slowest = queue.limits
-        return due - now
+        return min(due - now, MAX_DEFER_SECONDS)  # exactly the cap when capped (float rounding)
 
     def admit(self, key: str, limits: BucketLimits, jobs: dict[str, int], keep_place: bool = True) -> None:
         """Count ``jobs`` (job_ref -> charge, in their order) as waiting on ``key`` from now on:
