@@ -205,8 +205,7 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     -- with it, it takes as long as before, instead of idling every worker for many seconds.
     if lr < 0 then lr = lr * cut end
     if lt < 0 then lt = lt * cut end
-  elseif partial then
-    share = share  -- held (above)
+  elseif partial then  -- nothing changes (above)
   elseif alone then
     -- The room above the buffer is ours: the claim doubles (a round trip of evidence per window),
     -- and the level is given that part of it, less what was claimed or given before and is not
