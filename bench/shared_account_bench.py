@@ -28,6 +28,7 @@ import redis
 from common import mixed_workload, worker_env, workers
 
 from ratequeue.config.settings import load_settings
+from ratequeue.jobstore import keys
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import start_sim
 
@@ -101,7 +102,7 @@ class Profile:
     def __init__(self, sim_url: str, redis_urls: list[str], every: float = 0.5) -> None:
         self.sim_url, self.every = sim_url, every
         self.redis = [redis.Redis.from_url(u, decode_responses=True) for u in redis_urls]
-        self.rows: list[tuple[float, dict[str, int], dict[str, int], list[dict[str, str]]]] = []
+        self.rows: list[tuple[float, dict[str, int], dict[str, int], list[dict[str, str]], list[int]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -117,7 +118,8 @@ class Profile:
             while not self._stop.wait(self.every):
                 snap = http.get("/sim/stats", params={"timeline": "0"}).json()
                 self.rows.append((time.monotonic() - started, snap["calls_by_client_id"],
-                                  snap["answers_by_client_id"], [self._bucket(r) for r in self.redis]))
+                                  snap["answers_by_client_id"], [self._bucket(r) for r in self.redis],
+                                  [int(r.zcard(keys.deferred_jobs())) for r in self.redis]))
 
     def start(self) -> None:
         self._thread.start()
@@ -128,9 +130,9 @@ class Profile:
 
     def print(self, batches: list[str]) -> None:
         """Per interval and deployment: calls, 429s, the share in force, the server's reported room."""
-        print("t(s) | per deployment: calls 429s share server-left(s) (-1: none read yet)")
+        print("t(s) | per deployment: calls 429s share server-left(s) (-1: none read yet) jobs-deferred")
         last: list[tuple[int, int]] = [(0, 0)] * len(batches)
-        for t, calls, answers, buckets in self.rows:
+        for t, calls, answers, buckets, deferred in self.rows:
             cells = []
             for n, prefix in enumerate(batches):
                 c = sum(v for k, v in calls.items() if k.startswith(prefix))
@@ -138,7 +140,8 @@ class Profile:
                 dc, d429 = c - last[n][0], (c - a) - last[n][1]
                 last[n] = (c, c - a)
                 b = buckets[n]
-                cells.append(f"{dc:3d} {d429:3d} {float(b.get('fs', 1)):.2f} {float(b.get('fl', -1)):5.1f}")
+                share, left = float(b.get("fs", 1)), float(b.get("fl", -1))
+                cells.append(f"{dc:3d} {d429:3d} {share:.2f} {left:5.1f} {deferred[n]:4d}")
             print(f"{t:5.1f} | " + " | ".join(cells))
 
 
@@ -158,6 +161,7 @@ def main() -> None:
     ap.add_argument("--foreign-for", type=float, default=40.0)
     ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--log-dir", type=Path, help="keep each deployment's worker logs under this directory")
     ap.add_argument("--profile", action="store_true",
                     help="print each deployment's calls, 429s, share and the server's reported room every 0.5 s")
     args = ap.parse_args()
@@ -177,7 +181,7 @@ def main() -> None:
             url = stack.enter_context(private_redis(tmp))
             redis_urls.append(url)
             env = worker_env(sim.url, url, args.rpm, args.tpm, charge_rule=args.charge_rule, **extra)
-            stack.enter_context(workers(args.workers, env, tmp / f"logs-{d}"))
+            stack.enter_context(workers(args.workers, env, (args.log_dir or tmp) / f"logs-{d}"))
             clients.append(Client(load_settings(env)))
         time.sleep(2.0)
         sim.reset()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH_REDIS_URL, HEADER, ROOT, figures, flush, mixed_workload, peak_rss_mb, worker_env
+from shared_account_bench import Profile
 
 from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
@@ -79,7 +80,8 @@ def timeline_lines(stats: dict[str, Any], rpm: int, tpm: int) -> list[str]:
     return out
 
 
-def run(s: Scenario, code: Path, workers: int, show_timeline: bool = False, log_dir: Path | None = None) -> str:
+def run(s: Scenario, code: Path, workers: int, show_timeline: bool = False, log_dir: Path | None = None,
+        profile: bool = False) -> str:
     """One run with the workers of checkout `code`; returns its figures as a table row plus notes."""
     flush(BENCH_REDIS_URL)
     sim_args = ["--rpm", str(s.rpm), "--tpm", str(s.tpm), "--latency-ms", str(LATENCY_MS),
@@ -101,10 +103,16 @@ def run(s: Scenario, code: Path, workers: int, show_timeline: bool = False, log_
             client = Client(load_settings(env))
             time.sleep(2.0)  # workers connected before the clock starts
             sim.reset()
+            trace = Profile(sim.url, [BENCH_REDIS_URL]) if profile else None
             started = time.monotonic()
+            if trace:
+                trace.start()
             report = client.submit_batch(mixed_workload(s.jobs, 42))
             batch = client.wait(report.batch_id, timeout=900, poll=0.2)
             wall = time.monotonic() - started
+            if trace:
+                trace.stop()
+                trace.print([report.batch_id])
             rss = max(peak_rss_mb(p.pid) for p in procs)
         finally:
             for p in procs:
@@ -134,6 +142,8 @@ def main() -> None:
     ap.add_argument("--only", action="append", default=[], help="scenario name (repeatable)")
     ap.add_argument("--timeline", action="store_true", help="print each second's sends against the allowance")
     ap.add_argument("--log-dir", type=Path, help="keep each run's worker logs in a new directory under this one")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the calls, 429s, share and the server's reported room every 0.5 s")
     ap.add_argument("--compare", type=Path, help="another checkout whose workers also run each scenario")
     args = ap.parse_args()
     scenarios = ISSUE_SCENARIOS if args.scale == "issue" else SCENARIOS
@@ -146,7 +156,7 @@ def main() -> None:
               f"rule {s.rule}, configured {s.configured_factor:g} x, retry-after {'on' if s.retry_after else 'off'}")
         print(HEADER)
         for code in codes:
-            print(run(s, code, args.workers, args.timeline, args.log_dir), flush=True)
+            print(run(s, code, args.workers, args.timeline, args.log_dir, args.profile), flush=True)
         print(f"load {os.getloadavg()[0]:.1f}")
 
 

@@ -62,7 +62,8 @@ def test_a_draining_server_bucket_slows_ratequeue_before_any_429(redis_url: str)
 
 
 def test_a_deployment_alone_doubles_its_claim_on_the_servers_room(redis_url: str) -> None:
-    """The opening claims 40% of the server's remaining (10 s of limit here). A window in which the
+    """The opening claims 40% of the server's remaining (10 s of limit here). After the opening's
+    own window (partial: it holds, whatever it shows), a window in which the
     server's rooms fell by what our own answers were charged (nobody else spends) doubles the claim
     and gives the level that part of the room above the buffer, and the share back; a fall our
     answers do not explain (another client), or no spending of ours to compare with, does not.
@@ -79,6 +80,11 @@ def test_a_deployment_alone_doubles_its_claim_on_the_servers_room(redis_url: str
         assert opening.share == 0.5 and opening.tokens == pytest.approx(4_000, abs=50)
         time.sleep(1.05)
         half = replace(full, share=opening.share)
+        # The opening's window is partial (the front of its answers: our first few charges, the
+        # room as it was): it looks alone, and changes nothing.
+        front = limiter.reconcile(key, half, charged=(1, 1_000), remaining_tokens=10_000)
+        assert front.share == 0.5 and front.tokens <= 4_000
+        time.sleep(1.05)
         results[name] = limiter.reconcile(key, half, charged=charged, remaining_tokens=tokens_left)
     alone = results["alone"]
     # claim 80%: 40% + 40% of the room above the 2 s buffer (7 s left): 5,600 tokens; share back to 1
@@ -126,3 +132,89 @@ def test_a_cut_share_outlives_an_idle_bucket(redis_url: str) -> None:
     assert limiter.reconcile(key, small).share == pytest.approx(0.65)  # 30% refused: 5% below the rest
     time.sleep(2.5)  # the bucket would be full and its hash gone
     assert limiter.reconcile(key, replace(small, share=0.65)).share == pytest.approx(0.66, abs=0.005)
+
+
+def test_a_share_holds_while_the_servers_room_stays_below_the_buffer(redis_url: str) -> None:
+    """A room that stays low but does not fall: every client of the account together spends the
+    limit (it would rise otherwise), and growing only probes for 429s (measured without
+    Retry-After: two deployments and a foreign client at the edge, 1-3 429s a second for 20 s).
+    The share holds there, and grows again once the room rises above the buffer."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 10.0)  # 10 requests a second, a bucket of 100
+    share = _cut_to_half(limiter, key, full)
+    for left in (40, 10, 10, 10):  # 4 s seen (a buffer of 2 s), then 1 s left, flat
+        share = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=left).share
+        time.sleep(1.05)
+    held = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=10).share
+    assert held == pytest.approx(share)
+    time.sleep(1.05)  # the room rose to 4 s: grown by the room above the buffer, spread over 6 s
+    grown = limiter.reconcile(key, replace(full, share=held), answered=1, remaining_requests=40).share
+    assert grown == pytest.approx(held + 2 / 6 * 1.05, abs=0.02)
+
+
+def test_a_deployment_alone_two_windows_in_a_row_doubles_its_share(redis_url: str) -> None:
+    """An opening that spent the server's room leaves it below the buffer: grown by the room, the
+    share crept up by 1% a second (a lone deployment on a 60 s server window spent half the
+    limits for most of its run). The second window in a row that shows us alone doubles it; the
+    first does not (another deployment may have sent nothing for a second: its jobs deferred)."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 20.0)  # 10 requests, 1,000 tokens a second
+    assert limiter.reconcile(key, full, remaining_tokens=10_000).share == 0.5  # the opening: 10 s
+    time.sleep(1.05)
+    limiter.reconcile(key, replace(full, share=0.5), remaining_tokens=10_000)  # the opening's partial window
+    time.sleep(1.05)
+    # Our opening drained the token room to 2 s (10 s, less 9 s of ours, plus the refill).
+    share = limiter.reconcile(key, replace(full, share=0.5), charged=(9, 9_000), remaining_tokens=2_050).share
+    assert share == pytest.approx(0.51, abs=0.005)
+    time.sleep(1.05)
+    doubled = limiter.reconcile(key, replace(full, share=share), charged=(1, 1_000), remaining_tokens=2_100).share
+    assert doubled == 1.0  # twice 0.51
+
+
+def test_no_gift_once_the_claim_is_whole(redis_url: str) -> None:
+    """A gift (the room above the buffer, given to the level) is for the room the claim held back
+    while it climbed. Once the claim is whole, our level refills as the server's room does; a gift
+    then, sized by readings that predate what was in flight, spent it twice (60 s window: 14
+    requests sent at once from a level refilled while idle, 12 429s)."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 60.0)  # 1,000 tokens a second; a bucket of 60 s
+    share = limiter.reconcile(key, full, remaining_tokens=60_000).share  # the opening: claim 0.4
+    room = 60_000
+    # The opening's partial window, then two windows alone: the claim climbs to 0.8, then 1.
+    for spent in (0, 20_000, 20_000, 1_000):
+        time.sleep(1.05)
+        room += 1_050 - spent
+        levels = limiter.reconcile(key, replace(full, share=share), token_delta=-spent,
+                                   charged=(spent // 1_000, spent), remaining_tokens=room)
+        share = levels.share
+    time.sleep(1.05)
+    # 13,000 tokens reserved and answered; the readings of these answers do not show them yet.
+    room += 1_050
+    after = limiter.reconcile(key, replace(full, share=share), token_delta=-13_000, charged=(13, 13_000),
+                              remaining_tokens=room)
+    assert after.tokens == pytest.approx(levels.tokens - 13_000 + 1_050, abs=100)
+
+
+def test_the_room_is_grown_into_in_proportion_to_our_spending(redis_url: str) -> None:
+    """When another client stops, every deployment on the key sees the same room rise; each grew
+    into all of it, and together they went back to twice the limit. Each now grows by its part of
+    what the window shows spent (ours / (ours + others))."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    full = BucketLimits(600, 60_000, 10.0)  # 10 requests a second, a bucket of 100
+    grown = {}
+    for name, ours in {"all of it": 4, "half of it": 2}.items():
+        key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+        share = _cut_to_half(limiter, key, full)
+        time.sleep(1.05)  # a window that reads 3 s of limit left (growing by 1%: no trend yet)
+        share = limiter.reconcile(key, replace(full, share=share), answered=1, remaining_requests=30).share
+        time.sleep(1.05)
+        # 3.65 s left now: 0.4 s of limit spent in the window (plus 1.05 s of refill), all by us,
+        # or half by us and half by another client.
+        after = limiter.reconcile(key, replace(full, share=share), answered=ours, charged=(ours, 0),
+                                  remaining_requests=36.5).share
+        grown[name] = after - share
+    assert grown["all of it"] == pytest.approx((3.65 - 2) / 6 * 1.05, abs=0.02)
+    assert grown["half of it"] == pytest.approx(grown["all of it"] / 2, abs=0.02)

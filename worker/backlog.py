@@ -32,7 +32,11 @@ to the end of the schedule, the work booked after it came back late, and the mod
 between answers: 87.6-96.8% of its limit. And chunks that arrived within the same few milliseconds
 all found the queue short, as their jobs had not reached the bucket yet: 10 chunks of one model
 were admitted at once and held every slot.)
-At most ``MAX_DEFER_SECONDS`` ahead: a longer schedule would leave the pair idle if the jobs in it
+A schedule is priced by the limits in force when it was booked; when they grow (the share of the
+account given back after another client's spending cut it), ``reprice`` shrinks each wait by the
+speed-up (``worker.reschedule`` moves the deferred set's entries): priced at a quarter share, 50 jobs
+waited 10 s a chunk after the share was whole again, and each chunk, back at once, went out in one
+burst. At most ``MAX_DEFER_SECONDS`` ahead: a longer schedule would leave the pair idle if the jobs in it
 never came back (cancelled, or taken by another worker). Other workers' use of the same bucket is
 not seen here: deferred work then comes back early and is deferred again, which costs a message.
 """
@@ -47,7 +51,10 @@ from dataclasses import dataclass, field
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.worker.limiter import BucketLimits
 
-__all__ = ["LEAD_SECONDS", "MAX_DEFER_SECONDS", "MIN_PATIENCE_SECONDS", "Backlog", "job_ref", "seconds_of"]
+__all__ = [
+    "CREDIT_SECONDS", "LEAD_SECONDS", "MAX_DEFER_SECONDS", "MIN_PATIENCE_SECONDS", "REPRICE_SPEEDUP",
+    "Backlog", "job_ref", "seconds_of",
+]
 
 MAX_DEFER_SECONDS = 60.0
 # A shorter queue may run dry before deferred work comes back (the mover looks every 0.5 s).
@@ -55,6 +62,12 @@ MIN_PATIENCE_SECONDS = 2.0
 # How early deferred work comes back before its turn (at most half of the patience): each
 # second of it holds a slot per chunk of the pair's limit's worth longer, so it is short.
 LEAD_SECONDS = 2.0
+# How long a level reported by the bucket's last correction is believed (they come every 50 ms
+# while answers arrive; the level also pays for what was granted since).
+CREDIT_SECONDS = 2.0
+# Limits this many times faster than those that priced deferred work bring it forward (a share
+# given back by a few percent at a time would otherwise rewrite the schedule on every answer).
+REPRICE_SPEEDUP = 1.15
 
 
 @dataclass
@@ -67,8 +80,18 @@ class _Queue:
     # None unless it keeps its place).
     admitted: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     schedule_end: float = 0.0  # monotonic time until which deferred work is due back
-    # deferred-set member -> monotonic time it is due back: what ``recall`` brings back early
-    deferred: dict[str, float] = field(default_factory=dict)
+    # deferred-set member -> (monotonic time it is due back, the limits that priced it): what
+    # ``recall`` brings back early, and ``reprice`` sooner
+    deferred: dict[str, tuple[float, BucketLimits]] = field(default_factory=dict)
+    slowest: BucketLimits | None = None  # the slowest limits among those that priced the schedule
+    credit: float = 0.0  # seconds of limits the bucket held at its last correction (``credit``)
+    credit_at: float = float("-inf")  # monotonic time of that correction
+
+    def work(self, now: float) -> float:
+        """Seconds of the bucket the jobs waiting here need beyond what it holds (a recent
+        ``credit``): a generous server's opening allowance, or a gift of its room, is spent at once."""
+        held = self.credit if now - self.credit_at < CREDIT_SECONDS else 0.0
+        return max(0.0, seconds_of(self.limits, self.requests, self.tokens) - held)
 
     def forget(self, job: str) -> None:
         """Stop counting ``job`` as admitted (it reached the bucket, or its run ended)."""
@@ -82,6 +105,12 @@ def job_ref(batch_id: str, custom_id: str) -> str:
     """How the backlog names a job (custom ids repeat across batches): as the deferred set does,
     so that ``recall`` hands back members of that set."""
     return f"{batch_id}{DEFERRED_SEP}{custom_id}"
+
+
+def _speedup(before: BucketLimits, after: BucketLimits) -> float:
+    """How many times sooner ``after`` drains the same work as ``before`` (the lesser of its
+    request and token speed-ups: either may bind)."""
+    return min(after.request_rate / before.request_rate, after.token_rate / before.token_rate)
 
 
 def seconds_of(limits: BucketLimits, requests: float, tokens: float) -> float:
@@ -124,7 +153,7 @@ class Backlog:
         queue = self._queues.get(key)
         if queue is None:
             return 0.0, None
-        return seconds_of(queue.limits, queue.requests, queue.tokens), queue.limits
+        return queue.work(time.monotonic()), queue.limits
 
     def schedule(
         self, key: str, limits: BucketLimits, costs: Sequence[int], patience: float, members: Iterable[str] = ()
@@ -136,15 +165,17 @@ class Backlog:
         queue = self._queue(key, limits)
         now = time.monotonic()
         lead = min(max(patience, MIN_PATIENCE_SECONDS) / 2, LEAD_SECONDS)
-        due = max(now + seconds_of(queue.limits, queue.requests, queue.tokens) - lead, queue.schedule_end, now)
+        due = max(now + queue.work(now) - lead, queue.schedule_end, now)
         if due - now >= MAX_DEFER_SECONDS:  # beyond the schedule kept: it asks again then
             due = now + MAX_DEFER_SECONDS
         else:
             queue.schedule_end = due + seconds_of(queue.limits, len(costs), sum(costs))
         if len(queue.deferred) > 10_000:  # those already back are of no more use
-            queue.deferred = {m: at for m, at in queue.deferred.items() if at > now}
-        queue.deferred.update(dict.fromkeys(members, due))
-        return due - now
+            queue.deferred = {m: booked for m, booked in queue.deferred.items() if booked[0] > now}
+        queue.deferred.update(dict.fromkeys(members, (due, queue.limits)))
+        if queue.slowest is None or _speedup(queue.slowest, queue.limits) < 1:
+            queue.slowest = queue.limits
+        return min(due - now, MAX_DEFER_SECONDS)  # exactly the cap when capped (float rounding)
 
     def admit(self, key: str, limits: BucketLimits, jobs: dict[str, int], keep_place: bool = True) -> None:
         """Count ``jobs`` (job_ref -> charge, in their order) as waiting on ``key`` from now on:
@@ -182,10 +213,42 @@ class Backlog:
         if queue is None:
             return []
         now = time.monotonic()
-        members = [member for member, at in queue.deferred.items() if at > now]
+        members = [member for member, (at, _) in queue.deferred.items() if at > now]
         queue.deferred.clear()
-        queue.schedule_end = 0.0
+        queue.schedule_end, queue.slowest = 0.0, None
         return members
+
+    def credit(self, key: str, limits: BucketLimits, requests: float, tokens: float) -> None:
+        """The bucket's levels as its last correction reported them: work that fits in what it
+        holds waits for nobody. Why: priced at the refill rate alone, the work behind a 60 s server
+        window's opening allowance (1,500 jobs that fit in it) was deferred in chunks of 50 every 2 s
+        while the server reported 35 s of limit left (wall 1.5-3.2 times the minimum)."""
+        queue = self._queue(key, limits)
+        queue.credit = max(0.0, min(requests / limits.request_rate, tokens / limits.token_rate))
+        queue.credit_at = time.monotonic()
+
+    def reprice(self, key: str, limits: BucketLimits) -> dict[str, float]:
+        """Bring ``key``'s schedule forward when ``limits`` spend faster than those that priced
+        it (the share given back after a cut, by REPRICE_SPEEDUP at least): each member's wait
+        from now shrinks by its speed-up. Returns the members moved, with their seconds from now.
+        Why: work deferred during a deep cut (a share of 0.25 priced 50 jobs at 10 s) came back on
+        that schedule after the share was back at 1: the bucket idled between chunks, and each
+        chunk, back at once, was sent in one burst (measured: 50 calls every 10 s for 40 s at
+        half the limit left by another client)."""
+        queue = self._queues.get(key)
+        if queue is None or queue.slowest is None or _speedup(queue.slowest, limits) < REPRICE_SPEEDUP:
+            return {}
+        now = time.monotonic()
+        moved: dict[str, float] = {}
+        for member, (at, priced) in queue.deferred.items():
+            speedup = _speedup(priced, limits)
+            if at > now and speedup >= REPRICE_SPEEDUP:
+                moved[member] = (at - now) / speedup
+                queue.deferred[member] = (now + moved[member], limits)
+        if queue.schedule_end > now:
+            queue.schedule_end = now + (queue.schedule_end - now) / _speedup(queue.slowest, limits)
+        queue.slowest = limits
+        return moved
 
     def defer_for(self, key: str, limits: BucketLimits, cost: int, patience: float, job: str = "") -> float | None:
         """None when a job charging ``cost`` should queue now, else the seconds to defer it for:

@@ -5,9 +5,10 @@ x-ratelimit-remaining-*). Sending each as its own Redis call cost ~13% of a work
 1,000 calls/s; summed over 50 ms they lose nothing that matters: deltas add up, and of several
 "remaining" snapshots the lowest is kept (the conservative one), and rate-limit 429s are counted.
 
-Each flush answers with the bucket's shared share of the limits (reconcile.lua: cut by 429s, given
-back when the server shows room); it is handed to the ``on_share`` callback of the bucket, so every
-worker follows what another client of the account leaves, within one flush of any worker's 429.
+Each flush answers with the bucket's levels and shared share of the limits (reconcile.lua: cut by
+429s, given back when the server shows room); they are handed to the ``on_levels`` callback of the
+bucket, so every worker follows what another client of the account leaves, within one flush of any
+worker's 429, and prices its waiting work against what the bucket holds (``worker.backlog``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ratequeue.worker.limiter import BucketLimits, Limiter
+from ratequeue.worker.limiter import BucketLevels, BucketLimits, Limiter
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class _Pending:
     refused: int = 0
     answered: int = 0
     charged: tuple[int, int] = (0, 0)  # requests and tokens the server charged for the answers
-    on_share: Callable[[float], None] | None = None
+    on_levels: Callable[[BucketLevels], None] | None = None
 
 
 def _lower(a: int | None, b: int | None) -> int | None:
@@ -59,14 +60,14 @@ class Reconciler:
         refused: int = 0,
         answered: int = 0,
         charged: tuple[int, int] = (0, 0),
-        on_share: Callable[[float], None] | None = None,
+        on_levels: Callable[[BucketLevels], None] | None = None,
     ) -> None:
         p = self._pending.setdefault(key, _Pending(limits))
         p.limits = limits
         p.refused += refused
         p.answered += answered
         p.charged = (p.charged[0] + charged[0], p.charged[1] + charged[1])
-        p.on_share = on_share or p.on_share
+        p.on_levels = on_levels or p.on_levels
         p.token_delta += token_delta
         p.request_delta += request_delta
         p.remaining_tokens = _lower(p.remaining_tokens, remaining_tokens)
@@ -91,5 +92,5 @@ class Reconciler:
             except Exception as exc:  # a correction is advice: losing one to a Redis blip is fine
                 log.warning("bucket correction of %s dropped: %s", key, exc)
                 continue
-            if p.on_share is not None:
-                p.on_share(levels.share)
+            if p.on_levels is not None:
+                p.on_levels(levels)

@@ -25,8 +25,6 @@ import asyncio
 import logging
 import time
 
-from redis.exceptions import RedisError
-
 from ratequeue.config.accounts_load import implicit_table
 from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec, ModelTable
@@ -43,11 +41,12 @@ from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
 from ratequeue.worker.inflight import FairInFlight
 from ratequeue.worker.learned import Learned
-from ratequeue.worker.limiter import Limiter
+from ratequeue.worker.limiter import BucketLevels, Limiter
 from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.parking import Parked, Parking, pair_field
 from ratequeue.worker.policy import Reason, Verdict, classify
 from ratequeue.worker.reconciler import Reconciler
+from ratequeue.worker.reschedule import Rescheduler
 from ratequeue.worker.routing import Routing
 from ratequeue.worker.settle import DEADLINE_EXCEEDED, Settler, redis_wait
 from ratequeue.worker.store import JobStore
@@ -86,6 +85,7 @@ class JobRunner:
         self.in_flight = FairInFlight(settings.max_in_flight)  # divided among pairs by rate
         self.learned = Learned(settings, store.redis)
         self._priced: dict[str, ChargeRule] = {}  # pair -> the rule its deferred work here was priced by
+        self.rescheduler = Rescheduler(self.backlog, store.redis)  # deferred work back sooner
         self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
@@ -262,18 +262,17 @@ class JobRunner:
         metrics.set_charge_rule(spec.name, account, rule, spec.max_output_tokens)
         if self._priced.setdefault(pair, rule) != rule:
             self._priced[pair] = rule
-            await self._recall(keys.bucket_key(account, spec.name))
-        return self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
+            await self.rescheduler.recall(keys.bucket_key(account, spec.name))
+        gate = self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
+        await self.rescheduler.reprice(gate.key, gate.limits)
+        return gate
 
-    async def _recall(self, key: str) -> None:
-        """Work this worker deferred for capacity under the previous charge rule is due now: its
-        schedule was priced by that rule (the engine admits or defers it again at its new price)."""
-        members = self.backlog.recall(key)
-        try:
-            if members:
-                await self.store.redis.zadd(keys.deferred_jobs(), dict.fromkeys(members, 0), xx=True)
-        except RedisError as exc:  # they come back at their old time: slower, never lost
-            log.warning("deferred work of %s not recalled after a new charge rule: %s", key, exc)
+    def _follow(self, run: JobRun, levels: BucketLevels) -> None:
+        """Spend at the shared bucket's share (worker.learned); price the work waiting here
+        against what the bucket holds, and bring work deferred at a smaller share sooner."""
+        self.learned.follow_share(run.pair, run.spec, run.gate, levels.share)
+        self.backlog.credit(run.key, run.gate.limits, levels.requests, levels.tokens)
+        self.rescheduler.reprice_soon(run.key, run.gate.limits)
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
         """Correct the shared bucket with what the server reported about this request."""
@@ -315,5 +314,5 @@ class JobRunner:
             # What the server charged for it (a 429: nothing), stale or not: reconcile.lua tells
             # whether the fall of the server's rooms is all ours (alone) or another client's too.
             charged=(0, 0) if headers.empty or sent.verdict.kind.rate_limited else (1, sent.charge - token_delta),
-            on_share=lambda share: self.learned.follow_share(run.pair, run.spec, run.gate, share),
+            on_levels=lambda levels: self._follow(run, levels),
         )

@@ -22,7 +22,8 @@
 -- in the window, fl: seconds of limit the server reported left when it began, fm: the most it was
 -- seen to hold, fc: the part of a reported remaining a level may hold (CLAIM, doubling per window
 -- while alone, up to 1), fn/ft: requests/tokens charged for the window's answers, fq/fk: the server's request
--- and token room when it began (seconds of limit), fx: the room claimed or given not yet seen spent;
+-- and token room when it began (seconds of limit), fx: the room claimed or given not yet seen spent,
+-- fz: windows in a row that showed us alone (the share doubles from the second);
 -- missing = 1, or OPENING_SHARE on a first remaining read; a window starting now) is the part of
 -- the limits the server leaves to this
 -- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
@@ -58,7 +59,7 @@ local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
 local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm', 'fc',
-  'ft', 'fq', 'fk', 'fx', 'fn')
+  'ft', 'fq', 'fk', 'fx', 'fn', 'fz')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -74,7 +75,7 @@ local lt = math.min(cap_t, refill(h[3], h[4], cap_t, rate_t) + token_delta)
 -- alone would leave most of the server's opening allowance unspent: each window that shows nobody
 -- else spending (ALONE: less than a tenth of the limit, below) doubles the claim (fc, up to all of
 -- it, until others show) and gives the level that part of the room above the buffer.
-local CLAIM, ALONE = 0.4, 0.1
+local CLAIM, ALONE, ALONE_STREAK = 0.4, 0.1, 2
 local claim = tonumber(h[12] or CLAIM)
 if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
 if rem_t >= 0 then lt = math.min(lt, rem_t * claim) end
@@ -115,20 +116,23 @@ local function others_spent(left, before, ours, seconds)
 end
 
 -- Share per second to give back: what the server reports left beyond the buffer, spread over
--- SPREAD_S seconds, so that growing never spends more than it has; at least SLOW, so that clients
--- at the edge of the limit keep probing and even out (and in a bucket's first window, whose
--- reading predates what this deployment and any other spent since their opening); 0 while what it
--- reports left shrinks (the account is already spent faster than it refills: growing would only
--- run it dry sooner). Not by what it rose: that reading is a round trip old, so every window
--- would add again what the last one added (measured: two deployments from 0.4 to 0.95 each in
--- four windows, then a 429 storm).
+-- SPREAD_S seconds, so that growing never spends more than it has; at least SLOW from the buffer
+-- up (and in a bucket's first window, whose reading predates what this deployment and any other
+-- spent since their opening); 0 while what it reports left shrinks (the account is already spent
+-- faster than it refills: growing would only run it dry sooner), and 0 below the buffer: a room
+-- that stays low without falling is all clients together spending the limit (it would rise
+-- otherwise), and probing there only drew 429s (without Retry-After: two deployments and a foreign
+-- client at the edge, 1-3 a second for 20 s). Not by what it rose: that reading is a round trip
+-- old, so every window would add again what the last one added (measured: two deployments from
+-- 0.4 to 0.95 each in four windows, then a 429 storm).
 local function growth(left, before, target)
   if left == nil or before == nil then return SLOW end  -- before: the first window says no trend
-  if left < before - 0.1 then return 0 end
+  if left < before - 0.1 or left < target then return 0 end
   return math.max(SLOW, (left - target) / SPREAD_S)
 end
 
 local answered = tonumber(ARGV[9] or 0)
+local streak = tonumber(h[18] or 0)  -- fz: windows alone in a row
 local charged_r, charged_t = tonumber(ARGV[10] or 0), tonumber(ARGV[11] or 0)
 local share_in
 local share, window, before = tonumber(h[6]), tonumber(h[7] or now_us), tonumber(h[10])
@@ -153,7 +157,8 @@ local before_r, before_t, given = tonumber(h[14]), tonumber(h[15]), tonumber(h[1
 -- fx: what the claim and the gifts below let us spend that the readings may not show yet (in
 -- seconds of limit): our answers pay it off. Reserved ahead, a gift goes out over seconds: the
 -- last window's gift alone was too little to hold back (4.8% 429s on a 10 s server window).
-if opening then before_r, before_t, given = left_r, left_t, CLAIM * left end
+-- The opening's window is partial (fz -1): see below.
+if opening then before_r, before_t, given, streak = left_r, left_t, CLAIM * left, -1 end
 local most = tonumber(h[11] or 0)
 if left ~= nil then most = math.max(most, left) end
 -- The buffer kept at the server: what absorbs another client's onset while we react (a round
@@ -166,6 +171,11 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   local seconds = (now_us - window) / 1e6
   -- Alone: the server's rooms fell by no more than our own answers were charged (seen, tokens_seen).
   local alone = false
+  -- Our part of all the spending the window shows (ours / (ours + others)): the part of the
+  -- room above the buffer this deployment grows into. Each deployment growing by all of it, two
+  -- that knew nothing of each other went back to the full limits together when a foreign client
+  -- stopped (twice the limit for seconds: 15 429s at the end of a run).
+  local split = 1
   if refusals == 0 and seconds > 0 and left ~= nil and before ~= nil then
     local ours_r, ours_t = requests_seen / full_r, tokens_seen / full_t
     given = math.max(0, given - math.max(ours_r, ours_t))
@@ -175,8 +185,17 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     -- before the opening's answers are back shows nothing spent, by anyone, while it is in flight.
     alone = others < ALONE and math.max(ours_r, ours_t) >= ALONE * seconds
     redis.call('HSET', KEYS[1], 'fo', string.format('%.3f', others))  -- for profiles (bench --profile)
+    local ours_ps = math.max(ours_r, ours_t) / seconds
+    if ours_ps + math.max(0, others) > 0 then split = ours_ps / (ours_ps + math.max(0, others)) end
     if others > 2 * ALONE then claim = CLAIM end
   end
+  -- The window after the opening closes with the first flush a second on: the front of the
+  -- opening's answers, whose readings predate most of what this deployment and any other sent in
+  -- their openings. Read as evidence, both deployments of a shared key saw themselves alone, went
+  -- back to the full limits and each was given the server's room (31 429s in their second
+  -- second, without Retry-After). It changes nothing but a cut for 429s.
+  local partial = streak < 0
+  streak = (alone and not partial) and streak + 1 or 0
   local give = 0
   if refusals > 0 then
     local accepted = 1 - refusals / math.max(seen, refusals) - 0.05
@@ -186,18 +205,28 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     -- with it, it takes as long as before, instead of idling every worker for many seconds.
     if lr < 0 then lr = lr * cut end
     if lt < 0 then lt = lt * cut end
+  elseif partial then  -- nothing changes (above)
   elseif alone then
     -- The room above the buffer is ours: the claim doubles (a round trip of evidence per window),
     -- and the level is given that part of it, less what was claimed or given before and is not
     -- yet in this reading (fx: its answers are a round trip away, or more when reserved ahead).
     -- The share grows as when the room holds (by the room above the buffer, spread over 6 s),
-    -- even while our own spending drains it; doubled, two deployments that each saw a window
-    -- alone went back to the full limits together (8-14% 429s).
+    -- even while our own spending drains it; it doubles only from the second window alone in a
+    -- row (ALONE_STREAK): doubled at once, two deployments that each saw a window alone went back
+    -- to the full limits together (8-14% 429s); grown by the room alone, a lone deployment whose
+    -- opening had spent the server's room took 50 s from half the limits to all of them (at 1%/s
+    -- below the buffer: a 60 s server window's wall 1.08-1.15 of the minimum).
+    local climbing = claim < 1
     claim = math.min(1, claim * 2)
-    share = math.min(1, share + math.max(SLOW, (left - target) / SPREAD_S) * math.min(seconds, 1))
+    local grown = share + math.max(SLOW, (left - target) / SPREAD_S) * math.min(seconds, 1)
+    share = math.min(1, streak >= ALONE_STREAK and math.max(grown, 2 * share) or grown)
     -- Only from well above the buffer: a short window (1 s) refills our level as fast as the
-    -- server's room, and a gift on top spent the in-flight part twice (429s).
-    if left > 2 * target then give = math.max(0, claim * (left - target) - given) end
+    -- server's room, and a gift on top spent the in-flight part twice (429s). Only while the claim
+    -- climbs: a gift is for the room the claim held back (an opening's, or after another client
+    -- showed); else our level refills as the server's room does. A gift to a level that had
+    -- refilled while idle spent what was in flight twice: 60 s window, 14 requests (13k tokens)
+    -- sent at once, a gift sized by the readings of their first answers, 12 429s.
+    if climbing and left > 2 * target then give = math.max(0, claim * (left - target) - given) end
     given = given + give
     lr, lt = math.min(cap_r, lr + give * full_r), math.min(cap_t, lt + give * full_t)
     if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
@@ -216,7 +245,7 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     end
     share = math.max(MIN_SHARE, share * (1 - cut))
   elseif share < 1 then
-    share = math.min(1, share + growth(left, before, target) * math.min(seconds, 1))
+    share = math.min(1, share + growth(left, before, target) * split * math.min(seconds, 1))
   end
   window, seen, refusals, before, requests_seen, tokens_seen = now_us, 0, 0, left, 0, 0
   before_r, before_t = left_r, left_t
@@ -227,7 +256,7 @@ redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
   'fa', seen, 'fr', refusals, 'fc', string.format('%.17g', claim), 'fn', requests_seen, 'ft', tokens_seen,
-  'fx', string.format('%.17g', given))
+  'fx', string.format('%.17g', given), 'fz', streak)
 if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
 if before_r ~= nil then redis.call('HSET', KEYS[1], 'fq', string.format('%.17g', before_r)) end
 if before_t ~= nil then redis.call('HSET', KEYS[1], 'fk', string.format('%.17g', before_t)) end

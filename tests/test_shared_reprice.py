@@ -1,0 +1,75 @@
+"""Deferred work re-priced when the share grows back (issue 11, ``worker.backlog.reprice`` and
+``worker.reschedule``): work deferred during a deep cut came back on schedules priced at the cut
+share after the share was whole again, leaving the bucket idle between chunks. The deferred set
+is the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from ratequeue.jobstore import keys
+from ratequeue.worker.backlog import Backlog, job_ref
+from ratequeue.worker.limiter import BucketLimits
+from ratequeue.worker.reschedule import Rescheduler
+
+WHOLE = BucketLimits(600, 60_000, 5.0)  # 10 requests a second
+CUT = replace(WHOLE, share=0.25)
+
+
+def test_a_share_given_back_brings_the_schedule_forward() -> None:
+    backlog = Backlog()
+    refs = [job_ref("b", f"j{n}") for n in range(3)]
+    backlog.schedule("k", CUT, [100] * 25, 1.0)  # 25 jobs booked: 10 s at a quarter of the limits
+    first = backlog.schedule("k", CUT, [100] * 25, 1.0, refs[:1])
+    second = backlog.schedule("k", CUT, [100] * 25, 1.0, refs[1:2])
+    assert (first, second) == (pytest.approx(10, abs=0.1), pytest.approx(20, abs=0.1))
+    assert backlog.reprice("k", replace(WHOLE, share=0.27)) == {}  # a few percent: not worth a write
+    moved = backlog.reprice("k", WHOLE)  # four times faster: each wait from now is a quarter
+    assert moved[refs[1]] == pytest.approx(second / 4, abs=0.1)
+    assert moved[refs[0]] == pytest.approx(first / 4, abs=0.1)
+    assert backlog.reprice("k", WHOLE) == {}  # priced at these limits now
+    # New work books behind the schedule as re-priced (at a quarter of its old end).
+    assert backlog.schedule("k", WHOLE, [100] * 5, 1.0, refs[2:]) == pytest.approx((second + 10) / 4, abs=0.1)
+    assert sorted(backlog.recall("k")) == sorted(refs)
+
+
+def test_repricing_moves_the_deferred_set_earlier_never_later(rclient: redis.Redis, redis_url: str) -> None:
+    backlog = Backlog()
+    early, late, gone = job_ref("b", "early"), job_ref("b", "late"), job_ref("b", "gone")
+    now_ms = int(time.time() * 1000)
+    backlog.schedule("k", CUT, [100] * 50, 1.0)  # 50 jobs booked ahead: 20 s at a quarter
+    assert backlog.schedule("k", CUT, [100] * 5, 1.0, [late]) == pytest.approx(20, abs=0.1)
+    backlog.schedule("k", CUT, [100] * 5, 1.0, [early, gone])
+    # `early` was deferred again meanwhile (another reason, sooner); `gone` moved back to the queue.
+    rclient.zadd(keys.deferred_jobs(), {late: now_ms + 20_000, early: now_ms + 1_000})
+
+    async def reprice() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        await Rescheduler(backlog, client).reprice("k", WHOLE)
+        await client.aclose()
+
+    asyncio.run(reprice())
+    due = dict(rclient.zrange(keys.deferred_jobs(), 0, -1, withscores=True))
+    assert due[late.encode()] == pytest.approx(now_ms + 20_000 / 4, abs=300)
+    assert due[early.encode()] == now_ms + 1_000  # never later than it was
+    assert gone.encode() not in due  # not brought back into the set
+
+
+def test_work_that_fits_in_what_the_bucket_holds_waits_for_nobody() -> None:
+    """Priced at the refill rate alone, the work behind a 60 s server window's opening allowance
+    was deferred in chunks every 2 s while the server reported 35 s of limit left."""
+    backlog = Backlog()
+    with backlog.waiting("k", WHOLE, 100), backlog.waiting("k", WHOLE, 100):
+        backlog.admit("k", WHOLE, {job_ref("b", f"w{n}"): 100 for n in range(98)})  # 100 waiting: 10 s
+        assert backlog.ahead("k")[0] == pytest.approx(10)
+        backlog.credit("k", WHOLE, requests=80, tokens=8_000)  # the bucket holds 8 s of the limits
+        assert backlog.ahead("k")[0] == pytest.approx(2)
+        assert backlog.defer_for("k", WHOLE, 100, patience=3.0) is None
+        backlog.credit("k", WHOLE, requests=-20, tokens=8_000)  # in debt: no credit, no more
+        assert backlog.ahead("k")[0] == pytest.approx(10)
