@@ -52,9 +52,10 @@ def test_a_batch_against_a_concurrency_bound_server_runs_at_its_capacity(
     requests = server["served"] + server["overloaded"]
     assert server["overloaded"] < 0.01 * requests, server
     assert server["max_concurrent"] <= CONCURRENCY
-    # The steady state: every whole second between the first answer and the last.
+    # The steady state: the median of the whole seconds between the first answer and the last (the
+    # window opens within 2 s: 4, 6, 9, each step measured before the next).
     served = [row["requests_ok"] for row in stats["timeline"]]
     first = next(i for i, n in enumerate(served) if n)
     last = max(i for i, n in enumerate(served) if n)
-    steady = served[first + 1:last]
-    assert steady and sum(steady) / len(steady) >= 0.9 * CAPACITY, (served, server)
+    steady = sorted(served[first + 1:last])
+    assert len(steady) >= 5 and steady[len(steady) // 2] >= 0.9 * CAPACITY, (served, server)
