@@ -27,7 +27,10 @@ concurrency-limits library applies it to request concurrency, ``VegasLimit`` and
 - a rise over ``SHRINK_ABOVE`` cuts it at once to what the server serves without queueing
   (Gradient2's ``limit x gradient``, gradient = base / now), never below half;
 - a refusal (429 or 503: the server's queue is full) cuts it by 30% (CUBIC's beta, RFC 9438),
-  at most once per round: the refusals of requests sent before a cut are not counted again.
+  at most once per round: the refusals of requests sent before a cut are not counted again;
+- a queue that stood for nearly ``BASE_ROUNDS`` rounds would become the base as the unqueued rounds
+  age out (Vegas's known base inflation): before that, the window drops for a round to what the
+  server serves without queueing and the base is measured again (BBR's ProbeRTT).
 
 Each worker process runs its own windows; they converge as TCP flows do (see BENCHMARKS.md).
 """
@@ -52,7 +55,7 @@ REFUSAL_CUT = 0.7  # CUBIC's multiplicative decrease
 LATENCY_FLOOR = 0.5  # a latency cut keeps at least half of the window (Gradient2's bound)
 GROW_BELOW = 0.10  # latency over base under which the window grows
 SHRINK_ABOVE = 0.25  # latency over base over which it shrinks
-BASE_ROUNDS = 30  # rounds over which the base latency is the minimum
+BASE_ROUNDS = 30  # rounds over which the base latency is the minimum (probed again before it ages out)
 MIN_ROUND = 4  # answers per round at least, so that a window of 1 is not judged on one answer
 USED = 0.9  # a round "used the window" when its requests were sent at this share of it on average
 HEADERLESS_ANSWERS = 3  # answers without x-ratelimit-* before a pair counts as concurrency-bound
@@ -72,10 +75,11 @@ class AdaptiveWindow:
         self._sent_at: list[int] = []
         self._answers = 0
         self._cut_this_round = False
+        self._queued_rounds = 0  # rounds in a row whose latency stood over the base
 
     @property
     def size(self) -> int:
-        return max(1, int(self.limit))
+        return max(1, int(self.limit + 1e-9))  # 6 / 1.5 is 3.9999999999999996
 
     def answered(self, latency: float, in_flight: int) -> bool:
         """A success that took ``latency`` seconds, sent with ``in_flight`` calls of its pair out
@@ -121,6 +125,14 @@ class AdaptiveWindow:
         sent_at = sum(self._sent_at) / len(self._sent_at)
         self._bases.append(now)
         rise = now / min(self._bases) - 1 if now > 0 else 0.0
+        self._queued_rounds = self._queued_rounds + 1 if rise >= GROW_BELOW / 2 else 0
+        if self._queued_rounds >= BASE_ROUNDS - 2:
+            # The unqueued rounds are about to age out of the base, and a queued latency would become
+            # the base: the window would creep up one queue at a time. Drop to what the server serves
+            # without queueing for a round, so that the base is measured again (BBR's ProbeRTT).
+            self.limit = min(self.limit, max(1.0, sent_at / (1 + rise)))
+            self._queued_rounds = 0
+            return
         if rise > SHRINK_ABOVE:
             self.limit = min(self.limit, max(self.limit * LATENCY_FLOOR, sent_at / (1 + rise), 1.0))
             self.slow_start = False
