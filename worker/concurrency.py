@@ -10,11 +10,13 @@ shared bucket (``worker.limiter``) paces that pair, exactly as before.
 How the window moves (TCP's congestion window, with the latency signal of TCP Vegas as Netflix's
 concurrency-limits library applies it to request concurrency, ``VegasLimit`` and ``Gradient2Limit``):
 
-- it is judged once per *round*, a window's worth of answers (about one round trip), on the round's
-  mean latency against the base latency, the lowest round mean of the last ``BASE_ROUNDS`` rounds
-  (so a base that is no longer true ages out);
-- the rise of the latency over the base is the server's queue in units of what it serves at once
-  (Little's law: Vegas's ``queue = limit x (1 - base / now)`` over the server's capacity). Judged
+- it is judged once per *round*, a window's worth of answers (about one round trip, at least
+  ``MIN_ROUND``), on the round's quickest answer against the base, the quickest of the last
+  ``BASE_ROUNDS`` rounds (so a base that is no longer true ages out): a standing queue delays every
+  request alike, while a round's mean follows its mix of long and short outputs;
+- that delay over the round's mean latency (the *rise*) is the share of the calls in flight that
+  wait in the server's queue (Little's law: Vegas's ``queue = limit x (1 - base / now)``, over the
+  limit). Judged
   as a ratio, as Gradient2's tolerance is, not as Vegas's queue of this process's own requests: every
   worker sees the same rise, so several workers stop at the same queue at the server, where
   per-process queue targets add up (measured: 3.7% of requests refused with two workers on a queue
@@ -25,9 +27,11 @@ concurrency-limits library applies it to request concurrency, ``VegasLimit`` and
   Vegas's slow start, since each step is measured before the next), then by a tenth (at least one)
   per round: one step cannot take the rise from under ``GROW_BELOW`` past ``SHRINK_ABOVE``;
 - a rise over ``SHRINK_ABOVE`` cuts it at once to what the server serves without queueing
-  (Gradient2's ``limit x gradient``, gradient = base / now), never below half;
+  (Gradient2's ``limit x gradient``, gradient = 1 - rise), never below half;
 - a refusal (429 or 503: the server's queue is full) cuts it by 30% (CUBIC's beta, RFC 9438),
-  at most once per round: the refusals of requests sent before a cut are not counted again;
+  at most once per round: the refusals of requests sent before a cut are not counted again; and
+  it stays under 90% of the calls that drew it, one more allowed per ``BASE_ROUNDS`` calm rounds
+  (CUBIC's plateau at its last maximum, made flat);
 - a queue that stood for nearly ``BASE_ROUNDS`` rounds would become the base as the unqueued rounds
   age out (Vegas's known base inflation): before that, the window drops for a round to what the
   server serves without queueing and the base is measured again (BBR's ProbeRTT).
@@ -52,12 +56,12 @@ __all__ = ["HEADERLESS_ANSWERS", "AdaptiveWindow", "ConcurrencyWindows"]
 INITIAL = 4  # calls in flight before anything is known
 SLOW_START_GROWTH = 1.5  # per measured round before the first signal
 REFUSAL_CUT = 0.7  # CUBIC's multiplicative decrease
+CEILING = 0.9  # the window stays under this share of the calls in flight that drew a refusal
 LATENCY_FLOOR = 0.5  # a latency cut keeps at least half of the window (Gradient2's bound)
-GROW_BELOW = 0.10  # latency over base under which the window grows
-SHRINK_ABOVE = 0.25  # latency over base over which it shrinks
+GROW_BELOW = 0.10  # rise (share of the calls in flight that queue) under which the window grows
+SHRINK_ABOVE = 0.25  # rise over which it shrinks
 BASE_ROUNDS = 30  # rounds over which the base latency is the minimum (probed again before it ages out)
-MIN_ROUND = 4  # answers per round at least, so that a window of 1 is not judged on one answer
-USED = 0.9  # a round "used the window" when its requests were sent at this share of it on average
+MIN_ROUND = 8  # answers per round at least: a small window is not judged on a handful of answers
 HEADERLESS_ANSWERS = 3  # answers without x-ratelimit-* before a pair counts as concurrency-bound
 
 
@@ -76,6 +80,12 @@ class AdaptiveWindow:
         self._answers = 0
         self._cut_this_round = False
         self._queued_rounds = 0  # rounds in a row whose latency stood over the base
+        # What a refusal taught: the window stays under 90% of the calls in flight that drew it (a
+        # queue of one or two hides from the quickest answer now and then: without this, the window
+        # crept back to the refusals every few seconds, 3.7% of requests refused); one more is
+        # allowed every BASE_ROUNDS rounds without a refusal, in case the server grew.
+        self._ceiling = float(maximum)
+        self._calm_rounds = 0
 
     @property
     def size(self) -> int:
@@ -92,8 +102,11 @@ class AdaptiveWindow:
         """An answer that says nothing about load (a 400, a 404...): it only counts in the round."""
         return self._count()
 
-    def refused(self) -> bool:
-        """A 429 or 503: the server's queue is full. True when the window changed."""
+    def refused(self, in_flight: int) -> bool:
+        """A 429 or 503 of a request sent with ``in_flight`` calls of its pair out: the server's
+        queue is full. True when the window changed."""
+        self._ceiling = min(self._ceiling, max(1.0, CEILING * (in_flight - 1)))
+        self._calm_rounds = 0
         if self._cut_this_round:
             return self._count()
         before = self.size
@@ -119,31 +132,46 @@ class AdaptiveWindow:
         self._cut_this_round = False
 
     def _judge(self) -> None:
+        self._calm_rounds += 1
+        if self._calm_rounds >= BASE_ROUNDS:
+            self._ceiling, self._calm_rounds = min(float(self.maximum), self._ceiling + 1), 0
         if not self._latencies:
             return
-        now = sum(self._latencies) / len(self._latencies)
         sent_at = sum(self._sent_at) / len(self._sent_at)
-        self._bases.append(now)
-        rise = now / min(self._bases) - 1 if now > 0 else 0.0
+        # The round's quickest answer against the quickest of recent rounds: a standing queue delays
+        # every request by the same wait, whatever its size, while the mean follows the round's mix
+        # of long and short answers (output lengths vary 10-fold).
+        self._bases.append(min(self._latencies))
+        rise = self._rise(self._latencies)
         self._queued_rounds = self._queued_rounds + 1 if rise >= GROW_BELOW / 2 else 0
         if self._queued_rounds >= BASE_ROUNDS - 2:
             # The unqueued rounds are about to age out of the base, and a queued latency would become
             # the base: the window would creep up one queue at a time. Drop to what the server serves
             # without queueing for a round, so that the base is measured again (BBR's ProbeRTT).
-            self.limit = min(self.limit, max(1.0, sent_at / (1 + rise)))
+            self.limit = min(self.limit, max(1.0, sent_at * (1 - rise)))
             self._queued_rounds = 0
             return
         if rise > SHRINK_ABOVE:
-            self.limit = min(self.limit, max(self.limit * LATENCY_FLOOR, sent_at / (1 + rise), 1.0))
+            self.limit = min(self.limit, max(self.limit * LATENCY_FLOOR, sent_at * (1 - rise), 1.0))
             self.slow_start = False
             return
-        if sent_at < USED * self.size:  # not measured at this window yet, or not used: no growth
+        # Growth is judged on the answers sent at this window only: one quick answer sent before the
+        # last step would hide the queue the step built. Too few: not measured yet (or not used).
+        measured = [lat for lat, n in zip(self._latencies, self._sent_at, strict=True) if n >= self.size]
+        if len(measured) < len(self._latencies) / 2:
             return
+        rise = self._rise(measured)
         if self.slow_start and rise >= GROW_BELOW / 2:  # a queue begins (Vegas's gamma)
             self.slow_start = False
         if rise < GROW_BELOW:
             grown = self.limit * SLOW_START_GROWTH if self.slow_start else self.limit + max(1.0, self.limit / 10)
-            self.limit = min(float(self.maximum), grown)
+            self.limit = max(self.limit, min(float(self.maximum), self._ceiling, grown))
+
+    def _rise(self, latencies: list[float]) -> float:
+        """The wait of the quickest of ``latencies`` over the base, per unit of their mean: the share
+        of the calls in flight that wait in the server's queue."""
+        mean = sum(latencies) / len(latencies)
+        return max(0.0, min(latencies) - min(self._bases)) / mean if mean > 0 else 0.0
 
 
 def announces_limits(headers: Mapping[str, str]) -> bool:
@@ -197,7 +225,7 @@ class ConcurrencyWindows:
                 return False
             window = self._start(pair, spec.name, account)
         if status in (429, 503):
-            changed = window.refused()
+            changed = window.refused(in_flight)
         elif 200 <= status < 300:
             changed = window.answered(latency, in_flight)
         else:
