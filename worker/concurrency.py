@@ -16,11 +16,10 @@ concurrency-limits library applies it to request concurrency, ``VegasLimit`` and
   request alike, while a round's mean follows its mix of long and short outputs;
 - that delay over the round's mean latency (the *rise*) is the share of the calls in flight that
   wait in the server's queue (Little's law: Vegas's ``queue = limit x (1 - base / now)``, over the
-  limit). Judged
-  as a ratio, as Gradient2's tolerance is, not as Vegas's queue of this process's own requests: every
-  worker sees the same rise, so several workers stop at the same queue at the server, where
-  per-process queue targets add up (measured: 3.7% of requests refused with two workers on a queue
-  of 4);
+  limit). Judged as a ratio, as Gradient2's tolerance is, not as Vegas's count of this process's
+  own queued requests: every worker sees the same rise, so several workers stop at the same queue
+  at the server, where per-process queue targets add up (measured with Vegas's count: 3.7% of
+  requests refused with two workers on a queue of 4);
 - growth: while the rise stays under ``GROW_BELOW`` and the round's requests were sent at the full
   window (a window that was not used says nothing: no growth, Gradient2's "app limited" rule): by
   half per measured round until the rise reaches half of that (slow start; every other round, like
@@ -31,7 +30,8 @@ concurrency-limits library applies it to request concurrency, ``VegasLimit`` and
 - a refusal (429 or 503: the server's queue is full) cuts it by 30% (CUBIC's beta, RFC 9438),
   at most once per round: the refusals of requests sent before a cut are not counted again; and
   it stays under 90% of the calls that drew it, one more allowed per ``BASE_ROUNDS`` calm rounds
-  (CUBIC's plateau at its last maximum, made flat);
+  (CUBIC's plateau at its last maximum, made flat), none after ``CLEAR_ROUNDS`` rounds in a row
+  without any queue (the other workers that shared the server then have left);
 - a queue that stood for nearly ``BASE_ROUNDS`` rounds would become the base as the unqueued rounds
   age out (Vegas's known base inflation): before that, the window drops for a round to what the
   server serves without queueing and the base is measured again (BBR's ProbeRTT).
@@ -57,6 +57,7 @@ INITIAL = 4  # calls in flight before anything is known
 SLOW_START_GROWTH = 1.5  # per measured round before the first signal
 REFUSAL_CUT = 0.7  # CUBIC's multiplicative decrease
 CEILING = 0.9  # the window stays under this share of the calls in flight that drew a refusal
+CLEAR_ROUNDS = 30  # measured rounds in a row without a queue that lift that ceiling
 LATENCY_FLOOR = 0.5  # a latency cut keeps at least half of the window (Gradient2's bound)
 GROW_BELOW = 0.10  # rise (share of the calls in flight that queue) under which the window grows
 SHRINK_ABOVE = 0.25  # rise over which it shrinks
@@ -83,9 +84,12 @@ class AdaptiveWindow:
         # What a refusal taught: the window stays under 90% of the calls in flight that drew it (a
         # queue of one or two hides from the quickest answer now and then: without this, the window
         # crept back to the refusals every few seconds, 3.7% of requests refused); one more is
-        # allowed every BASE_ROUNDS rounds without a refusal, in case the server grew.
+        # allowed every BASE_ROUNDS rounds without a refusal, in case the server grew; and none is
+        # left after CLEAR_ROUNDS measured rounds in a row without any queue (another worker that
+        # shared the server when the refusal came has stopped: its calls' room is free).
         self._ceiling = float(maximum)
         self._calm_rounds = 0
+        self._clear_rounds = 0
 
     @property
     def size(self) -> int:
@@ -106,7 +110,7 @@ class AdaptiveWindow:
         """A 429 or 503 of a request sent with ``in_flight`` calls of its pair out: the server's
         queue is full. True when the window changed."""
         self._ceiling = min(self._ceiling, max(1.0, CEILING * (in_flight - 1)))
-        self._calm_rounds = 0
+        self._calm_rounds = self._clear_rounds = 0
         if self._cut_this_round:
             return self._count()
         before = self.size
@@ -161,6 +165,9 @@ class AdaptiveWindow:
         if len(measured) < len(self._latencies) / 2:
             return
         rise = self._rise(measured)
+        self._clear_rounds = self._clear_rounds + 1 if rise < GROW_BELOW / 2 else 0
+        if self._clear_rounds >= CLEAR_ROUNDS:
+            self._ceiling = float(self.maximum)
         if self.slow_start and rise >= GROW_BELOW / 2:  # a queue begins (Vegas's gamma)
             self.slow_start = False
         if rise < GROW_BELOW:
