@@ -79,6 +79,9 @@ class Settings:
     burst_seconds: float = 5.0
     reserve_horizon_seconds: float = 2.0
     max_in_flight: int = 1024  # upstream calls in flight per worker process
+    # The most calls in flight per worker process for one pair whose server sends no rate-limit
+    # headers (a self-hosted one): the ceiling of its adaptive concurrency window (worker.concurrency).
+    max_concurrency_per_model: int = 64
     chunk_size: int = 50
     worker_slots: int = 32
     connect_timeout: float = 10.0
@@ -208,6 +211,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "RATEQUEUE_RESERVE_HORIZON", defaults.reserve_horizon_seconds, allow_zero=True
         ),
         max_in_flight=e.integer_default("RATEQUEUE_MAX_IN_FLIGHT", defaults.max_in_flight),
+        max_concurrency_per_model=e.integer_default(
+            "RATEQUEUE_MAX_CONCURRENCY_PER_MODEL", defaults.max_concurrency_per_model
+        ),
         chunk_size=e.integer_default("RATEQUEUE_CHUNK_SIZE", defaults.chunk_size),
         worker_slots=e.integer_default("RATEQUEUE_WORKER_SLOTS", defaults.worker_slots),
         connect_timeout=e.number("RATEQUEUE_CONNECT_TIMEOUT", defaults.connect_timeout),

@@ -12,6 +12,10 @@ about its rate x latency calls in flight (Little's law), so equal turns would ca
 model at the pace of a 120 RPM one whenever places are short; by rate, each runs at the same
 fraction of its own limit. A pair's rate is the calls per second its limits allow at the
 price of the call that asks (its request rate, or fewer when tokens bind).
+
+A pair may also have a cap of its own (``set_cap``): the adaptive concurrency window of a
+self-hosted server (issue 13, ``worker.concurrency``). A pair at its cap waits even while places
+are free, and the places it cannot take go to the other pairs waiting.
 """
 
 from __future__ import annotations
@@ -35,10 +39,25 @@ class FairInFlight:
         self._held: dict[str, int] = {}  # pair -> calls in flight
         self._rates: dict[str, float] = {}  # pair -> calls per second its limits allow
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        self._caps: dict[str, int] = {}  # pair -> most calls it may have in flight (its window)
 
     def in_flight(self, pair: str) -> int:
         """Calls of ``pair`` in flight now."""
         return self._held.get(pair, 0)
+
+    def set_cap(self, pair: str, cap: int | None) -> None:
+        """Let ``pair`` hold at most ``cap`` (>= 1) calls in flight; None: no cap of its own.
+        Calls over a lowered cap finish; a raised cap lets the pair's waiting calls in at once."""
+        if cap is None:
+            self._caps.pop(pair, None)
+        else:
+            self._caps[pair] = max(1, cap)
+        self._grant_next()
+
+    def _open(self, pair: str) -> bool:
+        """May ``pair`` take one more place besides the total?"""
+        cap = self._caps.get(pair)
+        return cap is None or self._held.get(pair, 0) < cap
 
     @asynccontextmanager
     async def slot(self, pair: str, rate: float) -> AsyncIterator[None]:
@@ -52,11 +71,12 @@ class FairInFlight:
 
     async def _acquire(self, pair: str, rate: float) -> None:
         self._rates[pair] = rate
-        if self._total < self.limit and not self._waiting:
+        if self._total < self.limit and not self._waiting and self._open(pair):
             self._take(pair)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(pair, collections.deque()).append(future)
+        self._grant_next()  # places left free by capped pairs' waiting calls may be this one's
         try:
             await future
         except asyncio.CancelledError:
@@ -77,7 +97,10 @@ class FairInFlight:
 
     def _grant_next(self) -> None:
         while self._total < self.limit and self._waiting:
-            pair = min(self._waiting, key=lambda p: self._held.get(p, 0) / self._rates[p])
+            open_pairs = [p for p in self._waiting if self._open(p)]
+            if not open_pairs:  # every waiting pair is at its cap
+                return
+            pair = min(open_pairs, key=lambda p: self._held.get(p, 0) / self._rates[p])
             queue = self._waiting[pair]
             future = queue.popleft()
             if not queue:

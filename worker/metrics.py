@@ -60,6 +60,7 @@ from ratequeue.worker.metrics_upstream import (
     record_response,
     server_view,
     set_charge_rule,
+    set_concurrency_window,
     set_limits,
 )
 
@@ -86,6 +87,7 @@ __all__ = [
     "retry",
     "server_view",
     "set_charge_rule",
+    "set_concurrency_window",
     "set_limits",
     "set_slots",
     "start_pairs",

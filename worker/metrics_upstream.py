@@ -121,6 +121,12 @@ SERVER_RESET_TOKENS = Gauge(
     "ratequeue_server_reset_tokens_seconds", "The last x-ratelimit-reset-tokens the server sent, in seconds.",
     PAIR, multiprocess_mode="mostrecent",
 )
+CONCURRENCY_WINDOW = Gauge(
+    "ratequeue_concurrency_window",
+    "Calls in flight a concurrency-bound pair (a server without rate-limit headers) may have: its adaptive "
+    "window (worker.concurrency), summed over the worker processes.",
+    PAIR, multiprocess_mode="livesum",
+)
 
 RATE_LIMIT_TYPES = {  # the policy's reason for a 429 -> the type label
     "rate_limit_requests": "requests",
@@ -251,6 +257,12 @@ def set_charge_rule(model: str, account: str, rule: ChargeRule, default_missing:
         labels(CHARGE_RULE, model, account, name).set(1 if name == rule.combine else 0)
     labels(CHARGE_N_COUNTED, model, account).set(1 if rule.n_multiplies else 0)
     labels(CHARGE_MISSING_MAX, model, account).set(rule.missing_max_tokens or default_missing)
+
+
+@never_raises
+def set_concurrency_window(model: str, account: str, size: int) -> None:
+    """Publish a pair's adaptive concurrency window (calls; 0 once its server sends rate-limit headers)."""
+    labels(CONCURRENCY_WINDOW, model, account).set(size)
 
 
 @contextlib.contextmanager

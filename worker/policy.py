@@ -3,7 +3,9 @@
     classify(response) -> Verdict
         SUCCESS    2xx with a JSON object body
         RETRY      429 rate_limit_exceeded, 408, 409, 5xx, timeouts, connection errors, and a 2xx
-                   whose body is not a JSON object ("invalid_response": broken JSON, HTML, empty)
+                   whose body is not a JSON object ("invalid_response": broken JSON, HTML, empty);
+                   from a concurrency-bound server (no rate-limit headers), a 503 or a 429 that is
+                   not OpenAI's rate-limit error is "overloaded": a pace signal, not an attempt
         PARK       429 insufficient_quota, 401 (key refused), a Retry-After beyond the park bound
         FAIL       400, 403, 404, other 4xx, 429 "Request too large", content filter, and a 2xx
                    larger than the response size limit ("response_too_large")
@@ -60,6 +62,7 @@ class Reason(enum.StrEnum):
     LONG_RETRY_AFTER = "long_retry_after"
     INVALID_API_KEY = "invalid_api_key"
     SERVER_ERROR = "server_error"
+    OVERLOADED = "overloaded"  # a concurrency-bound server's queue is full (worker.concurrency)
     HTTP_STATUS = "http_status"  # label: http_<status>, in Classified.detail
     UPSTREAM_CODE = "upstream_code"  # label: the server's error code, in Classified.detail
 
@@ -82,11 +85,14 @@ class Classified:
         return self.detail or str(self.kind.value)
 
 
-def classify(resp: UpstreamResponse, park_after: float = float("inf")) -> Classified:
+def classify(resp: UpstreamResponse, park_after: float = float("inf"), concurrency_bound: bool = False) -> Classified:
     """Decide what an upstream answer means for the job.
 
     ``park_after``: a requested wait (seconds) longer than this parks the pair instead of
-    retrying (Azure's daily quota says "retry after 86400 seconds").
+    retrying (Azure's daily quota says "retry after 86400 seconds"). ``concurrency_bound``: the
+    pair's server sends no rate-limit headers (``worker.concurrency``), so its 503s, and its 429s
+    without OpenAI's error object (text-generation-inference's "Model is overloaded"), say that
+    its queue is full.
     """
     if resp.status == 0:
         # UpstreamClient's transport_error starts with the failure's class: "timeout: ..." or "connection: ..."
@@ -99,6 +105,11 @@ def classify(resp: UpstreamResponse, park_after: float = float("inf")) -> Classi
             return Classified(Verdict.RETRY, Reason.INVALID_RESPONSE)
         return Classified(Verdict.SUCCESS, Reason.OK)
     err = resp.error
+    if concurrency_bound and (resp.status == 503 or (resp.status == 429 and not err)):
+        wait = retry_after_seconds(resp.headers)
+        if wait is not None and wait > park_after:
+            return Classified(Verdict.PARK, Reason.LONG_RETRY_AFTER, wait)
+        return Classified(Verdict.RETRY, Reason.OVERLOADED, wait)
     code = str(err.get("code") or "")
     etype = str(err.get("type") or "")
     message = str(err.get("message") or "")

@@ -37,6 +37,7 @@ from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
 from ratequeue.worker.backlog import Backlog, job_ref
 from ratequeue.worker.batchwatch import BatchState
+from ratequeue.worker.concurrency import ConcurrencyWindows
 from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
 from ratequeue.worker.inflight import FairInFlight
@@ -83,6 +84,8 @@ class JobRunner:
         self.client = client
         self.parking = parking
         self.in_flight = FairInFlight(settings.max_in_flight)  # divided among pairs by rate
+        # A self-hosted server's pairs: calls in flight capped by an adaptive window (issue 13).
+        self.windows = ConcurrencyWindows(settings.max_concurrency_per_model, self.in_flight)
         self.learned = Learned(settings, store.redis)
         self._priced: dict[str, ChargeRule] = {}  # pair -> the rule its deferred work here was priced by
         self.rescheduler = Rescheduler(self.backlog, store.redis)  # deferred work back sooner
@@ -218,14 +221,18 @@ class JobRunner:
     async def _send(self, run: JobRun, rule: ChargeRule, charge: int, probe: bool) -> Sent:
         """Call upstream and classify the answer; an error answer is redacted here."""
         limits = run.gate.limits  # the calls a second its limits allow at this call's price
+        self.windows.before_send(run.pair, run.spec, run.account)
         async with self.in_flight.slot(run.pair, min(limits.request_rate, limits.token_rate / max(charge, 1))):
+            sent_with = self.in_flight.in_flight(run.pair)  # what its latency is judged against
             # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
             ledgered = self.learned.ledger.record(run.account, run.spec.name, run.job)
             url, body, auth = self.routing.request(run.route, run.job)
             with metrics.in_flight(run.spec.name, run.account):
                 resp = await self.client.post(url, body, f"{run.batch_id}/{run.job.custom_id}", auth)
             ticket = await self.learned.ledger.ticket_of(ledgered)
-        verdict = classify(resp, park_after=self.settings.park_retry_after_seconds)
+        bound = self.windows.answered(run.pair, run.spec, run.account, resp.status, resp.headers, resp.elapsed,
+                                      sent_with)
+        verdict = classify(resp, park_after=self.settings.park_retry_after_seconds, concurrency_bound=bound)
         success = verdict.verdict is Verdict.SUCCESS
         if not success:  # the boundary: an upstream error may echo the key
             resp = redact_response(resp, (*configured_secrets(self.settings), *self.routing.secrets()))

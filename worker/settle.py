@@ -8,7 +8,9 @@
              pair's shared "not before" so every worker pauses, and goes round again at once (the
              gate honours that time). Other errors count the attempt in Redis (past max_attempts:
              give up, with the history) and back off (full jitter) here or, if long, in the
-             deferred set. Waiting for capacity never counts as an attempt.
+             deferred set. Waiting for capacity never counts as an attempt; nor does a refusal
+             of a concurrency-bound server ("overloaded": its window was cut, worker.concurrency),
+             retried after a short jittered wait.
 """
 
 from __future__ import annotations
@@ -142,6 +144,16 @@ class Settler:
             if sent.headers.limit_tokens is None and sent.headers.limit_requests is None:
                 self.learned.adjust_throttle(run.pair, run.spec, run.gate, refused=True)
             return Step(End.AGAIN)
+        if sent.verdict.kind is Reason.OVERLOADED:
+            # The server's queue is full: the pair's window, cut by this answer, paces the retry;
+            # no shared pause (the other workers' windows judge their own answers).
+            await self.store.record_attempt(
+                run.batch_id, run.job.custom_id, sent.resp.status, failure_message(sent.resp), count=False
+            )
+            delay = redis_wait(self.backoff.delay(1, sent.verdict))
+            if delay > s.defer_after_seconds:
+                return await self.defer(run, delay, Deferral.BACKOFF)
+            return Step(End.AGAIN, delay=delay)
         attempts = await self.store.record_attempt(
             run.batch_id, run.job.custom_id, sent.resp.status, failure_message(sent.resp)
         )
