@@ -113,10 +113,10 @@ def test_an_azure_batch_runs_at_the_deployments_limits_with_no_failures_and_few_
     burst = rps * window
     # What the workers learned from the per-window headers: per-minute limits, a bucket within the window.
     learned = {k.decode(): orjson.loads(v) for k, v in rclient.hgetall(keys.learned_limits()).items()}
-    (pair, limits), = learned.items()
-    assert pair.endswith(":chat-eu")
-    assert limits["rpm"] == pytest.approx(tpm * 6 / 1000, rel=0.02) and limits["tpm"] == pytest.approx(tpm, rel=0.02)
-    account = pair.rsplit(":", 1)[0]
-    held = rclient.get(window_key(keys.bucket_key(account, "chat-eu")))
-    assert held is None or float(held) <= window, f"the bucket holds {float(held):.1f} s of limit"
+    for limits in learned.values():  # written only when they differ from the configured ones
+        assert limits["rpm"] == pytest.approx(tpm * 6 / 1000, rel=0.02)
+        assert limits["tpm"] == pytest.approx(tpm, rel=0.02)
+    for key in rclient.scan_iter(window_key(keys.bucket_key("*", "chat-eu"))):
+        held = float(rclient.get(key) or 0)
+        assert held <= window, f"the bucket holds {held:.1f} s of limit"
     assert wall < (jobs - burst) / rps * 1.5 + 3, f"{wall:.1f} s: the deployment's limits were not used"
