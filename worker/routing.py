@@ -37,8 +37,8 @@ from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.worker import metrics
-from ratequeue.worker.feedback import RateLimitHeaders, header_window
 from ratequeue.worker.attempt import STORED, Deferral, End, Step
+from ratequeue.worker.feedback import RateLimitHeaders, header_window
 from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.settle import DEADLINE_EXCEEDED
 from ratequeue.worker.store import JobStore
