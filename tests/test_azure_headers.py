@@ -37,6 +37,14 @@ def test_the_headers_window_is_the_one_nearest_the_configured_rpm(
     assert header_window(limit, configured, rpm) == window
 
 
+def test_a_token_limit_with_a_window_of_its_own_is_read_by_it() -> None:
+    # Requests over 1 s, tokens over 10 s (the simulator's --azure-token-window): 2 requests, 3,333 tokens.
+    headers = parse_ratelimit_headers({**WINDOW10, "x-ratelimit-limit-requests": "2"})
+    windows = header_window(2, 1.0, 120), header_window(3333, 1.0, 20_000)
+    assert windows == (1.0, 10.0)
+    assert (headers.per_minute(*windows).limit_requests, headers.per_minute(*windows).limit_tokens) == (120, 19998)
+
+
 def test_azures_minus_one_beside_zero_is_no_reading() -> None:
     odd = parse_ratelimit_headers({**WINDOW10, "x-ratelimit-remaining-requests": "-1",
                                    "x-ratelimit-remaining-tokens": "0"})

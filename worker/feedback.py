@@ -113,19 +113,20 @@ class RateLimitHeaders:
     def empty(self) -> bool:
         return self == _EMPTY
 
-    def per_minute(self, window_seconds: float) -> RateLimitHeaders:
-        """These headers with the limits read as counts per `window_seconds` (Azure reports a
-        deployment's limits per enforcement window: 120 RPM at 10 s windows shows
-        ``x-ratelimit-limit-requests: 20``), turned into per-minute limits. Remaining counts stay
-        as they are: they are what the server's bucket holds now, and ``remaining x 60 / limit``
-        then gives the seconds of limit held, never more than the window."""
-        if window_seconds == 60.0:
+    def per_minute(self, window_seconds: float, tokens_window: float | None = None) -> RateLimitHeaders:
+        """These headers with the limits read as counts per `window_seconds` (the token limit per
+        `tokens_window`, if it has its own) and turned into per-minute limits: Azure reports a
+        deployment's limits per enforcement window (120 RPM at 10 s windows shows
+        ``x-ratelimit-limit-requests: 20``). Remaining counts stay as they are: they are what the
+        server's bucket holds now, and ``remaining x 60 / limit`` then gives the seconds of limit
+        held, never more than the window."""
+        tokens_window = window_seconds if tokens_window is None else tokens_window
+        if window_seconds == tokens_window == 60.0:
             return self
-        scale = 60.0 / window_seconds
         return dataclasses.replace(
             self,
-            limit_requests=None if self.limit_requests is None else round(self.limit_requests * scale),
-            limit_tokens=None if self.limit_tokens is None else round(self.limit_tokens * scale),
+            limit_requests=None if self.limit_requests is None else round(self.limit_requests * 60.0 / window_seconds),
+            limit_tokens=None if self.limit_tokens is None else round(self.limit_tokens * 60.0 / tokens_window),
         )
 
 
@@ -163,15 +164,15 @@ def _sentinel(raw: str | None) -> bool:
 AZURE_WINDOWS = (1.0, 10.0)  # the windows Azure enforces a deployment's limits over
 
 
-def header_window(limit_requests: int | None, configured: float, rpm: float) -> float:
-    """The window (seconds) an Azure deployment's ``x-ratelimit-limit-requests`` counts over: the
-    configured ``window_seconds`` or Azure's other one, whichever makes the header nearer the
-    configured RPM. A deployment left at the default 1 s whose resource enforces 10 s reports 20
-    for 120 RPM: read per second that is 1,200 RPM, a 429 storm; per 10 s it is 120."""
-    if limit_requests is None or rpm <= 0:
+def header_window(limit: int | None, configured: float, per_minute: float) -> float:
+    """The window (seconds) an Azure deployment's ``x-ratelimit-limit-requests`` (or ``-tokens``)
+    counts over: the configured ``window_seconds`` or Azure's other one, whichever makes the header
+    nearer the configured RPM (TPM). A deployment left at the default 1 s whose resource enforces
+    10 s reports 20 for 120 RPM: read per second that is 1,200 RPM, a 429 storm; per 10 s it is 120."""
+    if limit is None or per_minute <= 0:
         return configured
     candidates = sorted({configured, *AZURE_WINDOWS})
-    return min(candidates, key=lambda w: (abs(math.log(limit_requests * 60.0 / w / rpm)), w != configured))
+    return min(candidates, key=lambda w: (abs(math.log(limit * 60.0 / w / per_minute)), w != configured))
 
 
 def parse_ratelimit_headers(headers: Mapping[str, Any]) -> RateLimitHeaders:

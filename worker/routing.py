@@ -137,8 +137,9 @@ class Routing:
         """`headers` with per-minute limits: Azure reports a deployment's per window (worker.feedback)."""
         if route is None or route.account.dialect != "azure":
             return headers
-        window = header_window(headers.limit_requests, route.window_seconds or 60.0, spec.rpm)
-        return headers.per_minute(window)
+        configured = route.window_seconds or 60.0
+        return headers.per_minute(header_window(headers.limit_requests, configured, spec.rpm),
+                                  header_window(headers.limit_tokens, configured, spec.tpm))
 
     def secrets(self) -> tuple[str, ...]:
         """The credentials this worker holds, for the redaction of upstream answers."""
