@@ -271,6 +271,9 @@ class AccountTable:
                 spec = dataclasses.replace(spec, encoding=deployment.encoding)
         else:
             spec = generic_spec(target, deployment.encoding or GENERIC_ENCODING, rpm=deployment.rpm, tpm=deployment.tpm)
+        # Azure's charge rule is known (prompt + max output per choice, the rest of the context without
+        # one: sim/azure.py, docs/openai-facts.md): pinned, so the worker charges it from the first request.
+        spec = dataclasses.replace(spec, charge_rule="sum", charge_rule_pinned=True, missing_fills_context=True)
         return Route(acct, model, deployment.name, spec, window_seconds=deployment.window_seconds)
 
     def all_routes(self) -> tuple[Route, ...]:

@@ -72,11 +72,13 @@ class ModelSpec:
     # False: a model no table describes (generic_spec): rpm and tpm are UNLIMITED, prices 0, and
     # only the adaptive concurrency window of its route bounds how much is sent.
     limits_known: bool = True
+    # Azure: a request without a max output is charged the whole context window (ChargeRule.fills_context).
+    missing_fills_context: bool = False
 
     @property
     def rule(self) -> ChargeRule:
         """The configured charge rule: the starting guess of every dimension (config/charge.py)."""
-        return ChargeRule(self.charge_rule)
+        return ChargeRule(self.charge_rule, fills_context=self.context_window if self.missing_fills_context else None)
 
     def cost_usd(self, prompt_tokens: int, cached_tokens: int = 0, completion_tokens: int = 0) -> float:
         """The price in USD of a call. `cached_tokens` is the part of `prompt_tokens` served from

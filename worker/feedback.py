@@ -4,7 +4,8 @@
     retry-after: 2 | Wed, 21 Oct 2026 07:28:00 GMT
     "... Please try again in 1.2s ..."   in a 429 body, when no header says it
     x-ratelimit-limit-requests / -tokens           integers; -1 or 0 mean "unknown" (Azure)
-    x-ratelimit-remaining-requests / -tokens       trusted only beside a positive limit
+    x-ratelimit-remaining-requests / -tokens       trusted only beside a positive limit; a negative one
+                                                   (Azure's -1) makes both unknown
     x-ratelimit-reset-requests / -tokens           Go durations: "1s", "20ms", "6m0s", "1h2m3.5s"
 
 Everything here is read defensively (issue 8): a server-given wait that is not finite, zero,
@@ -15,6 +16,7 @@ to ``MIN_SERVER_WAIT`` (``retry-after: 0`` made 6 attempts in 20 ms) and capped 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -111,6 +113,22 @@ class RateLimitHeaders:
     def empty(self) -> bool:
         return self == _EMPTY
 
+    def per_minute(self, window_seconds: float, tokens_window: float | None = None) -> RateLimitHeaders:
+        """These headers with the limits read as counts per `window_seconds` (the token limit per
+        `tokens_window`, if it has its own) and turned into per-minute limits: Azure reports a
+        deployment's limits per enforcement window (120 RPM at 10 s windows shows
+        ``x-ratelimit-limit-requests: 20``). Remaining counts stay as they are: they are what the
+        server's bucket holds now, and ``remaining x 60 / limit`` then gives the seconds of limit
+        held, never more than the window."""
+        tokens_window = window_seconds if tokens_window is None else tokens_window
+        if window_seconds == tokens_window == 60.0:
+            return self
+        return dataclasses.replace(
+            self,
+            limit_requests=None if self.limit_requests is None else round(self.limit_requests * 60.0 / window_seconds),
+            limit_tokens=None if self.limit_tokens is None else round(self.limit_tokens * 60.0 / tokens_window),
+        )
+
 
 _EMPTY = RateLimitHeaders()
 
@@ -135,17 +153,43 @@ def _remaining(raw: str | None, limit: int | None) -> int | None:
         return None
 
 
+def _sentinel(raw: str | None) -> bool:
+    """A negative remaining count: Azure's "unknown" (sent as -1 requests beside 0 tokens)."""
+    try:
+        return raw is not None and float(raw) < 0
+    except ValueError:
+        return False
+
+
+AZURE_WINDOWS = (1.0, 10.0)  # the windows Azure enforces a deployment's limits over
+
+
+def header_window(limit: int | None, configured: float, per_minute: float) -> float:
+    """The window (seconds) an Azure deployment's ``x-ratelimit-limit-requests`` (or ``-tokens``)
+    counts over: the configured ``window_seconds`` or Azure's other one, whichever makes the header
+    nearer the configured RPM (TPM). A deployment left at the default 1 s whose resource enforces
+    10 s reports 20 for 120 RPM: read per second that is 1,200 RPM, a 429 storm; per 10 s it is 120."""
+    if limit is None or per_minute <= 0:
+        return configured
+    candidates = sorted({configured, *AZURE_WINDOWS})
+    return min(candidates, key=lambda w: (abs(math.log(limit * 60.0 / w / per_minute)), w != configured))
+
+
 def parse_ratelimit_headers(headers: Mapping[str, Any]) -> RateLimitHeaders:
     """Read the x-ratelimit-* headers; never raises."""
     limit_r = _positive_int(headers.get("x-ratelimit-limit-requests"))
     limit_t = _positive_int(headers.get("x-ratelimit-limit-tokens"))
     reset_r = headers.get("x-ratelimit-reset-requests")
     reset_t = headers.get("x-ratelimit-reset-tokens")
+    raw_r, raw_t = headers.get("x-ratelimit-remaining-requests"), headers.get("x-ratelimit-remaining-tokens")
+    # Azure sometimes sends remaining-requests -1 beside remaining-tokens 0: neither is a reading, and
+    # a 0 taken as one would empty our bucket and cut the shared share for nothing.
+    odd = _sentinel(raw_r) or _sentinel(raw_t)
     return RateLimitHeaders(
         limit_requests=limit_r,
         limit_tokens=limit_t,
-        remaining_requests=_remaining(headers.get("x-ratelimit-remaining-requests"), limit_r),
-        remaining_tokens=_remaining(headers.get("x-ratelimit-remaining-tokens"), limit_t),
+        remaining_requests=None if odd else _remaining(raw_r, limit_r),
+        remaining_tokens=None if odd else _remaining(raw_t, limit_t),
         reset_requests=parse_duration(reset_r) if reset_r else None,
         reset_tokens=parse_duration(reset_t) if reset_t else None,
     )

@@ -168,7 +168,7 @@ class Learned:
             if window is not None:
                 # What was in force before any worker learned a window: the configured burst
                 # (this worker's gate already uses the new one).
-                before = BucketLimits(gate.limits.rpm, gate.limits.tpm, self.settings.burst_seconds)
+                before = BucketLimits(gate.limits.rpm, gate.limits.tpm, self.windows.default(pair))
                 tolerance = (TOLERANCE, SHRINK_TOLERANCE)
                 self.windows.adopt(pair, await self._limiter.set_window(gate.key, before, window, tolerance))
             if credits:

@@ -35,6 +35,11 @@ JOB_DURATION = Histogram(
     [*PAIR, "outcome"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400),
 )
+FILTERED_OUTPUTS = Counter(
+    "ratequeue_filtered_outputs_total",
+    "Completed jobs whose output the provider's content filter withheld (finish_reason content_filter, Azure).",
+    ["model"],
+)
 OUTCOMES_HELD = Gauge(
     "ratequeue_outcomes_held",
     "Paid answers held in worker memory because Redis cannot take them now (down, loading or full).",
@@ -107,6 +112,13 @@ def job_finished(
     if account is not None and submitted_at is not None:
         pair(model, account)
         labels(JOB_DURATION, model, account, outcome).observe(max(time.time() - submitted_at, 0.0))
+
+
+@never_raises
+def output_filtered(model: str) -> None:
+    """A completed job's answer was withheld by the content filter (a filtered prompt is a failed job,
+    counted under ``ratequeue_job_failures_total{code="content_filter"}``)."""
+    labels(FILTERED_OUTPUTS, model).inc()
 
 
 @never_raises

@@ -8,6 +8,7 @@ from ratequeue.config.models import ModelSpec
 from ratequeue.jobstore import records
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.worker import metrics
+from ratequeue.worker.policy import CONTENT_FILTER, filter_details, output_filtered
 from ratequeue.worker.store import JobStore, Outcome
 from ratequeue.worker.upstream import UpstreamResponse
 from ratequeue.worker.usage import Usage
@@ -23,6 +24,8 @@ class Outcomes:
         self, batch_id: str, job: StoredJob, spec: ModelSpec, resp: UpstreamResponse, usage: Usage
     ) -> None:
         line = records.output_line(job.custom_id, resp.status, resp.request_id, resp.body)
+        if output_filtered(resp.body):  # still a result (and paid for): counted, its body says so
+            metrics.output_filtered(spec.name)
         cost = spec.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         outcome = Outcome("result", line, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, cost)
         if await self._store.store(batch_id, job.custom_id, outcome):
@@ -39,7 +42,13 @@ class Outcomes:
             message = f"HTTP {resp.status} answer {resp.body_problem} (RATEQUEUE_MAX_RESPONSE_BYTES); not stored"
             await self.fail(batch_id, job, reason, message)
             return
-        line = records.output_line(job.custom_id, resp.status, resp.request_id, resp.body)
+        error = None
+        if reason == CONTENT_FILTER:  # the filter's verdict in the error itself, not only deep in the body
+            details = filter_details(resp.error)
+            message = str(resp.error.get("message") or "filtered by the content filter")
+            error = {"code": CONTENT_FILTER, "message": f"{message} [filtered: {details or 'not said'}]",
+                     "param": resp.error.get("param")}
+        line = records.output_line(job.custom_id, resp.status, resp.request_id, resp.body, error)
         if await self._store.store(batch_id, job.custom_id, Outcome("error", line)):
             self._finished(batch_id, job.model, ok=False, code=reason)
 

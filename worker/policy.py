@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ratequeue.worker.feedback import retry_after_seconds
 from ratequeue.worker.upstream import UpstreamResponse
@@ -139,6 +141,28 @@ def classify(resp: UpstreamResponse, park_after: float = float("inf"), concurren
     if code:
         return Classified(Verdict.FAIL, Reason.UPSTREAM_CODE, detail=code)
     return _http_status(Verdict.FAIL, resp.status)
+
+
+CONTENT_FILTER = "content_filter"  # Azure's error code and finish_reason
+
+
+def filter_details(error: Mapping[str, Any]) -> str:
+    """The categories Azure's content filter fired on, from a 400 ``content_filter`` error's
+    ``innererror.content_filter_result``: "violence (high), hate (medium)"; "" when it names none."""
+    inner = error.get("innererror")
+    results = inner.get("content_filter_result") if isinstance(inner, Mapping) else None
+    if not isinstance(results, Mapping):
+        return ""
+    fired = [f"{category} ({verdict.get('severity', 'unknown')})" for category, verdict in results.items()
+             if isinstance(verdict, Mapping) and verdict.get("filtered")]
+    return ", ".join(fired[:10])
+
+
+def output_filtered(body: Any) -> bool:
+    """A 2xx whose output the content filter withheld: a choice finished as ``content_filter``."""
+    choices = body.get("choices") if isinstance(body, Mapping) else None
+    return isinstance(choices, list) and any(
+        isinstance(c, Mapping) and c.get("finish_reason") == CONTENT_FILTER for c in choices)
 
 
 def _http_status(verdict: Verdict, status: int, wait: float | None = None) -> Classified:

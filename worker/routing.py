@@ -38,6 +38,7 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, Step
+from ratequeue.worker.feedback import RateLimitHeaders, header_window
 from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.settle import DEADLINE_EXCEEDED
 from ratequeue.worker.store import JobStore
@@ -130,6 +131,15 @@ class Routing:
         # otherwise it goes as written (a snapshot name stays a snapshot name).
         body = job.body if route.target == route.model else {**job.body, "model": route.target}
         return route.url(job.url), body, route.account.auth_headers()
+
+    @staticmethod
+    def limits_per_minute(route: Route | None, spec: ModelSpec, headers: RateLimitHeaders) -> RateLimitHeaders:
+        """`headers` with per-minute limits: Azure reports a deployment's per window (worker.feedback)."""
+        if route is None or route.account.dialect != "azure":
+            return headers
+        configured = route.window_seconds or 60.0
+        return headers.per_minute(header_window(headers.limit_requests, configured, spec.rpm),
+                                  header_window(headers.limit_tokens, configured, spec.tpm))
 
     def secrets(self) -> tuple[str, ...]:
         """The credentials this worker holds, for the redaction of upstream answers."""

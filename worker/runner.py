@@ -125,6 +125,8 @@ class JobRunner:
             return await self.routing.refuse(self.store, self.outcomes, batch_id, job, target,
                                              started + s.job_deadline_seconds, s.park_cooldown_seconds)
         spec = target.spec
+        # An Azure deployment's window (window_seconds) bounds its bucket's burst (worker.window).
+        self.learned.windows.bound(pair_field(target.account, spec.name), target.route.window_seconds)
         gate = await self._gate(target.account, spec)
         run = JobRun(batch_id, job, spec, target.account, gate, started + self.settings.job_deadline_seconds,
                      target.route)
@@ -237,7 +239,8 @@ class JobRunner:
         if not success:  # the boundary: an upstream error may echo the key
             resp = redact_response(resp, (*configured_secrets(self.settings), *self.routing.secrets()))
         usage = usage_of(resp.body) if success else None
-        return Sent(resp, verdict, rule, charge, usage, parse_ratelimit_headers(resp.headers), probe, ticket)
+        headers = self.routing.limits_per_minute(run.route, run.spec, parse_ratelimit_headers(resp.headers))
+        return Sent(resp, verdict, rule, charge, usage, headers, probe, ticket)
 
     def _learn(self, run: JobRun, sent: Sent, waited: float) -> None:
         """What the answer teaches: the limits, the charge rule, the bucket's true level."""

@@ -70,15 +70,29 @@ class WindowLearner:
         self.default_window = default_window
         self._windows: dict[str, float] = {}
         self._blind_cut_at: dict[str, float] = {}
+        self._ceilings: dict[str, float] = {}  # pair -> the most our bucket may hold (an Azure deployment's window)
 
     def window(self, pair: str) -> float:
         """The burst, in seconds of limit, our bucket holds for `pair`."""
-        return self._windows.get(pair, self.default_window)
+        return self._windows.get(pair, self.default(pair))
+
+    def default(self, pair: str) -> float:
+        """The burst before anything was learned: the server's known window (its ceiling), else the
+        configured burst."""
+        return self._ceilings.get(pair, self.default_window)
+
+    def bound(self, pair: str, seconds: float | None) -> None:
+        """The server is known to enforce over `seconds` (an Azure deployment's window_seconds): our
+        bucket holds that, less the headroom, and never more (None: no bound)."""
+        if seconds is not None and seconds > 0 and pair not in self._ceilings:
+            self._ceilings[pair] = seconds * (1 - HEADROOM)
+            if pair in self._windows:
+                self._windows[pair] = min(self._windows[pair], self._ceilings[pair])
 
     def adopt(self, pair: str, window: float) -> None:
         """Take the window in force in Redis (learned by any worker) for `pair`."""
         if math.isfinite(window) and window > 0:
-            self._windows[pair] = window
+            self._windows[pair] = min(window, self._ceilings.get(pair, window))
 
     def observe(self, pair: str, headers: RateLimitHeaders, refused: bool) -> float | None:
         """Learn from one answer; returns the new window when it changed, else None."""
@@ -98,6 +112,7 @@ class WindowLearner:
             new = _clamp(current / 2)
         else:
             return None
+        new = min(new, self._ceilings.get(pair, new))
         if new == current:
             return None
         self._windows[pair] = new
