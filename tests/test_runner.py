@@ -370,3 +370,22 @@ def test_a_learned_charge_rule_prices_the_next_job(world: Any) -> None:
             assert err["code"] == "request_too_large" and w.upstream.jobs() == ["s1", "s2"]
 
     asyncio.run(scenario())
+
+
+def test_under_the_sum_rule_the_servers_prompt_count_corrects_the_bucket(world: Any) -> None:
+    # The server counted 9 prompt tokens (USAGE); the difference from our count goes back to the
+    # shared bucket. (The check compared the ChargeRule with the string "sum": it never ran.)
+    async def scenario() -> None:
+        async with world([job("a", "hello " * 50)], ok, RATEQUEUE_MODEL_GPT_4O_MINI_CHARGE_RULE="sum") as w:
+            deltas: list[int] = []
+            add = w.runner.reconciler.add
+
+            def recording_add(*args: Any, **kwargs: Any) -> None:
+                deltas.append(kwargs["token_delta"])
+                add(*args, **kwargs)
+
+            w.runner.reconciler.add = recording_add
+            assert await w.run("a") == [True]
+            assert deltas and deltas[-1] > 40  # ~52 counted by us, 9 by the server
+
+    asyncio.run(scenario())

@@ -297,7 +297,7 @@ class JobRunner:
         # was a debt that held every request behind it for minutes (issue 10).
         if sent.verdict.kind is Reason.REQUEST_TOO_LARGE:
             token_delta = sent.charge
-        elif usage is not None and usage.prompt_tokens and sent.rule == "sum":
+        elif usage is not None and usage.prompt_tokens and sent.rule.combine == "sum":
             # Under the sum rule the server charged its own prompt count plus the same reserved
             # output, so the difference of the prompt counts is exactly what we over/under-charged.
             token_delta = run.job.prompt_tokens - usage.prompt_tokens
