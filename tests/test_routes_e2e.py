@@ -17,7 +17,7 @@ import pytest
 
 from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
-from ratequeue.sim.process import SimHandle, start_sim
+from ratequeue.sim.process import start_sim
 from tests.conftest import base_env
 
 pytestmark = pytest.mark.e2e
@@ -91,6 +91,8 @@ def test_two_routes_finish_as_fast_as_one_route_of_their_summed_limits(
         assert batch["request_counts"]["completed"] == N
         shares = [sim.stats(timeline=False)["by_status"].get("200", 0) for sim in (a, b)]
     # Before the choice, every job took the first route: twice the single route's time.
+    assert min(shares) >= 0, shares  # DEBUG
+    print("DEBUG", shares, double, single)
     assert double < single * 1.35 + 1.0, f"two routes {double:.1f} s, one route of their sum {single:.1f} s"
     assert min(shares) >= (N + 6) // 4, f"the routes' shares of the calls: {shares}"
     routes = client.overview()["routes"]["gpt-4o-mini"]
@@ -110,10 +112,11 @@ def test_a_route_refusing_its_key_is_parked_while_the_other_finishes_the_batch(
         client = Client(load_settings(env))
         _, batch = _run(client, "park", 60)
         refused = b.stats(timeline=False)["by_status"]
+        served = a.stats(timeline=False)["by_status"]
         parked = client.overview()["parked"]
         routes = client.overview()["routes"]["gpt-4o-mini"]
     assert batch["request_counts"] == {"total": 60, "completed": 60, "failed": 0}
-    assert a.stats(timeline=False)["by_status"] == {"200": 60}
+    assert served == {"200": 60}
     assert set(refused) == {"401"}
     assert [pair for pair in parked if pair.endswith(":gpt-4o-mini")], parked
     assert routes["b/gpt-4o-mini"]["parked"] and not routes["a/gpt-4o-mini"]["parked"]

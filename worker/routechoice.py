@@ -1,0 +1,154 @@
+"""Which of a model's several routes a job takes (issue 13 part 4): the one that can start it soonest.
+
+A route's expected wait is what its bucket says now plus what this worker already has queued for it:
+
+- ``bucket_wait``: from the shared bucket's levels (``peek.lua``: one Redis call per route and
+  chunk, all routes at once). Every worker's reservations are debited there at once (negative
+  levels: debt), and a 429's not-before is there too, so this part is right across many workers.
+- ``ahead``: seconds of this worker's admitted jobs still waiting for the bucket (worker.backlog),
+  plus those chosen earlier in the same chunk: without it, a chunk read against one snapshot of the
+  levels would send all its jobs to the route that looked emptiest.
+
+A parked route is skipped. It is still probed as before (worker.parking: one job per cooldown across
+all workers), but only while the other routes have a queue: an idle healthy route needs no help, and
+a job sent to probe a route that keeps failing (a refused key) must not be the batch's last job for
+ever. A route this worker holds no key for is skipped while any other is usable. When every route is
+parked or refused the job takes the first (the runner then defers it as it does for one route).
+
+The choice is made once per run (worker.engine, before the chunk's jobs are admitted) and kept in
+``Routing`` for the runner: a job stays on one route for the whole run, charged on that bucket only;
+deferred, its next run chooses again. Each choice is counted per route (``keys.route_use``) for
+``ratequeue status``; the metrics need no new label, since a route's pair (account, model) labels
+already tell the routes apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.worker.backlog import Backlog, job_ref, seconds_of
+from ratequeue.worker.bucket_values import BucketLevels, BucketLimits
+from ratequeue.worker.learned import Learned
+from ratequeue.worker.limiter import Limiter, LimiterError
+from ratequeue.worker.parking import Parking
+from ratequeue.worker.routing import Routing, Target
+
+log = logging.getLogger(__name__)
+
+PROBE_BEHIND_SECONDS = 0.1  # a parked route is probed only while the best healthy one has this much queued
+ROUTE_USE_TTL = 7 * 86400  # the per-route counts outlive a week of idleness, not for ever
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the choice knows of one route for one job (seconds; flags)."""
+
+    wait: float = 0.0  # until the shared bucket could send this job (bucket_wait)
+    ahead: float = 0.0  # of this worker's work already queued for the bucket
+    parked: bool = False
+    probe_due: bool = False  # parked, and its cooldown has passed: a job may probe it
+    refused: bool = False  # this worker holds no key for it
+
+    @property
+    def expected(self) -> float:
+        return self.wait + self.ahead
+
+
+def choose(candidates: Sequence[Candidate]) -> int:
+    """The index of the route to take (ties: the first listed, the configuration's preference)."""
+    usable = [i for i, c in enumerate(candidates) if not c.refused and not c.parked]
+    keyed = [i for i, c in enumerate(candidates) if not c.refused]
+    due = [i for i in keyed if candidates[i].probe_due]
+    if usable:
+        best = min(usable, key=lambda i: (candidates[i].expected, i))
+        return due[0] if due and candidates[best].expected >= PROBE_BEHIND_SECONDS else best
+    return (due or keyed or [0])[0]
+
+
+def bucket_wait(levels: BucketLevels, limits: BucketLimits, cost: int) -> float:
+    """Seconds until the bucket read as `levels` could grant one request of `cost` tokens (reserve.lua's rule)."""
+    now = levels.now_us / 1e6
+    return max(0.0, (1 - levels.requests) / limits.request_rate, (cost - levels.tokens) / limits.token_rate,
+               levels.not_before_ms / 1000 - now)
+
+
+class RouteChooser:
+    """Chooses the routes of a chunk's jobs for one worker process (one event loop)."""
+
+    def __init__(self, routing: Routing, limiter: Limiter, parking: Parking, backlog: Backlog, learned: Learned,
+                 redis: aioredis.Redis) -> None:
+        self.routing, self.limiter, self.parking = routing, limiter, parking
+        self.backlog, self.learned, self.redis = backlog, learned, redis
+        self._probing: dict[str, float] = {}  # pair -> when this worker last sent a job to probe it
+
+    async def assign(self, batch_id: str, batch_account: str, jobs: Sequence[StoredJob]) -> None:
+        """Choose the route of each job that has several (noted in ``routing`` until ``forget``)."""
+        several = [(job, targets) for job in jobs if len(targets := self.routing.targets(batch_account, job)) > 1]
+        if not several:
+            return
+        unique = {t.key: t for _, targets in several for t in targets}
+        levels = await self._levels(list(unique.values()))
+        extra: dict[str, float] = defaultdict(float)  # seconds chosen for each bucket in this chunk
+        used: Counter[tuple[str, str, str]] = Counter()
+        for job, targets in several:
+            costs = [job.charge_under(self.learned.rule(t.pair, t.spec)) for t in targets]
+            candidates = [await self._candidate(t, levels.get(t.key), cost, extra[t.key])
+                          for t, cost in zip(targets, costs, strict=True)]
+            i = choose(candidates)
+            chosen = targets[i]
+            if candidates[i].parked:
+                self._probing[chosen.pair] = time.monotonic()
+            extra[chosen.key] += seconds_of(self._limits(chosen), 1, costs[i])
+            self.routing.assign(job_ref(batch_id, job.custom_id), chosen.route)
+            used[chosen.route.model, chosen.route.name, chosen.pair] += 1
+        await self._count(used)
+
+    async def _candidate(self, target: Target, levels: BucketLevels | None, cost: int, chosen: float) -> Candidate:
+        if target.refused is not None:
+            return Candidate(refused=True)
+        parked = await self.parking.state(target.account, target.spec.name)
+        if parked is not None:
+            last = parked.last_probe or parked.since
+            mine = self._probing.get(target.pair, float("-inf"))  # this worker's own probe, not yet recorded
+            due = time.time() >= last + parked.cooldown and time.monotonic() >= mine + parked.cooldown
+            return Candidate(parked=True, probe_due=due)
+        limits = self._limits(target)
+        wait = 0.0 if levels is None else bucket_wait(levels, limits, cost)
+        return Candidate(wait=wait, ahead=self.backlog.ahead(target.key)[0] + chosen)
+
+    def _limits(self, target: Target) -> BucketLimits:
+        return self.backlog.ahead(target.key)[1] or self.learned.limits(target.pair, target.spec)
+
+    async def _levels(self, targets: list[Target]) -> dict[str, BucketLevels]:
+        """Every route's bucket levels, read at once; none when Redis fails (the local view decides)."""
+        try:
+            read = await asyncio.gather(*(self.limiter.peek(t.key, self._limits(t)) for t in targets))
+        except LimiterError as exc:
+            log.warning("route choice without the buckets' levels: %s", exc)
+            return {}
+        return {t.key: lv for t, lv in zip(targets, read, strict=True)}
+
+    async def _count(self, used: Counter[tuple[str, str, str]]) -> None:
+        """Add this chunk's choices to the per-route counts `status` shows (lost counts lose nothing
+        else), with each route's pair: `status` may run where the key its bucket id derives from is not."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (model, route, pair), n in used.items():
+                    pipe.hincrby(keys.route_use(model), route, n)
+                    pipe.hset(keys.route_use(model), keys.route_pair_field(route), pair)
+                    pipe.expire(keys.route_use(model), ROUTE_USE_TTL)
+                await pipe.execute()
+        except Exception as exc:  # RedisError and connection errors: the count only informs
+            log.warning("route use not counted: %s", exc)
+
+
+__all__ = ["Candidate", "RouteChooser", "bucket_wait", "choose"]
