@@ -21,6 +21,7 @@ from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.parking import Parking
 from ratequeue.worker.routechoice import PROBE_BEHIND_SECONDS, Candidate, RouteChooser, bucket_wait, choose
 from ratequeue.worker.routing import Routing
+from tests.conftest import async_wait_until
 
 MODELS = """\
 [accounts.a]
@@ -98,19 +99,32 @@ def _chosen(routing: Routing, jobs: list[StoredJob]) -> list[str]:
     return [routing.route(job, "batch-1").account.name for job in jobs]
 
 
+def _admit(chooser: RouteChooser, routing: Routing, jobs: list[StoredJob]) -> None:
+    """What the engine does next: the chunk's jobs queued in this worker for their route's bucket."""
+    target = routing.target("x", jobs[0], "batch-1")
+    chooser.backlog.admit(target.key, chooser.learned.limits(target.pair, target.spec),
+                          {job_ref("batch-1", j.custom_id): j.charge for j in jobs})
+
+
 @pytest.mark.integration
-def test_a_chunk_is_spread_over_both_routes_and_the_use_counted_for_status(tmp_path: Path, redis_url: str) -> None:
+def test_successive_chunks_spread_over_the_routes_and_the_use_is_counted_for_status(
+        tmp_path: Path, redis_url: str) -> None:
     async def run() -> None:
         chooser, routing, client, _ = _chooser(tmp_path, redis_url)
-        jobs = _jobs(10)
-        await chooser.assign("batch-1", "x", jobs)
-        chosen = _chosen(routing, jobs)
-        assert chosen.count("a") == chosen.count("b") == 5
-        use = await client.hgetall(keys.route_use("gpt-4o-mini"))
-        assert use[b"a/gpt-4o-mini"] == use[b"b/gpt-4o-mini"] == b"5"
-        routing.forget(job_ref("batch-1", j.custom_id) for j in jobs)
-        assert _chosen(routing, jobs) == ["a"] * 10  # forgotten: the first route, as without a choice
+        first, second = _jobs(10)[:5], _jobs(10)[5:]
+        await chooser.assign("batch-1", "x", first)
+        assert _chosen(routing, first) == ["a"] * 5  # a chunk takes one route; a tie goes to the first
+        _admit(chooser, routing, first)
+        await chooser.assign("batch-1", "x", second)
+        assert _chosen(routing, second) == ["b"] * 5  # a has the first chunk's work queued
+        await async_wait_until(lambda: _counted(client), 5, "the use counted")
+        routing.forget(job_ref("batch-1", j.custom_id) for j in first + second)
+        assert _chosen(routing, second) == ["a"] * 5  # forgotten: the first route, as without a choice
         await client.aclose()
+
+    async def _counted(client: aioredis.Redis) -> bool:
+        use = await client.hgetall(keys.route_use("gpt-4o-mini"))
+        return use.get(b"a/gpt-4o-mini") == use.get(b"b/gpt-4o-mini") == b"5"
 
     asyncio.run(run())
 
@@ -132,6 +146,29 @@ def test_a_route_whose_bucket_is_in_debt_or_parked_is_left_aside(tmp_path: Path,
         await parking.park(b.account, b.spec.name, "invalid_api_key", "401", cooldown=60)
         await chooser.assign("batch-1", "x", jobs)
         assert _chosen(routing, jobs) == ["a"] * 4
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.integration
+def test_a_parked_route_whose_probe_is_due_gets_one_job_of_a_chunk_while_the_other_has_a_queue(
+        tmp_path: Path, redis_url: str) -> None:
+    async def run() -> None:
+        chooser, routing, client, parking = _chooser(tmp_path, redis_url)
+        _, b = routing.targets("x", _jobs(1)[0])
+        await parking.park(b.account, b.spec.name, "invalid_api_key", "401", cooldown=0.01)
+        await asyncio.sleep(0.02)  # the cooldown passed: a probe may go
+        jobs = _jobs(6)
+        await chooser.assign("batch-1", "x", jobs)
+        assert _chosen(routing, jobs) == ["a"] * 6  # a idle: no need of b, no probe
+        _admit(chooser, routing, jobs)  # now a has a queue
+        more = [dataclasses.replace(j, custom_id=f"m-{i}") for i, j in enumerate(_jobs(6))]
+        await chooser.assign("batch-1", "x", more)
+        assert _chosen(routing, more) == ["b"] + ["a"] * 5  # one job probes b; the chunk's others take a
+        again = [dataclasses.replace(j, custom_id=f"n-{i}") for i, j in enumerate(_jobs(6))]
+        await chooser.assign("batch-1", "x", again)
+        assert _chosen(routing, again) == ["a"] * 6  # this worker's probe is out: not another at once
         await client.aclose()
 
     asyncio.run(run())

@@ -5,9 +5,8 @@ A route's expected wait is what its bucket says now plus what this worker alread
 - ``bucket_wait``: from the shared bucket's levels (``peek.lua``: one Redis call per route and
   chunk, all routes at once). Every worker's reservations are debited there at once (negative
   levels: debt), and a 429's not-before is there too, so this part is right across many workers.
-- ``ahead``: seconds of this worker's admitted jobs still waiting for the bucket (worker.backlog),
-  plus those chosen earlier in the same chunk: without it, a chunk read against one snapshot of the
-  levels would send all its jobs to the route that looked emptiest.
+- ``ahead``: seconds of this worker's admitted jobs still waiting for the bucket (worker.backlog):
+  the chunks chosen just before this one, not yet reserved, would otherwise all look elsewhere.
 
 A parked route is skipped. It is still probed as before (worker.parking: one job per cooldown across
 all workers), but only while the other routes have a queue: an idle healthy route needs no help, and
@@ -25,6 +24,7 @@ already tell the routes apart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
-from ratequeue.worker.backlog import Backlog, job_ref, seconds_of
+from ratequeue.worker.backlog import Backlog, job_ref
 from ratequeue.worker.bucket_values import BucketLevels, BucketLimits
 from ratequeue.worker.learned import Learned
 from ratequeue.worker.limiter import Limiter, LimiterError
@@ -89,30 +89,48 @@ class RouteChooser:
         self.routing, self.limiter, self.parking = routing, limiter, parking
         self.backlog, self.learned, self.redis = backlog, learned, redis
         self._probing: dict[str, float] = {}  # pair -> when this worker last sent a job to probe it
+        self._counting: set[asyncio.Task[None]] = set()  # kept referenced until done
 
     async def assign(self, batch_id: str, batch_account: str, jobs: Sequence[StoredJob]) -> None:
-        """Choose the route of each job that has several (noted in ``routing`` until ``forget``)."""
-        several = [(job, targets) for job in jobs if len(targets := self.routing.targets(batch_account, job)) > 1]
+        """Choose the route of the jobs that have several (noted in ``routing`` until ``forget``).
+
+        One route per chunk (its jobs share a model and an account): a chunk holds one of the
+        worker's slots for one pair (worker.backlog's fair slots), and a chunk split over two
+        buckets would count against both pairs' shares. Successive chunks spread over the routes
+        as their waits grow. A probe is one job, never a chunk: the rest take the best usable route."""
+        groups: dict[tuple[str | None, str], list[StoredJob]] = defaultdict(list)
+        for job in jobs:
+            groups[job.account, job.model].append(job)
+        several = [(group, targets) for group in groups.values()
+                   if len(targets := self.routing.targets(batch_account, group[0])) > 1]
         if not several:
             return
-        unique = {t.key: t for _, targets in several for t in targets}
-        levels = await self._levels(list(unique.values()))
-        extra: dict[str, float] = defaultdict(float)  # seconds chosen for each bucket in this chunk
+        levels = await self._levels(list({t.key: t for _, targets in several for t in targets}.values()))
         used: Counter[tuple[str, str, str]] = Counter()
-        for job, targets in several:
-            costs = [job.charge_under(self.learned.rule(t.pair, t.spec)) for t in targets]
-            candidates = [await self._candidate(t, levels.get(t.key), cost, extra[t.key])
+        for group, targets in several:
+            costs = [group[0].charge_under(self.learned.rule(t.pair, t.spec)) for t in targets]
+            candidates = [await self._candidate(t, levels.get(t.key), cost)
                           for t, cost in zip(targets, costs, strict=True)]
-            i = choose(candidates)
-            chosen = targets[i]
-            if candidates[i].parked:
-                self._probing[chosen.pair] = time.monotonic()
-            extra[chosen.key] += seconds_of(self._limits(chosen), 1, costs[i])
-            self.routing.assign(job_ref(batch_id, job.custom_id), chosen.route)
-            used[chosen.route.model, chosen.route.name, chosen.pair] += 1
-        await self._count(used)
+            best = choose([dataclasses.replace(c, probe_due=False) for c in candidates])
+            probe = choose(candidates)
+            if probe != best and candidates[probe].parked:
+                self._probing[targets[probe].pair] = time.monotonic()
+                self._take(batch_id, group[:1], targets[probe], used)
+                group = group[1:]
+            self._take(batch_id, group, targets[best], used)
+        # Counted in the background: the engine admits the chunk (worker.backlog) with no await
+        # between this return and that, so the next chunk's choice sees this one's jobs queued.
+        task = asyncio.get_running_loop().create_task(self._count(used))
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
 
-    async def _candidate(self, target: Target, levels: BucketLevels | None, cost: int, chosen: float) -> Candidate:
+    def _take(self, batch_id: str, jobs: Sequence[StoredJob], target: Target,
+              used: Counter[tuple[str, str, str]]) -> None:
+        for job in jobs:
+            self.routing.assign(job_ref(batch_id, job.custom_id), target.route)
+        used[target.route.model, target.route.name, target.pair] += len(jobs)
+
+    async def _candidate(self, target: Target, levels: BucketLevels | None, cost: int) -> Candidate:
         if target.refused is not None:
             return Candidate(refused=True)
         parked = await self.parking.state(target.account, target.spec.name)
@@ -123,7 +141,7 @@ class RouteChooser:
             return Candidate(parked=True, probe_due=due)
         limits = self._limits(target)
         wait = 0.0 if levels is None else bucket_wait(levels, limits, cost)
-        return Candidate(wait=wait, ahead=self.backlog.ahead(target.key)[0] + chosen)
+        return Candidate(wait=wait, ahead=self.backlog.ahead(target.key)[0])
 
     def _limits(self, target: Target) -> BucketLimits:
         return self.backlog.ahead(target.key)[1] or self.learned.limits(target.pair, target.spec)
