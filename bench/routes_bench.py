@@ -60,7 +60,8 @@ def run(scenario: str, args: argparse.Namespace, tmp: Path) -> float:
         env = _env(args.redis_url, _models(tmp, {n: sims[n].url for n in names}))
         with workers(args.workers, env, tmp / scenario):
             client = Client(load_settings(env))
-            client.wait(client.submit_batch(_lines("warm", 50)).batch_id, timeout=120)
+            # Two chunks (RATEQUEUE_CHUNK_SIZE 50): each route serves one and learns its limits.
+            client.wait(client.submit_batch(_lines("warm", 100)).batch_id, timeout=120)
             started = time.monotonic()
             batch = client.wait(client.submit_batch(_lines(scenario, args.jobs)).batch_id, timeout=900, poll=0.05)
             wall = time.monotonic() - started
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--scenario", choices=("one", "two", "both"), default="both")
     args = parser.parse_args()
     walls = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("RATEQUEUE_BENCH_TMP")) as tmp:
         for scenario in ("one", "two") if args.scenario == "both" else (args.scenario,):
             walls[scenario] = run(scenario, args, Path(tmp))
     if len(walls) == 2:

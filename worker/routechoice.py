@@ -105,7 +105,10 @@ class RouteChooser:
                    if len(targets := self.routing.targets(batch_account, group[0])) > 1]
         if not several:
             return
-        levels = await self._levels(list({t.key: t for _, targets in several for t in targets}.values()))
+        unique = list({t.key: t for _, targets in several for t in targets}.values())
+        for t in unique:  # what other workers learned of a route this one has not used yet (cached)
+            await self.learned.load(t.pair)
+        levels = await self._levels(unique)
         used: Counter[tuple[str, str, str]] = Counter()
         for group, targets in several:
             costs = [group[0].charge_under(self.learned.rule(t.pair, t.spec)) for t in targets]
@@ -141,10 +144,17 @@ class RouteChooser:
             return Candidate(parked=True, probe_due=due)
         limits = self._limits(target)
         wait = 0.0 if levels is None else bucket_wait(levels, limits, cost)
-        return Candidate(wait=wait, ahead=self.backlog.ahead(target.key)[0])
+        ahead, priced = self.backlog.ahead(target.key)
+        if priced is not None and priced != limits:
+            # Priced by the limits in force at admission (a guess before the server announced
+            # them: 500 RPM where it serves 3,000 kept a route looking six times as busy as it
+            # was): rescaled to today's, an upper bound whichever of the two buckets binds.
+            ahead *= max(priced.request_rate / limits.request_rate, priced.token_rate / limits.token_rate)
+        return Candidate(wait=wait, ahead=ahead)
 
     def _limits(self, target: Target) -> BucketLimits:
-        return self.backlog.ahead(target.key)[1] or self.learned.limits(target.pair, target.spec)
+        """The bucket's limits now: learned (here or by another worker), else configured."""
+        return self.learned.limits(target.pair, target.spec)
 
     async def _levels(self, targets: list[Target]) -> dict[str, BucketLevels]:
         """Every route's bucket levels, read at once; none when Redis fails (the local view decides)."""
