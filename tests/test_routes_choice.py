@@ -37,10 +37,10 @@ api_key_env = "KEY_B"
 
 # The rule.
 
-def test_the_route_that_can_start_the_job_soonest_wins_ties_going_to_the_first_listed() -> None:
+def test_the_route_that_can_start_the_job_soonest_wins_and_ties_are_taken_in_turn() -> None:
     assert choose([Candidate(wait=0.5), Candidate(wait=0.1)]) == 1
     assert choose([Candidate(wait=0.1, ahead=0.5), Candidate(wait=0.3)]) == 1  # this worker's queue counts
-    assert choose([Candidate(), Candidate()]) == 0
+    assert [choose([Candidate(), Candidate(wait=0.01), Candidate(wait=1.0)], turn) for turn in range(4)] == [0, 1, 0, 1]
 
 
 def test_parked_and_keyless_routes_are_skipped_while_another_is_usable() -> None:
@@ -113,10 +113,11 @@ def test_successive_chunks_spread_over_the_routes_and_the_use_is_counted_for_sta
         chooser, routing, client, _ = _chooser(tmp_path, redis_url)
         first, second = _jobs(10)[:5], _jobs(10)[5:]
         await chooser.assign("batch-1", "x", first)
-        assert _chosen(routing, first) == ["a"] * 5  # a chunk takes one route; a tie goes to the first
+        taken = _chosen(routing, first)[0]
+        assert _chosen(routing, first) == [taken] * 5  # a chunk takes one route
         _admit(chooser, routing, first)
         await chooser.assign("batch-1", "x", second)
-        assert _chosen(routing, second) == ["b"] * 5  # a has the first chunk's work queued
+        assert _chosen(routing, second) == [{"a": "b", "b": "a"}[taken]] * 5  # the first has the first chunk queued
         await async_wait_until(lambda: _counted(client), 5, "the use counted")
         routing.forget(job_ref("batch-1", j.custom_id) for j in first + second)
         assert _chosen(routing, second) == ["a"] * 5  # forgotten: the first route, as without a choice
@@ -162,7 +163,7 @@ def test_a_parked_route_whose_probe_is_due_gets_one_job_of_a_chunk_while_the_oth
         jobs = _jobs(6)
         await chooser.assign("batch-1", "x", jobs)
         assert _chosen(routing, jobs) == ["a"] * 6  # a idle: no need of b, no probe
-        _admit(chooser, routing, jobs)  # now a has a queue
+        _admit(chooser, routing, jobs)  # now a has a queue (a tie would no longer be one)
         more = [dataclasses.replace(j, custom_id=f"m-{i}") for i, j in enumerate(_jobs(6))]
         await chooser.assign("batch-1", "x", more)
         assert _chosen(routing, more) == ["b"] + ["a"] * 5  # one job probes b; the chunk's others take a

@@ -44,6 +44,7 @@ from ratequeue.worker.routing import Routing, Target
 
 log = logging.getLogger(__name__)
 
+TIE_SECONDS = 0.05  # expected waits this close are a tie
 PROBE_BEHIND_SECONDS = 0.1  # a parked route is probed only while the best healthy one has this much queued
 ROUTE_USE_TTL = 7 * 86400  # the per-route counts outlive a week of idleness, not for ever
 
@@ -63,13 +64,18 @@ class Candidate:
         return self.wait + self.ahead
 
 
-def choose(candidates: Sequence[Candidate]) -> int:
-    """The index of the route to take (ties: the first listed, the configuration's preference)."""
+def choose(candidates: Sequence[Candidate], turn: int = 0) -> int:
+    """The index of the route to take. Routes within ``TIE_SECONDS`` of the soonest are taken in
+    turn (`turn`: a count of the choices made): deferred work coming back finds every route idle,
+    and always the first listed left the others idle while it worked through it (measured: 2 routes
+    of 3,000 RPM, 1,339 and 761 calls of 2,100)."""
     usable = [i for i, c in enumerate(candidates) if not c.refused and not c.parked]
     keyed = [i for i, c in enumerate(candidates) if not c.refused]
     due = [i for i in keyed if candidates[i].probe_due]
     if usable:
-        best = min(usable, key=lambda i: (candidates[i].expected, i))
+        soonest = min(candidates[i].expected for i in usable)
+        ties = [i for i in usable if candidates[i].expected <= soonest + TIE_SECONDS]
+        best = ties[turn % len(ties)]
         return due[0] if due and candidates[best].expected >= PROBE_BEHIND_SECONDS else best
     return (due or keyed or [0])[0]
 
@@ -90,6 +96,7 @@ class RouteChooser:
         self.backlog, self.learned, self.redis = backlog, learned, redis
         self._probing: dict[str, float] = {}  # pair -> when this worker last sent a job to probe it
         self._counting: set[asyncio.Task[None]] = set()  # kept referenced until done
+        self._turn = 0  # choices made: whose turn a tie is
 
     async def assign(self, batch_id: str, batch_account: str, jobs: Sequence[StoredJob]) -> None:
         """Choose the route of the jobs that have several (noted in ``routing`` until ``forget``).
@@ -114,8 +121,9 @@ class RouteChooser:
             costs = [group[0].charge_under(self.learned.rule(t.pair, t.spec)) for t in targets]
             candidates = [await self._candidate(t, levels.get(t.key), cost)
                           for t, cost in zip(targets, costs, strict=True)]
-            best = choose([dataclasses.replace(c, probe_due=False) for c in candidates])
-            probe = choose(candidates)
+            self._turn += 1
+            best = choose([dataclasses.replace(c, probe_due=False) for c in candidates], self._turn)
+            probe = choose(candidates, self._turn)
             if probe != best and candidates[probe].parked:
                 self._probing[targets[probe].pair] = time.monotonic()
                 self._take(batch_id, group[:1], targets[probe], used)
