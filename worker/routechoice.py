@@ -15,11 +15,8 @@ ever. A route this worker holds no key for is skipped while any other is usable.
 parked or refused the job takes the first (the runner then defers it as it does for one route).
 
 The choice is made once per run (worker.engine, before the chunk's jobs are admitted) and kept in
-``Routing`` for the runner: a job stays on one route for the whole run, charged on that bucket only.
-A job this worker deferred comes back to the same route unless it is parked: its return was booked
-on that route's schedule (worker.backlog), and chosen afresh it left a phantom booking there and
-overbooked the other (measured: 3,000 jobs, two routes 1.5-1.6 times as slow as one of their sum,
-one route chosen 3,324 times for 1,524 calls). Each choice is counted per route (``keys.route_use``) for
+``Routing`` for the runner: a job stays on one route for the whole run, charged on that bucket only;
+deferred, its next run chooses again. Each choice is counted per route (``keys.route_use``) for
 ``ratequeue status``; the metrics need no new label, since a route's pair (account, model) labels
 already tell the routes apart.
 """
@@ -50,7 +47,6 @@ log = logging.getLogger(__name__)
 TIE_SECONDS = 0.05  # expected waits this close are a tie
 PROBE_BEHIND_SECONDS = 0.1  # a parked route is probed only while the best healthy one has this much queued
 ROUTE_USE_TTL = 7 * 86400  # the per-route counts outlive a week of idleness, not for ever
-STICKY_JOBS = 200_000  # jobs whose last route is remembered (a deferred job returns to it)
 
 
 @dataclass(frozen=True)
@@ -101,8 +97,6 @@ class RouteChooser:
         self._probing: dict[str, float] = {}  # pair -> when this worker last sent a job to probe it
         self._counting: set[asyncio.Task[None]] = set()  # kept referenced until done
         self._turn = 0  # choices made: whose turn a tie is
-        # job_ref -> index of the route it last took (insertion order: the oldest dropped first).
-        self._sticky: dict[str, int] = {}
 
     async def assign(self, batch_id: str, batch_account: str, jobs: Sequence[StoredJob]) -> None:
         """Choose the route of the jobs that have several (noted in ``routing`` until ``forget``).
@@ -127,13 +121,6 @@ class RouteChooser:
             costs = [group[0].charge_under(self.learned.rule(t.pair, t.spec)) for t in targets]
             candidates = [await self._candidate(t, levels.get(t.key), cost)
                           for t, cost in zip(targets, costs, strict=True)]
-            stuck = [j for j in group if (i := self._sticky.get(job_ref(batch_id, j.custom_id))) is not None
-                     and i < len(candidates) and not candidates[i].parked and not candidates[i].refused]
-            for job in stuck:  # back from a deferral booked on its route's schedule: that route again
-                self._take(batch_id, [job], targets[self._sticky[job_ref(batch_id, job.custom_id)]], used)
-            group = [j for j in group if j not in stuck]
-            if not group:
-                continue
             self._turn += 1
             best = choose([dataclasses.replace(c, probe_due=False) for c in candidates], self._turn)
             probe = choose(candidates, self._turn)
@@ -150,14 +137,7 @@ class RouteChooser:
 
     def _take(self, batch_id: str, jobs: Sequence[StoredJob], target: Target,
               used: Counter[tuple[str, str, str]]) -> None:
-        index = self.routing.route_index(target.route, jobs[0]) if jobs else None
         for job in jobs:
-            ref = job_ref(batch_id, job.custom_id)
-            self._sticky.pop(ref, None)
-            if index is not None:
-                self._sticky[ref] = index
-                if len(self._sticky) > STICKY_JOBS:
-                    self._sticky.pop(next(iter(self._sticky)))
             self.routing.assign(job_ref(batch_id, job.custom_id), target.route)
         used[target.route.model, target.route.name, target.pair] += len(jobs)
 

@@ -98,11 +98,6 @@ class Routing:
         chosen = self._chosen.get(job_ref(batch_id, job.custom_id))
         return "" if chosen is None else chosen.name
 
-    def route_index(self, route: Route, job: StoredJob) -> int | None:
-        """`route`'s place among `job`'s routes (None if it is not one of them)."""
-        routes = self.accounts.routes_for(job.model, job.account)
-        return routes.index(route) if route in routes else None
-
     def assign(self, ref: str, route: Route) -> None:
         """`route` is the one the job `ref` (backlog.job_ref) takes for this run."""
         self._chosen[ref] = route
