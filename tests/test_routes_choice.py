@@ -14,6 +14,7 @@ from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import load_settings
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.producer.batchfile import LineValidator
 from ratequeue.worker.backlog import Backlog, job_ref
 from ratequeue.worker.bucket_values import BucketLevels, BucketLimits
 from ratequeue.worker.learned import Learned
@@ -173,3 +174,16 @@ def test_a_parked_route_whose_probe_is_due_gets_one_job_of_a_chunk_while_the_oth
         await client.aclose()
 
     asyncio.run(run())
+
+
+def test_a_job_naming_no_account_of_a_model_with_several_routes_is_stored_free_to_take_any(tmp_path: Path) -> None:
+    """Stored with its account, it had only that account's routes at the worker: the first took all."""
+    path = tmp_path / "models.toml"
+    path.write_text('default_account = "a"\n' + MODELS)
+    accounts = load_account_table(load_settings({"RATEQUEUE_MODELS_FILE": str(path)}), env={},
+                                  require_credentials=False)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"url": "/v1/chat/completions", "body": body}
+    assert LineValidator(accounts).job(1, "c-1", line).account is None
+    assert LineValidator(accounts).job(1, "c-2", {**line, "account": "b"}).account == "b"  # named: kept
+    assert LineValidator(accounts, account="a").job(1, "c-3", line).account == "a"  # the batch's: kept
