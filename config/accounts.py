@@ -276,6 +276,10 @@ class AccountTable:
         spec = dataclasses.replace(spec, charge_rule="sum", charge_rule_pinned=True, missing_fills_context=True)
         return Route(acct, model, deployment.name, spec, window_seconds=deployment.window_seconds)
 
+    def routed_models(self) -> tuple[str, ...]:
+        """The models [routes] lists (those that may have several routes), for `status`."""
+        return tuple(self._routes)
+
     def all_routes(self) -> tuple[Route, ...]:
         """Every route the configuration names: [routes] entries, Azure deployments, and each model of
         the table on each openai account (what a worker starts its metrics series with)."""

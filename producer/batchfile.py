@@ -90,7 +90,8 @@ class LineValidator:
             raise InvalidRequestError("body.model", "missing or not a string")
         try:
             # The first route: choosing among several is the worker's (it resolves the job again).
-            route = self.accounts.routes_for(model, account)[0]
+            routes = self.accounts.routes_for(model, account)
+            route = routes[0]
         except UnknownModelError as exc:
             raise InvalidRequestError("body.model", str(exc), code="model_not_found") from exc
         spec = route.spec
@@ -108,11 +109,13 @@ class LineValidator:
                 raise InvalidRequestError(err.field, err.reason + hint, err.code) from err
             raise err
         # Stored under the logical model the line named (canonical for a table model: snapshots share
-        # its counters), which the worker resolves to the same route; None for the implicit account.
+        # its counters), which the worker resolves to the same route; None for the implicit account,
+        # and for a job that named no account of a model with several routes: any of them may serve it.
         stored_model = self.table.resolve(route.model) if route.model in self.table else route.model
+        free = route.account.implicit or (account is None and len(routes) > 1)
         return StoredJob(
             custom_id, line, url, body, stored_model, estimate.charge, estimate.prompt_tokens,
-            estimate.output_tokens, None if route.account.implicit else route.account.name,
+            estimate.output_tokens, None if free else route.account.name,
         )
 
 

@@ -17,6 +17,7 @@ from ratequeue.jobstore.batches import BatchStore
 from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.heartbeats import live_holders
 from ratequeue.producer.retention import delete_batch
+from ratequeue.producer.routes_status import route_use
 from ratequeue.producer.submit import Submitter
 from ratequeue.redact import configured_secrets, redact_json
 
@@ -99,11 +100,13 @@ class BatchOperations:
         return {
             "queue_depth": self.redis.llen("ratequeue"),
             "deferred_jobs": self.redis.zcard(keys.deferred_jobs()),
-            "parked": self.parked(),
+            "parked": (parked := self.parked()),
             # Chunks that failed RATEQUEUE_MAX_CHUNK_FAILURES times (newest first; their jobs failed).
             "dead_lettered_chunks": [orjson.loads(r) for r in self.redis.lrange(keys.dead_letters(), 0, 9)],
             "recent_batches": [{k: b[k] for k in ("id", "status", "request_counts", "cost_usd")} for b in recent],
             **({} if self.accounts.implicit else {"accounts": self.account_workers()}),
+            # Per route of a model with several: runs that chose it, its share, parked or not.
+            **({"routes": routes} if (routes := route_use(self.redis, self.accounts, parked)) else {}),
         }
 
     def account_workers(self) -> dict[str, dict[str, Any]]:

@@ -49,6 +49,7 @@ from ratequeue.worker.leases import JOB_LEASE_SECONDS, Leases, run_owner
 from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.metrics_redis import TimedAsyncRedis
 from ratequeue.worker.parking import Parking, pair_field
+from ratequeue.worker.routechoice import RouteChooser
 from ratequeue.worker.routing import Routing
 from ratequeue.worker.runner import JobRunner
 from ratequeue.worker.store import JobStore, Outcome
@@ -107,7 +108,8 @@ class Engine:
         )
         self.leases = Leases(self.redis)
         limiter = Limiter(self.redis, horizon_seconds=s.reserve_horizon_seconds)
-        self.runner = JobRunner(s, self.table, limiter, self.store, self.client, Parking(self.redis), self.routing)
+        r = self.runner = JobRunner(s, self.table, limiter, self.store, self.client, Parking(self.redis), self.routing)
+        self.chooser = RouteChooser(self.routing, limiter, r.parking, r.backlog, r.learned, self.redis)
 
     def run_chunk(self, batch_id: str, custom_ids: Sequence[str], owner: str | None = None) -> ChunkReport:
         """Run a chunk's jobs to an outcome or a deferral; blocks the calling (Celery) thread.
@@ -205,7 +207,9 @@ class Engine:
             await self.leases.recheck_later(batch_id, owner, others, min(lease / 2, 30.0))
         backlog = self.runner.backlog
         held: list[str] = []  # the pairs this chunk holds a slot for (fair slots, worker.backlog)
+        refs = [job_ref(batch_id, job.custom_id) for job, _ in claimed]
         try:
+            await self.chooser.assign(batch_id, state.account, [job for job, _ in claimed])  # several routes
             claimed, report.deferred = await self._admit(state, claimed, held)
             renewer = self._loop.create_task(
                 self._renew(batch_id, owner, [job.custom_id for job, _ in claimed], lease)
@@ -221,6 +225,7 @@ class Engine:
         finally:
             backlog.release(job_ref(batch_id, job.custom_id) for job, _ in claimed)
             backlog.let_go(held)
+            self.routing.forget(refs)
         for outcome in done:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -234,16 +239,17 @@ class Engine:
         share of the slots (``worker.backlog``), so that the chunk does not hold a slot that
         another pair's chunk could use; they are booked to come back at their turn. The pairs
         admitted are added to ``held`` (a slot each, until the chunk ends)."""
-        by_model: dict[tuple[str | None, str], list[Claimed]] = defaultdict(list)
-        for item in claimed:
-            by_model[item[0].account, item[0].model].append(item)
+        by_model: dict[tuple[str | None, str, str], list[Claimed]] = defaultdict(list)
+        for item in claimed:  # grouped by route too: each route's jobs wait for its own bucket
+            route = self.routing.route_name(item[0], state.batch_id)
+            by_model[item[0].account, item[0].model, route].append(item)
         admitted: list[Claimed] = []
         deferred = 0
         backlog, learned = self.runner.backlog, self.runner.learned
         patience = self.settings.defer_after_seconds
-        for (_, model), jobs in by_model.items():
+        for (_, model, _), jobs in by_model.items():
             try:
-                target = self.routing.target(state.account, jobs[0][0])
+                target = self.routing.target(state.account, jobs[0][0], state.batch_id)
             except InvalidRequestError:
                 target = None
             if target is None or target.refused is not None:

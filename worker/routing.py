@@ -2,8 +2,9 @@
 
 A stored job names its model and account (``StoredJob.account``; None: the default). The account
 table (config/accounts.py, loaded once per worker process) turns them into a ``Route``: the URL, the
-headers, the body's model and the bucket. ``Routing.route`` is the one place a job's route is chosen:
-the first of ``routes_for`` for now; choosing among several routes replaces only that function.
+headers, the body's model and the bucket. ``Routing.route`` is the one place a job's route is read:
+the one ``worker.routechoice`` chose for this run when the model has several (``assign``, made by
+the engine before it admits the chunk, ``forget`` at the chunk's end), else the first of ``routes_for``.
 
 Without ``[accounts]`` nothing changes: the bucket is the batch's account id (the submitter's
 fingerprint, as before) and the request goes out with the client's own environment key.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, Step
+from ratequeue.worker.backlog import job_ref
 from ratequeue.worker.feedback import RateLimitHeaders, header_window
 from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.settle import DEADLINE_EXCEEDED
@@ -63,6 +65,16 @@ class Target:
     spec: ModelSpec
 
     @property
+    def pair(self) -> str:
+        """The bucket's (account, model) as the shared hashes name it (parking, learned limits)."""
+        return keys.pair_field(self.account, self.spec.name)
+
+    @property
+    def key(self) -> str:
+        """The bucket's key in Redis."""
+        return keys.bucket_key(self.account, self.spec.name)
+
+    @property
     def refused(self) -> str | None:
         """Why this worker cannot send on this route (no credentials here), or None."""
         return self.route.account.unusable
@@ -74,19 +86,47 @@ class Routing:
     def __init__(self, accounts: AccountTable) -> None:
         self.accounts = accounts
         self._warned: set[str] = set()  # accounts whose refusal this worker has logged
+        self._chosen: dict[str, Route] = {}  # job_ref -> the route chosen for its current run
 
-    def route(self, job: StoredJob) -> Route:
-        """The route `job` takes (the first one). Raises InvalidRequestError or UnknownModelError."""
-        return self.accounts.routes_for(job.model, job.account)[0]
+    def route(self, job: StoredJob, batch_id: str | None = None) -> Route:
+        """The route `job` takes: the one chosen for its run in `batch_id`, else the first.
+        Raises InvalidRequestError or UnknownModelError."""
+        chosen = self._chosen.get(job_ref(batch_id, job.custom_id)) if batch_id is not None else None
+        return chosen or self.accounts.routes_for(job.model, job.account)[0]
 
-    def target(self, batch_account: str, job: StoredJob) -> Target:
-        """`job`'s route and bucket; `batch_account` keys the bucket without [accounts]. Raises
-        InvalidRequestError: an account or deployment this configuration lacks, or an unknown model
-        (code ``model_not_found``, field ``body.model``, the reason UnknownModelError's text)."""
+    def route_name(self, job: StoredJob, batch_id: str) -> str:
+        """The name of the route chosen for `job`'s run ("" if none was: a single route)."""
+        chosen = self._chosen.get(job_ref(batch_id, job.custom_id))
+        return "" if chosen is None else chosen.name
+
+    def assign(self, ref: str, route: Route) -> None:
+        """`route` is the one the job `ref` (backlog.job_ref) takes for this run."""
+        self._chosen[ref] = route
+
+    def forget(self, refs: Iterable[str]) -> None:
+        """The runs of these jobs ended: their next runs choose again."""
+        for ref in refs:
+            self._chosen.pop(ref, None)
+
+    def targets(self, batch_account: str, job: StoredJob) -> tuple[Target, ...]:
+        """Every route `job` may take, as targets (none for a job the runner will fail)."""
         try:
-            route = self.route(job)
+            return tuple(self._target(batch_account, r) for r in self.accounts.routes_for(job.model, job.account))
+        except (InvalidRequestError, UnknownModelError):
+            return ()
+
+    def target(self, batch_account: str, job: StoredJob, batch_id: str | None = None) -> Target:
+        """`job`'s route (see ``route``) and bucket; `batch_account` keys the bucket without [accounts].
+        Raises InvalidRequestError: an account or deployment this configuration lacks, or an unknown
+        model (code ``model_not_found``, field ``body.model``, the reason UnknownModelError's text)."""
+        try:
+            route = self.route(job, batch_id)
         except UnknownModelError as exc:
             raise InvalidRequestError("body.model", str(exc), code="model_not_found") from exc
+        return self._target(batch_account, route)
+
+    @staticmethod
+    def _target(batch_account: str, route: Route) -> Target:
         if route.account.implicit:
             return Target(route, batch_account, route.spec)
         account, model = route.pair

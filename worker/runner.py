@@ -116,7 +116,7 @@ class JobRunner:
         if halt is not None:
             return halt
         try:
-            target = self.routing.target(state.account, job)
+            target = self.routing.target(state.account, job, batch_id)
         except InvalidRequestError as exc:  # an unknown model, or an account or deployment the configuration lost
             await self.outcomes.fail(batch_id, job, exc.code, exc.reason, param=exc.field)
             return STORED

@@ -189,3 +189,15 @@ def refused_jobs(account: str) -> str:
     """Set of deferred-set members ("<batch_id>\t<custom_id>") a worker without the key of account
     `account` (an alias) deferred: a worker that holds it makes them due when it starts."""
     return f"{PREFIX}:refusedjobs:{{{account}}}"
+
+
+def route_use(model: str) -> str:
+    """Hash: route name ("<account alias>/<target>") -> how many runs of `model`'s jobs chose it
+    (worker/routechoice.py; `ratequeue status` shows each route's count and share)."""
+    return f"{PREFIX}:routeuse:{{{model}}}"
+
+
+def route_pair_field(route: str) -> str:
+    """The field of ``route_use`` holding the route's pair ("<bucket id>:<model>"), which the
+    workers can name and a `status` without that account's key cannot. A route name has no ':'."""
+    return f"pair:{route}"
