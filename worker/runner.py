@@ -38,6 +38,7 @@ from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, 
 from ratequeue.worker.backlog import Backlog, job_ref
 from ratequeue.worker.batchwatch import BatchState
 from ratequeue.worker.concurrency import ConcurrencyWindows
+from ratequeue.worker.correction import correction
 from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.gate import BucketGate, CapacityTimeout, GateRegistry, Grant
 from ratequeue.worker.inflight import FairInFlight
@@ -45,7 +46,7 @@ from ratequeue.worker.learned import Learned
 from ratequeue.worker.limiter import BucketLevels, Limiter
 from ratequeue.worker.outcomes import Outcomes
 from ratequeue.worker.parking import Parked, Parking, pair_field
-from ratequeue.worker.policy import Reason, Verdict, classify
+from ratequeue.worker.policy import Verdict, classify
 from ratequeue.worker.reconciler import Reconciler
 from ratequeue.worker.reschedule import Rescheduler
 from ratequeue.worker.routing import Routing
@@ -286,43 +287,18 @@ class JobRunner:
 
     def _reconcile(self, run: JobRun, sent: Sent, waited: float) -> None:
         """Correct the shared bucket with what the server reported about this request."""
-        token_delta = 0
-        usage, headers = sent.usage, sent.headers
-        # A 429 is not refunded, although the server charged it no tokens: it proves our bucket
-        # held more than the server's by at least about `charge`, and keeping the charge pays
-        # that back. Refunding it kept a hidden debt (from requests the server priced higher than
-        # we did) alive for ever: every send after the refund drew another 429.
-        # Except "Request too large": the server refused it before weighing it against its bucket,
-        # so it says nothing about ours, and a charge kept (perhaps larger than the whole bucket)
-        # was a debt that held every request behind it for minutes (issue 10).
-        if sent.verdict.kind is Reason.REQUEST_TOO_LARGE:
-            token_delta = sent.charge
-        elif usage is not None and usage.prompt_tokens and sent.rule.combine == "sum":
-            # Under the sum rule the server charged its own prompt count plus the same reserved
-            # output, so the difference of the prompt counts is exactly what we over/under-charged.
-            token_delta = run.job.prompt_tokens - usage.prompt_tokens
-        # A rate-limit 429 despite our bucket's grant: other clients spend on the account (or
-        # the server's window is shorter); the shared share of the limits is cut (reconcile.lua).
-        # Without any header, the per-process throttle (worker.learned) reacts instead.
-        # Only answers to requests reserved at the share now in force count: a cut must not be cut
-        # again by the 429s of requests granted before it (a round trip can last seconds). A
-        # reservation is made after the acquire began and at most one horizon before the send.
-        reserved_after = time.monotonic() - sent.resp.elapsed - min(waited, self.settings.reserve_horizon_seconds)
-        fresh = reserved_after >= self.learned.share_cut_at(run.pair)
-        counted = fresh and not headers.empty
-        refused = int(counted and sent.verdict.kind.rate_limited)
-        if token_delta == 0 and not counted and headers.remaining_tokens is None and headers.remaining_requests is None:
+        found = correction(sent, run.job.prompt_tokens, waited, self.settings.reserve_horizon_seconds,
+                           self.learned.share_cut_at(run.pair))
+        if found is None:
             return
         self.reconciler.add(
             run.key,
             run.gate.limits,
-            token_delta=token_delta,
-            remaining_tokens=headers.remaining_tokens,
-            remaining_requests=headers.remaining_requests,
-            refused=refused,
-            answered=int(counted),
-            # What the server charged for it (a 429: nothing), stale or not: reconcile.lua tells
-            # whether the fall of the server's rooms is all ours (alone) or another client's too.
-            charged=(0, 0) if headers.empty or sent.verdict.kind.rate_limited else (1, sent.charge - token_delta),
+            token_delta=found.token_delta,
+            remaining_tokens=sent.headers.remaining_tokens,
+            remaining_requests=sent.headers.remaining_requests,
+            refused=found.refused,
+            answered=found.answered,
+            charged=found.charged,
             on_levels=lambda levels: self._follow(run, levels),
         )
