@@ -23,9 +23,7 @@
 -- seen to hold, fc: the part of a reported remaining a level may hold (CLAIM, doubling per window
 -- while alone, up to 1), fn/ft: requests/tokens charged for the window's answers, fq/fk: the server's request
 -- and token room when it began (seconds of limit), fx: the room claimed or given not yet seen spent,
--- fz: windows in a row that showed us alone (the share doubles from the second); ir/ik/it:
--- requests/tokens in flight (reserve.lua adds its grants, the answers here take theirs off) and
--- when they were last brought up to date;
+-- fz: windows in a row that showed us alone (the share doubles from the second);
 -- missing = 1, or OPENING_SHARE on a first remaining read; a window starting now) is the part of
 -- the limits the server leaves to this
 -- bucket when other clients spend on the account too (issue 11). Levels alone cannot see them: a
