@@ -210,8 +210,7 @@ def test_once_the_claim_is_whole_the_level_is_given_the_room_less_what_is_in_fli
     tokens, room = given["nothing in flight"]
     assert tokens == pytest.approx(room - 2_000, abs=100)  # the room above the 2 s buffer
     tokens, room = given["8 in flight"]
-    # What is in flight fades by a 60th a second (so that answers never reported do not hold it up).
-    assert tokens == pytest.approx(room - 2_000 - 8_000, abs=300)
+    assert tokens == pytest.approx(room - 2_000 - 8_000, abs=100)
 
 
 def test_the_room_is_grown_into_in_proportion_to_our_spending(redis_url: str) -> None:

@@ -59,7 +59,7 @@ local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
 local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm', 'fc',
-  'ft', 'fq', 'fk', 'fx', 'fn', 'fz', 'ir', 'ik', 'it')
+  'ft', 'fq', 'fk', 'fx', 'fn', 'fz')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -132,15 +132,6 @@ local function growth(left, before, target)
 end
 
 local answered = tonumber(ARGV[9] or 0)
--- In flight (ir/ik, counted by reserve.lua): the answers corrected here take their part off,
--- tokens in proportion. Answers that never report (errors, stale 429s) would keep it up for
--- ever: it fades with FLIGHT_FADE_S (a minute: a second of latency under-counts it by 2%).
-local FLIGHT_FADE_S = 60
-local fade = math.exp(-math.max(0, now_us - tonumber(h[21] or now_us)) / 1e6 / FLIGHT_FADE_S)
-local flight_r, flight_t = tonumber(h[19] or 0) * fade, tonumber(h[20] or 0) * fade
-local landed = tonumber(ARGV[10] or 0) + refused
-if flight_r > 0 then flight_t = flight_t * math.max(0, flight_r - landed) / flight_r end
-flight_r = math.max(0, flight_r - landed)
 local streak = tonumber(h[18] or 0)  -- fz: windows alone in a row
 local charged_r, charged_t = tonumber(ARGV[10] or 0), tonumber(ARGV[11] or 0)
 local share_in
@@ -238,14 +229,6 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
     if climbing and left > 2 * target then give = math.max(0, claim * (left - target) - given) end
     given = given + give
     lr, lt = math.min(cap_r, lr + give * full_r), math.min(cap_t, lt + give * full_t)
-    -- Once it is whole, a level spent while the server still holds its room (a 60 s window)
-    -- waited for refill at the limit: nothing sent for 4-5 s with 35 s of limit left at the
-    -- server. The level is raised to that room above the buffer less what is in flight (the
-    -- reading does not show it yet; given with it, it was spent twice: 10-56 429s).
-    local room = left - target - math.max(flight_r / full_r, flight_t / full_t)
-    if not climbing and left > 2 * target and room > 0 then
-      lr, lt = math.max(lr, math.min(cap_r, room * full_r)), math.max(lt, math.min(cap_t, room * full_t))
-    end
     if rem_r >= 0 then lr = math.min(lr, rem_r * claim) end
     if rem_t >= 0 then lt = math.min(lt, rem_t * claim) end
   elseif left ~= nil and before ~= nil and left < target and left < before - 0.1 then
@@ -273,8 +256,7 @@ redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
   'fa', seen, 'fr', refusals, 'fc', string.format('%.17g', claim), 'fn', requests_seen, 'ft', tokens_seen,
-  'fx', string.format('%.17g', given), 'fz', streak, 'ir', string.format('%.17g', flight_r),
-  'ik', string.format('%.17g', flight_t), 'it', now_s)
+  'fx', string.format('%.17g', given), 'fz', streak)
 if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
 if before_r ~= nil then redis.call('HSET', KEYS[1], 'fq', string.format('%.17g', before_r)) end
 if before_t ~= nil then redis.call('HSET', KEYS[1], 'fk', string.format('%.17g', before_t)) end

@@ -7,7 +7,6 @@
 --   tt  time tl was brought up to date (µs since epoch)
 --   nb  not-before: nothing may be sent before this time (ms since epoch), written after a 429
 --   bw  the burst_seconds the levels were last sized by (missing = the burst in force)
---   ir/ik requests/tokens granted and not yet answered (reconcile.lua takes answers off)
 -- KEYS[3], only with "slowstart" (below): the pair's slow-start hash (limiter.slow_start_key):
 --   sc  credits: requests that may still be granted before more answers come back (missing = 1);
 --       slow_start.lua adds 2 per answer (doubling per round trip) and ends slow start
@@ -109,12 +108,6 @@ end
 
 if #out > 2 then
   local now_s = string.format('%.17g', now_us)
-  -- In flight (ir requests, ik tokens): granted, not yet answered, across every worker; the
-  -- answers take it off and a gift of the server's room leaves it out (reconcile.lua).
-  local granted_t = 0
-  for i = 3, #out do granted_t = granted_t + tonumber(ARGV[first + i - 3]) end
-  redis.call('HINCRBYFLOAT', KEYS[1], 'ir', #out - 2)
-  redis.call('HINCRBYFLOAT', KEYS[1], 'ik', granted_t)
   if slow and h[1] and h[3] then
     -- Limits in slow start are a guess (100x too high, say): refilling the shared levels at that
     -- rate wiped the debt of the workers that know the server's limits, and their next burst drew
