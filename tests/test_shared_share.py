@@ -173,44 +173,29 @@ def test_a_deployment_alone_two_windows_in_a_row_doubles_its_share(redis_url: st
     assert doubled == 1.0  # twice 0.51
 
 
-def _whole_claim(limiter: SyncLimiter, key: str, full: BucketLimits) -> tuple[float, float]:
-    """An opening on a 60 s server window, its partial window, then windows alone until the claim
-    is whole (0.4, 0.8, 1); returns the share and the server's token room reported last."""
+def test_no_gift_once_the_claim_is_whole(redis_url: str) -> None:
+    """A gift (the room above the buffer, given to the level) is for the room the claim held back
+    while it climbed. Once the claim is whole, our level refills as the server's room does; a gift
+    then, sized by readings that predate what was in flight, spent it twice (60 s window: 14
+    requests sent at once from a level refilled while idle, 12 429s)."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 60.0)  # 1,000 tokens a second; a bucket of 60 s
     share = limiter.reconcile(key, full, remaining_tokens=60_000).share  # the opening: claim 0.4
-    room = 60_000.0
+    room = 60_000
+    # The opening's partial window, then two windows alone: the claim climbs to 0.8, then 1.
     for spent in (0, 20_000, 20_000, 1_000):
         time.sleep(1.05)
         room += 1_050 - spent
-        share = limiter.reconcile(key, replace(full, share=share), token_delta=-spent,
-                                  charged=(spent // 1_000, spent), remaining_tokens=room).share
-    return share, room
-
-
-def test_once_the_claim_is_whole_the_level_is_given_the_room_less_what_is_in_flight(redis_url: str) -> None:
-    """A lone deployment whose level is spent while the server still holds most of its 60 s
-    window: without a gift, nothing was sent for 4-5 s while the server reported 35 s left (the
-    issue's scale: wall 1.27-1.52 of the minimum). A gift sized by the reading alone spent twice
-    what was in flight, which the reading does not show yet (60 s window: 10-56 429s). reserve.lua
-    counts what it grants as in flight, the answers take it off (reconcile.lua), and a window
-    alone raises the level to the room above the buffer less what is in flight."""
-    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
-    full = BucketLimits(600, 60_000, 60.0)  # 10 requests, 1,000 tokens a second; a bucket of 60 s
-    given = {}
-    for name, reserved in {"nothing in flight": 5, "8 in flight": 13}.items():
-        key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
-        share, room = _whole_claim(limiter, key, full)
-        assert len(limiter.reserve(key, replace(full, share=share), [1_000] * reserved).waits) == reserved
-        time.sleep(1.05)
-        # 5 of them answered (charged as reserved); the server's reading shows those five only.
-        room += 1_050 - 5_000
-        # Our level spent besides (an extra charge): nothing left to send from.
-        levels = limiter.reconcile(key, replace(full, share=share), token_delta=-60_000,
-                                   charged=(5, 5_000), remaining_tokens=room)
-        given[name] = (levels.tokens, room)
-    tokens, room = given["nothing in flight"]
-    assert tokens == pytest.approx(room - 2_000, abs=100)  # the room above the 2 s buffer
-    tokens, room = given["8 in flight"]
-    assert tokens == pytest.approx(room - 2_000 - 8_000, abs=100)
+        levels = limiter.reconcile(key, replace(full, share=share), token_delta=-spent,
+                                   charged=(spent // 1_000, spent), remaining_tokens=room)
+        share = levels.share
+    time.sleep(1.05)
+    # 13,000 tokens reserved and answered; the readings of these answers do not show them yet.
+    room += 1_050
+    after = limiter.reconcile(key, replace(full, share=share), token_delta=-13_000, charged=(13, 13_000),
+                              remaining_tokens=room)
+    assert after.tokens == pytest.approx(levels.tokens - 13_000 + 1_050, abs=100)
 
 
 def test_the_room_is_grown_into_in_proportion_to_our_spending(redis_url: str) -> None:
