@@ -199,3 +199,16 @@ def test_a_pair_at_its_cap_waits_while_other_pairs_take_the_free_places() -> Non
         return got
 
     asyncio.run(main())
+
+
+def test_an_accounts_max_concurrency_caps_its_pairs_window_under_the_workers() -> None:
+    places = FairInFlight(1024)
+    windows = ConcurrencyWindows(64, places)
+    unknown = generic_spec("llama3.1:8b", "cl100k_base")
+    windows.before_send("gpu:llama3.1:8b", unknown, "gpu", ceiling=3)  # max_concurrency = 3 in the models file
+    windows.before_send("big:llama3.1:8b", unknown, "big", ceiling=500)  # above the worker's 64: 64
+    assert places._caps["gpu:llama3.1:8b"] == 3
+    for _ in range(200):
+        windows.answered("gpu:llama3.1:8b", unknown, "gpu", 200, {}, SERVICE, places._caps["gpu:llama3.1:8b"])
+        windows.answered("big:llama3.1:8b", unknown, "big", 200, {}, SERVICE, places._caps["big:llama3.1:8b"])
+    assert windows.size("gpu:llama3.1:8b") == 3 and windows.size("big:llama3.1:8b") == 64

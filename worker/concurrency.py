@@ -195,6 +195,7 @@ class ConcurrencyWindows:
         self._windows: dict[str, AdaptiveWindow] = {}
         self._headerless: dict[str, int] = {}  # pair -> answers without x-ratelimit-* (while none had any)
         self._announced: set[str] = set()  # pairs whose server sent x-ratelimit-*: never bound
+        self._ceilings: dict[str, int] = {}  # pair -> its account's max_concurrency (models file)
 
     def bound(self, pair: str, spec: ModelSpec) -> bool:
         """Is ``pair`` bound by the server's concurrency (its window in force)?"""
@@ -204,8 +205,11 @@ class ConcurrencyWindows:
         window = self._windows.get(pair)
         return None if window is None else window.size
 
-    def before_send(self, pair: str, spec: ModelSpec, account: str) -> None:
-        """A model with no known limits is windowed from its first call."""
+    def before_send(self, pair: str, spec: ModelSpec, account: str, ceiling: int | None = None) -> None:
+        """A model with no known limits is windowed from its first call. ``ceiling``: the route's
+        own maximum (an openai-compatible account's ``max_concurrency``), under the worker's."""
+        if ceiling is not None:
+            self._ceilings[pair] = max(1, ceiling)
         if pair not in self._windows and pair not in self._announced and not spec.limits_known:
             self._start(pair, spec.name, account)
 
@@ -244,9 +248,10 @@ class ConcurrencyWindows:
         return True
 
     def _start(self, pair: str, model: str, account: str) -> AdaptiveWindow:
-        window = self._windows[pair] = AdaptiveWindow(self.maximum)
+        maximum = min(self.maximum, self._ceilings.get(pair, self.maximum))
+        window = self._windows[pair] = AdaptiveWindow(maximum)
         log.warning("%s: no rate-limit headers from its server: calls in flight follow an adaptive window "
-                    "(from %d, at most %d)", pair, window.size, self.maximum)
+                    "(from %d, at most %d)", pair, window.size, maximum)
         self._in_flight.set_cap(pair, window.size)
         metrics.set_concurrency_window(model, account, window.size)
         return window

@@ -224,7 +224,7 @@ class JobRunner:
     async def _send(self, run: JobRun, rule: ChargeRule, charge: int, probe: bool) -> Sent:
         """Call upstream and classify the answer; an error answer is redacted here."""
         limits = run.gate.limits  # the calls a second its limits allow at this call's price
-        self.windows.before_send(run.pair, run.spec, run.account)
+        self.windows.before_send(run.pair, run.spec, run.account, run.route.max_concurrency if run.route else None)
         async with self.in_flight.slot(run.pair, min(limits.request_rate, limits.token_rate / max(charge, 1))):
             sent_with = self.in_flight.in_flight(run.pair)  # what its latency is judged against
             # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
