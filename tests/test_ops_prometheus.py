@@ -153,6 +153,10 @@ def _run(prom: Prometheus, mredis: redis.Redis, sim: SimHandle, env: dict[str, s
     # Every rule expression parses and evaluates; every dashboard query returns data.
     for expr in _rule_exprs():
         prom.api("query", query=expr)
+    # The one failure's series is born with the last outcomes: a rate needs two of its samples at a
+    # step of the range query, and the last step may fall up to 1 s before `end`: wait for three.
+    wait_until(lambda: (prom.value("min(count_over_time(ratequeue_job_failures_total[15s]))") or 0) >= 3, 30,
+               "three scrapes of the failure's series")
     end = time.time()
     empty = []
     data = dashboard()
