@@ -155,6 +155,11 @@ class Backlog:
             return 0.0, None
         return queue.work(time.monotonic()), queue.limits
 
+    def booked(self, key: str) -> float:
+        """Seconds until the work deferred here on ``key`` is all due back (its schedule's end)."""
+        queue = self._queues.get(key)
+        return 0.0 if queue is None else max(0.0, queue.schedule_end - time.monotonic())
+
     def schedule(
         self, key: str, limits: BucketLimits, costs: Sequence[int], patience: float, members: Iterable[str] = ()
     ) -> float:
