@@ -13,9 +13,9 @@ workers up), then the timed batch: wall time from submit to its final status. Pr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +31,8 @@ KEYS = {"a": "sk-bench-route-a-0123456789", "b": "sk-bench-route-b-0123456789"}
 
 def _env(redis_url: str, models: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RATEQUEUE_", "OPENAI_"))}
-    env.update(RATEQUEUE_REDIS_URL=redis_url, RATEQUEUE_MODELS_FILE=str(models), RATEQUEUE_LOG_LEVEL=os.environ.get("RATEQUEUE_BENCH_LOG_LEVEL", "WARNING"),
+    level = os.environ.get("RATEQUEUE_BENCH_LOG_LEVEL", "WARNING")  # DEBUG with --log-dir: a profile
+    env.update(RATEQUEUE_REDIS_URL=redis_url, RATEQUEUE_MODELS_FILE=str(models), RATEQUEUE_LOG_LEVEL=level,
                PYTHONPATH=str(ROOT), KEY_A=KEYS["a"], KEY_B=KEYS["b"])
     return env
 
