@@ -201,8 +201,9 @@ def test_work_booked_to_come_back_on_a_route_counts_in_its_wait(tmp_path: Path, 
         _admit_on(chooser, targets["a"], jobs[:40])
         _admit_on(chooser, targets["b"], jobs[40:100])  # b's queue is longer...
         limits = chooser.learned.limits(targets["a"].pair, targets["a"].spec)
-        chooser.backlog.schedule(targets["a"].key, limits, [j.charge for j in jobs[100:190]] * 20, 0.0,
-                                 [job_ref("batch-1", j.custom_id) for j in jobs[100:190]])
+        chooser.backlog.schedule(targets["a"].key, limits, [j.charge for j in jobs[100:190]] * 20, 0.0)
+        chooser.backlog.schedule(targets["a"].key, limits, [j.charge for j in jobs[100:190]], 0.0,
+                                 [job_ref("batch-1", j.custom_id) for j in jobs[100:190]])  # not back yet
         chunk = jobs[190:]
         await chooser.assign("batch-1", "x", chunk)
         assert _chosen(routing, chunk) == ["b"] * 10  # ...but a has far more booked to come back

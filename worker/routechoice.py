@@ -7,7 +7,8 @@ A route's expected wait is what its bucket says now plus what this worker alread
   levels: debt), and a 429's not-before is there too, so this part is right across many workers.
 - ``ahead``: seconds of this worker's admitted jobs still waiting for the bucket (worker.backlog):
   the chunks chosen just before this one, not yet reserved, would otherwise all look elsewhere;
-  or, when longer, until the work this worker deferred on the route is all due back (``booked``).
+  or, when longer, until the work this worker deferred on the route and not back yet is due
+  (``booked``).
 
 A parked route is skipped. It is still probed as before (worker.parking: one job per cooldown across
 all workers), but only while the other routes have a queue: an idle healthy route needs no help, and
@@ -109,6 +110,9 @@ class RouteChooser:
         groups: dict[tuple[str | None, str], list[StoredJob]] = defaultdict(list)
         for job in jobs:
             groups[job.account, job.model].append(job)
+        # Back from a deferral, chosen afresh: its booking would keep the route that deferred it looking
+        # busy (two routes, 3,000 jobs: one sat idle 7 s while the chunks booked on it went to the other).
+        self.backlog.returned(job_ref(batch_id, job.custom_id) for job in jobs)
         several = [(group, targets) for group in groups.values()
                    if len(targets := self.routing.targets(batch_account, group[0])) > 1]
         if not several:
