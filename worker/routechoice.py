@@ -110,13 +110,13 @@ class RouteChooser:
         groups: dict[tuple[str | None, str], list[StoredJob]] = defaultdict(list)
         for job in jobs:
             groups[job.account, job.model].append(job)
-        # Back from a deferral, chosen afresh: its booking would keep the route that deferred it looking
-        # busy (two routes, 3,000 jobs: one sat idle 7 s while the chunks booked on it went to the other).
-        self.backlog.returned(job_ref(batch_id, job.custom_id) for job in jobs)
         several = [(group, targets) for group in groups.values()
                    if len(targets := self.routing.targets(batch_account, group[0])) > 1]
         if not several:
             return
+        # Back from a deferral, chosen afresh: its booking would keep the route that deferred it looking
+        # busy (two routes, 3,000 jobs: one sat idle 7 s while the chunks booked on it went to the other).
+        self.backlog.returned(job_ref(batch_id, job.custom_id) for group, _ in several for job in group)
         unique = list({t.key: t for _, targets in several for t in targets}.values())
         for t in unique:  # what other workers learned of a route this one has not used yet (cached)
             await self.learned.load(t.pair)
