@@ -13,6 +13,7 @@ workers up), then the timed batch: wall time from submit to its final status. Pr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -30,7 +31,8 @@ KEYS = {"a": "sk-bench-route-a-0123456789", "b": "sk-bench-route-b-0123456789"}
 
 def _env(redis_url: str, models: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RATEQUEUE_", "OPENAI_"))}
-    env.update(RATEQUEUE_REDIS_URL=redis_url, RATEQUEUE_MODELS_FILE=str(models), RATEQUEUE_LOG_LEVEL="WARNING",
+    level = os.environ.get("RATEQUEUE_BENCH_LOG_LEVEL", "WARNING")  # DEBUG with --log-dir: a profile
+    env.update(RATEQUEUE_REDIS_URL=redis_url, RATEQUEUE_MODELS_FILE=str(models), RATEQUEUE_LOG_LEVEL=level,
                PYTHONPATH=str(ROOT), KEY_A=KEYS["a"], KEY_B=KEYS["b"])
     return env
 
@@ -66,7 +68,10 @@ def run(scenario: str, args: argparse.Namespace, tmp: Path) -> float:
             batch = client.wait(client.submit_batch(_lines(scenario, args.jobs)).batch_id, timeout=900, poll=0.05)
             wall = time.monotonic() - started
             routes = client.overview().get("routes", {}).get("gpt-4o-mini", {})
-        stats = {n: sims[n].stats(timeline=False)["by_status"] for n in names}
+        full = {n: sims[n].stats(timeline=args.log_dir is not None) for n in names}
+        stats = {n: s["by_status"] for n, s in full.items()}
+        if args.log_dir:  # per-second calls per route, for profiles
+            (Path(args.log_dir) / f"{scenario}-sim.json").write_text(json.dumps(full))
     counts = batch["request_counts"]
     per_route = " ".join(f"{n}:200={s.get('200', 0)} {n}:429={s.get('429', 0)}" for n, s in stats.items())
     print(f"{scenario:4s} routes={len(names)}x{rpm}RPM jobs={args.jobs} completed={counts['completed']} "
@@ -86,11 +91,12 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--sim-burst", type=float, default=1.0, help="the simulators' bucket, seconds of limit")
     parser.add_argument("--scenario", choices=("one", "two", "both"), default="both")
+    parser.add_argument("--log-dir", help="keep the workers' logs here (profiles: RATEQUEUE_BENCH_LOG_LEVEL=DEBUG)")
     args = parser.parse_args()
     walls = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("RATEQUEUE_BENCH_TMP")) as tmp:
         for scenario in ("one", "two") if args.scenario == "both" else (args.scenario,):
-            walls[scenario] = run(scenario, args, Path(tmp))
+            walls[scenario] = run(scenario, args, Path(args.log_dir or tmp))
     if len(walls) == 2:
         print(f"two routes / one route of their sum: {walls['two'] / walls['one']:.3f}")
     sys.stdout.flush()

@@ -21,7 +21,7 @@ from ratequeue.worker.learned import Learned
 from ratequeue.worker.limiter import Limiter
 from ratequeue.worker.parking import Parking
 from ratequeue.worker.routechoice import PROBE_BEHIND_SECONDS, Candidate, RouteChooser, bucket_wait, choose
-from ratequeue.worker.routing import Routing
+from ratequeue.worker.routing import Routing, Target
 from tests.conftest import async_wait_until
 
 MODELS = """\
@@ -187,3 +187,53 @@ def test_a_job_naming_no_account_of_a_model_with_several_routes_is_stored_free_t
     assert LineValidator(accounts).job(1, "c-1", line).account is None
     assert LineValidator(accounts).job(1, "c-2", {**line, "account": "b"}).account == "b"  # named: kept
     assert LineValidator(accounts, account="a").job(1, "c-3", line).account == "a"  # the batch's: kept
+
+
+@pytest.mark.integration
+def test_work_booked_to_come_back_on_a_route_counts_in_its_wait(tmp_path: Path, redis_url: str) -> None:
+    """Profile of 3,000 jobs on two routes: with both routes' queues past ``defer_after``, the queues
+    alone left one route a hair shorter, so it took every deferred chunk (30 chunks, booked 60 s
+    ahead) while the other's schedule was 15 s: chunks go where their booked turn is soonest."""
+    async def run() -> None:
+        chooser, routing, client, _ = _chooser(tmp_path, redis_url)
+        jobs = _jobs(200)
+        targets = {t.route.account.name: t for t in routing.targets("x", jobs[0])}
+        _admit_on(chooser, targets["a"], jobs[:40])
+        _admit_on(chooser, targets["b"], jobs[40:100])  # b's queue is longer...
+        limits = chooser.learned.limits(targets["a"].pair, targets["a"].spec)
+        chooser.backlog.schedule(targets["a"].key, limits, [j.charge for j in jobs[100:190]] * 20, 0.0)
+        chooser.backlog.schedule(targets["a"].key, limits, [j.charge for j in jobs[100:190]], 0.0,
+                                 [job_ref("batch-1", j.custom_id) for j in jobs[100:190]])  # not back yet
+        chunk = jobs[190:]
+        await chooser.assign("batch-1", "x", chunk)
+        assert _chosen(routing, chunk) == ["b"] * 10  # ...but a has far more booked to come back
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def _admit_on(chooser: RouteChooser, target: Target, jobs: list[StoredJob]) -> None:
+    chooser.backlog.admit(target.key, chooser.learned.limits(target.pair, target.spec),
+                          {job_ref("batch-1", j.custom_id): j.charge for j in jobs})
+
+
+@pytest.mark.integration
+def test_a_chunk_back_from_its_deferral_leaves_no_booking_on_the_route_that_deferred_it(
+        tmp_path: Path, redis_url: str) -> None:
+    """Profile (3,000 jobs, two routes): chunks back from route a's schedule were chosen afresh and went
+    to b, while their own bookings kept a looking busy: a sat idle for 7 s with work deferred on b."""
+    async def run() -> None:
+        chooser, routing, client, _ = _chooser(tmp_path, redis_url)
+        jobs = _jobs(60)
+        targets = {t.route.account.name: t for t in routing.targets("x", jobs[0])}
+        _admit_on(chooser, targets["b"], jobs[:10])  # b has a short queue, a none
+        limits = chooser.learned.limits(targets["a"].pair, targets["a"].spec)
+        chunk = jobs[10:]
+        chooser.backlog.schedule(targets["a"].key, limits, [j.charge for j in chunk] * 20, 0.0)  # since gone
+        chooser.backlog.schedule(targets["a"].key, limits, [j.charge for j in chunk], 0.0,
+                                 [job_ref("batch-1", j.custom_id) for j in chunk])
+        await chooser.assign("batch-1", "x", chunk)  # the booked chunk itself comes back
+        assert _chosen(routing, chunk) == ["a"] * 50
+        await client.aclose()
+
+    asyncio.run(run())

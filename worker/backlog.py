@@ -155,6 +155,20 @@ class Backlog:
             return 0.0, None
         return queue.work(time.monotonic()), queue.limits
 
+    def booked(self, key: str) -> float:
+        """Seconds until the work deferred here on ``key`` and not back yet (``returned``) is due."""
+        queue = self._queues.get(key)
+        if queue is None or not queue.deferred:
+            return 0.0
+        return max(0.0, max(at for at, _ in queue.deferred.values()) - time.monotonic())
+
+    def returned(self, members: Iterable[str]) -> None:
+        """Deferred work is back (a new run of its jobs): no route's ``booked`` waits for it any more,
+        whichever it takes now."""
+        for member in members:
+            for queue in self._queues.values():
+                queue.deferred.pop(member, None)
+
     def schedule(
         self, key: str, limits: BucketLimits, costs: Sequence[int], patience: float, members: Iterable[str] = ()
     ) -> float:

@@ -289,8 +289,8 @@ class Engine:
             # deferred most of a batch for tens of seconds. It asks again soon, once they may be known.
             refs = [job_ref(state.batch_id, job.custom_id) for job, _ in jobs]
             delay = MIN_PATIENCE_SECONDS if limits.slow_start else backlog.schedule(key, limits, costs, patience, refs)
-            log.debug("fair slots: %d %s jobs deferred %.1f s (%.1f s of work waiting here)", len(jobs), model, delay,
-                      ahead)
+            log.debug("fair slots: %d %s jobs deferred %.1f s on %s (%.1f s of work waiting here, fits %s)", len(jobs),
+                      model, delay, key, ahead, fits)
             await asyncio.gather(*(self.store.defer(state.batch_id, job.custom_id, delay) for job, _ in jobs))
             for _ in jobs:
                 metrics.deferred(spec.name, account, Deferral.CAPACITY.value)
