@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, cpu_seconds, flush, workers
+from common import BENCH_REDIS_URL, ROOT, cpu_seconds, flush, workers
 
 from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
@@ -69,7 +69,7 @@ def run(scenario: str, redis_url: str, jobs: int, latency_ms: float, tmp: Path) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis-url", default=os.environ.get("RATEQUEUE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    parser.add_argument("--redis-url", default=BENCH_REDIS_URL)
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--scenario", choices=("both", "one-lacks-b", "all"), default="all")

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import HEADER, ROOT, figures, flush, mixed_workload, peak_rss_mb, workers
+from common import BENCH_REDIS_URL, HEADER, ROOT, figures, flush, mixed_workload, peak_rss_mb, workers
 
 from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
@@ -74,7 +74,7 @@ def run(scenario: str, redis_url: str, jobs: int, tpm: int, latency_ms: float, c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis-url", default=os.environ.get("RATEQUEUE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    parser.add_argument("--redis-url", default=BENCH_REDIS_URL)
     parser.add_argument("--jobs", type=int, default=1500)
     parser.add_argument("--tpm", type=int, default=600_000, help="the deployment's TPM (RPM: 6 per 1,000)")
     parser.add_argument("--latency-ms", type=float, default=50.0)

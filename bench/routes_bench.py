@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, flush, workers
+from common import BENCH_REDIS_URL, ROOT, flush, workers
 
 from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
@@ -84,7 +84,7 @@ def run(scenario: str, args: argparse.Namespace, tmp: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis-url", default=os.environ.get("RATEQUEUE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    parser.add_argument("--redis-url", default=BENCH_REDIS_URL)
     parser.add_argument("--jobs", type=int, default=3000)
     parser.add_argument("--rpm", type=int, default=6000, help="the summed limit (each of two routes has half)")
     parser.add_argument("--workers", type=int, default=1)
