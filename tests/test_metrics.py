@@ -15,6 +15,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from ratequeue.config.charge import ChargeRule
 from ratequeue.worker import metrics, metrics_redis
 from ratequeue.worker.feedback import parse_ratelimit_headers
 from ratequeue.worker.metrics_redis import TimedRedis
@@ -105,6 +106,19 @@ def test_the_servers_remaining_and_reset_headers_are_published(pair: tuple[str, 
     assert value("ratequeue_server_remaining_tokens", **both) == 29000
     assert value("ratequeue_server_reset_requests_seconds", **both) == pytest.approx(0.12)
     assert value("ratequeue_server_reset_tokens_seconds", **both) == 2
+
+
+def test_the_missing_max_tokens_allowance_reads_the_rule_in_force(pair: tuple[str, str]) -> None:
+    """Azure charges a request without max_tokens the rest of the context window: the gauge shows
+    that window, not the model's max output (it showed 16,384 for an Azure pair)."""
+    model, account = pair
+    both = {"model": model, "account": account}
+    metrics.set_charge_rule(model, account, ChargeRule("sum", fills_context=128_000), 16_384)
+    assert value("ratequeue_charge_rule_missing_max_tokens", **both) == 128_000
+    metrics.set_charge_rule(model, account, ChargeRule("max", missing_max_tokens=2_000), 16_384)
+    assert value("ratequeue_charge_rule_missing_max_tokens", **both) == 2_000
+    metrics.set_charge_rule(model, account, ChargeRule("max"), 16_384)
+    assert value("ratequeue_charge_rule_missing_max_tokens", **both) == 16_384
 
 
 def test_a_job_duration_runs_from_its_batch_submission(pair: tuple[str, str]) -> None:

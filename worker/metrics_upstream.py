@@ -100,7 +100,7 @@ CHARGE_N_COUNTED = Gauge(
 CHARGE_MISSING_MAX = Gauge(
     "ratequeue_charge_rule_missing_max_tokens",
     "Output tokens per choice a pair's jobs without a max output are charged (learned from the server unless "
-    "pinned; else the model's max output).",
+    "pinned; else the model's max output; Azure: its context window, less each request's prompt).",
     PAIR,
     multiprocess_mode="mostrecent",
 )
@@ -252,11 +252,12 @@ def set_limits(model: str, account: str, rpm: float, tpm: float, source: str = "
 @never_raises
 def set_charge_rule(model: str, account: str, rule: ChargeRule, default_missing: int) -> None:
     """Publish the charge rule in force: 1 on its combine rule's series, 0 on the other's; whether
-    n is counted; the allowance without a max output (``default_missing`` unless learned)."""
+    n is counted; the allowance without a max output (``default_missing`` unless learned; Azure's
+    context window, of which each request's prompt is taken, where the rule fills the context)."""
     for name in COMBINES:
         labels(CHARGE_RULE, model, account, name).set(1 if name == rule.combine else 0)
     labels(CHARGE_N_COUNTED, model, account).set(1 if rule.n_multiplies else 0)
-    labels(CHARGE_MISSING_MAX, model, account).set(rule.missing_max_tokens or default_missing)
+    labels(CHARGE_MISSING_MAX, model, account).set(rule.missing_max_tokens or rule.fills_context or default_missing)
 
 
 @never_raises
