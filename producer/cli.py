@@ -77,6 +77,36 @@ def run(ctx: click.Context, input_file: Path, output: Path, errors: Path | None,
 
 @main.command()
 @click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--account", help=ACCOUNT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as one JSON object.")
+@click.pass_context
+def estimate(ctx: click.Context, input_file: Path, account: str | None, as_json: bool) -> None:
+    """Tokens, list-price cost and the minimum wall time the limits allow for INPUT_FILE, before
+    anything is sent (no Redis, no upstream). Exits 1 when lines would be rejected."""
+    from ratequeue.config.accounts_load import load_account_table
+    from ratequeue.config.models import load_model_table
+    from ratequeue.config.settings import load_settings
+    from ratequeue.errors import InvalidRequestError, UsageError
+    from ratequeue.producer.estimate import estimate_file, render
+
+    settings = load_settings()
+    accounts = load_account_table(settings, load_model_table(settings), require_credentials=False)
+    if account is not None:
+        try:
+            accounts.account(account)
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
+    found = estimate_file(input_file, accounts, settings, account)
+    if as_json:
+        click.echo(json.dumps(found.as_dict()))
+    else:
+        for line in render(found, str(input_file)):
+            click.echo(line)
+    ctx.exit(ExitCode.FAILED if found.rejected else ExitCode.OK)
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--window", default="24h", show_default=True, type=WINDOW)
 @click.option("--batch-id", help="Use this id (1-64 of A-Z a-z 0-9 _ -); submitting the same file again under it "
               "returns the batch already queued.")
