@@ -5,23 +5,26 @@ request that can be known to fail (bad JSON, unknown model, context overflow, to
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
-from ratequeue.config.accounts import AccountTable
+from ratequeue.config.accounts import AccountTable, Route
 from ratequeue.config.accounts_load import implicit_table
 from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
 from ratequeue.errors import InvalidRequestError, RequestTooLargeError, UnknownModelError
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.tokens.estimate import estimate_request
+from ratequeue.tokens.server import ServerCounts, counted_by_server
 
 SUPPORTED_URLS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"})
 MAX_CUSTOM_ID = 512
+# Lines whose server counts (tokenize = "server") are asked for together, and the most bytes they may hold.
+PREFETCH_LINES, PREFETCH_BYTES = 512, 16 << 20
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,38 @@ class LineValidator:
     on an openai-compatible account, a deployment of it on an Azure one, else the model table's.
     """
 
-    def __init__(self, table: ModelTable | AccountTable, account: str | None = None) -> None:
+    def __init__(self, table: ModelTable | AccountTable, account: str | None = None,
+                 counts: ServerCounts | None = None) -> None:
+        """`counts`: where the prompts of ``tokenize = "server"`` accounts are counted (None: locally)."""
         # A bare model table is the configuration without [accounts] (its one implicit account).
         self.accounts = table if isinstance(table, AccountTable) else implicit_table(Settings(), table)
         self.table = self.accounts.table
         self.account = account
+        self.counts = counts
+
+    def prefetch(self, raws: Iterable[bytes]) -> None:
+        """Have the servers count the requests of these lines at once (``job`` then finds the counts);
+        a line that does not parse or resolve is left to ``job`` to reject."""
+        if self.counts is None:
+            return
+        asks: list[tuple[Route, str, Mapping[str, Any]]] = []
+        for raw in raws:
+            try:
+                request = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            body = request.get("body") if isinstance(request, dict) else None
+            account = request.get("account", self.account) if isinstance(request, dict) else None
+            if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not isinstance(
+                    account, str | None) or not isinstance(request.get("url"), str):
+                continue
+            try:
+                route = self.accounts.routes_for(body["model"], account or None)[0]
+            except (InvalidRequestError, UnknownModelError):
+                continue
+            if counted_by_server(route):
+                asks.append((route, request["url"], body))
+        self.counts.prefetch(asks)
 
     def job(self, line: int, custom_id: str, request: dict[str, Any]) -> StoredJob:
         method = request.get("method", "POST")
@@ -100,7 +130,8 @@ class LineValidator:
                 "url", f"model {model!r} does not serve {url} (it serves {', '.join(spec.endpoints)})"
             )
         route.url(url)  # raises for a path the account's server has no operation for (Azure)
-        estimate = estimate_request(url, body, spec)
+        counted = self.counts.lookup(route, url, body) if self.counts and counted_by_server(route) else None
+        estimate = estimate_request(url, body, spec, counted)
         if estimate.charge > spec.tpm:
             err = RequestTooLargeError(estimate.charge, spec.tpm, spec.name)
             if estimate.output_defaulted:
@@ -138,8 +169,32 @@ def read_lines(
     ``limits.max_line_bytes``, get an error each (the rest of the file is still read, so every
     line is accounted for).
     """
-    limits = limits or Limits()
     seen: dict[str, int] = {}
+    checked = _checked_lines(stream, limits or Limits())
+    if validator.counts is None:
+        for item in checked:
+            yield item if isinstance(item, LineError) else _parse_line(*item, validator, seen)
+        return
+    block: list[LineError | tuple[int, bytes]] = []
+    size = 0
+    for item in checked:
+        block.append(item)
+        size += 0 if isinstance(item, LineError) else len(item[1])
+        if len(block) >= PREFETCH_LINES or size >= PREFETCH_BYTES:
+            yield from _counted_block(block, validator, seen)
+            block, size = [], 0
+    yield from _counted_block(block, validator, seen)
+
+
+def _counted_block(block: list[LineError | tuple[int, bytes]], validator: LineValidator,
+                   seen: dict[str, int]) -> Iterator[StoredJob | LineError]:
+    validator.prefetch(line[1] for line in block if not isinstance(line, LineError))
+    for line in block:
+        yield line if isinstance(line, LineError) else _parse_line(*line, validator, seen)
+
+
+def _checked_lines(stream: BinaryIO | Iterable[bytes], limits: Limits) -> Iterator[LineError | tuple[int, bytes]]:
+    """(number, line) of every line within the limits, in order; a LineError for each beyond them."""
     offset = 0
     counted = 0
     for number, (raw, size, content) in enumerate(_bounded_lines(stream, limits.max_line_bytes), start=1):
@@ -162,7 +217,7 @@ def read_lines(
                             f"line {number}: {content} bytes exceeds the limit of "
                             f"{limits.max_line_bytes} bytes per line (raise RATEQUEUE_MAX_LINE_BYTES)")
             continue
-        yield _parse_line(number, raw, validator, seen)
+        yield number, raw
 
 
 def _bounded_lines(stream: BinaryIO | Iterable[bytes], max_line: int) -> Iterator[tuple[bytes | None, int, int]]:

@@ -67,7 +67,7 @@ def _chat(i: int, text: str, max_tokens: int = 16) -> dict[str, Any]:
 
 def _texts(n: int) -> list[str]:
     # Long runs of one letter: cl100k packs them several characters a token, chars/4 does not.
-    return [("abcdefghij"[i % 10] * 8 + " ") * 20 for i in range(n)]
+    return [("abcdefghij"[i % 10] * 8 + " ") * (20 + i) for i in range(n)]
 
 
 def _stored(rclient: redis.Redis, batch_id: str) -> dict[str, StoredJob]:
@@ -121,7 +121,7 @@ def test_a_prompt_longer_than_the_servers_max_model_len_fails_its_line_at_submit
     errors = {e["custom_id"]: e["error"] for e in client.iter_results(report.batch_id, errors=True)}
     assert set(errors) == {"c-1", "c-2"}
     assert errors["c-1"]["code"] == errors["c-2"]["code"] == "context_length_exceeded"
-    assert errors["c-1"]["message"].startswith("line 2: body: the prompt of ")
+    assert errors["c-1"]["message"].startswith("line 2: body: the prompt plus max_tokens=16 of ")
     assert f"max_model_len of {CONTEXT}" in errors["c-1"]["message"]
     assert "max_tokens=64" in errors["c-2"]["message"] and f"max_model_len of {CONTEXT}" in errors["c-2"]["message"]
 

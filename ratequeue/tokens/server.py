@@ -1,0 +1,268 @@
+"""Prompt counts from a self-hosted server's ``POST /tokenize`` (``tokenize = "server"`` on an
+openai-compatible account), for the producer to store with each job at submit.
+
+vLLM serves it at the server's root, beside ``/v1`` (``vllm/entrypoints/serve/tokenize/api_router.py``):
+``{"model", "messages"[, "tools"]}`` (the chat template applied, generation prompt included, as a chat
+request is) or ``{"model", "prompt"}`` -> ``{"count", "max_model_len", "tokens"}``. A chat request is one
+call; a completions prompt or an embeddings input of several strings is one call per string (token-id
+prompts count themselves); /v1/responses has no /tokenize shape and is counted locally.
+
+Why at submit and not in the worker: a line whose prompt does not fit the server's ``max_model_len``
+fails there with its line number before anything runs, the stored charge is what progress and the
+bucket see from the start, and the workers' hot path gets no extra round trip per job. Submit stays
+fast: the producer asks for a block of lines at once (``prefetch``), ``CONCURRENCY`` requests in flight
+over kept-alive connections, each distinct request once (a bounded cache of digests).
+
+A server that cannot count (no /tokenize: 404/405/501, unreachable, an answer that is not JSON or has
+no integer ``count``, another error status) is asked nothing more for ``RETRY_AFTER`` seconds: the
+account's jobs are counted with its local ``encoding``, with one warning naming the account and the
+reason. A request the server refuses (400/422) is counted locally; one warning per account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ratequeue.config.accounts import Account, Route
+from ratequeue.config.urls import redact_url
+from ratequeue.tokens.estimate import Counted, endpoint_path
+
+__all__ = ["CONCURRENCY", "RETRY_AFTER", "ServerCounts", "counted_by_server", "tokenize_payloads"]
+
+log = logging.getLogger(__name__)
+
+CONCURRENCY = 32  # /tokenize requests in flight per submitting process
+TIMEOUT = 10.0  # seconds for one answer (connecting: 3)
+RETRY_AFTER = 300.0  # seconds an account that could not count is counted locally before asking again
+_CACHE_MAX = 200_000  # distinct requests remembered (32-byte keys): batches repeat prompts
+_NOT_THERE = (404, 405, 501)
+_REFUSED = (400, 422)  # this request: the server cannot count it (a message its chat template rejects)
+_REFUSAL = -1  # cached for a request the server refused
+
+
+def counted_by_server(route: Route) -> bool:
+    """Whether `route`'s prompts are counted by its server (``tokenize = "server"``)."""
+    return route.account.dialect == "openai-compatible" and route.account.tokenize == "server"
+
+
+def tokenize_payloads(url: str, body: Mapping[str, Any], model: str) -> list[dict[str, Any] | int] | None:
+    """The /tokenize requests whose counts make a request's prompt counts, in order (an int: a count
+    known without asking); None when the request is counted locally (responses, or a shape the local
+    count rejects with the field's error)."""
+    path = endpoint_path(url)
+    if path == "/v1/chat/completions":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, Mapping) for m in messages):
+            return None
+        payload: dict[str, Any] = {"model": model, "messages": messages}
+        if isinstance(body.get("tools"), list) and body["tools"]:
+            payload["tools"] = body["tools"]
+        return [payload]
+    key = {"/v1/completions": "prompt", "/v1/embeddings": "input"}.get(path)
+    value = body.get(key) if key else None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or len(value) > 2048 or type(value[0]) is int:
+        return None  # missing, mistyped, or one token-id prompt: the local count says so or counts it
+    items: list[dict[str, Any] | int] = []
+    for item in value:
+        if isinstance(item, str) and (item or key == "prompt"):
+            items.append({"model": model, "prompt": item})
+        elif isinstance(item, list) and all(type(t) is int and t >= 0 for t in item) and item:
+            items.append(len(item))
+        else:
+            return None
+    return items
+
+
+def tokenize_url(account: Account) -> str:
+    """``{root}/tokenize``: the account's base URL is the root ``/v1/...`` paths go under."""
+    return account.base_url + "/tokenize"
+
+
+def _key(url: str, payload: dict[str, Any]) -> bytes:
+    return hashlib.blake2b(url.encode() + b"\0" + orjson.dumps(payload), digest_size=16).digest()
+
+
+class ServerCounts:
+    """Counts from the servers of ``tokenize = "server"`` accounts, remembered per distinct request.
+
+    Thread-compatible, not thread-safe: one submit at a time. ``close()`` ends the connections (a
+    later use opens new ones); what was counted and which accounts fell back are kept.
+    """
+
+    def __init__(self, concurrency: int = CONCURRENCY, timeout: float = TIMEOUT) -> None:
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._cache: dict[bytes, int] = {}
+        self._max_len: dict[tuple[str, str], int] = {}  # (url, model) -> the server's max_model_len
+        self._local_until: dict[str, float] = {}  # account -> monotonic time its server is asked again
+        self._confirmed: set[str] = set()  # accounts whose server answered a count
+        self._refusal_warned: set[str] = set()
+        self._poster: _Poster | None = None
+
+    def prefetch(self, asks: Sequence[tuple[Route, str, Mapping[str, Any]]]) -> None:
+        """Ask the servers for every (route, url, body) not counted yet, at once; never raises."""
+        todo: dict[str, tuple[Route, dict[bytes, dict[str, Any]]]] = {}
+        for route, url, body in asks:
+            account = route.account
+            if not counted_by_server(route) or self._counts_locally(account):
+                continue
+            target = tokenize_url(account)
+            for item in tokenize_payloads(url, body, route.target) or ():
+                if isinstance(item, dict) and (key := _key(target, item)) not in self._cache:
+                    todo.setdefault(account.name, (route, {}))[1][key] = item
+        for route, payloads in todo.values():
+            self._ask(route, payloads)
+
+    def lookup(self, route: Route, url: str, body: Mapping[str, Any]) -> Counted | None:
+        """The server's counts of one request (asked now if `prefetch` did not); None: count locally."""
+        account = route.account
+        if not counted_by_server(route) or self._counts_locally(account):
+            return None
+        items = tokenize_payloads(url, body, route.target)
+        if items is None:
+            return None
+        target = tokenize_url(account)
+        counts: list[int] = []
+        for item in items:
+            if isinstance(item, int):
+                counts.append(item)
+                continue
+            key = _key(target, item)
+            if key not in self._cache:
+                self._ask(route, {key: item})
+            found = self._cache.get(key, _REFUSAL)
+            if found == _REFUSAL:
+                return None
+            counts.append(found)
+        return Counted(tuple(counts), self._max_len.get((target, route.target)))
+
+    def close(self) -> None:
+        """End the connections and their thread."""
+        if self._poster is not None:
+            self._poster.close()
+            self._poster = None
+
+    def _counts_locally(self, account: Account) -> bool:
+        until = self._local_until.get(account.name)
+        return until is not None and time.monotonic() < until
+
+    def _ask(self, route: Route, payloads: dict[bytes, dict[str, Any]]) -> None:
+        """Count `payloads` on `route`'s server: the first alone until the server has answered one."""
+        account = route.account
+        pending = list(payloads.items())
+        if account.name not in self._confirmed:
+            pending = pending[1:] if self._take(route, [pending[0]]) else []
+        if pending:
+            self._take(route, pending)
+
+    def _take(self, route: Route, pending: list[tuple[bytes, dict[str, Any]]]) -> bool:
+        """Post `pending`, store the counts; False (and the account counted locally) if the server failed."""
+        account, target = route.account, tokenize_url(route.account)
+        if self._poster is None:
+            self._poster = _Poster(self._concurrency, self._timeout)
+        headers = {"content-type": "application/json", **account.auth_headers()}
+        answers = self._poster.post_all(target, [payload for _, payload in pending], headers)
+        for (key, _), (status, raw, error) in zip(pending, answers, strict=True):
+            reason = error or _failure(status, raw)
+            if reason is None:
+                answer = orjson.loads(raw)
+                self._cache[key] = answer["count"]
+                max_len = answer.get("max_model_len")
+                if type(max_len) is int and max_len > 0:
+                    self._max_len[(target, route.target)] = max_len
+                self._confirmed.add(account.name)
+            elif status in _REFUSED:
+                self._cache[key] = _REFUSAL
+                if account.name not in self._refusal_warned:
+                    self._refusal_warned.add(account.name)
+                    log.warning("account %s: %s refused to count a request (%s); such requests are counted "
+                                "with the local encoding %s", account.name, redact_url(target), reason,
+                                account.encoding)
+            else:
+                self._confirmed.discard(account.name)
+                self._local_until[account.name] = time.monotonic() + RETRY_AFTER
+                log.warning("account %s: counting tokens with the local encoding %s, not the server's %s: %s "
+                            "(asked again in %d s)", account.name, account.encoding, redact_url(target), reason,
+                            RETRY_AFTER)
+                return False
+        if len(self._cache) > _CACHE_MAX:
+            self._cache.clear()
+        return True
+
+
+def _failure(status: int | None, raw: bytes) -> str | None:
+    """Why an answer gives no count (None: it gives one)."""
+    if status in _NOT_THERE:
+        return f"it has no /tokenize ({status})"
+    if status in _REFUSED:
+        try:
+            answer = orjson.loads(raw)
+            message = answer.get("message") or answer.get("detail") if isinstance(answer, dict) else None
+        except orjson.JSONDecodeError:
+            message = None
+        return f"{status}: {str(message)[:200]}" if message else str(status)
+    if status != 200:
+        return f"it answered {status}"
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "its answer is not JSON"
+    count = answer.get("count") if isinstance(answer, dict) else None
+    if type(count) is not int or count < 0:
+        return 'its answer has no integer "count"'
+    return None
+
+
+class _Poster:
+    """POSTs on an event loop of its own thread (the caller may be inside another loop): aiohttp's
+    pool, kept-alive connections, at most `concurrency` requests in flight."""
+
+    def __init__(self, concurrency: int, timeout: float) -> None:
+        self._concurrency = concurrency
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ratequeue-tokenize", daemon=True)
+        self._thread.start()
+        self._session: aiohttp.ClientSession | None = None
+
+    def post_all(self, url: str, payloads: list[dict[str, Any]],
+                 headers: dict[str, str]) -> list[tuple[int | None, bytes, str | None]]:
+        """(status, body, None) per payload, or (None, b"", why it got no answer)."""
+        return asyncio.run_coroutine_threadsafe(self._all(url, payloads, headers), self._loop).result()
+
+    async def _all(self, url: str, payloads: list[dict[str, Any]],
+                   headers: dict[str, str]) -> list[tuple[int | None, bytes, str | None]]:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._concurrency)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        session, slots = self._session, asyncio.Semaphore(self._concurrency)
+
+        async def one(payload: dict[str, Any]) -> tuple[int | None, bytes, str | None]:
+            async with slots:
+                try:
+                    async with session.post(url, data=orjson.dumps(payload), headers=headers) as response:
+                        return response.status, await response.read(), None
+                except TimeoutError:
+                    return None, b"", f"it did not answer within {self._timeout.total:g} s"
+                except aiohttp.ClientError as exc:
+                    return None, b"", f"it is unreachable ({type(exc).__name__}: {str(exc)[:200]})"
+
+        return list(await asyncio.gather(*(one(p) for p in payloads)))
+
+    def close(self) -> None:
+        if self._session is not None:
+            asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
