@@ -112,14 +112,18 @@ def test_prompts_are_counted_by_the_server_once_per_distinct_request(
     assert charged == sum(job.charge for job in stored.values())
 
 
-def test_a_prompt_longer_than_the_servers_max_model_len_fails_its_line_at_submit(
+def test_a_prompt_longer_than_the_servers_max_model_len_or_malformed_fails_its_line_at_submit(
         server: SimHandle, redis_url: str, rclient: redis.Redis, tmp_path: Path) -> None:
     lines = [_chat(0, "short question"), _chat(1, "y" * 4 * (CONTEXT + 10)), _chat(2, "z" * 4 * (CONTEXT - 20), 64)]
+    bad = _chat(3, "")
+    bad["body"]["messages"][0]["content"] = 5  # counted by the server all the same: still refused here
     client = Client(load_settings(_env(redis_url, tmp_path, server.url)))
-    report = client.submit_batch(lines)
-    assert (report.jobs, report.errors) == (1, 2)
+    report = client.submit_batch([*lines, bad])
+    assert (report.jobs, report.errors) == (1, 3)
     errors = {e["custom_id"]: e["error"] for e in client.iter_results(report.batch_id, errors=True)}
-    assert set(errors) == {"c-1", "c-2"}
+    assert set(errors) == {"c-1", "c-2", "c-3"}
+    assert errors["c-3"]["message"] == ("line 4: body.messages[0].content: must be a string, null or a list of "
+                                        "content parts")
     assert errors["c-1"]["code"] == errors["c-2"]["code"] == "context_length_exceeded"
     assert errors["c-1"]["message"].startswith("line 2: body: the prompt plus max_tokens=16 of ")
     assert f"max_model_len of {CONTEXT}" in errors["c-1"]["message"]

@@ -59,6 +59,17 @@ class Counted:
     max_model_len: int | None = None
 
 
+class _ShapesOnly:
+    """An encoder that counts any text as one token: the count functions then only check a request's
+    fields (raising their errors) when a server has counted its tokens."""
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return [0] if text else []
+
+
+_SHAPES_ONLY = _ShapesOnly()
+
+
 def _served_by(spec: ModelSpec, max_model_len: int) -> ModelSpec:
     """`spec` with the server's context length: a generic spec's output may fill it (as before)."""
     fills = spec.max_output_tokens >= spec.context_window
@@ -123,10 +134,11 @@ def estimate_request(url: str, body: Mapping[str, Any], spec: ModelSpec, counted
     bound = "the context window"
     if counted is not None and counted.max_model_len:
         spec, bound = _served_by(spec, counted.max_model_len), "the server's max_model_len"
-    enc = get_encoding(spec.encoding)
+    enc = get_encoding(spec.encoding) if counted is None else _SHAPES_ONLY
 
     if endpoint == "embeddings":
-        counts = list(counted.prompts) if counted is not None else count_embedding_input(body, enc)
+        counts = count_embedding_input(body, enc)
+        counts = list(counted.prompts) if counted is not None else counts
         for j, tokens in enumerate(counts):
             if tokens > spec.context_window:
                 field = "body.input" if len(counts) == 1 else f"body.input[{j}]"
@@ -136,15 +148,17 @@ def estimate_request(url: str, body: Mapping[str, Any], spec: ModelSpec, counted
 
     n = 1
     if endpoint == "responses":  # no server counts these (vLLM's /tokenize takes messages or a prompt)
-        prompts = [count_responses_input(body, enc)]
+        prompts = [count_responses_input(body, get_encoding(spec.encoding))]
         max_key = "max_output_tokens"
     elif endpoint == "completions":
-        prompts = list(counted.prompts) if counted is not None else count_completion_prompt(body, enc)
+        prompts = count_completion_prompt(body, enc)
+        prompts = list(counted.prompts) if counted is not None else prompts
         max_key = "max_tokens"
         best_of = _positive_int(body, "best_of")  # best_of completions are generated server-side
         n = max(_positive_int(body, "n") or 1, best_of or 1)
     else:
-        prompts = [sum(counted.prompts)] if counted is not None else [count_chat_prompt(body, enc)]
+        prompts = [count_chat_prompt(body, enc)]
+        prompts = [sum(counted.prompts)] if counted is not None else prompts
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         _positive_int(body, "max_tokens")  # validated even when max_completion_tokens wins
         n = _positive_int(body, "n") or 1
