@@ -162,3 +162,23 @@ def test_a_server_that_cannot_count_falls_back_to_the_local_encoding_with_one_wa
     assert all(stored[line["custom_id"]].prompt_tokens == _local(line) for line in lines)
     if case != "unreachable":  # asked once, then the account counts locally for the rest of the batch
         assert server.stats(timeline=False)["tokenized"] == (0 if case == "no-endpoint" else 1)
+
+
+def test_a_request_the_server_refuses_to_count_is_counted_locally_and_the_others_by_the_server(
+        server: SimHandle, redis_url: str, rclient: redis.Redis, tmp_path: Path) -> None:
+    server.configure(strict_models=True)  # vLLM's 404 "The model `x` does not exist." for any other model
+    try:
+        lines = [_chat(i, text) for i, text in enumerate(_texts(6))]
+        lines[3]["body"]["model"] = "not-loaded"
+        done = _submit_cli(_env(redis_url, tmp_path, server.url), tmp_path, lines)
+    finally:
+        server.configure(strict_models=False)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "account gpu" in warnings[0], done.stderr
+    assert "refused to count a request (404: The model `not-loaded` does not exist.)" in warnings[0]
+    stored = _stored(rclient, done.stdout.strip().splitlines()[-1])
+    assert stored["c-3"].prompt_tokens == _local(lines[3])
+    for line in lines[:3] + lines[4:]:
+        by_server = _server_count(server, {"model": MODEL, "messages": line["body"]["messages"]})
+        assert stored[line["custom_id"]].prompt_tokens == by_server, line["custom_id"]

@@ -16,7 +16,8 @@ over kept-alive connections, each distinct request once (a bounded cache of dige
 A server that cannot count (no /tokenize: 404/405/501, unreachable, an answer that is not JSON or has
 no integer ``count``, another error status) is asked nothing more for ``RETRY_AFTER`` seconds: the
 account's jobs are counted with its local ``encoding``, with one warning naming the account and the
-reason. A request the server refuses (400/422) is counted locally; one warning per account.
+reason. A request the server refuses (400/422, or 404 for a model it does not serve) is counted
+locally; one warning per account.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ CONCURRENCY = 32  # /tokenize requests in flight per submitting process
 TIMEOUT = 10.0  # seconds for one answer (connecting: 3)
 RETRY_AFTER = 300.0  # seconds an account that could not count is counted locally before asking again
 _CACHE_MAX = 200_000  # distinct requests remembered (32-byte keys): batches repeat prompts
-_NOT_THERE = (404, 405, 501)
+_NOT_THERE = (404, 405, 501)  # no such path (vLLM's 404 for an unknown model is a refusal: see _refused)
 _REFUSED = (400, 422)  # this request: the server cannot count it (a message its chat template rejects)
 _REFUSAL = -1  # cached for a request the server refused
 
@@ -109,9 +110,14 @@ class ServerCounts:
         self._confirmed: set[str] = set()  # accounts whose server answered a count
         self._refusal_warned: set[str] = set()
         self._poster: _Poster | None = None
+        self._lock = threading.RLock()  # a Client shared by threads: one of them counts at a time
 
     def prefetch(self, asks: Sequence[tuple[Route, str, Mapping[str, Any]]]) -> None:
         """Ask the servers for every (route, url, body) not counted yet, at once; never raises."""
+        with self._lock:
+            self._prefetch(asks)
+
+    def _prefetch(self, asks: Sequence[tuple[Route, str, Mapping[str, Any]]]) -> None:
         todo: dict[str, tuple[Route, dict[bytes, dict[str, Any]]]] = {}
         for route, url, body in asks:
             account = route.account
@@ -126,6 +132,10 @@ class ServerCounts:
 
     def lookup(self, route: Route, url: str, body: Mapping[str, Any]) -> Counted | None:
         """The server's counts of one request (asked now if `prefetch` did not); None: count locally."""
+        with self._lock:
+            return self._lookup(route, url, body)
+
+    def _lookup(self, route: Route, url: str, body: Mapping[str, Any]) -> Counted | None:
         account = route.account
         if not counted_by_server(route) or self._counts_locally(account):
             return None
@@ -149,9 +159,10 @@ class ServerCounts:
 
     def close(self) -> None:
         """End the connections and their thread."""
-        if self._poster is not None:
-            self._poster.close()
-            self._poster = None
+        with self._lock:
+            if self._poster is not None:
+                self._poster.close()
+                self._poster = None
 
     def _counts_locally(self, account: Account) -> bool:
         until = self._local_until.get(account.name)
@@ -182,7 +193,7 @@ class ServerCounts:
                 if type(max_len) is int and max_len > 0:
                     self._max_len[(target, route.target)] = max_len
                 self._confirmed.add(account.name)
-            elif status in _REFUSED:
+            elif _refused(status, raw):
                 self._cache[key] = _REFUSAL
                 if account.name not in self._refusal_warned:
                     self._refusal_warned.add(account.name)
@@ -201,17 +212,32 @@ class ServerCounts:
         return True
 
 
+def _server_message(raw: bytes) -> str | None:
+    """The message of a vLLM error answer (``{"message"}`` or ``{"error": {"message"}}``); None for another
+    body (a web framework's ``{"detail": "Not Found"}`` for a path it does not serve)."""
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        answer = answer["error"]
+    message = answer.get("message") if isinstance(answer, dict) else None
+    return message[:200] if isinstance(message, str) and message else None
+
+
+def _refused(status: int | None, raw: bytes) -> bool:
+    """This request is refused (the server counts others): a 400/422, or vLLM's 404 for a model it does
+    not serve (an error with a message, unlike the 404 of a path it does not serve)."""
+    return status in _REFUSED or (status == 404 and _server_message(raw) is not None)
+
+
 def _failure(status: int | None, raw: bytes) -> str | None:
     """Why an answer gives no count (None: it gives one)."""
+    if _refused(status, raw):
+        message = _server_message(raw)
+        return f"{status}: {message}" if message else str(status)
     if status in _NOT_THERE:
         return f"it has no /tokenize ({status})"
-    if status in _REFUSED:
-        try:
-            answer = orjson.loads(raw)
-            message = answer.get("message") or answer.get("detail") if isinstance(answer, dict) else None
-        except orjson.JSONDecodeError:
-            message = None
-        return f"{status}: {str(message)[:200]}" if message else str(status)
     if status != 200:
         return f"it answered {status}"
     try:
