@@ -1,0 +1,62 @@
+"""What a request of a ``tokenize = "server"`` account asks the server's /tokenize (vLLM's request shapes),
+where that URL is (the server's root, not under /v1), and how a count from it enters the estimate."""
+
+from __future__ import annotations
+
+import pytest
+
+from ratequeue.config.accounts import Account
+from ratequeue.config.models import generic_spec
+from ratequeue.config.urls import normalize_base_url
+from ratequeue.errors import InvalidRequestError
+from ratequeue.tokens.estimate import Counted, estimate_request
+from ratequeue.tokens.server import tokenize_payloads, tokenize_url
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
+def test_chat_is_one_request_with_its_messages_and_tools_under_the_model_named_on_the_server() -> None:
+    body = {"model": "llama-8b", "messages": MESSAGES, "tools": TOOLS, "max_tokens": 5}
+    assert tokenize_payloads("/v1/chat/completions", body, "meta-llama/Llama-3.1-8B-Instruct") == [
+        {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": MESSAGES, "tools": TOOLS}]
+
+
+def test_prompts_and_inputs_are_one_request_per_string_and_token_ids_count_themselves() -> None:
+    assert tokenize_payloads("/v1/completions", {"prompt": ["a", "", [1, 2, 3]]}, "m") == [
+        {"model": "m", "prompt": "a"}, {"model": "m", "prompt": ""}, 3]
+    assert tokenize_payloads("/v1/embeddings", {"input": "text"}, "m") == [{"model": "m", "prompt": "text"}]
+
+
+@pytest.mark.parametrize(("url", "body"), [
+    ("/v1/responses", {"input": "hi"}),  # vLLM's /tokenize has no shape for it
+    ("/v1/chat/completions", {"messages": []}),
+    ("/v1/chat/completions", {"messages": ["hi"]}),
+    ("/v1/completions", {"prompt": [1, 2, 3]}),  # one prompt given as token ids
+    ("/v1/embeddings", {"input": ["ok", ""]}),  # an empty input: the local count names it
+    ("/v1/embeddings", {"input": 7}),
+])
+def test_what_the_server_is_not_asked_is_left_to_the_local_count(url: str, body: dict[str, object]) -> None:
+    assert tokenize_payloads(url, body, "m") is None
+
+
+@pytest.mark.parametrize("given", ["http://gpu1:8000", "http://gpu1:8000/v1", "http://gpu1:8000/v1/"])
+def test_tokenize_is_at_the_servers_root_beside_v1(given: str) -> None:
+    account = Account("gpu", "openai-compatible", normalize_base_url(given), "b", tokenize="server")
+    assert tokenize_url(account) == "http://gpu1:8000/tokenize"
+    proxied = Account("gpu", "openai-compatible", normalize_base_url("https://proxy/llama/v1"), "b")
+    assert tokenize_url(proxied) == "https://proxy/llama/tokenize"
+
+
+def test_a_server_count_replaces_the_local_one_and_its_max_model_len_the_context_window() -> None:
+    spec = generic_spec("m")  # context window 131,072; its output may fill it
+    body = {"model": "m", "messages": MESSAGES}
+    estimate = estimate_request("/v1/chat/completions", body, spec, Counted((40,), 4096))
+    assert (estimate.prompt_tokens, estimate.output_tokens) == (40, 4096 - 40)
+    assert estimate_request("/v1/chat/completions", body, spec, Counted((40,))).output_tokens == 131_072 - 40
+    completions = {"model": "m", "prompt": ["a", "b"], "max_tokens": 10}
+    assert estimate_request("/v1/completions", completions, spec, Counted((7, 9), 4096)).prompt_tokens == 16
+    with pytest.raises(InvalidRequestError, match=r"input of 5000 tokens exceeds the server.s max_model_len of 4096"):
+        estimate_request("/v1/embeddings", {"model": "m", "input": "x"}, spec, Counted((5000,), 4096))
+    with pytest.raises(InvalidRequestError, match=r"max_tokens.*4097 exceeds m's maximum output of 4096"):
+        estimate_request("/v1/chat/completions", {**body, "max_tokens": 4097}, spec, Counted((40,), 4096))
