@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +182,18 @@ def test_a_request_the_server_refuses_to_count_is_counted_locally_and_the_others
     for line in lines[:3] + lines[4:]:
         by_server = _server_count(server, {"model": MODEL, "messages": line["body"]["messages"]})
         assert stored[line["custom_id"]].prompt_tokens == by_server, line["custom_id"]
+
+
+def test_a_batch_runs_with_the_servers_counts_which_match_the_usage_it_reports(
+        server: SimHandle, redis_url: str, rclient: redis.Redis, tmp_path: Path,
+        start_worker: Callable[[dict[str, str]], subprocess.Popen[bytes]]) -> None:
+    env = _env(redis_url, tmp_path, server.url)
+    start_worker({**env, "RATEQUEUE_DATA_DIR": str(tmp_path / "data"), "RATEQUEUE_LOG_LEVEL": "WARNING"})
+    client = Client(load_settings(env))
+    lines = [_chat(i, text, max_tokens=8) for i, text in enumerate(_texts(20))]
+    batch = client.wait(client.submit_batch(lines).batch_id, timeout=40, poll=0.2)
+    assert batch["request_counts"]["completed"] == 20, batch
+    stored = _stored(rclient, batch["id"])
+    for result in client.iter_results(batch["id"]):
+        usage = result["response"]["body"]["usage"]
+        assert stored[result["custom_id"]].prompt_tokens == usage["prompt_tokens"], result["custom_id"]
