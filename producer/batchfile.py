@@ -5,26 +5,25 @@ request that can be known to fail (bad JSON, unknown model, context overflow, to
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
-from ratequeue.config.accounts import AccountTable, Route
+from ratequeue.config.accounts import AccountTable
 from ratequeue.config.accounts_load import implicit_table
 from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
 from ratequeue.errors import InvalidRequestError, RequestTooLargeError, UnknownModelError
 from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.producer.counted_ahead import blocks, server_asks
 from ratequeue.tokens.estimate import estimate_request
-from ratequeue.tokens.server import ServerCounts, counted_by_server
+from ratequeue.tokens.server import Asked, ServerCounts, counted_by_server
 
 SUPPORTED_URLS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"})
 MAX_CUSTOM_ID = 512
-# Lines whose server counts (tokenize = "server") are asked for together, and the most bytes they may hold.
-PREFETCH_LINES, PREFETCH_BYTES = 512, 16 << 20
 
 
 @dataclass(frozen=True)
@@ -72,29 +71,16 @@ class LineValidator:
         self.account = account
         self.counts = counts
 
-    def prefetch(self, raws: Iterable[bytes]) -> None:
-        """Have the servers count the requests of these lines at once (``job`` then finds the counts);
-        a line that does not parse or resolve is left to ``job`` to reject."""
+    def start_counting(self, raws: Iterable[bytes]) -> Asked | None:
+        """Have the servers start counting the requests of these lines (``job`` finds the counts once
+        ``finish_counting`` has them); a line that does not parse or resolve is left to ``job``."""
         if self.counts is None:
-            return
-        asks: list[tuple[Route, str, Mapping[str, Any]]] = []
-        for raw in raws:
-            try:
-                request = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            body = request.get("body") if isinstance(request, dict) else None
-            account = request.get("account", self.account) if isinstance(request, dict) else None
-            if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not isinstance(
-                    account, str | None) or not isinstance(request.get("url"), str):
-                continue
-            try:
-                route = self.accounts.routes_for(body["model"], account or None)[0]
-            except (InvalidRequestError, UnknownModelError):
-                continue
-            if counted_by_server(route):
-                asks.append((route, request["url"], body))
-        self.counts.prefetch(asks)
+            return None
+        return self.counts.start(server_asks(raws, self.accounts, self.account))
+
+    def finish_counting(self, asked: Asked | None) -> None:
+        if self.counts is not None and asked is not None:
+            self.counts.finish(asked)
 
     def job(self, line: int, custom_id: str, request: dict[str, Any]) -> StoredJob:
         method = request.get("method", "POST")
@@ -175,20 +161,20 @@ def read_lines(
         for item in checked:
             yield item if isinstance(item, LineError) else _parse_line(*item, validator, seen)
         return
-    block: list[LineError | tuple[int, bytes]] = []
-    size = 0
-    for item in checked:
-        block.append(item)
-        size += 0 if isinstance(item, LineError) else len(item[1])
-        if len(block) >= PREFETCH_LINES or size >= PREFETCH_BYTES:
-            yield from _counted_block(block, validator, seen)
-            block, size = [], 0
-    yield from _counted_block(block, validator, seen)
+    # One block ahead: the servers count the next block while this one is checked and stored.
+    ahead: tuple[list[LineError | tuple[int, bytes]], Asked | None] | None = None
+    for block in blocks(checked, lambda line: 0 if isinstance(line, LineError) else len(line[1])):
+        asked = validator.start_counting(line[1] for line in block if not isinstance(line, LineError))
+        if ahead is not None:
+            yield from _checked_block(*ahead, validator, seen)
+        ahead = block, asked
+    if ahead is not None:
+        yield from _checked_block(*ahead, validator, seen)
 
 
-def _counted_block(block: list[LineError | tuple[int, bytes]], validator: LineValidator,
+def _checked_block(block: list[LineError | tuple[int, bytes]], asked: Asked | None, validator: LineValidator,
                    seen: dict[str, int]) -> Iterator[StoredJob | LineError]:
-    validator.prefetch(line[1] for line in block if not isinstance(line, LineError))
+    validator.finish_counting(asked)
     for line in block:
         yield line if isinstance(line, LineError) else _parse_line(*line, validator, seen)
 

@@ -10,8 +10,9 @@ prompts count themselves); /v1/responses has no /tokenize shape and is counted l
 Why at submit and not in the worker: a line whose prompt does not fit the server's ``max_model_len``
 fails there with its line number before anything runs, the stored charge is what progress and the
 bucket see from the start, and the workers' hot path gets no extra round trip per job. Submit stays
-fast: the producer asks for a block of lines at once (``prefetch``), ``CONCURRENCY`` requests in flight
-over kept-alive connections, each distinct request once (a bounded cache of digests).
+fast: the producer asks for a block of lines at once (``start``) and checks and stores the block before
+while the server counts (``finish``), ``CONCURRENCY`` requests in flight over kept-alive connections,
+each distinct request once (a bounded cache of digests).
 
 A server that cannot count (no /tokenize: 404/405/501, unreachable, an answer that is not JSON or has
 no integer ``count``, another error status) is asked nothing more for ``RETRY_AFTER`` seconds: the
@@ -22,22 +23,23 @@ locally; one warning per account.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 
 from ratequeue.config.accounts import Account, Route
 from ratequeue.config.urls import redact_url
 from ratequeue.tokens.estimate import Counted, endpoint_path
+from ratequeue.tokens.server_http import Answer, Poster, failure, refused
 
-__all__ = ["CONCURRENCY", "RETRY_AFTER", "ServerCounts", "counted_by_server", "tokenize_payloads"]
+__all__ = ["CONCURRENCY", "RETRY_AFTER", "Asked", "ServerCounts", "counted_by_server", "tokenize_payloads"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ CONCURRENCY = 32  # /tokenize requests in flight per submitting process
 TIMEOUT = 10.0  # seconds for one answer (connecting: 3)
 RETRY_AFTER = 300.0  # seconds an account that could not count is counted locally before asking again
 _CACHE_MAX = 200_000  # distinct requests remembered (32-byte keys): batches repeat prompts
-_NOT_THERE = (404, 405, 501)  # no such path (vLLM's 404 for an unknown model is a refusal: see _refused)
-_REFUSED = (400, 422)  # this request: the server cannot count it (a message its chat template rejects)
 _REFUSAL = -1  # cached for a request the server refused
 
 
@@ -94,11 +94,19 @@ def _key(url: str, payload: dict[str, Any]) -> bytes:
     return hashlib.blake2b(url.encode() + b"\0" + orjson.dumps(payload), digest_size=16).digest()
 
 
+@dataclass
+class Asked:
+    """Requests posted by ``ServerCounts.start``: per account, its route, (key, payload)s, their answers."""
+
+    posts: list[tuple[Route, list[tuple[bytes, dict[str, Any]]], Future[list[Answer]]]] = field(default_factory=list)
+
+
 class ServerCounts:
     """Counts from the servers of ``tokenize = "server"`` accounts, remembered per distinct request.
 
-    Thread-compatible, not thread-safe: one submit at a time. ``close()`` ends the connections (a
-    later use opens new ones); what was counted and which accounts fell back are kept.
+    Its methods hold a lock: a Client shared by threads counts for one of them at a time. ``close()``
+    ends the connections (a later use opens new ones); what was counted and which accounts fell back
+    are kept.
     """
 
     def __init__(self, concurrency: int = CONCURRENCY, timeout: float = TIMEOUT) -> None:
@@ -109,53 +117,64 @@ class ServerCounts:
         self._local_until: dict[str, float] = {}  # account -> monotonic time its server is asked again
         self._confirmed: set[str] = set()  # accounts whose server answered a count
         self._refusal_warned: set[str] = set()
-        self._poster: _Poster | None = None
-        self._lock = threading.RLock()  # a Client shared by threads: one of them counts at a time
+        self._poster: Poster | None = None
+        self._lock = threading.RLock()
+
+    def start(self, asks: Sequence[tuple[Route, str, Mapping[str, Any]]]) -> Asked:
+        """Start asking the servers for every (route, url, body) not counted yet; never raises. The
+        first request to a server not heard from yet is asked (and waited for) alone."""
+        with self._lock:
+            todo: dict[str, tuple[Route, dict[bytes, dict[str, Any]]]] = {}
+            for route, url, body in asks:
+                account = route.account
+                if not counted_by_server(route) or self._counts_locally(account):
+                    continue
+                target = tokenize_url(account)
+                for item in tokenize_payloads(url, body, route.target) or ():
+                    if isinstance(item, dict) and (key := _key(target, item)) not in self._cache:
+                        todo.setdefault(account.name, (route, {}))[1][key] = item
+            asked = Asked()
+            for route, payloads in todo.values():
+                pending = list(payloads.items())
+                if route.account.name not in self._confirmed:
+                    pending = pending[1:] if self._store(route, pending[:1], self._post(route, pending[:1])) else []
+                if pending:
+                    asked.posts.append((route, pending, self._post(route, pending)))
+            return asked
+
+    def finish(self, asked: Asked) -> None:
+        """Wait for the answers of `start` and keep their counts."""
+        with self._lock:
+            for route, pending, answers in asked.posts:
+                self._store(route, pending, answers)
 
     def prefetch(self, asks: Sequence[tuple[Route, str, Mapping[str, Any]]]) -> None:
-        """Ask the servers for every (route, url, body) not counted yet, at once; never raises."""
-        with self._lock:
-            self._prefetch(asks)
-
-    def _prefetch(self, asks: Sequence[tuple[Route, str, Mapping[str, Any]]]) -> None:
-        todo: dict[str, tuple[Route, dict[bytes, dict[str, Any]]]] = {}
-        for route, url, body in asks:
-            account = route.account
-            if not counted_by_server(route) or self._counts_locally(account):
-                continue
-            target = tokenize_url(account)
-            for item in tokenize_payloads(url, body, route.target) or ():
-                if isinstance(item, dict) and (key := _key(target, item)) not in self._cache:
-                    todo.setdefault(account.name, (route, {}))[1][key] = item
-        for route, payloads in todo.values():
-            self._ask(route, payloads)
+        """``start`` then ``finish``."""
+        self.finish(self.start(asks))
 
     def lookup(self, route: Route, url: str, body: Mapping[str, Any]) -> Counted | None:
-        """The server's counts of one request (asked now if `prefetch` did not); None: count locally."""
+        """The server's counts of one request (asked now if not yet); None: count it locally."""
         with self._lock:
-            return self._lookup(route, url, body)
-
-    def _lookup(self, route: Route, url: str, body: Mapping[str, Any]) -> Counted | None:
-        account = route.account
-        if not counted_by_server(route) or self._counts_locally(account):
-            return None
-        items = tokenize_payloads(url, body, route.target)
-        if items is None:
-            return None
-        target = tokenize_url(account)
-        counts: list[int] = []
-        for item in items:
-            if isinstance(item, int):
-                counts.append(item)
-                continue
-            key = _key(target, item)
-            if key not in self._cache:
-                self._ask(route, {key: item})
-            found = self._cache.get(key, _REFUSAL)
-            if found == _REFUSAL:
+            account = route.account
+            if not counted_by_server(route) or self._counts_locally(account):
                 return None
-            counts.append(found)
-        return Counted(tuple(counts), self._max_len.get((target, route.target)))
+            items = tokenize_payloads(url, body, route.target)
+            if items is None:
+                return None
+            target = tokenize_url(account)
+            counts: list[int] = []
+            for item in items:
+                if isinstance(item, int):
+                    counts.append(item)
+                    continue
+                key = _key(target, item)
+                if key not in self._cache:
+                    self.prefetch([(route, url, body)])
+                found = self._cache.get(key, _REFUSAL)
+                if found == _REFUSAL:
+                    return None
+                counts.append(found)
+            return Counted(tuple(counts), self._max_len.get((target, route.target)))
 
     def close(self) -> None:
         """End the connections and their thread."""
@@ -168,24 +187,17 @@ class ServerCounts:
         until = self._local_until.get(account.name)
         return until is not None and time.monotonic() < until
 
-    def _ask(self, route: Route, payloads: dict[bytes, dict[str, Any]]) -> None:
-        """Count `payloads` on `route`'s server: the first alone until the server has answered one."""
-        account = route.account
-        pending = list(payloads.items())
-        if account.name not in self._confirmed:
-            pending = pending[1:] if self._take(route, [pending[0]]) else []
-        if pending:
-            self._take(route, pending)
-
-    def _take(self, route: Route, pending: list[tuple[bytes, dict[str, Any]]]) -> bool:
-        """Post `pending`, store the counts; False (and the account counted locally) if the server failed."""
-        account, target = route.account, tokenize_url(route.account)
+    def _post(self, route: Route, pending: list[tuple[bytes, dict[str, Any]]]) -> Future[list[Answer]]:
         if self._poster is None:
-            self._poster = _Poster(self._concurrency, self._timeout)
-        headers = {"content-type": "application/json", **account.auth_headers()}
-        answers = self._poster.post_all(target, [payload for _, payload in pending], headers)
-        for (key, _), (status, raw, error) in zip(pending, answers, strict=True):
-            reason = error or _failure(status, raw)
+            self._poster = Poster(self._concurrency, self._timeout)
+        headers = {"content-type": "application/json", **route.account.auth_headers()}
+        return self._poster.post_all(tokenize_url(route.account), [payload for _, payload in pending], headers)
+
+    def _store(self, route: Route, pending: list[tuple[bytes, dict[str, Any]]], answers: Future[list[Answer]]) -> bool:
+        """Keep the counts of `answers`; False (the account then counted locally) if the server failed."""
+        account, target = route.account, tokenize_url(route.account)
+        for (key, _), (status, raw, error) in zip(pending, answers.result(), strict=True):
+            reason = error or failure(status, raw)
             if reason is None:
                 answer = orjson.loads(raw)
                 self._cache[key] = answer["count"]
@@ -193,7 +205,7 @@ class ServerCounts:
                 if type(max_len) is int and max_len > 0:
                     self._max_len[(target, route.target)] = max_len
                 self._confirmed.add(account.name)
-            elif _refused(status, raw):
+            elif refused(status, raw):
                 self._cache[key] = _REFUSAL
                 if account.name not in self._refusal_warned:
                     self._refusal_warned.add(account.name)
@@ -201,94 +213,13 @@ class ServerCounts:
                                 "with the local encoding %s", account.name, redact_url(target), reason,
                                 account.encoding)
             else:
-                self._confirmed.discard(account.name)
-                self._local_until[account.name] = time.monotonic() + RETRY_AFTER
-                log.warning("account %s: counting tokens with the local encoding %s, not the server's %s: %s "
-                            "(asked again in %d s)", account.name, account.encoding, redact_url(target), reason,
-                            RETRY_AFTER)
+                if not self._counts_locally(account):  # a block asked before the fallback: said once
+                    self._confirmed.discard(account.name)
+                    self._local_until[account.name] = time.monotonic() + RETRY_AFTER
+                    log.warning("account %s: counting tokens with the local encoding %s, not the server's %s: "
+                                "%s (asked again in %d s)", account.name, account.encoding, redact_url(target),
+                                reason, RETRY_AFTER)
                 return False
         if len(self._cache) > _CACHE_MAX:
             self._cache.clear()
         return True
-
-
-def _server_message(raw: bytes) -> str | None:
-    """The message of a vLLM error answer (``{"message"}`` or ``{"error": {"message"}}``); None for another
-    body (a web framework's ``{"detail": "Not Found"}`` for a path it does not serve)."""
-    try:
-        answer = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-        answer = answer["error"]
-    message = answer.get("message") if isinstance(answer, dict) else None
-    return message[:200] if isinstance(message, str) and message else None
-
-
-def _refused(status: int | None, raw: bytes) -> bool:
-    """This request is refused (the server counts others): a 400/422, or vLLM's 404 for a model it does
-    not serve (an error with a message, unlike the 404 of a path it does not serve)."""
-    return status in _REFUSED or (status == 404 and _server_message(raw) is not None)
-
-
-def _failure(status: int | None, raw: bytes) -> str | None:
-    """Why an answer gives no count (None: it gives one)."""
-    if _refused(status, raw):
-        message = _server_message(raw)
-        return f"{status}: {message}" if message else str(status)
-    if status in _NOT_THERE:
-        return f"it has no /tokenize ({status})"
-    if status != 200:
-        return f"it answered {status}"
-    try:
-        answer = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return "its answer is not JSON"
-    count = answer.get("count") if isinstance(answer, dict) else None
-    if type(count) is not int or count < 0:
-        return 'its answer has no integer "count"'
-    return None
-
-
-class _Poster:
-    """POSTs on an event loop of its own thread (the caller may be inside another loop): aiohttp's
-    pool, kept-alive connections, at most `concurrency` requests in flight."""
-
-    def __init__(self, concurrency: int, timeout: float) -> None:
-        self._concurrency = concurrency
-        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="ratequeue-tokenize", daemon=True)
-        self._thread.start()
-        self._session: aiohttp.ClientSession | None = None
-
-    def post_all(self, url: str, payloads: list[dict[str, Any]],
-                 headers: dict[str, str]) -> list[tuple[int | None, bytes, str | None]]:
-        """(status, body, None) per payload, or (None, b"", why it got no answer)."""
-        return asyncio.run_coroutine_threadsafe(self._all(url, payloads, headers), self._loop).result()
-
-    async def _all(self, url: str, payloads: list[dict[str, Any]],
-                   headers: dict[str, str]) -> list[tuple[int | None, bytes, str | None]]:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._concurrency)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
-        session, slots = self._session, asyncio.Semaphore(self._concurrency)
-
-        async def one(payload: dict[str, Any]) -> tuple[int | None, bytes, str | None]:
-            async with slots:
-                try:
-                    async with session.post(url, data=orjson.dumps(payload), headers=headers) as response:
-                        return response.status, await response.read(), None
-                except TimeoutError:
-                    return None, b"", f"it did not answer within {self._timeout.total:g} s"
-                except aiohttp.ClientError as exc:
-                    return None, b"", f"it is unreachable ({type(exc).__name__}: {str(exc)[:200]})"
-
-        return list(await asyncio.gather(*(one(p) for p in payloads)))
-
-    def close(self) -> None:
-        if self._session is not None:
-            asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
