@@ -3,14 +3,18 @@ where that URL is (the server's root, not under /v1), and how a count from it en
 
 from __future__ import annotations
 
+import logging
+import socket
+import time
+
 import pytest
 
-from ratequeue.config.accounts import Account
+from ratequeue.config.accounts import Account, Route
 from ratequeue.config.models import generic_spec
 from ratequeue.config.urls import normalize_base_url
 from ratequeue.errors import InvalidRequestError
 from ratequeue.tokens.estimate import Counted, estimate_request
-from ratequeue.tokens.server import tokenize_payloads, tokenize_url
+from ratequeue.tokens.server import ServerCounts, tokenize_payloads, tokenize_url
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
@@ -60,3 +64,32 @@ def test_a_server_count_replaces_the_local_one_and_its_max_model_len_the_context
         estimate_request("/v1/embeddings", {"model": "m", "input": "x"}, spec, Counted((5000,), 4096))
     with pytest.raises(InvalidRequestError, match=r"max_tokens.*4097 exceeds m's maximum output of 4096"):
         estimate_request("/v1/chat/completions", {**body, "max_tokens": 4097}, spec, Counted((40,), 4096))
+
+
+@pytest.mark.integration  # a listening socket in the test process
+def test_a_server_that_never_answers_is_given_up_after_the_timeout_with_one_warning() -> None:
+    listener = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    account = Account("gpu", "openai-compatible", f"http://127.0.0.1:{port}", "b", tokenize="server")
+    route = Route(account, "m", "m", generic_spec("m"))
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(50)]
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ratequeue.tokens.server")
+    logger.addHandler(handler)
+    counts = ServerCounts(timeout=0.5)
+    try:
+        started = time.monotonic()
+        counts.prefetch([(route, "/v1/chat/completions", body) for body in bodies])
+        assert counts.lookup(route, "/v1/chat/completions", bodies[7]) is None  # counted locally
+        assert time.monotonic() - started < 2  # one probe waited for, not 50
+    finally:
+        counts.close()
+        logger.removeHandler(handler)
+        listener.close()
+    assert [r.getMessage() for r in seen] == [
+        f"account gpu: counting tokens with the local encoding cl100k_base, not the server's "
+        f"http://127.0.0.1:{port}/tokenize: it did not answer within 0.5 s (asked again in 300 s)"]
