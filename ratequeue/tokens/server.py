@@ -11,8 +11,8 @@ Why at submit and not in the worker: a line whose prompt does not fit the server
 fails there with its line number before anything runs, the stored charge is what progress and the
 bucket see from the start, and the workers' hot path gets no extra round trip per job. Submit stays
 fast: the producer asks for a block of lines at once (``start``) and checks and stores the block before
-while the server counts (``finish``), ``CONCURRENCY`` requests in flight over kept-alive connections,
-each distinct request once (a bounded cache of digests).
+it while the server counts (``finish`` then waits for the answers); ``CONCURRENCY`` requests in flight
+over kept-alive connections; each distinct request asked once (a bounded cache of digests).
 
 A server that cannot count (no /tokenize: 404/405/501, unreachable, an answer that is not JSON or has
 no integer ``count``, another error status) is asked nothing more for ``RETRY_AFTER`` seconds: the
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 CONCURRENCY = 32  # /tokenize requests in flight per submitting process
 TIMEOUT = 10.0  # seconds for one answer (connecting: 3)
 RETRY_AFTER = 300.0  # seconds an account that could not count is counted locally before asking again
-_CACHE_MAX = 200_000  # distinct requests remembered (32-byte keys): batches repeat prompts
+_CACHE_MAX = 200_000  # distinct requests remembered (16-byte digests): batches repeat prompts
 _REFUSAL = -1  # cached for a request the server refused
 
 
