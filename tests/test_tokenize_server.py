@@ -197,3 +197,15 @@ def test_a_batch_runs_with_the_servers_counts_which_match_the_usage_it_reports(
     for result in client.iter_results(batch["id"]):
         usage = result["response"]["body"]["usage"]
         assert stored[result["custom_id"]].prompt_tokens == usage["prompt_tokens"], result["custom_id"]
+
+
+def test_a_request_repeated_in_the_next_block_of_lines_is_not_asked_again(
+        server: SimHandle, redis_url: str, tmp_path: Path) -> None:
+    # Blocks of 512 lines are counted one ahead: the second block is asked for before the first's
+    # answers are in, and must not ask again what the first is asking.
+    first = [_chat(i, f"question number {i}") for i in range(512)]
+    again = [{**_chat(1000 + i, ""), "body": first[i]["body"]} for i in range(100)]
+    client = Client(load_settings(_env(redis_url, tmp_path, server.url)))
+    report = client.submit_batch([*first, *again])
+    assert (report.jobs, report.errors) == (612, 0)
+    assert server.stats(timeline=False)["tokenized"] == 512

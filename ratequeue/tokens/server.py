@@ -117,6 +117,7 @@ class ServerCounts:
         self._local_until: dict[str, float] = {}  # account -> monotonic time its server is asked again
         self._confirmed: set[str] = set()  # accounts whose server answered a count
         self._refusal_warned: set[str] = set()
+        self._asking: set[bytes] = set()  # started, not finished: the next block does not ask them again
         self._poster: Poster | None = None
         self._lock = threading.RLock()
 
@@ -131,7 +132,10 @@ class ServerCounts:
                     continue
                 target = tokenize_url(account)
                 for item in tokenize_payloads(url, body, route.target) or ():
-                    if isinstance(item, dict) and (key := _key(target, item)) not in self._cache:
+                    if isinstance(item, int):
+                        continue
+                    key = _key(target, item)
+                    if key not in self._cache and key not in self._asking:
                         todo.setdefault(account.name, (route, {}))[1][key] = item
             asked = Asked()
             for route, payloads in todo.values():
@@ -140,6 +144,7 @@ class ServerCounts:
                     pending = pending[1:] if self._store(route, pending[:1], self._post(route, pending[:1])) else []
                 if pending:
                     asked.posts.append((route, pending, self._post(route, pending)))
+                    self._asking.update(key for key, _ in pending)
             return asked
 
     def finish(self, asked: Asked) -> None:
@@ -147,6 +152,7 @@ class ServerCounts:
         with self._lock:
             for route, pending, answers in asked.posts:
                 self._store(route, pending, answers)
+                self._asking.difference_update(key for key, _ in pending)
 
     def prefetch(self, asks: Sequence[tuple[Route, str, Mapping[str, Any]]]) -> None:
         """``start`` then ``finish``."""
