@@ -14,10 +14,13 @@ that send one prompt to many documents' worth of jobs do): 1.0 by default, every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -62,6 +65,17 @@ def submit_once(mode: str, path: Path, sim: SimHandle, redis_url: str, tmp: Path
     return seconds, report.jobs, int(sim.stats(timeline=False)["tokenized"])
 
 
+@contextlib.contextmanager
+def simulator(url: str | None) -> Iterator[SimHandle]:
+    """A simulator started here, or the one already running at `url` (to compare two checkouts' submits
+    against the same server)."""
+    if url is None:
+        with start_sim(["--dialect", "openai-compatible"]) as sim:
+            yield sim
+    else:
+        yield SimHandle(None, url.rstrip("/"), deque())  # type: ignore[arg-type]  # only its HTTP calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=10_000)
@@ -69,14 +83,18 @@ def main() -> None:
     ap.add_argument("--modes", default="local,server,server-404")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--redis-url", default=BENCH_REDIS_URL, help="a database this run may flush")
+    ap.add_argument("--sim-url", help="a running simulator (--dialect openai-compatible) instead of one started here")
+    ap.add_argument("--tokenize-latency-ms", type=float, default=0.0, help="the time /tokenize takes to answer")
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmpdir, start_sim(["--dialect", "openai-compatible"]) as sim:
+    with tempfile.TemporaryDirectory() as tmpdir, simulator(args.sim_url) as sim:
+        sim.configure(tokenize_latency_ms=args.tokenize_latency_ms)
         tmp = Path(tmpdir)
         path = tmp / "jobs.jsonl"
         write_jobs(path, args.jobs, args.distinct)
         print(f"setup: {args.jobs} chat jobs ({path.stat().st_size / 1e6:.1f} MB, distinct share {args.distinct}), "
-              f"sim openai-compatible on this machine, Redis {args.redis_url}")
+              f"sim openai-compatible on this machine (/tokenize answers after {args.tokenize_latency_ms:g} ms), "
+              f"Redis {args.redis_url}")
         for mode in args.modes.split(","):
             for run in range(1, args.repeat + 1):
                 load = os.getloadavg()[0]

@@ -68,6 +68,7 @@ _OPTIONS: dict[str, tuple[str, float | None]] = {
     "load_slowdown": ("float", 0),
     "tokenize": ("bool", None),
     "tokenize_answer": ("str", None),
+    "tokenize_latency_ms": ("float", 0),
 }
 @dataclass(frozen=True)
 class ModelLimits:
@@ -130,6 +131,7 @@ class SimConfig:
     load_slowdown: float = 1.0  # self-hosted: per-token time x (1 + this x busy / capacity)
     tokenize: bool = True  # self-hosted: serve POST /tokenize
     tokenize_answer: str = "vllm"  # self-hosted: what /tokenize answers (TOKENIZE_ANSWERS)
+    tokenize_latency_ms: float = 0.0  # self-hosted: the time /tokenize takes to answer (a remote server's)
 
     def limits_for(self, model: str) -> ModelLimits | None:
         """Resolve ``model``'s limits (an Azure deployment's in the azure dialect); None when it is unknown:

@@ -115,7 +115,7 @@ class SelfHosted:
         payload = {"count": count, "max_model_len": limits.context, "tokens": tokens or [], "token_strs": None}
         if cfg.tokenize_answer == "no-count":  # a server of another shape: a client must not trust it
             del payload["count"]
-        return self._reply(200, payload)
+        return self._reply(200, payload, cfg.tokenize_latency_ms / 1000)
 
     def list_models(self) -> Reply:
         """``GET /v1/models``: the names served (the ``--model`` ones), in vLLM's shape."""
