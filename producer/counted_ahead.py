@@ -4,7 +4,7 @@ counting overlaps the checking and storing of this one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -47,7 +47,7 @@ def server_asks(raws: Iterable[bytes], accounts: AccountTable,
     return asks
 
 
-def blocks(items: Iterable[Item], size_of: Any) -> Iterator[list[Item]]:
+def blocks(items: Iterable[Item], size_of: Callable[[Item], int]) -> Iterator[list[Item]]:
     """`items` in lists of PREFETCH_LINES, or fewer holding PREFETCH_BYTES (``size_of(item)``)."""
     block: list[Item] = []
     size = 0
