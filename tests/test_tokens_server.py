@@ -15,6 +15,7 @@ from ratequeue.config.urls import normalize_base_url
 from ratequeue.errors import InvalidRequestError
 from ratequeue.tokens.estimate import Counted, estimate_request
 from ratequeue.tokens.server import ServerCounts, tokenize_payloads, tokenize_url
+from ratequeue.tokens.server_http import failure, refused
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
@@ -93,3 +94,23 @@ def test_a_server_that_never_answers_is_given_up_after_the_timeout_with_one_warn
     assert [r.getMessage() for r in seen] == [
         f"account gpu: counting tokens with the local encoding cl100k_base, not the server's "
         f"http://127.0.0.1:{port}/tokenize: it did not answer within 0.5 s (asked again in 300 s)"]
+
+
+@pytest.mark.parametrize(("status", "body", "reason", "refusal"), [
+    (200, b'{"count": 7, "max_model_len": 8192, "tokens": []}', None, False),
+    (404, b'{"detail": "Not Found"}', "it has no /tokenize (404)", False),  # FastAPI: no such path
+    (405, b'{"detail": "Method Not Allowed"}', "it has no /tokenize (405)", False),
+    (501, b"", "it has no /tokenize (501)", False),
+    (500, b"oops", "it answered 500", False),
+    (401, b'{"error": "Unauthorized"}', "it answered 401", False),
+    (200, b"<html></html>", "its answer is not JSON", False),
+    (200, b'{"count": "7"}', 'its answer has no integer "count"', False),
+    (200, b"[7]", 'its answer has no integer "count"', False),
+    (404, b'{"object": "error", "message": "The model `x` does not exist.", "code": 404}',
+     "404: The model `x` does not exist.", True),  # vLLM: this model only
+    (400, b'{"error": {"message": "bad role", "code": 400}}', "400: bad role", True),
+    (422, b"{}", "422", True),
+])
+def test_what_an_answer_of_tokenize_says(status: int, body: bytes, reason: str | None, refusal: bool) -> None:
+    assert failure(status, body) == reason
+    assert refused(status, body) is refusal
