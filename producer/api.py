@@ -42,6 +42,7 @@ from ratequeue.producer.submit import SubmitReport, Submitter
 from ratequeue.queue import Publish, publisher
 from ratequeue.redact import configured_secrets
 from ratequeue.redis_tls import redis_options
+from ratequeue.tokens.server import ServerCounts
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,10 @@ class Client(BatchOperations):
         self._submitter = Submitter(
             self.redis, publish, chunk_size=self.settings.chunk_size, retention=self.settings.retention_seconds
         )
-        self._validator = LineValidator(self.accounts)
+        # Prompts of tokenize = "server" accounts are counted by their servers (ratequeue/tokens/server.py).
+        server_counted = any(a.dialect == "openai-compatible" and a.tokenize == "server" for a in self.accounts)
+        self._counts = ServerCounts() if server_counted else None
+        self._validator = LineValidator(self.accounts, counts=self._counts)
         self._batches = BatchStore(self.redis)
 
     def _bucket_account(self, account: str | None) -> str:
@@ -125,7 +129,7 @@ class Client(BatchOperations):
             raw = source.read() if hasattr(source, "read") else b"\n".join(_as_lines(source))
             digest, source = hashlib.sha256(raw).hexdigest(), io.BytesIO(raw)
         bucket_account = self._bucket_account(account)
-        validator = self._validator if account is None else LineValidator(self.accounts, account)
+        validator = self._validator if account is None else LineValidator(self.accounts, account, self._counts)
         capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
         try:
             batch_id = self._submitter.create_batch(
@@ -136,11 +140,14 @@ class Client(BatchOperations):
             return submitted_before(self.redis, batch_id, name, digest)
         limits = Limits(self.settings.max_file_bytes, self.settings.max_lines, self.settings.max_line_bytes)
         try:
-            if isinstance(source, str | Path):
-                with open(source, "rb") as stream:
-                    report = self._submitter.add(batch_id, read_lines(stream, validator, limits))
-            else:
-                report = self._submitter.add(batch_id, read_lines(_as_lines(source), validator, limits))
+            try:
+                if isinstance(source, str | Path):
+                    with open(source, "rb") as stream:
+                        report = self._submitter.add(batch_id, read_lines(stream, validator, limits))
+                else:
+                    report = self._submitter.add(batch_id, read_lines(_as_lines(source), validator, limits))
+            finally:
+                self._close_counts()
             if report.jobs + report.errors == 0:  # blank: a batch of nothing would "complete" at once
                 delete_batch(self.redis, batch_id, force=True)
                 raise UsageError(f"{name} has no requests")
@@ -175,7 +182,10 @@ class Client(BatchOperations):
         request: dict[str, Any] = {"custom_id": custom_id, "method": "POST", "url": url, "body": dict(body)}
         if account is not None:
             request["account"] = account
-        job = self._validator.job(1, custom_id, request)
+        try:
+            job = self._validator.job(1, custom_id, request)
+        finally:
+            self._close_counts()
         own_batch = batch_id is None
         if batch_id is None:
             batch_id = self._submitter.create_batch(self._bucket_account(job.account), url, "<submit_job>")
@@ -251,7 +261,13 @@ class Client(BatchOperations):
                 raise TimeoutError(f"job {custom_id} of {batch_id} has no outcome after {timeout} s")
             time.sleep(0.1)
 
+    def _close_counts(self) -> None:
+        """End the connections to tokenize = "server" accounts' servers (kept for one submit)."""
+        if self._counts is not None:
+            self._counts.close()
+
     def close(self) -> None:
+        self._close_counts()
         self.redis.close()
 
 

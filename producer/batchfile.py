@@ -18,7 +18,9 @@ from ratequeue.config.models import ModelTable
 from ratequeue.config.settings import Settings
 from ratequeue.errors import InvalidRequestError, RequestTooLargeError, UnknownModelError
 from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.producer.counted_ahead import blocks, server_asks
 from ratequeue.tokens.estimate import estimate_request
+from ratequeue.tokens.server import Asked, ServerCounts, counted_by_server
 
 SUPPORTED_URLS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"})
 MAX_CUSTOM_ID = 512
@@ -60,11 +62,25 @@ class LineValidator:
     on an openai-compatible account, a deployment of it on an Azure one, else the model table's.
     """
 
-    def __init__(self, table: ModelTable | AccountTable, account: str | None = None) -> None:
+    def __init__(self, table: ModelTable | AccountTable, account: str | None = None,
+                 counts: ServerCounts | None = None) -> None:
+        """`counts`: where the prompts of ``tokenize = "server"`` accounts are counted (None: locally)."""
         # A bare model table is the configuration without [accounts] (its one implicit account).
         self.accounts = table if isinstance(table, AccountTable) else implicit_table(Settings(), table)
         self.table = self.accounts.table
         self.account = account
+        self.counts = counts
+
+    def start_counting(self, raws: Iterable[bytes]) -> Asked | None:
+        """Have the servers start counting the requests of these lines (``job`` finds the counts once
+        ``finish_counting`` has them); a line that does not parse or resolve is left to ``job``."""
+        if self.counts is None:
+            return None
+        return self.counts.start(server_asks(raws, self.accounts, self.account))
+
+    def finish_counting(self, asked: Asked | None) -> None:
+        if self.counts is not None and asked is not None:
+            self.counts.finish(asked)
 
     def job(self, line: int, custom_id: str, request: dict[str, Any]) -> StoredJob:
         method = request.get("method", "POST")
@@ -100,7 +116,8 @@ class LineValidator:
                 "url", f"model {model!r} does not serve {url} (it serves {', '.join(spec.endpoints)})"
             )
         route.url(url)  # raises for a path the account's server has no operation for (Azure)
-        estimate = estimate_request(url, body, spec)
+        counted = self.counts.lookup(route, url, body) if self.counts and counted_by_server(route) else None
+        estimate = estimate_request(url, body, spec, counted)
         if estimate.charge > spec.tpm:
             err = RequestTooLargeError(estimate.charge, spec.tpm, spec.name)
             if estimate.output_defaulted:
@@ -138,8 +155,32 @@ def read_lines(
     ``limits.max_line_bytes``, get an error each (the rest of the file is still read, so every
     line is accounted for).
     """
-    limits = limits or Limits()
     seen: dict[str, int] = {}
+    checked = _checked_lines(stream, limits or Limits())
+    if validator.counts is None:
+        for item in checked:
+            yield item if isinstance(item, LineError) else _parse_line(*item, validator, seen)
+        return
+    # One block ahead: the servers count the next block while this one is checked and stored.
+    ahead: tuple[list[LineError | tuple[int, bytes]], Asked | None] | None = None
+    for block in blocks(checked, lambda line: 0 if isinstance(line, LineError) else len(line[1])):
+        asked = validator.start_counting(line[1] for line in block if not isinstance(line, LineError))
+        if ahead is not None:
+            yield from _checked_block(*ahead, validator, seen)
+        ahead = block, asked
+    if ahead is not None:
+        yield from _checked_block(*ahead, validator, seen)
+
+
+def _checked_block(block: list[LineError | tuple[int, bytes]], asked: Asked | None, validator: LineValidator,
+                   seen: dict[str, int]) -> Iterator[StoredJob | LineError]:
+    validator.finish_counting(asked)
+    for line in block:
+        yield line if isinstance(line, LineError) else _parse_line(*line, validator, seen)
+
+
+def _checked_lines(stream: BinaryIO | Iterable[bytes], limits: Limits) -> Iterator[LineError | tuple[int, bytes]]:
+    """(number, line) of every line within the limits, in order; a LineError for each beyond them."""
     offset = 0
     counted = 0
     for number, (raw, size, content) in enumerate(_bounded_lines(stream, limits.max_line_bytes), start=1):
@@ -162,7 +203,7 @@ def read_lines(
                             f"line {number}: {content} bytes exceeds the limit of "
                             f"{limits.max_line_bytes} bytes per line (raise RATEQUEUE_MAX_LINE_BYTES)")
             continue
-        yield _parse_line(number, raw, validator, seen)
+        yield number, raw
 
 
 def _bounded_lines(stream: BinaryIO | Iterable[bytes], max_line: int) -> Iterator[tuple[bytes | None, int, int]]:

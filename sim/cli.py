@@ -109,6 +109,10 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 @click.option("--load-slowdown", default=SimConfig.load_slowdown, show_default=True, type=float,
               help="Self-hosted: per-token time x (1 + this x in service / --max-concurrency).")
 @click.option("--no-tokenize", is_flag=True, help="Self-hosted: no POST /tokenize (404).")
+@click.option("--tokenize-answer", type=click.Choice(["vllm", "not-json", "no-count"]), default="vllm",
+              show_default=True, help="Self-hosted: /tokenize answers vLLM's JSON, an HTML page or JSON with no count.")
+@click.option("--tokenize-latency-ms", default=0.0, show_default=True, type=float,
+              help="Self-hosted: milliseconds /tokenize takes to answer (a server across a network).")
 @click.option("--no-retry-after", is_flag=True, help="Omit retry-after and retry-after-ms on 429s.")
 @click.option("--no-ratelimit-headers", is_flag=True, help="Omit all x-ratelimit-* headers.")
 @click.option("--organization", default=SimConfig.organization, show_default=True, help="Org named in 429s.")

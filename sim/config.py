@@ -25,6 +25,8 @@ PROMPT_ESTIMATES = ("tiktoken", "chars")
 DIALECTS = ("openai", "azure", "openai-compatible")
 AZURE_WINDOWS = (1.0, 10.0)
 OVERLOAD_STATUSES = (503, 429)
+# Self-hosted POST /tokenize: vLLM's answer, or a broken one (an HTML page, JSON without "count") to test clients.
+TOKENIZE_ANSWERS = ("vllm", "not-json", "no-count")
 
 
 # Option name -> (kind, minimum). Kinds: int, float, bool, str, and "?" prefixed when None is allowed.
@@ -65,6 +67,8 @@ _OPTIONS: dict[str, tuple[str, float | None]] = {
     "overload_status": ("int", None),
     "load_slowdown": ("float", 0),
     "tokenize": ("bool", None),
+    "tokenize_answer": ("str", None),
+    "tokenize_latency_ms": ("float", 0),
 }
 @dataclass(frozen=True)
 class ModelLimits:
@@ -126,6 +130,8 @@ class SimConfig:
     overload_status: int = 503  # self-hosted: the refusal's status (503 as Ollama, or 429)
     load_slowdown: float = 1.0  # self-hosted: per-token time x (1 + this x busy / capacity)
     tokenize: bool = True  # self-hosted: serve POST /tokenize
+    tokenize_answer: str = "vllm"  # self-hosted: what /tokenize answers (TOKENIZE_ANSWERS)
+    tokenize_latency_ms: float = 0.0  # self-hosted: the time /tokenize takes to answer (a remote server's)
 
     def limits_for(self, model: str) -> ModelLimits | None:
         """Resolve ``model``'s limits (an Azure deployment's in the azure dialect); None when it is unknown:
@@ -223,6 +229,7 @@ def _check_choices(config: SimConfig) -> None:
     """Options limited to a few values; raises ConfigError."""
     for name, allowed in (
         ("dialect", DIALECTS), ("azure_window", AZURE_WINDOWS), ("overload_status", OVERLOAD_STATUSES),
+        ("tokenize_answer", TOKENIZE_ANSWERS),
     ):
         if getattr(config, name) not in allowed:
             raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")

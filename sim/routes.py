@@ -127,6 +127,9 @@ def add_selfhosted_routes(app: web.Application, engine: Engine) -> None:
         raw = await request.read()
         if not engine.config.tokenize:
             return json_response({"detail": "Not Found"}, 404)
+        if engine.config.tokenize_answer == "not-json":  # e.g. a proxy's page in front of the server
+            engine.stats.tokenized += 1
+            return web.Response(text="<html><body>tokenizer unavailable</body></html>", content_type="text/html")
         return await answer(engine, request, lambda: server.tokenize(raw))
 
     for path, kind in ENDPOINTS.items():

@@ -101,7 +101,9 @@ class SelfHosted:
             return self._reply(404, vllm_error(404, f"The model `{body['model']}` does not exist.", "model"))
         cfg = engine.config
         if isinstance(body.get("prompt"), str):
-            tokens = engine.counter.encode(limits.encoding, body["prompt"])
+            # Counted as usage.prompt_tokens is: with --prompt-estimate chars the ids are not the count.
+            by_ids = cfg.prompt_estimate == "tiktoken"
+            tokens = engine.counter.encode(limits.encoding, body["prompt"]) if by_ids else None
             count = len(tokens) if tokens is not None else engine.counter.count(
                 "completions", body, limits.encoding, cfg.prompt_estimate).tokens
         elif isinstance(body.get("messages"), list):
@@ -111,7 +113,9 @@ class SelfHosted:
             return self._reply(400, vllm_error(400, "Either prompt or messages must be provided", "prompt"))
         engine.stats.tokenized += 1
         payload = {"count": count, "max_model_len": limits.context, "tokens": tokens or [], "token_strs": None}
-        return self._reply(200, payload)
+        if cfg.tokenize_answer == "no-count":  # a server of another shape: a client must not trust it
+            del payload["count"]
+        return self._reply(200, payload, cfg.tokenize_latency_ms / 1000)
 
     def list_models(self) -> Reply:
         """``GET /v1/models``: the names served (the ``--model`` ones), in vLLM's shape."""

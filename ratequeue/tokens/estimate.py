@@ -8,6 +8,7 @@ again by the rule learned from the server when they send it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from ratequeue.tokens.count import (
 )
 from ratequeue.tokens.encodings import get_encoding
 
-__all__ = ["ENDPOINTS", "Estimate", "endpoint_path", "estimate_request"]
+__all__ = ["ENDPOINTS", "Counted", "Estimate", "endpoint_path", "estimate_request"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,33 @@ class Estimate:
     charge: int
 
 
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """Prompt tokens counted elsewhere (a server's ``/tokenize``): one count per prompt (per input of an
+    embeddings request), and the server's ``max_model_len`` (None: it gave none)."""
+
+    prompts: tuple[int, ...]
+    max_model_len: int | None = None
+
+
+class _ShapesOnly:
+    """An encoder that counts any text as one token: the count functions then only check a request's
+    fields (raising their errors) when a server has counted its tokens."""
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return [0] if text else []
+
+
+_SHAPES_ONLY = _ShapesOnly()
+
+
+def _served_by(spec: ModelSpec, max_model_len: int) -> ModelSpec:
+    """`spec` with the server's context length: a generic spec's output may fill it (as before)."""
+    fills = spec.max_output_tokens >= spec.context_window
+    output = max_model_len if fills else min(spec.max_output_tokens, max_model_len)
+    return dataclasses.replace(spec, context_window=max_model_len, max_output_tokens=output)
+
+
 def _positive_int(body: Mapping[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
@@ -58,8 +86,9 @@ def _positive_int(body: Mapping[str, Any], key: str) -> int | None:
     return value
 
 
-def _too_long(tokens: int, spec: ModelSpec, field: str = "body", what: str = "the prompt") -> Exception:
-    reason = f"{what} of {tokens} tokens exceeds the context window of {spec.context_window} of {spec.name}"
+def _too_long(tokens: int, spec: ModelSpec, field: str = "body", what: str = "the prompt",
+              limit: str = "the context window") -> Exception:
+    reason = f"{what} of {tokens} tokens exceeds {limit} of {spec.context_window} of {spec.name}"
     return InvalidRequestError(field, reason, code="context_length_exceeded")
 
 
@@ -81,13 +110,16 @@ def endpoint_path(url: str) -> str:
     return path if path.startswith("/v1/") else "/v1" + path
 
 
-def estimate_request(url: str, body: Mapping[str, Any], spec: ModelSpec) -> Estimate:
+def estimate_request(url: str, body: Mapping[str, Any], spec: ModelSpec, counted: Counted | None = None) -> Estimate:
     """Prompt tokens, reserved output tokens and TPM charge of one request to `spec`'s model.
 
     The output reserved is n x (max_completion_tokens or max_tokens, or max_output_tokens for
     /v1/responses); with none set, the model's max_output_tokens (capped by what the prompt leaves
     of the context window) is reserved and a warning is logged once per model. The charge follows
     spec.rule (config/charge.py): "sum" = prompt + output, "max" = max(prompt, output); embeddings charge the prompt.
+
+    `counted`: the prompt counts of the server that will serve it (the local encoding counts without
+    it), whose ``max_model_len`` then stands for the context window.
 
     Raises InvalidRequestError naming the field (code ``context_length_exceeded`` when too long).
     """
@@ -99,28 +131,34 @@ def estimate_request(url: str, body: Mapping[str, Any], spec: ModelSpec) -> Esti
         raise _bad("url", f"{spec.name} is not served at {path} (allowed: {', '.join(spec.endpoints)})")
     if not isinstance(body, Mapping):
         raise _bad("body", "must be an object")
-    enc = get_encoding(spec.encoding)
+    bound = "the context window"
+    if counted is not None and counted.max_model_len:
+        spec, bound = _served_by(spec, counted.max_model_len), "the server's max_model_len"
+    enc = get_encoding(spec.encoding) if counted is None else _SHAPES_ONLY
 
     if endpoint == "embeddings":
         counts = count_embedding_input(body, enc)
+        counts = list(counted.prompts) if counted is not None else counts
         for j, tokens in enumerate(counts):
             if tokens > spec.context_window:
                 field = "body.input" if len(counts) == 1 else f"body.input[{j}]"
-                raise _too_long(tokens, spec, field, "the input")
+                raise _too_long(tokens, spec, field, "the input", bound)
         prompt = sum(counts)
         return Estimate(prompt, 0, output_defaulted=False, charge=prompt)
 
     n = 1
-    if endpoint == "responses":
-        prompts = [count_responses_input(body, enc)]
+    if endpoint == "responses":  # no server counts these (vLLM's /tokenize takes messages or a prompt)
+        prompts = [count_responses_input(body, get_encoding(spec.encoding))]
         max_key = "max_output_tokens"
     elif endpoint == "completions":
         prompts = count_completion_prompt(body, enc)
+        prompts = list(counted.prompts) if counted is not None else prompts
         max_key = "max_tokens"
         best_of = _positive_int(body, "best_of")  # best_of completions are generated server-side
         n = max(_positive_int(body, "n") or 1, best_of or 1)
     else:
         prompts = [count_chat_prompt(body, enc)]
+        prompts = [sum(counted.prompts)] if counted is not None else prompts
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         _positive_int(body, "max_tokens")  # validated even when max_completion_tokens wins
         n = _positive_int(body, "n") or 1
@@ -131,11 +169,11 @@ def estimate_request(url: str, body: Mapping[str, Any], spec: ModelSpec) -> Esti
             limit = spec.max_output_tokens
             raise _bad(f"body.{max_key}", f"{explicit} exceeds {spec.name}'s maximum output of {limit}")
         if longest + explicit > spec.context_window:
-            raise _too_long(longest + explicit, spec, what=f"the prompt plus {max_key}={explicit}")
+            raise _too_long(longest + explicit, spec, what=f"the prompt plus {max_key}={explicit}", limit=bound)
         per_choice = explicit
     else:
         if longest > spec.context_window:
-            raise _too_long(longest, spec)
+            raise _too_long(longest, spec, limit=bound)
         if endpoint == "completions":
             cap = COMPLETIONS_DEFAULT_MAX_TOKENS
         else:
