@@ -103,8 +103,7 @@ class Account:
     max_concurrency: int | None = None  # openai-compatible: ceiling of the adaptive window
     context_window: int = GENERIC_CONTEXT_WINDOW  # openai-compatible: of models the table lacks
     # Why this process cannot send for it (its key's variable is unset here, load_account_table's
-    # require_credentials=False). Its bucket_id is then the senders' only where no key is needed to
-    # know it (Azure, or an organization): this process sends nothing on it anyway.
+    # require_credentials=False). Its bucket_id is the senders' all the same: it never depends on the key.
     unusable: str | None = None
     implicit: bool = False  # built from the environment (no [accounts] table)
     # Its own limits per model (canonical name), e.g. of its usage tier; the table's where absent.

@@ -174,13 +174,14 @@ class _Reader:
                                      any_name=dialect == "openai-compatible")
         credential, unusable = self.credential(path, fields, given[0] if len(given) == 1 else None, dialect)
         org = fields.get("organization")
-        if credential is None:  # an organization's id needs no key; else this process sends nothing on it
-            key = "anonymous" if unusable is None or org else f"unusable:{name}"
-        else:
-            key = f"token-file:{credential.token_file.path}" if credential.token_file else credential.value()
+        # The bucket id is read off the file alone, never the key's value: a submitter or `status` without
+        # the key names the bucket the workers that hold it use (and a rotated key keeps its bucket).
+        # An organization keys it (all its keys share its limits), else where the key comes from
+        # ("api_key_env:OPENAI_KEY_A": two aliases of one variable share a bucket); no key: the server.
+        source = f"{given[0]}:{fields[given[0]]}" if len(given) == 1 and typed(fields[given[0]], _STR) else "anonymous"
         # Azure: the resource alone, whatever the key: its limits belong to its deployments.
         bucket_id = account_fingerprint("", None, base_url) if dialect == "azure" else account_fingerprint(
-            key, org, base_url)
+            source, org, base_url)
         return Account(
             name, dialect, base_url, bucket_id, credential, org, fields.get("project"), fields.get("api_version"),
             FrozenMap(deployments), fields.get("encoding", "cl100k_base"), fields.get("tokenize", "local"),

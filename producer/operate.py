@@ -111,9 +111,9 @@ class BatchOperations:
 
     def account_workers(self) -> dict[str, dict[str, Any]]:
         """Each configured account: its dialect, the bucket id its pairs are shown under (the metrics'
-        ``account`` label; left out when this process lacks the key it is derived from) and how many
-        live workers hold its key (0: its jobs wait for one)."""
+        ``account`` label; the same with or without its key here) and how many live workers hold its
+        key (0: its jobs wait for one)."""
         held = live_holders(self.redis)
-        return {a.name: {"dialect": a.dialect, **({} if a.unusable else {"bucket": a.bucket_id}),
-                         "workers_with_key": held[a.name]} for a in self.accounts}
+        return {a.name: {"dialect": a.dialect, "bucket": a.bucket_id, "workers_with_key": held[a.name]}
+                for a in self.accounts}
 

@@ -175,3 +175,31 @@ def test_submit_account_names_the_batchs_account_and_an_unknown_one_is_a_usage_e
     stored = rclient.hgetall(keys.batch_jobs(batch_id))
     assert {cid.decode(): StoredJob.loads(cid.decode(), raw).account for cid, raw in stored.items()} == {
         "c-1": "team-b", "c-2": "team-a"}
+
+
+def test_a_submitter_without_the_key_names_the_workers_bucket_and_shows_its_pauses(
+        redis_url: str, rclient: redis.Redis, tmp_path: Path) -> None:
+    """The submitter holds no key; the worker holds team-b's. Both must name the same bucket, or
+    ``status`` reads the pauses of a bucket no worker uses (the finding: none shown)."""
+    from ratequeue.worker.routing import Routing
+
+    path = tmp_path / "models.toml"
+    path.write_text(MODELS)
+    settings = load_settings({"RATEQUEUE_REDIS_URL": redis_url, "RATEQUEUE_MODELS_FILE": str(path)})
+    client = Client(settings, publish=lambda _batch, _ids: None,
+                    accounts=load_account_table(settings, env={}, require_credentials=False))
+    worker = Routing(load_account_table(settings, env={"KEY_B": "sk-team-b-0123456789abcdef"},
+                                        require_credentials=False))
+    report = client.submit_batch([orjson.loads(_line(1))], account="team-b")
+    job = StoredJob.loads("c-1", rclient.hget(keys.batch_jobs(report.batch_id), "c-1"))  # type: ignore[arg-type]
+    meta = rclient.hget(keys.batch_meta(report.batch_id), "account")
+    target = worker.target("unused", job)
+    assert meta is not None and meta.decode() == target.account
+    assert client.account_workers()["team-b"]["bucket"] == target.account
+    rotated = load_account_table(settings, env={"KEY_B": "sk-team-b-rotated-key-0123"}, require_credentials=False)
+    assert rotated.account("team-b").bucket_id == target.account  # a new key of the same account: the same bucket
+    assert "sk-team-b" not in target.account
+    rclient.hset(keys.parked_pairs(), target.pair, orjson.dumps({"reason": "invalid_api_key", "message": "",
+                                                                 "since": 0, "cooldown": 60}))
+    shown = client.status(report.batch_id)["models"]["gpt-4o-mini"]
+    assert shown["paused"] is not None and shown["paused"]["reason"] == "invalid_api_key"
