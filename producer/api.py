@@ -79,18 +79,27 @@ class Client(BatchOperations):
         self._validator = LineValidator(self.accounts)
         self._batches = BatchStore(self.redis)
 
+    def account_name(self, account: str | None) -> str:
+        """The alias a batch of `account` (None: the default) is sent with: ``default`` without
+        [accounts], "" with no default (each line names its own account, or is refused for naming
+        none). Raises UsageError for an alias the configuration lacks, before anything is stored."""
+        if self.accounts.implicit and account in (None, IMPLICIT):
+            return IMPLICIT
+        if account is None and self.accounts.default_account() is None:
+            return ""
+        try:
+            return self.accounts.account(account).name
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
+
     def _bucket_account(self, account: str | None) -> str:
         """The bucket id a batch of `account` is shown under (its meta's ``account``: status reads its
         parked pairs and limits there): today's fingerprint without [accounts]. Raises UsageError for
         an alias the configuration lacks, before anything is stored."""
-        if self.accounts.implicit and account in (None, IMPLICIT):
+        name = self.account_name(account)
+        if self.accounts.implicit:
             return self.settings.account_id
-        if account is None and self.accounts.default_account() is None:
-            return ""  # no default: each line names its own account (or is refused for naming none)
-        try:
-            return self.accounts.account(account).bucket_id
-        except InvalidRequestError as exc:
-            raise UsageError(str(exc)) from None
+        return self.accounts.account(name).bucket_id if name else ""
 
     def submit_batch(
         self,
@@ -129,7 +138,7 @@ class Client(BatchOperations):
         capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
         try:
             batch_id = self._submitter.create_batch(
-                bucket_account, "", name, completion_window, metadata, batch_id, digest
+                bucket_account, "", name, completion_window, metadata, batch_id, digest, self.account_name(account)
             )
         except BatchExistsError:
             assert batch_id is not None
@@ -178,7 +187,8 @@ class Client(BatchOperations):
         job = self._validator.job(1, custom_id, request)
         own_batch = batch_id is None
         if batch_id is None:
-            batch_id = self._submitter.create_batch(self._bucket_account(job.account), url, "<submit_job>")
+            batch_id = self._submitter.create_batch(self._bucket_account(job.account), url, "<submit_job>",
+                                                    account_name=self.account_name(job.account))
         elif (joined := self._batches.status(batch_id)) is None:
             raise BatchNotFoundError(f"no batch {batch_id!r}")
         elif joined is not BatchStatus.VALIDATING:  # closed, cancelled or past its window: no job joins

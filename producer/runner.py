@@ -165,7 +165,7 @@ class _Run:
         """The batch to follow, and whether it has ended already."""
         from ratequeue.producer.continuation import batch_models, batch_of_input, unpark_lasting
 
-        found = None if fresh else batch_of_input(client, digest)
+        found = None if fresh else batch_of_input(client, digest, client.account_name(self.account))
         if found is not None:
             batch_id, status = found
             if status in FINAL_STATUSES:

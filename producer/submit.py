@@ -78,12 +78,15 @@ class Submitter:
         metadata: Mapping[str, Any] | None = None,
         batch_id: str | None = None,
         input_sha256: str = "",
+        account_name: str = "",
     ) -> str:
         """Create an empty, unsealed batch (status validating); returns its id. ``input_sha256``:
-        hex digest of the raw input bytes, kept in the meta. Raises ``BatchExistsError`` for a
-        ``batch_id`` in use."""
+        hex digest of the raw input bytes, kept in the meta; ``account``: the bucket id its pairs are
+        shown under, ``account_name`` the alias it is sent with ("": each line names its own). Raises
+        ``BatchExistsError`` for a ``batch_id`` in use."""
         fields = {
             "account": account,
+            "account_name": account_name,
             "endpoint": endpoint,
             "input_file": input_file,
             "completion_window": completion_window,
