@@ -60,10 +60,9 @@ def _another_account(client: Client, batch_id: str, had: str, wanted: str) -> st
     batch = client.status(batch_id)
     counts, status = batch["request_counts"], batch["status"]
     done = f"{counts['completed'] + counts['failed']} of {counts['total']} done, {status}"
-    if status in FINAL_STATUSES:
-        keep = f"to write its results again, run with --account {had or '(none)'}"
-    else:
-        keep = f"to continue it, run again with --account {had or '(none)'}"
+    same = f"with --account {had}" if had else "without --account"
+    keep = f"to write its results again, run {same}" if status in FINAL_STATUSES else (
+        f"to continue it, run again {same}")
     return (f"batch {batch_id} of this input was sent with {_named(had)} ({done}); this run names {_named(wanted)}: "
             f"{keep}; to send the whole input with {_named(wanted)}, add --fresh (what is done is sent, and paid, "
             "again)")
