@@ -35,7 +35,7 @@ from ratequeue.producer import capacity
 from ratequeue.producer.batch_ids import check_batch_id, file_sha256, submitted_before
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
 from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
-from ratequeue.producer.model_progress import ModelLimits, model_limits
+from ratequeue.producer.model_progress import ModelLimits, configured_limits, model_limits
 from ratequeue.producer.operate import BatchOperations
 from ratequeue.producer.retention import delete_batch
 from ratequeue.producer.submit import SubmitReport, Submitter
@@ -213,10 +213,13 @@ class Client(BatchOperations):
         """The Batch object (OpenAI's shape, plus ``usage`` and ``cost_usd``)."""
         return batch_object(self.redis, batch_id)
 
-    def model_limits(self, model: str) -> ModelLimits | None:
-        """The per-minute limits ``model`` runs at on the default account: learned by the workers,
-        else configured (None for a model the table does not know)."""
-        return model_limits(self.redis, self.table, self._bucket_account(None), model)
+    def model_limits(self, model: str, account: str | None = None) -> ModelLimits | None:
+        """The per-minute limits ``model`` runs at on `account` (None: the default): learned by the
+        workers, else configured (the account's own, else the table's; None if nothing describes them)."""
+        limits = model_limits(self.redis, self.table, self._bucket_account(account), model)
+        if limits is None or limits.source != "learned":
+            limits = configured_limits(self.accounts, model, self.account_name(account)) or limits
+        return limits
 
     def wait(self, batch_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         """Block until the batch reaches a final status; returns the Batch object.

@@ -157,7 +157,7 @@ class _Run:
             from ratequeue.producer.continuation import batch_models
 
             follow(watched_status(client, self.batch_id, batch_models(client, self.batch_id)), self.console,
-                   limits_of=client.model_limits)
+                   limits_of=lambda model: client.model_limits(model, self.account))
         batch = client.status(self.batch_id)
         return batch, self._write(results_path, errors_path)
 

@@ -244,3 +244,17 @@ def test_chunks_go_to_their_accounts_queue_at_submit_resume_and_after_a_deferral
     rclient.zadd(keys.deferred_jobs(), {f"{old}{keys.DEFERRED_SEP}c-5": 0})
     assert DeferredMover(rclient, publish).move_due() == 1
     assert sent == [(QUEUE, old, ("c-5",))] * 2
+
+
+def test_the_limits_a_batch_is_shown_against_are_its_accounts(redis_url: str, tmp_path: Path) -> None:
+    """`run`'s progress and ETA read the configured limits of the batch's account (its usage tier),
+    not the model table's, until the workers learn the server's."""
+    from tests.test_config_accounts import TIERS
+
+    path = tmp_path / "models.toml"
+    path.write_text('default_account = "tier1"\n' + TIERS)
+    client = Client(load_settings({"RATEQUEUE_REDIS_URL": redis_url, "RATEQUEUE_MODELS_FILE": str(path)}),
+                    publish=lambda *_: None)
+    one, five = client.model_limits("gpt-4o-mini"), client.model_limits("gpt-4o-mini", "tier5")
+    assert one is not None and (one.rpm, one.tpm, one.source) == (500, 200_000, "configured")
+    assert five is not None and (five.rpm, five.tpm) == (30_000, 150_000_000)
