@@ -326,3 +326,12 @@ def test_openai_accounts_on_different_tiers_size_their_own_buckets(tmp_path: Pat
     assert (one.spec.encoding, one.spec.input_per_1m) == (table_spec.encoding, table_spec.input_per_1m)
     by_route = {r.name: (r.spec.rpm, r.spec.tpm) for r in accounts.all_routes()}  # the workers' metrics series
     assert by_route["tier1/gpt-4o-mini"] == (500, 200_000) and by_route["tier5/gpt-4o-mini"] == (30_000, 150_000_000)
+
+
+def test_an_openai_compatible_account_may_give_any_models_limits(tmp_path: Path) -> None:
+    accounts = _load(tmp_path, '[accounts.groq]\ndialect = "openai-compatible"\nbase_url = "http://127.0.0.1:9"\n'
+                     '[accounts.groq.models."llama3.1:8b"]\nrpm = 30\ntpm = 6000\n', env={})
+    (route,) = accounts.routes_for("llama3.1:8b")
+    assert (route.spec.rpm, route.spec.tpm, route.spec.limits_known) == (30, 6000, True)
+    (other,) = accounts.routes_for("qwen2.5:7b")
+    assert not other.spec.limits_known
