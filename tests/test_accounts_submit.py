@@ -241,6 +241,7 @@ def test_chunks_go_to_their_accounts_queue_at_submit_resume_and_after_a_deferral
     sent.clear()
     plain = Client(load_settings({"RATEQUEUE_REDIS_URL": redis_url}), publish=publish)
     old = plain.submit_batch([orjson.loads(_line(5))]).batch_id
+    assert not [f for f in rclient.hkeys(keys.batch_models(old)) if f.startswith(b"queue:")]  # stored as before
     rclient.zadd(keys.deferred_jobs(), {f"{old}{keys.DEFERRED_SEP}c-5": 0})
     assert DeferredMover(rclient, publish).move_due() == 1
     assert sent == [(QUEUE, old, ("c-5",))] * 2
