@@ -2,7 +2,9 @@
 
 Two simulators, one per account, each requiring its own key; a batch whose jobs alternate between
 the accounts; two worker processes that either both hold both keys ("both") or of which one holds
-only account a's ("one-lacks-b": b's jobs it takes are deferred until the other worker runs them).
+only account a's ("one-lacks-b": b's chunks wait in b's own queue, which only the other worker
+consumes; before queues per account, the worker lacking b's key took them, deferred them and
+handed them on).
 Prints wall time, requests per account's server (401s must be 0: no job went out with another
 key), the refusing worker's CPU seconds and its deferrals.
 

@@ -8,6 +8,9 @@ The configuration (in ``RATEQUEUE_MODELS_FILE``, beside ``[models.*]``; README "
     dialect = "openai"                        # openai (default) | azure | openai-compatible
     api_key_env = "OPENAI_API_KEY"            # or api_key_file = "/run/secrets/k", or bearer_token_file
     organization = "org-..."                  # openai only, like project
+    [accounts.openai.models."gpt-4o-mini"]   # its own limits (its usage tier); the table's where absent
+    rpm = 500
+    tpm = 200000
     [accounts.azure-eu]
     dialect = "azure"
     base_url = "https://myres-eu.openai.azure.com"
@@ -53,6 +56,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from ratequeue.config.account_limits import AccountLimits
 from ratequeue.config.apikey import Credential
 from ratequeue.config.models import GENERIC_CONTEXT_WINDOW, GENERIC_ENCODING, ModelSpec, ModelTable, generic_spec
 from ratequeue.config.urls import redact_url
@@ -99,10 +103,11 @@ class Account:
     max_concurrency: int | None = None  # openai-compatible: ceiling of the adaptive window
     context_window: int = GENERIC_CONTEXT_WINDOW  # openai-compatible: of models the table lacks
     # Why this process cannot send for it (its key's variable is unset here, load_account_table's
-    # require_credentials=False). Its bucket_id is then the senders' only where no key is needed to
-    # know it (Azure, or an organization): this process sends nothing on it anyway.
+    # require_credentials=False). Its bucket_id is the senders' all the same: it never depends on the key.
     unusable: str | None = None
     implicit: bool = False  # built from the environment (no [accounts] table)
+    # Its own limits per model (canonical name), e.g. of its usage tier; the table's where absent.
+    limits: Mapping[str, AccountLimits] = field(default_factory=lambda: FrozenMap({}), hash=False)
 
     def auth_headers(self) -> dict[str, str]:
         """The headers that authenticate a request of this account (none without credentials). Ask
@@ -255,7 +260,8 @@ class AccountTable:
             spec = generic_spec(target, acct.encoding, context_window=acct.context_window)
         else:
             spec = self.table.get(target)
-        return Route(acct, model, target, spec, max_concurrency=acct.max_concurrency)
+        own = acct.limits.get(spec.name)
+        return Route(acct, model, target, own.applied(spec) if own else spec, max_concurrency=acct.max_concurrency)
 
     def _azure_route(self, acct: Account, model: str, target: str) -> Route:
         deployment = acct.deployments.get(target)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ratequeue.config.account_limits import read_account_limits
 from ratequeue.config.accounts import DIALECTS, IMPLICIT, Account, AccountTable, Deployment, RouteEntry
 from ratequeue.config.apikey import Credential, TokenFile, checked_secret, read_secret_file
 from ratequeue.config.model_layers import read_table_file, read_toml
@@ -45,7 +46,7 @@ _ACCOUNT_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "organization": (_STR, ("openai",)), "project": (_STR, ("openai",)),
     "api_version": (_STR, ("azure",)), "deployments": (_TABLE, ("azure",)),
     "encoding": (_STR, _COMPATIBLE), "tokenize": (_STR, _COMPATIBLE), "max_concurrency": (_INT, _COMPATIBLE),
-    "context_window": (_INT, _COMPATIBLE),
+    "context_window": (_INT, _COMPATIBLE), "models": (_TABLE, ("openai", *_COMPATIBLE)),
 }  # fmt: skip
 _CREDENTIALS = ("api_key_env", "api_key_file", "bearer_token_file")
 _DEPLOYMENT_FIELDS = {"deployment": _STR, "tpm": _INT, "rpm": _INT, "window_seconds": _NUM, "encoding": _STR}
@@ -92,7 +93,7 @@ def load_account_table(
                 problems.add((key,), "needs an [accounts] table")
         problems.check()
         return implicit_table(settings, table)
-    reader = _Reader(problems, environment() if env is None else env, require_credentials)
+    reader = _Reader(problems, environment() if env is None else env, require_credentials, table)
     accounts, failed = reader.accounts(doc["accounts"])
     routes = _routes(problems, doc.get("routes", {}), set(accounts), failed)
     default = doc.get("default_account")
@@ -116,8 +117,10 @@ def load_account_table(
 class _Reader:
     """Reads the [accounts.*] tables, recording every problem in `problems`."""
 
-    def __init__(self, problems: Problems, env: Mapping[str, str], require_credentials: bool) -> None:
+    def __init__(self, problems: Problems, env: Mapping[str, str], require_credentials: bool,
+                 table: ModelTable) -> None:
         self.p = problems
+        self.table = table
         self.env = env
         self.require = require_credentials
 
@@ -150,7 +153,8 @@ class _Reader:
         for key in fields:
             allowed = _ACCOUNT_FIELDS.get(key, (None, DIALECTS))[1]
             if dialect not in allowed:
-                p.add((*path, key), f"only for {' or '.join(allowed)} accounts, not {dialect}")
+                hint = " (an azure deployment's limits are under deployments)" if key == "models" else ""
+                p.add((*path, key), f"only for {' or '.join(allowed)} accounts, not {dialect}{hint}")
         if dialect != "openai" and "base_url" not in fields:
             p.add(path, f"an {dialect} account needs base_url")  # azure or openai-compatible
         if dialect == "azure" and "api_version" not in fields:
@@ -166,20 +170,23 @@ class _Reader:
             p.add((*path, "tokenize"), f"must be one of {', '.join(_TOKENIZE)}")
         base_url = self.base_url(path, fields.get("base_url", DEFAULT_BASE_URL), dialect)
         deployments = self.deployments(path, fields.get("deployments", {}))
+        limits = read_account_limits(p, path, fields.get("models", {}) if dialect != "azure" else {}, self.table,
+                                     any_name=dialect == "openai-compatible")
         credential, unusable = self.credential(path, fields, given[0] if len(given) == 1 else None, dialect)
         org = fields.get("organization")
-        if credential is None:  # an organization's id needs no key; else this process sends nothing on it
-            key = "anonymous" if unusable is None or org else f"unusable:{name}"
-        else:
-            key = f"token-file:{credential.token_file.path}" if credential.token_file else credential.value()
+        # The bucket id is read off the file alone, never the key's value: a submitter or `status` without
+        # the key names the bucket the workers that hold it use (and a rotated key keeps its bucket).
+        # An organization keys it (all its keys share its limits), else where the key comes from
+        # ("api_key_env:OPENAI_KEY_A": two aliases of one variable share a bucket); no key: the server.
+        source = f"{given[0]}:{fields[given[0]]}" if len(given) == 1 and typed(fields[given[0]], _STR) else "anonymous"
         # Azure: the resource alone, whatever the key: its limits belong to its deployments.
         bucket_id = account_fingerprint("", None, base_url) if dialect == "azure" else account_fingerprint(
-            key, org, base_url)
+            source, org, base_url)
         return Account(
             name, dialect, base_url, bucket_id, credential, org, fields.get("project"), fields.get("api_version"),
             FrozenMap(deployments), fields.get("encoding", "cl100k_base"), fields.get("tokenize", "local"),
             fields.get("max_concurrency", 64 if dialect == "openai-compatible" else None),
-            fields.get("context_window", GENERIC_CONTEXT_WINDOW), unusable,
+            fields.get("context_window", GENERIC_CONTEXT_WINDOW), unusable, limits=FrozenMap(limits),
         )
 
     def base_url(self, path: KeyPath, raw: Any, dialect: str) -> str:

@@ -35,7 +35,7 @@ from ratequeue.producer import capacity
 from ratequeue.producer.batch_ids import check_batch_id, file_sha256, submitted_before
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
 from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
-from ratequeue.producer.model_progress import ModelLimits, model_limits
+from ratequeue.producer.model_progress import ModelLimits, configured_limits, model_limits
 from ratequeue.producer.operate import BatchOperations
 from ratequeue.producer.retention import delete_batch
 from ratequeue.producer.submit import SubmitReport, Submitter
@@ -83,18 +83,27 @@ class Client(BatchOperations):
         self._validator = LineValidator(self.accounts, counts=self._counts)
         self._batches = BatchStore(self.redis)
 
+    def account_name(self, account: str | None) -> str:
+        """The alias a batch of `account` (None: the default) is sent with: ``default`` without
+        [accounts], "" with no default (each line names its own account, or is refused for naming
+        none). Raises UsageError for an alias the configuration lacks, before anything is stored."""
+        if self.accounts.implicit and account in (None, IMPLICIT):
+            return IMPLICIT
+        if account is None and self.accounts.default_account() is None:
+            return ""
+        try:
+            return self.accounts.account(account).name
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
+
     def _bucket_account(self, account: str | None) -> str:
         """The bucket id a batch of `account` is shown under (its meta's ``account``: status reads its
         parked pairs and limits there): today's fingerprint without [accounts]. Raises UsageError for
         an alias the configuration lacks, before anything is stored."""
-        if self.accounts.implicit and account in (None, IMPLICIT):
+        name = self.account_name(account)
+        if self.accounts.implicit:
             return self.settings.account_id
-        if account is None and self.accounts.default_account() is None:
-            return ""  # no default: each line names its own account (or is refused for naming none)
-        try:
-            return self.accounts.account(account).bucket_id
-        except InvalidRequestError as exc:
-            raise UsageError(str(exc)) from None
+        return self.accounts.account(name).bucket_id if name else ""
 
     def submit_batch(
         self,
@@ -133,7 +142,7 @@ class Client(BatchOperations):
         capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
         try:
             batch_id = self._submitter.create_batch(
-                bucket_account, "", name, completion_window, metadata, batch_id, digest
+                bucket_account, "", name, completion_window, metadata, batch_id, digest, self.account_name(account)
             )
         except BatchExistsError:
             assert batch_id is not None
@@ -188,7 +197,8 @@ class Client(BatchOperations):
             self._close_counts()
         own_batch = batch_id is None
         if batch_id is None:
-            batch_id = self._submitter.create_batch(self._bucket_account(job.account), url, "<submit_job>")
+            batch_id = self._submitter.create_batch(self._bucket_account(job.account), url, "<submit_job>",
+                                                    account_name=self.account_name(job.account))
         elif (joined := self._batches.status(batch_id)) is None:
             raise BatchNotFoundError(f"no batch {batch_id!r}")
         elif joined is not BatchStatus.VALIDATING:  # closed, cancelled or past its window: no job joins
@@ -213,10 +223,13 @@ class Client(BatchOperations):
         """The Batch object (OpenAI's shape, plus ``usage`` and ``cost_usd``)."""
         return batch_object(self.redis, batch_id)
 
-    def model_limits(self, model: str) -> ModelLimits | None:
-        """The per-minute limits ``model`` runs at on the default account: learned by the workers,
-        else configured (None for a model the table does not know)."""
-        return model_limits(self.redis, self.table, self._bucket_account(None), model)
+    def model_limits(self, model: str, account: str | None = None) -> ModelLimits | None:
+        """The per-minute limits ``model`` runs at on `account` (None: the default): learned by the
+        workers, else configured (the account's own, else the table's; None if nothing describes them)."""
+        limits = model_limits(self.redis, self.table, self._bucket_account(account), model)
+        if limits is None or limits.source != "learned":
+            limits = configured_limits(self.accounts, model, self.account_name(account)) or limits
+        return limits
 
     def wait(self, batch_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         """Block until the batch reaches a final status; returns the Batch object.

@@ -1,7 +1,8 @@
 """Continuing a run: the batch an input already has, and the stops that leave it resumable.
 
-A batch records the sha256 of its input file (``input_sha256`` in its meta). Running the same
-input again continues its unfinished batch (its jobs without an outcome are enqueued again; those
+A batch records the sha256 of its input file (``input_sha256`` in its meta) and the account it
+is sent with (``account_name``). Running the same input with the same account again continues its
+unfinished batch (its jobs without an outcome are enqueued again; those
 done are not paid twice) instead of submitting a new one.
 """
 
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ratequeue.errors import RatequeueError
+from ratequeue.errors import RatequeueError, UsageError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
 from ratequeue.producer.api import Client
@@ -34,16 +35,41 @@ class RunStopped(RatequeueError):
         self.exit_code = exit_code
 
 
-def batch_of_input(client: Client, input_digest: str) -> tuple[str, str] | None:
-    """(batch id, status) of the newest batch made from the input with this sha256, if any."""
+def batch_of_input(client: Client, input_digest: str, account: str) -> tuple[str, str] | None:
+    """(batch id, status) of the newest batch made from the input with this sha256 and sent with
+    `account` (an alias, ``Client.account_name``); raises UsageError, saying what to do, when the
+    input has a batch of another account only: continuing it would send its lines with that
+    account's key, and a new batch would pay again for what it has done."""
     ids = [text(b) for b in client.redis.zrevrange(keys.batches_index(), 0, -1)]
     pipe = client.redis.pipeline(transaction=False)
     for batch_id in ids:
-        pipe.hmget(keys.batch_meta(batch_id), "input_sha256", "status")
-    for batch_id, (digest, status) in zip(ids, pipe.execute(), strict=True):
-        if digest is not None and text(digest) == input_digest:
+        pipe.hmget(keys.batch_meta(batch_id), "input_sha256", "status", "account_name")
+    other: tuple[str, str] | None = None
+    for batch_id, (digest, status, name) in zip(ids, pipe.execute(), strict=True):
+        if digest is None or text(digest) != input_digest:
+            continue
+        if name is None or text(name) == account:  # a batch of an older version: its account unknown
             return batch_id, text(status or b"validating")
+        other = other or (batch_id, text(name))
+    if other is not None:
+        raise UsageError(_another_account(client, *other, account))
     return None
+
+
+def _another_account(client: Client, batch_id: str, had: str, wanted: str) -> str:
+    batch = client.status(batch_id)
+    counts, status = batch["request_counts"], batch["status"]
+    done = f"{counts['completed'] + counts['failed']} of {counts['total']} done, {status}"
+    same = f"with --account {had}" if had else "without --account"
+    keep = f"to write its results again, run {same}" if status in FINAL_STATUSES else (
+        f"to continue it, run again {same}")
+    return (f"batch {batch_id} of this input was sent with {_named(had)} ({done}); this run names {_named(wanted)}: "
+            f"{keep}; to send the whole input with {_named(wanted)}, add --fresh (what is done is sent, and paid, "
+            "again)")
+
+
+def _named(account: str) -> str:
+    return f"account '{account}'" if account else "each line's own account"
 
 
 def batch_models(client: Client, batch_id: str) -> list[str]:

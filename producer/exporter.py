@@ -29,7 +29,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -43,18 +43,20 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.models import ModelTable, load_model_table
 from ratequeue.config.settings import Settings, load_settings
 from ratequeue.errors import RatequeueError
 from ratequeue.jobstore.heartbeats import redis_now
 from ratequeue.producer.exporter_memory import memory_families
-from ratequeue.producer.exporter_pairs import BucketReader, read_parked
+from ratequeue.producer.exporter_pairs import BucketReader, configured_pair_limits, read_parked
 from ratequeue.producer.exporter_progress import progress_families
 from ratequeue.producer.exporter_queue import QueueReader
 from ratequeue.producer.exporter_totals import totals_families
 from ratequeue.producer.exporter_work import RECENT_BATCHES, BatchReader
 from ratequeue.producer.exporter_workers import sd_targets, worker_families
 from ratequeue.producer.model_progress import ModelLimits, at_share, model_limits, share_in_force
+from ratequeue.queue import QUEUE, worker_queues
 from ratequeue.redis_tls import redis_options
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ class RedisCollector(Collector):
         client: redis.Redis,
         table: ModelTable,
         burst_seconds: float,
-        queue: str = "ratequeue",
+        queues: Sequence[str] = (QUEUE,),
+        pair_limits: Mapping[str, tuple[int, int]] | None = None,
         learn_limits: bool = True,
         max_share: float = 1.0,
         daily_budget_usd: float | None = None,
@@ -84,8 +87,8 @@ class RedisCollector(Collector):
         self._learn = learn_limits
         self._budget = daily_budget_usd
         self._batches = BatchReader()
-        self._queue = QueueReader(queue)
-        self._buckets = BucketReader(client, table, burst_seconds, learn_limits)
+        self._queue = QueueReader(queues)
+        self._buckets = BucketReader(client, table, burst_seconds, learn_limits, pair_limits)
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
@@ -160,6 +163,8 @@ def exporter_app(registry: CollectorRegistry, client: redis.Redis) -> Callable[.
     return app
 
 
+
+
 def serve(settings: Settings, port: int, addr: str = "0.0.0.0") -> int:
     """Serve ``/metrics`` and ``/sd/workers`` from a daemon thread; returns the port bound."""
     # Fail a scrape fast when Redis is away (ratequeue_redis_up 0) instead of retrying past its timeout.
@@ -168,9 +173,13 @@ def serve(settings: Settings, port: int, addr: str = "0.0.0.0") -> int:
         socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1), **redis_options(settings),
     )
     registry = CollectorRegistry()
+    # The shared queue and each account's own, and accounts' own limits (the exporter needs no key).
+    accounts = load_account_table(settings, require_credentials=False)
     registry.register(RedisCollector(
         client, load_model_table(settings), settings.burst_seconds, learn_limits=settings.learn_limits,
         max_share=settings.max_share, daily_budget_usd=settings.daily_budget_usd,
+        queues=worker_queues([] if accounts.implicit else accounts.names()),
+        pair_limits=configured_pair_limits(accounts),
     ))
     server = make_server(addr, port, exporter_app(registry, client), _ThreadingServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="ratequeue-exporter", daemon=True).start()

@@ -4,13 +4,15 @@
   first park (worker/parking.py keeps it across failed probes);
 - every bucket ``rq:bucket:{<account>:<model>}``, peeked with the limits its workers use: the
   learned ones (``rq:learned``) when ``RATEQUEUE_LEARN_LIMITS`` is on and the server announced
-  some, else this process's model table (the same environment as the workers'); models it does
-  not know are skipped.
+  some, else the configured ones: the pair's account's own (``configured_pair_limits``: an
+  account's tier limits), else this process's model table (the same environment as the workers');
+  models it does not know are skipped.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -18,13 +20,14 @@ import orjson
 import redis
 from prometheus_client.core import GaugeMetricFamily
 
+from ratequeue.config.accounts import AccountTable
 from ratequeue.config.models import ModelTable
 from ratequeue.errors import RatequeueError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
 from ratequeue.worker.limiter import BucketLimits, SyncLimiter
 
-__all__ = ["BucketReader", "Parked", "read_parked"]
+__all__ = ["BucketReader", "Parked", "configured_pair_limits", "read_parked"]
 
 _BUCKET = re.compile(r"^rq:bucket:\{([^:}]*):(.+)\}$")
 _MAX_BUCKETS = 1000  # (account, model) buckets remembered after their hash expired
@@ -55,12 +58,22 @@ def read_parked(client: redis.Redis) -> tuple[list[GaugeMetricFamily], Parked]:
     return [count, since], parked
 
 
+def configured_pair_limits(accounts: AccountTable) -> dict[str, tuple[int, int]]:
+    """``<account>:<model>`` -> (rpm, tpm) of each pair whose account sets its own limits for the
+    model ([accounts.X.models]); the table's figures serve the others. Azure deployments are left
+    out (their buckets are named after deployments the table lacks, skipped as before)."""
+    return {keys.pair_field(*route.pair): (route.spec.rpm, route.spec.tpm) for route in accounts.all_routes()
+            if route.account.dialect != "azure" and route.spec.name in route.account.limits}
+
+
 class BucketReader:
     """Peeks every bucket at each scrape, remembering buckets whose idle hash expired (missing = full)."""
 
-    def __init__(self, client: redis.Redis, table: ModelTable, burst_seconds: float, learn_limits: bool) -> None:
+    def __init__(self, client: redis.Redis, table: ModelTable, burst_seconds: float, learn_limits: bool,
+                 pair_limits: Mapping[str, tuple[int, int]] | None = None) -> None:
         self._limiter = SyncLimiter(client)
         self._table = table
+        self._pair_limits = dict(pair_limits or {})
         self._burst = burst_seconds
         self._learn = learn_limits
         self._seen: dict[str, None] = {}
@@ -84,11 +97,14 @@ class BucketReader:
             if not match:
                 continue
             account, model = match.groups()
-            try:
-                spec = self._table.get(model)
-            except RatequeueError:
-                continue
-            rpm, tpm = _learned(learned.get(f"{account}:{model}"), spec.rpm, spec.tpm)
+            configured = self._pair_limits.get(f"{account}:{model}")
+            if configured is None:
+                try:
+                    spec = self._table.get(model)
+                except RatequeueError:
+                    continue
+                configured = spec.rpm, spec.tpm
+            rpm, tpm = _learned(learned.get(f"{account}:{model}"), *configured)
             levels = self._limiter.peek(key, BucketLimits(rpm, tpm, self._burst))
             pause = max(0.0, levels.not_before_ms / 1000 - levels.now_us / 1e6)
             values = (levels.requests, levels.tokens, levels.request_capacity, levels.token_capacity, pause)

@@ -21,6 +21,7 @@ members that model. Only a batch of several models needs its jobs' models: read 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import orjson
 import redis
@@ -30,6 +31,7 @@ from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.producer.exporter_work import Work
+from ratequeue.queue import QUEUE
 
 __all__ = ["QueueReader"]
 
@@ -40,15 +42,15 @@ _PAGE = 1000
 class QueueReader:
     """Reads Celery's queue and the deferred set at each scrape; remembers deferred jobs' models."""
 
-    def __init__(self, queue: str = "ratequeue") -> None:
-        self._queue = queue
+    def __init__(self, queues: Sequence[str] = (QUEUE,)) -> None:
+        self._queues = list(queues)  # the shared queue and each account's own (queue.worker_queues)
         self._models: dict[bytes, str | None] = {}  # deferred member of a several-model batch -> model
 
     def read(self, client: redis.Redis, work: Work) -> list[GaugeMetricFamily]:
-        names = [self._queue, *(f"{self._queue}{_PRIORITY_SEP}{p}" for p in range(1, 10))]
+        names = [[queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in range(1, 10))] for queue in self._queues]
         now_ms = int(work.now * 1000)
         pipe = client.pipeline(transaction=False)
-        for name in names:
+        for name in (name for of_queue in names for name in of_queue):
             pipe.llen(name)
         pipe.hlen("unacked")
         pipe.zcard(keys.deferred_jobs())
@@ -58,7 +60,8 @@ class QueueReader:
             "ratequeue_queue_depth_messages", "Chunk messages waiting in a Celery queue for a worker slot.",
             labels=["queue"],
         )
-        depth.add_metric([self._queue], float(sum(lengths)))
+        for i, queue in enumerate(self._queues):
+            depth.add_metric([queue], float(sum(lengths[i * 10 : i * 10 + 10])))
         by_model = GaugeMetricFamily(
             "ratequeue_deferred_jobs", "Jobs in the deferred set until capacity, a retry or a parked pair's probe.",
             labels=["model"],

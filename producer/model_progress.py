@@ -21,8 +21,9 @@ from typing import Any
 import orjson
 import redis
 
+from ratequeue.config.accounts import AccountTable
 from ratequeue.config.models import ModelTable
-from ratequeue.errors import UnknownModelError
+from ratequeue.errors import InvalidRequestError, UnknownModelError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
 
@@ -185,6 +186,19 @@ def model_limits(client: redis.Redis, table: ModelTable, account: str, model: st
     except UnknownModelError:
         return None
     return ModelLimits(float(spec.rpm), float(spec.tpm), "configured")
+
+
+def configured_limits(accounts: AccountTable, model: str, account: str) -> ModelLimits | None:
+    """The limits `account` (an alias; "": none named) gives ``model`` on its first route: its own
+    (a usage tier's, an Azure deployment's) or the table's; None without [accounts] or where nothing
+    describes them."""
+    if accounts.implicit or not account:
+        return None
+    try:
+        spec = accounts.routes_for(model, account)[0].spec
+    except (InvalidRequestError, UnknownModelError):
+        return None
+    return ModelLimits(float(spec.rpm), float(spec.tpm), "configured") if spec.limits_known else None
 
 
 def share_in_force(client: redis.Redis, account: str, model: str, max_share: float) -> float:

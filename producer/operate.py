@@ -19,6 +19,7 @@ from ratequeue.jobstore.heartbeats import live_holders
 from ratequeue.producer.retention import delete_batch
 from ratequeue.producer.routes_status import route_use
 from ratequeue.producer.submit import Submitter
+from ratequeue.queue import worker_queues
 from ratequeue.redact import configured_secrets, redact_json
 
 
@@ -98,7 +99,9 @@ class BatchOperations:
             except BatchNotFoundError:  # expired after its retention: its index entry goes too
                 self.redis.zrem(keys.batches_index(), batch_id)
         return {
-            "queue_depth": self.redis.llen("ratequeue"),
+            # Chunk messages waiting in the shared queue and in each account's own (queue.queue_for).
+            "queue_depth": sum(self.redis.llen(q) for q in worker_queues(
+                [] if self.accounts.implicit else self.accounts.names())),
             "deferred_jobs": self.redis.zcard(keys.deferred_jobs()),
             "parked": (parked := self.parked()),
             # Chunks that failed RATEQUEUE_MAX_CHUNK_FAILURES times (newest first; their jobs failed).
@@ -111,9 +114,9 @@ class BatchOperations:
 
     def account_workers(self) -> dict[str, dict[str, Any]]:
         """Each configured account: its dialect, the bucket id its pairs are shown under (the metrics'
-        ``account`` label; left out when this process lacks the key it is derived from) and how many
-        live workers hold its key (0: its jobs wait for one)."""
+        ``account`` label; the same with or without its key here) and how many live workers hold its
+        key (0: its jobs wait for one)."""
         held = live_holders(self.redis)
-        return {a.name: {"dialect": a.dialect, **({} if a.unusable else {"bucket": a.bucket_id}),
-                         "workers_with_key": held[a.name]} for a in self.accounts}
+        return {a.name: {"dialect": a.dialect, "bucket": a.bucket_id, "workers_with_key": held[a.name]}
+                for a in self.accounts}
 

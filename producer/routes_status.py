@@ -32,5 +32,6 @@ def route_use(client: redis.Redis, accounts: AccountTable, parked: Mapping[str, 
 
 
 def _pair(route: Route, seen: str | None) -> str:
-    """The route's pair as the workers named it (their bucket id needs the key), else as this process can."""
+    """The route's pair as the workers recorded it, else as the configuration names it (the same: bucket ids never
+    depend on a key)."""
     return seen or keys.pair_field(*route.pair)

@@ -157,7 +157,7 @@ class _Run:
             from ratequeue.producer.continuation import batch_models
 
             follow(watched_status(client, self.batch_id, batch_models(client, self.batch_id)), self.console,
-                   limits_of=client.model_limits)
+                   limits_of=lambda model: client.model_limits(model, self.account))
         batch = client.status(self.batch_id)
         return batch, self._write(results_path, errors_path)
 
@@ -165,7 +165,7 @@ class _Run:
         """The batch to follow, and whether it has ended already."""
         from ratequeue.producer.continuation import batch_models, batch_of_input, unpark_lasting
 
-        found = None if fresh else batch_of_input(client, digest)
+        found = None if fresh else batch_of_input(client, digest, client.account_name(self.account))
         if found is not None:
             batch_id, status = found
             if status in FINAL_STATUSES:

@@ -20,10 +20,10 @@ from ratequeue.jobstore.codec import text
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.producer import capacity
 from ratequeue.producer.batchfile import LineError
-from ratequeue.queue import Publish
+from ratequeue.queue import QUEUE, Publish, publish_on, queue_for
 
 # Chunks hold the jobs of one (account, model) each, so a throttled model, or an account a worker
-# holds no key for, never holds up another's jobs.
+# holds no key for, never holds up another's jobs; each goes to its account's queue (queue.queue_for).
 Chunking = tuple[str | None, str]
 INPUT_ERROR_MARK = "\x00"  # order-list entries "\x00<n>" point at input_errors[n]
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -78,12 +78,15 @@ class Submitter:
         metadata: Mapping[str, Any] | None = None,
         batch_id: str | None = None,
         input_sha256: str = "",
+        account_name: str = "",
     ) -> str:
         """Create an empty, unsealed batch (status validating); returns its id. ``input_sha256``:
-        hex digest of the raw input bytes, kept in the meta. Raises ``BatchExistsError`` for a
-        ``batch_id`` in use."""
+        hex digest of the raw input bytes, kept in the meta; ``account``: the bucket id its pairs are
+        shown under, ``account_name`` the alias it is sent with ("": each line names its own). Raises
+        ``BatchExistsError`` for a ``batch_id`` in use."""
         fields = {
             "account": account,
+            "account_name": account_name,
             "endpoint": endpoint,
             "input_file": input_file,
             "completion_window": completion_window,
@@ -102,8 +105,15 @@ class Submitter:
         # refuses halfway can then be removed whole before any of it has run (RedisFullError).
         # Without one, chunks go out as blocks are stored and workers start at once.
         bounded = capacity.memory(self._redis).bounded
-        held: list[list[str]] | None = [] if bounded else None
-        publish = self._publish if held is None else (lambda _batch, ids: held.append(list(ids)))
+        held: list[tuple[list[str], str]] | None = [] if bounded else None
+
+        def hold(batch_id: str, custom_ids: Sequence[str], queue: str = QUEUE) -> None:
+            assert held is not None
+            held.append((list(custom_ids), queue))
+
+        publish: Publish = self._publish
+        if held is not None:
+            publish = hold
         block: list[StoredJob | LineError] = []
         for item in items:
             block.append(item)
@@ -114,12 +124,12 @@ class Submitter:
         if block:
             input_errors = self._write_block(batch_id, block, input_errors, report, bounded)
             self._publish_full(batch_id, block, pending, report, publish)
-        for custom_ids in pending.values():
+        for (account, _), custom_ids in pending.items():
             if custom_ids:
-                publish(batch_id, custom_ids)
+                publish_on(publish, queue_for(account), batch_id, custom_ids)
                 report.chunks += 1
-        for custom_ids in held or ():
-            self._publish(batch_id, custom_ids)
+        for custom_ids, queue in held or ():
+            publish_on(self._publish, queue, batch_id, custom_ids)
         return report
 
     def requeue_pending(self, batch_id: str) -> int:
@@ -146,9 +156,9 @@ class Submitter:
                 pending[kind].append(cid)
                 count += 1
                 if len(pending[kind]) >= self._chunk_size:
-                    self._publish(batch_id, pending.pop(kind))
-        for custom_ids in pending.values():
-            self._publish(batch_id, custom_ids)
+                    publish_on(self._publish, queue_for(kind[0]), batch_id, pending.pop(kind))
+        for (account, _), custom_ids in pending.items():
+            publish_on(self._publish, queue_for(account), batch_id, custom_ids)
         self.seal(batch_id)
         return count
 
@@ -202,14 +212,21 @@ class Submitter:
     @staticmethod
     def _count_by_model(batch_id: str, jobs: Sequence[StoredJob], pipe: redis.client.Pipeline) -> None:
         """Add the block's jobs and their charges to the per-model counters (keys.batch_models),
-        in the block's transaction: progress and ETA then read counters, never the jobs."""
+        in the block's transaction: progress and ETA then read counters, never the jobs. Jobs of an
+        account's own queue are counted per queue too (``queue:<name>``): the deferred mover sends
+        a batch's jobs back to their queue without reading them when all went to one."""
         by_model: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        by_queue: dict[str, int] = defaultdict(int)
         for job in jobs:
             by_model[job.model][0] += 1
             by_model[job.model][1] += job.charge
+            if job.account is not None:
+                by_queue[queue_for(job.account)] += 1
         for model, (count, charge) in by_model.items():
             pipe.hincrby(keys.batch_models(batch_id), f"jobs:{model}", count)
             pipe.hincrby(keys.batch_models(batch_id), f"charge:{model}", charge)
+        for queue, count in by_queue.items():
+            pipe.hincrby(keys.batch_models(batch_id), f"queue:{queue}", count)
 
     def _publish_full(
         self,
@@ -224,6 +241,6 @@ class Submitter:
                 chunk = pending[chunk_of(item)]
                 chunk.append(item.custom_id)
                 if len(chunk) >= self._chunk_size:
-                    publish(batch_id, chunk)
+                    publish_on(publish, queue_for(item.account), batch_id, chunk)
                     report.chunks += 1
                     pending[chunk_of(item)] = []

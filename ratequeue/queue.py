@@ -12,11 +12,17 @@ that must not lose or repeat jobs.
 - kombu's Redis pool sized to the slots (its default of 10 loses acks under concurrency).
 - kombu's Redis transport with fixes (``ratequeue.broker``): with celery/kombu 5.7 a worker
   holding messages exited when Redis went away.
+- a queue per account (``queue_for``): a chunk of an account's jobs goes to that account's own
+  queue, which only workers holding its key consume (``worker_queues``), so a worker without the
+  key never takes them (before: it took them from the shared queue, deferred them and noted them
+  for a worker with the key, each chunk a round trip). Jobs of no account (no ``[accounts]``, or
+  a model with several routes) stay on the shared queue, ``ratequeue``, as before accounts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from celery import Celery
 
@@ -25,6 +31,7 @@ from ratequeue.config.settings import Settings
 from ratequeue.redis_tls import broker_use_ssl
 
 QUEUE = "ratequeue"
+ACCOUNT_QUEUE_PREFIX = f"{QUEUE}.account."  # + an account alias (letters, digits, '.', '-', '_')
 RUN_CHUNK = "ratequeue.run_chunk"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -70,20 +77,43 @@ def create_app(settings: Settings, set_as_current: bool = True, tasks: Sequence[
     return app
 
 
-Publish = Callable[[str, Sequence[str]], None]
+def queue_for(account: str | None) -> str:
+    """The Celery queue of a chunk of `account`'s jobs (an alias): its own; None (no [accounts], or
+    a job any of its model's routes may serve): the shared one."""
+    return QUEUE if account is None else ACCOUNT_QUEUE_PREFIX + account
+
+
+def worker_queues(held: Sequence[str]) -> list[str]:
+    """The queues a worker holding the keys of the accounts `held` consumes: the shared one and theirs."""
+    return [QUEUE, *(queue_for(account) for account in held)]
+
+
+class Publish(Protocol):
+    """Puts one chunk message (a batch id and up to ``chunk_size`` custom_ids) on `queue`."""
+
+    def __call__(self, batch_id: str, custom_ids: Sequence[str], queue: str = QUEUE) -> None: ...
+
+
+def publish_on(publish: Publish, queue: str, batch_id: str, custom_ids: Sequence[str]) -> None:
+    """``publish`` a chunk on `queue`, named only when it is not the shared one: the shared queue's
+    calls stay as they were before queues per account."""
+    if queue == QUEUE:
+        publish(batch_id, custom_ids)
+    else:
+        publish(batch_id, custom_ids, queue)
 
 
 def publisher(settings: Settings) -> Publish:
-    """A function that puts one chunk message (a batch id and up to ``chunk_size`` custom_ids) on
-    the queue of the broker of ``settings``; its app holds one connection pool."""
+    """A ``Publish`` on the broker of ``settings``; its app holds one connection pool."""
     app = create_app(settings, set_as_current=False)
 
-    def publish(batch_id: str, custom_ids: Sequence[str]) -> None:
-        send_chunk(app, batch_id, custom_ids)
+    def publish(batch_id: str, custom_ids: Sequence[str], queue: str = QUEUE) -> None:
+        send_chunk(app, batch_id, custom_ids, queue)
 
     return publish
 
 
-def send_chunk(app: Celery, batch_id: str, custom_ids: Sequence[str]) -> None:
-    """Put one chunk message (a batch id and up to ``chunk_size`` custom_ids) on ``app``'s queue."""
-    app.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=QUEUE)
+def send_chunk(app: Celery, batch_id: str, custom_ids: Sequence[str], queue: str = QUEUE) -> None:
+    """Put one chunk message (a batch id and up to ``chunk_size`` custom_ids) on ``app``'s `queue`
+    (declared by the send: it holds the chunk even if no worker has consumed it yet)."""
+    app.send_task(RUN_CHUNK, args=[batch_id, list(custom_ids)], queue=queue)

@@ -99,3 +99,17 @@ def test_the_client_sends_an_accounts_headers_instead_of_its_own_never_beside_th
     assert azure.url.params["api-version"] == "1" and azure.headers["api-key"] == AZURE_KEY
     assert "authorization" not in azure.headers
     assert orjson.loads(azure.content) == {"model": "d"}
+
+
+def test_two_openai_accounts_of_one_model_draw_on_buckets_sized_by_their_own_limits(tmp_path: Path) -> None:
+    from tests.test_config_accounts import TIERS
+
+    path = tmp_path / "models.toml"
+    path.write_text(TIERS)
+    settings = load_settings({"RATEQUEUE_MODELS_FILE": str(path)})
+    routing = Routing(load_account_table(settings, env={"KEY_1": "sk-tier-one-0123456789"}, require_credentials=False))
+    one = routing.target("x", _job("gpt-4o-mini", "tier1", body_model="gpt-4o-mini-2024-07-18"))
+    five = routing.target("x", _job("gpt-4o-mini", "tier5"))  # no key here: sized all the same
+    assert (one.spec.rpm, one.spec.tpm, one.spec.name) == (500, 200_000, "gpt-4o-mini")
+    assert (five.spec.rpm, five.spec.tpm, five.spec.name) == (30_000, 150_000_000, "gpt-4o-mini")
+    assert one.key != five.key and five.refused is not None

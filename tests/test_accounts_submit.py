@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -136,7 +137,7 @@ def test_a_batch_is_chunked_by_account_and_model_and_an_unknown_batch_account_st
     path.write_text(MODELS)
     settings = load_settings({"RATEQUEUE_REDIS_URL": redis_url, "RATEQUEUE_MODELS_FILE": str(path)})
     chunks: list[list[str]] = []
-    client = Client(settings, publish=lambda _batch, ids: chunks.append(list(ids)))
+    client = Client(settings, publish=lambda _batch, ids, _queue=None: chunks.append(list(ids)))
     with pytest.raises(UsageError, match="unknown account 'nope'"):
         client.submit_batch([orjson.loads(_line(1))], account="nope")
     assert rclient.zcard(keys.batches_index()) == 0
@@ -175,3 +176,86 @@ def test_submit_account_names_the_batchs_account_and_an_unknown_one_is_a_usage_e
     stored = rclient.hgetall(keys.batch_jobs(batch_id))
     assert {cid.decode(): StoredJob.loads(cid.decode(), raw).account for cid, raw in stored.items()} == {
         "c-1": "team-b", "c-2": "team-a"}
+
+
+def test_a_submitter_without_the_key_names_the_workers_bucket_and_shows_its_pauses(
+        redis_url: str, rclient: redis.Redis, tmp_path: Path) -> None:
+    """The submitter holds no key; the worker holds team-b's. Both must name the same bucket, or
+    ``status`` reads the pauses of a bucket no worker uses (the finding: none shown)."""
+    from ratequeue.worker.routing import Routing
+
+    path = tmp_path / "models.toml"
+    path.write_text(MODELS)
+    settings = load_settings({"RATEQUEUE_REDIS_URL": redis_url, "RATEQUEUE_MODELS_FILE": str(path)})
+    client = Client(settings, publish=lambda *_: None,
+                    accounts=load_account_table(settings, env={}, require_credentials=False))
+    worker = Routing(load_account_table(settings, env={"KEY_B": "sk-team-b-0123456789abcdef"},
+                                        require_credentials=False))
+    report = client.submit_batch([orjson.loads(_line(1))], account="team-b")
+    job = StoredJob.loads("c-1", rclient.hget(keys.batch_jobs(report.batch_id), "c-1"))  # type: ignore[arg-type]
+    meta = rclient.hget(keys.batch_meta(report.batch_id), "account")
+    target = worker.target("unused", job)
+    assert meta is not None and meta.decode() == target.account
+    assert client.account_workers()["team-b"]["bucket"] == target.account
+    rotated = load_account_table(settings, env={"KEY_B": "sk-team-b-rotated-key-0123"}, require_credentials=False)
+    assert rotated.account("team-b").bucket_id == target.account  # a new key of the same account: the same bucket
+    assert "sk-team-b" not in target.account
+    rclient.hset(keys.parked_pairs(), target.pair, orjson.dumps({"reason": "invalid_api_key", "message": "",
+                                                                 "since": 0, "cooldown": 60}))
+    shown = client.status(report.batch_id)["models"]["gpt-4o-mini"]
+    assert shown["paused"] is not None and shown["paused"]["reason"] == "invalid_api_key"
+
+
+def test_chunks_go_to_their_accounts_queue_at_submit_resume_and_after_a_deferral(
+        redis_url: str, rclient: redis.Redis, tmp_path: Path) -> None:
+    """Each account's jobs go to its own queue (a worker without its key consumes none of it): when
+    submitted, when a batch is resumed, and when the deferred mover sends due jobs back; jobs of
+    several routes (no account named) and a configuration without [accounts] keep the shared queue."""
+    from ratequeue.queue import QUEUE
+    from ratequeue.worker.deferred import DeferredMover
+
+    sent: list[tuple[str, str, tuple[str, ...]]] = []
+
+    def publish(batch_id: str, custom_ids: Sequence[str], queue: str = QUEUE) -> None:
+        sent.append((queue, batch_id, tuple(sorted(custom_ids))))
+
+    path = tmp_path / "models.toml"
+    path.write_text(MODELS + '"gpt-4o" = ["team-a", "team-b"]\n')
+    settings = load_settings({"RATEQUEUE_REDIS_URL": redis_url, "RATEQUEUE_MODELS_FILE": str(path)})
+    client = Client(settings, publish=publish)
+    mixed = client.submit_batch([orjson.loads(_line(1)), orjson.loads(_line(2, account="team-b")),
+                                 orjson.loads(_line(3, model="gpt-4o"))]).batch_id
+    single = client.submit_batch([orjson.loads(_line(4, account="team-b"))]).batch_id
+    expected = {("ratequeue.account.team-a", mixed, ("c-1",)), ("ratequeue.account.team-b", mixed, ("c-2",)),
+                (QUEUE, mixed, ("c-3",)), ("ratequeue.account.team-b", single, ("c-4",))}
+    assert set(sent) == expected
+    sent.clear()
+    client.resume(mixed)
+    client.resume(single)
+    assert set(sent) == expected
+    sent.clear()
+    rclient.zadd(keys.deferred_jobs(), {f"{b}{keys.DEFERRED_SEP}c-{n}": 0 for b, n in
+                                        ((mixed, 1), (mixed, 2), (mixed, 3), (single, 4))})
+    assert DeferredMover(rclient, publish).move_due() == 4
+    assert set(sent) == expected
+    sent.clear()
+    plain = Client(load_settings({"RATEQUEUE_REDIS_URL": redis_url}), publish=publish)
+    old = plain.submit_batch([orjson.loads(_line(5))]).batch_id
+    assert not [f for f in rclient.hkeys(keys.batch_models(old)) if f.startswith(b"queue:")]  # stored as before
+    rclient.zadd(keys.deferred_jobs(), {f"{old}{keys.DEFERRED_SEP}c-5": 0})
+    assert DeferredMover(rclient, publish).move_due() == 1
+    assert sent == [(QUEUE, old, ("c-5",))] * 2
+
+
+def test_the_limits_a_batch_is_shown_against_are_its_accounts(redis_url: str, tmp_path: Path) -> None:
+    """`run`'s progress and ETA read the configured limits of the batch's account (its usage tier),
+    not the model table's, until the workers learn the server's."""
+    from tests.test_config_accounts import TIERS
+
+    path = tmp_path / "models.toml"
+    path.write_text('default_account = "tier1"\n' + TIERS)
+    client = Client(load_settings({"RATEQUEUE_REDIS_URL": redis_url, "RATEQUEUE_MODELS_FILE": str(path)}),
+                    publish=lambda *_: None)
+    one, five = client.model_limits("gpt-4o-mini"), client.model_limits("gpt-4o-mini", "tier5")
+    assert one is not None and (one.rpm, one.tpm, one.source) == (500, 200_000, "configured")
+    assert five is not None and (five.rpm, five.tpm) == (30_000, 150_000_000)

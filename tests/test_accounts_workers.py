@@ -18,6 +18,7 @@ import pytest
 
 from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
+from ratequeue.queue import queue_for
 from ratequeue.sim.process import SimHandle, start_sim
 from tests.conftest import base_env, wait_until
 
@@ -121,9 +122,15 @@ def test_a_worker_without_one_accounts_key_runs_the_others_and_leaves_that_ones_
     wait_until(lambda: client.status(batch_id)["request_counts"]["completed"] == 5, 30, "team a's 5 jobs")
     assert client.status(batch_id)["request_counts"]["failed"] == 0
     assert b.stats(timeline=False)["requests_total"] == 0
-    # `ratequeue status` says why b's jobs wait (the submitter holds no key: no bucket id is shown).
-    assert client.overview()["accounts"] == {"team-a": {"dialect": "openai", "workers_with_key": 1},
-                                             "team-b": {"dialect": "openai", "workers_with_key": 0}}
+    # Team b's chunk waits in team b's own queue, which this worker does not consume: it never took
+    # it (before queues per account it took it, refused it and deferred its jobs, again and again).
+    assert client.redis.llen(queue_for("team-b")) == 1 and client.overview()["queue_depth"] == 1
+    assert "holds no credentials" not in (tmp_path / "worker-0.log").read_text()
+    # `ratequeue status` says why b's jobs wait; the submitter holds no key, yet names the workers' buckets.
+    ids = {name: client.accounts.account(name).bucket_id for name in ("team-a", "team-b")}
+    assert client.overview()["accounts"] == {
+        "team-a": {"dialect": "openai", "bucket": ids["team-a"], "workers_with_key": 1},
+        "team-b": {"dialect": "openai", "bucket": ids["team-b"], "workers_with_key": 0}}
     start_worker(_env(redis_url, tmp_path, models, KEY_B=KEY_B))
     _check_each_job_went_to_its_own_account(batch_id, client.wait(batch_id, timeout=60), a, b, 10)
 

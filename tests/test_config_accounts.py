@@ -286,3 +286,52 @@ def test_readme_examples_load(tmp_path: Path, index: int) -> None:
     if index == 3:
         assert [r.name for r in accounts.routes_for("gpt-4o-mini")] == ["key-a/gpt-4o-mini", "key-b/gpt-4o-mini"]
         assert accounts.routes_for("llama-8b")[0].target == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+# -- per-account limits of OpenAI accounts on different tiers -----------------------------------------
+
+TIERS = """\
+[accounts.tier1]
+api_key_env = "KEY_1"
+[accounts.tier1.models."gpt-4o-mini"]
+rpm = 500
+tpm = 200000
+
+[accounts.tier5]
+api_key_env = "KEY_5"
+[accounts.tier5.models."gpt-4o-mini"]
+rpm = 30000
+tpm = 150000000
+[accounts.tier5.models."gpt-4o"]
+tpm = 30000000
+
+[routes]
+"gpt-4o-mini" = ["tier1", "tier5"]
+"""
+
+
+def test_openai_accounts_on_different_tiers_size_their_own_buckets(tmp_path: Path) -> None:
+    accounts = _load(tmp_path, TIERS, env={"KEY_1": "sk-tier-one-0123456789", "KEY_5": "sk-tier-five-0123456789"})
+    table_spec = accounts.table.get("gpt-4o-mini")
+    one, five = accounts.routes_for("gpt-4o-mini")
+    assert (one.spec.rpm, one.spec.tpm) == (500, 200_000)
+    assert (five.spec.rpm, five.spec.tpm) == (30_000, 150_000_000)
+    assert one.pair != five.pair and one.spec.name == five.spec.name == "gpt-4o-mini"  # a bucket each, same model
+    (snapshot,) = accounts.routes_for("gpt-4o-mini-2024-07-18", "tier1")  # a snapshot takes its model's limits
+    assert (snapshot.spec.rpm, snapshot.spec.tpm) == (500, 200_000)
+    (gpt4o,) = accounts.routes_for("gpt-4o", "tier5")  # tpm alone: rpm stays the table's
+    assert (gpt4o.spec.rpm, gpt4o.spec.tpm) == (accounts.table.get("gpt-4o").rpm, 30_000_000)
+    (plain,) = accounts.routes_for("gpt-4o", "tier1")  # a model the account does not list: the table's
+    assert plain.spec == accounts.table.get("gpt-4o")
+    assert (one.spec.encoding, one.spec.input_per_1m) == (table_spec.encoding, table_spec.input_per_1m)
+    by_route = {r.name: (r.spec.rpm, r.spec.tpm) for r in accounts.all_routes()}  # the workers' metrics series
+    assert by_route["tier1/gpt-4o-mini"] == (500, 200_000) and by_route["tier5/gpt-4o-mini"] == (30_000, 150_000_000)
+
+
+def test_an_openai_compatible_account_may_give_any_models_limits(tmp_path: Path) -> None:
+    accounts = _load(tmp_path, '[accounts.groq]\ndialect = "openai-compatible"\nbase_url = "http://127.0.0.1:9"\n'
+                     '[accounts.groq.models."llama3.1:8b"]\nrpm = 30\ntpm = 6000\n', env={})
+    (route,) = accounts.routes_for("llama3.1:8b")
+    assert (route.spec.rpm, route.spec.tpm, route.spec.limits_known) == (30, 6000, True)
+    (other,) = accounts.routes_for("qwen2.5:7b")
+    assert not other.spec.limits_known

@@ -85,8 +85,8 @@ def test_every_error_of_a_file_is_reported_with_its_line_and_field(tmp_path: Pat
         "23: accounts.plain.max_concurrency: only for openai-compatible accounts, not openai",
         "24: accounts.plain.api_version: only for azure accounts, not openai",
         "25: accounts.plain.colour: unknown field (known: api_key_env, api_key_file, api_version, base_url, "
-        "bearer_token_file, context_window, deployments, dialect, encoding, max_concurrency, organization, "
-        "project, tokenize)",
+        "bearer_token_file, context_window, deployments, dialect, encoding, max_concurrency, models, "
+        "organization, project, tokenize)",
         "26: accounts.plain.organization: must be a string, got an integer",
         "28: accounts.plain.deployments: only for azure accounts, not openai",
         "33: accounts.leaky.api_key_env: must name an environment variable (letters, digits and _), "
@@ -230,3 +230,39 @@ def test_key_lines_finds_every_key_of_the_builtin_table() -> None:
     written = text.splitlines()
     for path in _leaf_paths(tomllib.loads(text)):
         assert written[lines[path] - 1].startswith(f"{path[-1]} ="), path
+
+
+def test_per_account_model_limits_are_validated_with_line_and_field(tmp_path: Path) -> None:
+    text = """\
+[accounts.tier1]
+api_key_env = "K"
+[accounts.tier1.models."gpt-4o-mini"]
+rpm = 0
+[accounts.tier1.models."gpt-4o-mini-2024-07-18"]
+tpm = 1000
+[accounts.tier1.models.made-up]
+tpm = 1000
+[accounts.tier1.models."gpt-4o"]
+colour = 3
+[accounts.tier1.models."gpt-4.1"]
+[accounts.tier1.models.o3]
+tpm = "many"
+[accounts.az]
+dialect = "azure"
+base_url = "https://res.openai.azure.com"
+api_version = "2024-10-21"
+api_key_env = "K"
+[accounts.az.models."gpt-4o"]
+tpm = 1000
+"""
+    assert _errors(tmp_path, text, {"K": "sk-fine-0123456789"}) == [
+        "4: accounts.tier1.models.gpt-4o-mini.rpm: must be a positive integer, got an integer",
+        "5: accounts.tier1.models.gpt-4o-mini-2024-07-18: gpt-4o-mini's limits are set already (line 3): "
+        "a snapshot shares its model's",
+        "7: accounts.tier1.models.made-up: unknown model 'made-up': add it to the model table (RATEQUEUE_MODELS_FILE)",
+        "10: accounts.tier1.models.gpt-4o.colour: unknown field (known: rpm, tpm)",
+        "11: accounts.tier1.models.\"gpt-4.1\": set rpm, tpm or both",
+        "13: accounts.tier1.models.o3.tpm: must be a positive integer, got a string",
+        "19: accounts.az.models: only for openai or openai-compatible accounts, not azure "
+        "(an azure deployment's limits are under deployments)",
+    ]

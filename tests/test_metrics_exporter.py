@@ -264,3 +264,27 @@ def test_exporter_process_serves_metrics(mredis: redis.Redis, tmp_path: Path) ->
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0  # SIGTERM is a clean stop (PID 1 in a container too)
+
+
+def test_bucket_gauges_use_an_accounts_own_limits(mredis: redis.Redis, tmp_path: Path) -> None:
+    """Two openai accounts of different tiers serving one model: each bucket is shown with its
+    account's configured limits (as its workers size it), not the model table's."""
+    from ratequeue.config.accounts_load import load_account_table
+    from ratequeue.config.settings import load_settings
+    from ratequeue.producer.exporter_pairs import configured_pair_limits
+    from tests.test_config_accounts import TIERS
+
+    (tmp_path / "models.toml").write_text(TIERS)
+    accounts = load_account_table(load_settings({"RATEQUEUE_MODELS_FILE": str(tmp_path / "models.toml")}),
+                                  require_credentials=False, env={})
+    pairs = configured_pair_limits(accounts)
+    one, five = (accounts.account(name).bucket_id for name in ("tier1", "tier5"))
+    assert pairs[f"{one}:gpt-4o-mini"] == (500, 200_000) and pairs[f"{five}:gpt-4o-mini"] == (30_000, 150_000_000)
+    limits = BucketLimits(500, 200_000, BURST)
+    SyncLimiter(mredis).reserve(keys.bucket_key(one, "gpt-4o-mini"), limits, [100])
+    registry = CollectorRegistry()
+    registry.register(RedisCollector(mredis, load_model_table_from(), BURST, pair_limits=pairs))
+    shown = {"model": "gpt-4o-mini", "account": one}
+    assert registry.get_sample_value("ratequeue_bucket_capacity_tokens", shown) == pytest.approx(limits.token_capacity)
+    assert registry.get_sample_value("ratequeue_bucket_capacity_requests", shown) == pytest.approx(
+        limits.request_capacity)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
@@ -16,18 +17,20 @@ from ratequeue.config.accounts import AccountTable
 from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import Settings, load_settings, shown_redis_url
 from ratequeue.errors import ConfigError
+from ratequeue.queue import QUEUE, worker_queues
 from ratequeue.worker.multiproc import wipe_multiprocess_dir
 
 log = logging.getLogger("ratequeue.worker")
 
 
-def worker_argv(settings: Settings, extra: list[str] | None = None) -> list[str]:
-    """Celery worker arguments: threads pool of ``worker_slots``, ratequeue's queue, no chatter."""
+def worker_argv(settings: Settings, extra: list[str] | None = None, queues: Sequence[str] = (QUEUE,)) -> list[str]:
+    """Celery worker arguments: threads pool of ``worker_slots``, ratequeue's `queues` (the shared
+    one, and those of the accounts this worker holds keys for: queue.worker_queues), no chatter."""
     return [
         "worker",
         "--pool=threads",
         f"--concurrency={settings.worker_slots}",
-        "--queues=ratequeue",
+        f"--queues={','.join(queues)}",
         "--without-gossip",
         "--without-mingle",
         f"--loglevel={settings.log_level}",
@@ -109,6 +112,7 @@ def main(extra: list[str] | None = None) -> None:
     settings, accounts = load_configuration()
     wipe_multiprocess_dir()  # before any metric exists: a restarted worker starts from zero
     from ratequeue.worker.app import build_worker  # creates the metrics: after the wipe
+    from ratequeue.worker.routing import held_accounts
 
     app, _ = build_worker(settings, accounts)
     args = extra if extra is not None else sys.argv[1:]
@@ -132,7 +136,7 @@ def main(extra: list[str] | None = None) -> None:
     signals.after_setup_logger.connect(lambda **_: log.info("connecting to Redis at %s", where), weak=False)
     signals.after_setup_logger.connect(lambda **_: log_accounts(accounts), weak=False)
     signals.worker_ready.connect(exit_on_second_stop_signal, weak=False)
-    app.worker_main(worker_argv(settings, args))
+    app.worker_main(worker_argv(settings, args, worker_queues(held_accounts(accounts))))
     sys.exit(max(exit_codes, default=0))
 
 

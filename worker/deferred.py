@@ -7,6 +7,10 @@ live in one Redis sorted set instead, and every worker process runs this mover. 
 (``claim_due.lua``, ``release_due.lua``): a mover killed between claiming and publishing leaves entries that come due
 again, and a duplicate message that results is harmless (jobs are leased and stored once).
 
+Each job goes back to its account's queue (queue.queue_for): a batch whose jobs all went to one
+queue (``queue:<name>`` counters in its models hash, written at submit) sends them there unread;
+one whose jobs are spread over several has the due jobs read for their account.
+
 Retention: a batch's own keys expire when it ends (store_outcome.lua), but its members in the
 shared sorted sets cannot. The mover so drops due entries of a batch that has ended or is gone
 (deleted, or expired after its retention) instead of enqueueing them, and walks the batch index
@@ -19,18 +23,20 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import redis
 
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.jobstore.keys import DEFERRED_SEP
 from ratequeue.jobstore.scripts import lua_source
+from ratequeue.queue import QUEUE, Publish, publish_on, queue_for
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, Sequence[str]], None]
+_QUEUE_FIELD = "queue:"  # keys.batch_models: jobs per account queue (producer.submit)
 
 
 class DeferredMover:
@@ -86,11 +92,42 @@ class DeferredMover:
         for batch_id in self._not_running(list(by_batch)):
             log.debug("deferred jobs of ended or deleted batch %s dropped", batch_id)
             del by_batch[batch_id]
-        for batch_id, custom_ids in by_batch.items():
-            for i in range(0, len(custom_ids), self._chunk_size):
-                self._publish(batch_id, custom_ids[i : i + self._chunk_size])
+        for batch_id, by_queue in self._by_queue(by_batch).items():
+            for queue, custom_ids in by_queue.items():
+                for i in range(0, len(custom_ids), self._chunk_size):
+                    publish_on(self._publish, queue, batch_id, custom_ids[i : i + self._chunk_size])
         self._release(keys=[keys.deferred_jobs()], args=[lease_score, *texts])
         return len(texts)
+
+    def _by_queue(self, by_batch: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+        """batch -> queue -> its due custom_ids: read off the batch's queue counters when all its jobs
+        went to one queue (the shared one when it has none: no [accounts]), else off the jobs."""
+        batch_ids = list(by_batch)
+        pipe = self._redis.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.hgetall(keys.batch_models(batch_id))
+        spread: list[str] = []
+        found: dict[str, dict[str, list[str]]] = {}
+        for batch_id, raw in zip(batch_ids, pipe.execute(), strict=True):
+            counters = {text(k): int(v) for k, v in raw.items()}
+            queues = [k.removeprefix(_QUEUE_FIELD) for k in counters if k.startswith(_QUEUE_FIELD)]
+            jobs = sum(n for k, n in counters.items() if k.startswith("jobs:"))
+            if not queues:
+                found[batch_id] = {QUEUE: by_batch[batch_id]}
+            elif len(queues) == 1 and counters[_QUEUE_FIELD + queues[0]] >= jobs:
+                found[batch_id] = {queues[0]: by_batch[batch_id]}
+            else:
+                spread.append(batch_id)
+        if spread:
+            pipe = self._redis.pipeline(transaction=False)
+            for batch_id in spread:
+                pipe.hmget(keys.batch_jobs(batch_id), by_batch[batch_id])
+            for batch_id, raws in zip(spread, pipe.execute(), strict=True):
+                found[batch_id] = defaultdict(list)
+                for custom_id, raw in zip(by_batch[batch_id], raws, strict=True):
+                    account = None if raw is None else StoredJob.loads(custom_id, raw).account
+                    found[batch_id][queue_for(account)].append(custom_id)
+        return found
 
     def _not_running(self, batch_ids: list[str]) -> list[str]:
         """The batches among ``batch_ids`` that are gone or have ended (their jobs need no run)."""

@@ -9,6 +9,11 @@ the engine before it admits the chunk, ``forget`` at the chunk's end), else the 
 Without ``[accounts]`` nothing changes: the bucket is the batch's account id (the submitter's
 fingerprint, as before) and the request goes out with the client's own environment key.
 
+Each account's chunks go to its own Celery queue (``queue.queue_for``), which only workers holding
+its key consume (``queue.worker_queues``): a worker without the key never receives them. What
+follows is the fallback for the jobs that still reach such a worker (a model's several routes on
+the shared queue, messages of an older version).
+
 A route whose account this worker holds no credentials for (its key's variable or file is missing
 here: ``Account.unusable``) is refused, never sent with another key: its jobs are deferred for
 ``RATEQUEUE_PARK_COOLDOWN`` seconds and noted per account (``keys.refused_jobs``); every worker that

@@ -25,7 +25,7 @@ from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import Settings, shown_redis_url
 from ratequeue.jobstore import deferrals, keys
 from ratequeue.jobstore.heartbeats import advertised_address
-from ratequeue.queue import DEFAULT_REDIS_URL, send_chunk
+from ratequeue.queue import DEFAULT_REDIS_URL, QUEUE, send_chunk
 from ratequeue.redis_tls import redis_options
 from ratequeue.retrying import warn_every
 from ratequeue.tokens.encodings import ensure_offline_encodings
@@ -132,9 +132,9 @@ class WorkerRuntime:
         finally:
             client.close()
 
-    def publish_chunk(self, batch_id: str, custom_ids: Sequence[str]) -> None:
-        """Put one chunk message on the queue through this worker's app."""
-        send_chunk(self.app, batch_id, custom_ids)
+    def publish_chunk(self, batch_id: str, custom_ids: Sequence[str], queue: str = QUEUE) -> None:
+        """Put one chunk message on `queue` through this worker's app."""
+        send_chunk(self.app, batch_id, custom_ids, queue)
 
     # Celery signal handlers (connected by worker.app.build_worker) ---------------------------
 
