@@ -99,6 +99,7 @@ class Client(BatchOperations):
         metadata: Mapping[str, Any] | None = None,
         batch_id: str | None = None,
         account: str | None = None,
+        validator: LineValidator | None = None,
     ) -> SubmitReport:
         """Submit a Batch-format JSONL file (path or binary stream) or an iterable of request dicts.
 
@@ -125,7 +126,8 @@ class Client(BatchOperations):
             raw = source.read() if hasattr(source, "read") else b"\n".join(_as_lines(source))
             digest, source = hashlib.sha256(raw).hexdigest(), io.BytesIO(raw)
         bucket_account = self._bucket_account(account)
-        validator = self._validator if account is None else LineValidator(self.accounts, account)
+        # ``validator``: stricter line checks of the caller's (the HTTP API's tenant rules).
+        validator = validator or (self._validator if account is None else LineValidator(self.accounts, account))
         capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
         try:
             batch_id = self._submitter.create_batch(

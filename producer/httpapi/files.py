@@ -1,0 +1,116 @@
+"""Uploaded files, kept in Redis.
+
+Where the bytes live: in the same Redis as the batches, as a list of pieces of at most 1 MiB
+(``keys.api_file_content``) under a record hash (``keys.api_file``). Not a data directory, because
+(1) several API replicas on one Redis must see each other's uploads (a file uploaded through one
+and referenced in ``POST /v1/batches`` on another), which a local directory cannot give without a
+shared filesystem; (2) an API server restart must lose nothing accepted: the upload is answered
+only once Redis holds it, and Redis's append-only file (what the deployment runs) keeps it. The
+price is memory: an upload is capped (``RATEQUEUE_API_MAX_UPLOAD_BYTES``, 413 beyond it, refused
+while it streams), refused with 507 when Redis has no room (the submitter's check), and expires
+``RATEQUEUE_RETENTION_SECONDS`` after the upload; a batch made from it keeps its own copy of the
+jobs, so the file may go first. Pieces are written before the record, and carry the TTL from the
+first write: an upload cut off halfway leaves no record, and its pieces expire.
+
+A batch's output and error files are not stored twice: ``file-output-<batch>`` and
+``file-errors-<batch>`` are read from the batch's results as they are downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import redis
+
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.codec import text
+from ratequeue.producer import capacity
+
+PIECE = 1 << 20
+OUTPUT_PREFIX = "file-output-"
+ERRORS_PREFIX = "file-errors-"
+
+
+def new_file_id() -> str:
+    return f"file-{secrets.token_hex(12)}"
+
+
+def file_object(file_id: str, size: int, created_at: int, filename: str, purpose: str) -> dict[str, Any]:
+    """OpenAI's File object."""
+    return {"id": file_id, "object": "file", "bytes": size, "created_at": created_at, "filename": filename,
+            "purpose": purpose, "status": "processed", "status_details": None, "expires_at": None}
+
+
+class FileStore:
+    """Uploaded files of every tenant; a tenant only ever reaches its own (``record``)."""
+
+    def __init__(self, client: redis.Redis, retention: float) -> None:
+        self._redis = client
+        self._ttl = max(1, int(retention))
+
+    def save(self, tenant: str, filename: str, purpose: str, stream: BinaryIO, size: int) -> dict[str, Any]:
+        """Store ``size`` bytes read from ``stream``; returns the File object. Raises
+        ``RedisFullError`` (before writing) when Redis has no room for them."""
+        capacity.ensure_room(self._redis, size, f"the file {filename!r}")
+        file_id = new_file_id()
+        content = keys.api_file_content(file_id)
+        while piece := stream.read(PIECE):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.rpush(content, piece)
+            pipe.expire(content, self._ttl)
+            pipe.execute()
+        created_at = int(time.time())
+        record = {"tenant": tenant, "filename": filename, "bytes": size, "created_at": created_at, "purpose": purpose}
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(keys.api_file(file_id), mapping=record)  # type: ignore[arg-type]
+        pipe.expire(keys.api_file(file_id), self._ttl)
+        pipe.expire(content, self._ttl)
+        pipe.execute()
+        return file_object(file_id, size, created_at, filename, purpose)
+
+    def record(self, tenant: str, file_id: str) -> dict[str, Any] | None:
+        """The File object of ``tenant``'s uploaded file; None when it does not exist or is another
+        tenant's (the same answer: existence is not told)."""
+        raw = {text(k): text(v) for k, v in self._redis.hgetall(keys.api_file(file_id)).items()}
+        if not raw or raw.get("tenant") != tenant:
+            return None
+        return file_object(file_id, int(raw["bytes"]), int(raw["created_at"]), raw["filename"], raw["purpose"])
+
+    def pieces(self, file_id: str) -> Iterator[bytes]:
+        """The file's bytes, one stored piece at a time (memory does not grow with the file)."""
+        key = keys.api_file_content(file_id)
+        index = 0
+        while True:
+            piece = self._redis.lindex(key, index)
+            if piece is None:
+                return
+            yield piece if isinstance(piece, bytes) else piece.encode()
+            index += 1
+
+    def open(self, file_id: str) -> BinaryIO:
+        """The file as a buffered binary stream (``readline`` works: the batch reader needs it)."""
+        return io.BufferedReader(_PieceReader(self.pieces(file_id)), buffer_size=PIECE)
+
+
+class _PieceReader(io.RawIOBase):
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._left = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            piece = next(self._pieces, None)
+            if piece is None:
+                return 0
+            self._left = piece
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
