@@ -17,7 +17,8 @@ import httpx
 
 from tests.conftest import ROOT, wait_until
 
-TOKENS = {"alpha": "rq-test-alpha-5f2b9c", "beta": "rq-test-beta-8d1e04"}
+TOKENS = {"alpha": "rq-test-alpha-5f2b9c", "beta": "rq-test-beta-8d1e04", "limited": "rq-test-limited-77a3"}
+LIMITED_RPM = 3  # the "limited" tenant's requests per minute
 
 
 @dataclass
@@ -34,12 +35,11 @@ class ApiServer:
         return {"Authorization": f"Bearer {TOKENS[tenant]}"}
 
 
-def write_tokens(path: Path, requests_per_minute: dict[str, int] | None = None) -> Path:
-    tenants = {}
-    for name, token in TOKENS.items():
-        tenants[name] = {"token_sha256": hashlib.sha256(token.encode()).hexdigest()}
-        if requests_per_minute and name in requests_per_minute:
-            tenants[name]["requests_per_minute"] = requests_per_minute[name]  # type: ignore[assignment]
+def write_tokens(path: Path) -> Path:
+    tenants: dict[str, dict[str, object]] = {
+        name: {"token_sha256": hashlib.sha256(token.encode()).hexdigest()} for name, token in TOKENS.items()
+    }
+    tenants["limited"]["requests_per_minute"] = LIMITED_RPM
     path.write_text(json.dumps({"tenants": tenants}))
     return path
 
