@@ -67,6 +67,7 @@ def test_another_tenants_files_and_batches_are_404_like_ids_that_do_not_exist(se
         lambda: beta.batches.cancel(batch.id),
         lambda: beta.files.retrieve(uploaded.id),
         lambda: beta.files.content(uploaded.id),
+        lambda: beta.files.delete(uploaded.id),
         lambda: beta.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                     completion_window="24h"),
     ]
@@ -80,6 +81,10 @@ def test_another_tenants_files_and_batches_are_404_like_ids_that_do_not_exist(se
     assert (mine.status_code, nobodys.status_code) == (404, 404)
     assert _error(mine)["code"] == _error(nobodys)["code"] == "not_found"
     assert alpha.batches.retrieve(batch.id).status in ("validating", "in_progress")  # beta's cancel did nothing
+    assert alpha.files.delete(uploaded.id).deleted  # beta's delete did nothing either
+    with pytest.raises(openai.NotFoundError):
+        alpha.files.retrieve(uploaded.id)
+    assert alpha.batches.retrieve(batch.id).request_counts.total == 3  # the batch keeps its jobs
 
 
 def test_upload_over_the_limit_is_413_before_the_body_is_read(server: ApiServer) -> None:
@@ -124,10 +129,11 @@ def test_bad_requests_name_the_parameter(server: ApiServer) -> None:
     sdk = _sdk(server)
     with pytest.raises(openai.BadRequestError) as bad:
         sdk.files.create(file=("in.jsonl", _jsonl()), purpose="fine-tune")
-    assert bad.value.param == "purpose"  # type: ignore[attr-defined]
+    assert bad.value.param == "purpose"
     uploaded = sdk.files.create(file=("in.jsonl", _jsonl()), purpose="batch")
-    for params, param in (({"endpoint": "/v1/images"}, "endpoint"), ({"completion_window": "soon"}, "completion_window"),
-                          ({"metadata": {"k": 1}}, "metadata")):
+    cases = (({"endpoint": "/v1/images"}, "endpoint"), ({"completion_window": "soon"}, "completion_window"),
+             ({"metadata": {"k": 1}}, "metadata"))
+    for params, param in cases:
         body = {"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", **params}
         response = httpx.post(f"{server.base_url}/batches", json=body, headers=server.headers())
         assert response.status_code == 400 and _error(response)["param"] == param, response.text

@@ -4,6 +4,7 @@ body size limits and a per-tenant request limit.
     POST /v1/files                 multipart: file, purpose=batch       -> File
     GET  /v1/files/{id}            an upload, or a batch's output/error file -> File
     GET  /v1/files/{id}/content    its bytes (JSONL)
+    DELETE /v1/files/{id}          an upload (batches made from it keep their jobs)
     POST /v1/batches               {input_file_id, endpoint, completion_window, metadata} -> Batch
     GET  /v1/batches               ?after=&limit= (newest first)        -> list of Batch
     GET  /v1/batches/{id}          -> Batch
@@ -107,6 +108,7 @@ class Api:
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/files", self._authed(self.upload), methods=["POST"]),
             Route("/v1/files/{file_id}", self._authed(self.file), methods=["GET"]),
+            Route("/v1/files/{file_id}", self._authed(self.delete_file), methods=["DELETE"]),
             Route("/v1/files/{file_id}/content", self._authed(self.content), methods=["GET"]),
             Route("/v1/batches", self._authed(self.create_batch), methods=["POST"]),
             Route("/v1/batches", self._authed(self.list_batches), methods=["GET"]),
@@ -197,6 +199,12 @@ class Api:
         if found is None:
             raise not_found("File", file_id)
         return found
+
+    async def delete_file(self, request: Request, tenant: Tenant) -> Response:
+        file_id = request.path_params["file_id"]
+        if not await run_in_threadpool(self.files.delete, tenant.name, file_id):
+            raise not_found("File", file_id)  # a batch's output and error files go with the batch
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
     async def content(self, request: Request, tenant: Tenant) -> Response:
         file_id = request.path_params["file_id"]

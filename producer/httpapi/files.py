@@ -80,6 +80,13 @@ class FileStore:
             return None
         return file_object(file_id, int(raw["bytes"]), int(raw["created_at"]), raw["filename"], raw["purpose"])
 
+    def delete(self, tenant: str, file_id: str) -> bool:
+        """Remove ``tenant``'s upload; False when there is none of that id for it."""
+        if self.record(tenant, file_id) is None:
+            return False
+        self._redis.delete(keys.api_file(file_id), keys.api_file_content(file_id))
+        return True
+
     def pieces(self, file_id: str) -> Iterator[bytes]:
         """The file's bytes, one stored piece at a time (memory does not grow with the file)."""
         key = keys.api_file_content(file_id)

@@ -1,0 +1,51 @@
+"""`ratequeue api` as a deployment runs it: several replicas on one Redis, restarts, and what it
+refuses to start with."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import ROOT, base_env
+from tests.httpapi_server import TOKENS, api_server, write_tokens
+
+pytestmark = pytest.mark.e2e
+LINE = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 5}}).encode() + b"\n"
+
+
+def test_replicas_share_files_and_batches_and_a_restart_loses_nothing(redis_url: str, tmp_path: Path) -> None:
+    env = base_env(redis_url, "http://127.0.0.1:9", tmp_path,
+                   RATEQUEUE_API_TOKENS_FILE=str(write_tokens(tmp_path / "tenants.json")))
+    with api_server(env, tmp_path) as first, api_server(env, tmp_path) as second:
+        one = openai.OpenAI(api_key=TOKENS["alpha"], base_url=first.base_url, max_retries=0)
+        two = openai.OpenAI(api_key=TOKENS["alpha"], base_url=second.base_url, max_retries=0)
+        uploaded = one.files.create(file=("in.jsonl", LINE * 3), purpose="batch")
+        batch = two.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        assert one.batches.retrieve(batch.id).request_counts.total == 3
+    with api_server(env, tmp_path) as restarted:  # every replica gone, then a new one
+        sdk = openai.OpenAI(api_key=TOKENS["alpha"], base_url=restarted.base_url, max_retries=0)
+        assert sdk.files.content(uploaded.id).content == LINE * 3
+        assert [b.id for b in sdk.batches.list()] == [batch.id]
+
+
+def _api(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ratequeue.producer.cli", "api", "--port", "0"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+
+def test_refuses_to_start_without_tenants_or_with_an_unknown_account(redis_url: str, tmp_path: Path) -> None:
+    env = base_env(redis_url, "http://127.0.0.1:9", tmp_path)
+    done = _api(env)
+    assert done.returncode == 2 and "set RATEQUEUE_API_TOKENS_FILE" in done.stderr, done.stderr
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"tenants": {"a": {"token_sha256": "1" * 64, "accounts": ["nope"]}}}))
+    done = _api({**env, "RATEQUEUE_API_TOKENS_FILE": str(tenants)})
+    assert done.returncode == 2 and "'nope' is not an account" in done.stderr, done.stderr
