@@ -20,6 +20,7 @@ synchronous: their calls run in Starlette's thread pool.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ from ratequeue.producer.httpapi.files import FileStore
 from ratequeue.producer.httpapi.objects import ApiError, invalid, not_found
 from ratequeue.producer.httpapi.tenants import Tenant, Tenants
 
+log = logging.getLogger(__name__)
 # What a multipart body may hold besides the file: boundaries, part headers, the purpose field.
 MULTIPART_SLACK = 64 * 1024
 # A refused upload's rest is read and dropped up to this much (and while it comes) so that the
@@ -134,6 +136,10 @@ class Api:
             except redis.RedisError:
                 return ApiError(503, "the job store (Redis) is unavailable; try again", type="server_error",
                                 code="store_unavailable", headers={"retry-after": "1"}).response()
+            except Exception:  # a bug: said in OpenAI's shape (the SDK retries a 500), the traceback logged
+                log.exception("%s %s failed", request.method, request.url.path)
+                return ApiError(500, "internal error in ratequeue api (its log has the details)",
+                                type="server_error", code="internal_error").response()
 
         return endpoint
 

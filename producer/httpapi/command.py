@@ -9,8 +9,6 @@ import click
 
 from ratequeue.errors import ConfigError, UsageError
 
-log = logging.getLogger(__name__)
-
 
 @click.command("api")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
@@ -29,6 +27,13 @@ def api_command(host: str, port: int) -> None:
     from ratequeue.producer.httpapi.app import Api
     from ratequeue.producer.httpapi.tenants import load_tenants
 
+    # A server's log: timestamps and tracebacks (the CLI's own handler prints one-line messages).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    server_log = logging.getLogger("ratequeue.producer.httpapi")
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.INFO)
+    server_log.propagate = False
     settings = load_settings()
     if settings.api_tokens_file is None:
         raise UsageError("no tenants: set RATEQUEUE_API_TOKENS_FILE to a file of token hashes (see the README)")
