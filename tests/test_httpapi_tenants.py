@@ -10,6 +10,7 @@ import pytest
 
 from ratequeue.errors import ConfigError
 from ratequeue.producer.httpapi.tenants import load_tenants
+from tests.conftest import ROOT
 
 
 def _sha(token: str) -> str:
@@ -62,3 +63,9 @@ def test_file_level_errors(tmp_path: Path) -> None:
     (tmp_path / "name.json").write_text(json.dumps({"tenants": {"a{b}": {"token_sha256": "1" * 64}}}))
     with pytest.raises(ConfigError, match="a tenant name is"):
         load_tenants(tmp_path / "name.json")
+
+
+def test_the_compose_tenants_file_loads_and_admits_no_one_until_replaced() -> None:
+    tenants = load_tenants(ROOT / "ops/api/tenants.toml")
+    assert [t.name for t in tenants] == ["example"]
+    assert tenants.authenticate("") is None and tenants.authenticate("0" * 64) is None
