@@ -63,6 +63,7 @@ def test_sdk_uploads_creates_polls_and_downloads_output_and_error_files(server: 
     uploaded = sdk.files.create(file=("prompts.jsonl", content), purpose="batch")
     assert (uploaded.bytes, uploaded.filename, uploaded.purpose) == (len(content), "prompts.jsonl", "batch")
     assert sdk.files.retrieve(uploaded.id).bytes == len(content)
+    assert uploaded.expires_at is not None and uploaded.expires_at > uploaded.created_at  # RATEQUEUE_RETENTION_SECONDS
     assert sdk.files.content(uploaded.id).content == content
 
     batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
@@ -78,7 +79,8 @@ def test_sdk_uploads_creates_polls_and_downloads_output_and_error_files(server: 
     assert [r["custom_id"] for r in results] == [f"r-{n}" for n in range(10)]  # input order
     assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in results)
     assert results[0]["response"]["body"]["object"] == "chat.completion"
-    assert sdk.files.retrieve(batch.output_file_id).bytes == len(output)
+    output_file = sdk.files.retrieve(batch.output_file_id)
+    assert output_file.bytes == len(output) and output_file.expires_at and output_file.expires_at > time.time()
     errors = _jsonl(sdk.files.content(batch.error_file_id).content)
     assert [(e["error"]["code"], e["error"].get("line")) for e in errors] == [("invalid_json", 5),
                                                                              ("invalid_request", 12)]

@@ -19,7 +19,6 @@ synchronous: their calls run in Starlette's thread pool.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -48,10 +47,6 @@ from ratequeue.producer.httpapi.tenants import Tenant, Tenants
 log = logging.getLogger(__name__)
 # What a multipart body may hold besides the file: boundaries, part headers, the purpose field.
 MULTIPART_SLACK = 64 * 1024
-# A refused upload's rest is read and dropped up to this much (and while it comes) so that the
-# client gets the 413 rather than a reset connection; past it the connection is closed.
-DRAIN_BYTES = 16 << 20
-DRAIN_IDLE_SECONDS = 1.0
 Handler = Callable[[Request, Tenant], Awaitable[Response]]
 
 
@@ -73,21 +68,6 @@ def _limited(receive: Receive, limit: int) -> Receive:
         return message
 
     return wrapped
-
-
-async def _drain(receive: Receive, most: int = DRAIN_BYTES, idle: float = DRAIN_IDLE_SECONDS) -> None:
-    """Read and drop what is left of a refused body, up to ``most`` bytes and while it keeps coming:
-    a server that closes with unread bytes resets the connection, and the client loses the 413
-    (it sees a broken connection instead). Nothing read here is kept."""
-    seen = 0
-    while seen <= most:
-        try:
-            message = await asyncio.wait_for(receive(), idle)
-        except TimeoutError:
-            return
-        seen += len(message.get("body", b""))
-        if message["type"] != "http.request" or not message.get("more_body"):
-            return
 
 
 def _too_large(what: str, limit: int, setting: str) -> ApiError:
@@ -168,7 +148,6 @@ class Api:
         limit = self.max_upload
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit + MULTIPART_SLACK:
-            await _drain(request.receive)
             raise _too_large("the upload", limit, "RATEQUEUE_API_MAX_UPLOAD_BYTES")
         limited = Request(request.scope, _limited(request.receive, limit + MULTIPART_SLACK))
         try:
@@ -188,7 +167,6 @@ class Api:
                     self.files.save, tenant.name, upload.filename or "upload.jsonl", purpose, upload.file, size
                 )
         except BodyTooLarge:
-            await _drain(request.receive)
             raise _too_large("the upload", limit, "RATEQUEUE_API_MAX_UPLOAD_BYTES") from None
         return JSONResponse(saved)
 
@@ -243,14 +221,12 @@ class Api:
         limit = self.max_json
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            await _drain(request.receive)
             raise _too_large("the request body", limit, "RATEQUEUE_API_MAX_JSON_BYTES")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                await _drain(request.receive)
-                raise _too_large("the request body", limit, "RATEQUEUE_API_MAX_JSON_BYTES")
+                    raise _too_large("the request body", limit, "RATEQUEUE_API_MAX_JSON_BYTES")
             chunks.append(chunk)
         try:
             body = orjson.loads(b"".join(chunks))

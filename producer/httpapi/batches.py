@@ -142,11 +142,13 @@ class TenantBatches:
             yield line + b"\n"
 
     def result_file_object(self, batch_id: str, kind: str) -> dict[str, Any]:
+        """The File object of a batch's output or error file: it goes with the batch (``retained_until``)."""
         size = sum(len(line) for line in self.result_lines(batch_id, kind))
-        meta = self._redis.hget(keys.batch_meta(batch_id), "created_at")
+        created, retained = self._redis.hmget(keys.batch_meta(batch_id), ["created_at", "retained_until"])
         prefix = OUTPUT_PREFIX if kind == "results" else ERRORS_PREFIX
         name = f"batch_{batch_id}_{'output' if kind == 'results' else 'error'}.jsonl"
-        return file_object(prefix + batch_id, size, int(text(meta or 0)), name, "batch_output")
+        return file_object(prefix + batch_id, size, int(text(created or 0)), name, "batch_output",
+                           int(text(retained)) if retained else None)
 
 
 def _create_params(body: Mapping[str, Any]) -> tuple[str, str, str, dict[str, str] | None]:

@@ -41,10 +41,11 @@ def new_file_id() -> str:
     return f"file-{secrets.token_hex(12)}"
 
 
-def file_object(file_id: str, size: int, created_at: int, filename: str, purpose: str) -> dict[str, Any]:
-    """OpenAI's File object."""
+def file_object(file_id: str, size: int, created_at: int, filename: str, purpose: str,
+                expires_at: int | None) -> dict[str, Any]:
+    """OpenAI's File object; ``expires_at``: when Redis lets it go (s since epoch; None: not yet known)."""
     return {"id": file_id, "object": "file", "bytes": size, "created_at": created_at, "filename": filename,
-            "purpose": purpose, "status": "processed", "status_details": None, "expires_at": None}
+            "purpose": purpose, "status": "processed", "status_details": None, "expires_at": expires_at}
 
 
 class FileStore:
@@ -72,7 +73,7 @@ class FileStore:
         pipe.expire(keys.api_file(file_id), self._ttl)
         pipe.expire(content, self._ttl)
         pipe.execute()
-        return file_object(file_id, size, created_at, filename, purpose)
+        return file_object(file_id, size, created_at, filename, purpose, created_at + self._ttl)
 
     def record(self, tenant: str, file_id: str) -> dict[str, Any] | None:
         """The File object of ``tenant``'s uploaded file; None when it does not exist or is another
@@ -80,7 +81,9 @@ class FileStore:
         raw = {text(k): text(v) for k, v in self._redis.hgetall(keys.api_file(file_id)).items()}
         if not raw or raw.get("tenant") != tenant:
             return None
-        return file_object(file_id, int(raw["bytes"]), int(raw["created_at"]), raw["filename"], raw["purpose"])
+        created_at = int(raw["created_at"])
+        return file_object(file_id, int(raw["bytes"]), created_at, raw["filename"], raw["purpose"],
+                           created_at + self._ttl)
 
     def delete(self, tenant: str, file_id: str) -> bool:
         """Remove ``tenant``'s upload; False when there is none of that id for it."""
