@@ -8,8 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from ratequeue.config.accounts_load import load_account_table
+from ratequeue.config.settings import load_settings
 from ratequeue.errors import ConfigError
-from ratequeue.producer.httpapi.tenants import load_tenants
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.producer.batchfile import LineError, read_lines
+from ratequeue.producer.httpapi.batches import TenantLineValidator
+from ratequeue.producer.httpapi.tenants import Tenant, load_tenants
 from tests.conftest import ROOT
 
 
@@ -69,3 +74,32 @@ def test_the_compose_tenants_file_loads_and_admits_no_one_until_replaced() -> No
     tenants = load_tenants(ROOT / "ops/api/tenants.toml")
     assert [t.name for t in tenants] == ["example"]
     assert tenants.authenticate("") is None and tenants.authenticate("0" * 64) is None
+
+
+def test_a_tenants_lines_run_on_its_accounts_and_the_batchs_endpoint_only(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('default_account = "team-a"\n[accounts.team-a]\napi_key_env = "KEY_A"\n'
+                      '[accounts.team-b]\nbase_url = "http://team-b.example.test"\napi_key_env = "KEY_B"\n')
+    accounts = load_account_table(load_settings({"RATEQUEUE_MODELS_FILE": str(models)}), env={},
+                                  require_credentials=False)
+
+    def line(n: int, account: str | None = None, url: str = "/v1/chat/completions") -> bytes:
+        body = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        extra = {"account": account} if account else {}
+        return json.dumps({"custom_id": f"c-{n}", "method": "POST", "url": url, "body": body, **extra}).encode()
+
+    def tenant(*names: str) -> Tenant:
+        return Tenant("t", (b"\0" * 32,), names)
+
+    validator = TenantLineValidator(accounts, tenant("team-b"), "/v1/chat/completions")
+    own, named, other, wrong_url = read_lines([line(1), line(2, "team-b"), line(3, "team-a"),
+                                               line(4, url="/v1/embeddings")], validator)
+    assert isinstance(own, StoredJob) and own.account == "team-b"  # the tenant's first account, not the default
+    assert isinstance(named, StoredJob) and named.account == "team-b"
+    assert isinstance(other, LineError) and other.param == "account" and "not one this tenant may use" in other.message
+    assert isinstance(wrong_url, LineError) and wrong_url.param == "url" and "/v1/chat/completions" in wrong_url.message
+    # A tenant with no accounts listed: the configuration's default, and no line may name another.
+    anyone = TenantLineValidator(accounts, tenant(), "/v1/chat/completions")
+    default, named = read_lines([line(1), line(2, "team-b")], anyone)
+    assert isinstance(default, StoredJob) and default.account == "team-a"
+    assert isinstance(named, LineError) and named.param == "account"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ratequeue.config.accounts import AccountTable
 from ratequeue.errors import BatchNotFoundError, InvalidRequestError, UsageError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.batches import BatchStore
@@ -31,8 +32,8 @@ class TenantLineValidator(LineValidator):
     """Checks, on top of every line check: the line's url is the batch's endpoint (as OpenAI's
     Batch API requires), and an account the line names is one the tenant may spend."""
 
-    def __init__(self, client: Client, tenant: Tenant, endpoint: str) -> None:
-        super().__init__(client.accounts, tenant.accounts[0] if tenant.accounts else None)
+    def __init__(self, accounts: AccountTable, tenant: Tenant, endpoint: str) -> None:
+        super().__init__(accounts, tenant.accounts[0] if tenant.accounts else None)
         self._tenant = tenant
         self._endpoint = endpoint
 
@@ -61,7 +62,7 @@ class TenantBatches:
         file_id, endpoint, window, metadata = _create_params(body)
         if self._files.record(tenant.name, file_id) is None:
             raise ApiError(404, f"No such File object: {file_id}", param="input_file_id", code="not_found")
-        validator = TenantLineValidator(self._client, tenant, endpoint)
+        validator = TenantLineValidator(self._client.accounts, tenant, endpoint)
         account = tenant.accounts[0] if tenant.accounts else None
         try:
             with self._files.open(file_id) as stream:
