@@ -74,7 +74,8 @@ def test_another_tenants_files_and_batches_are_404_like_ids_that_do_not_exist(se
     for call in refused:
         with pytest.raises(openai.NotFoundError):
             call()
-    assert [b.id for b in beta.batches.list()] == []
+    assert [b.id for b in beta.batches.list()] == [] and [f.id for f in beta.files.list()] == []
+    assert [f.id for f in alpha.files.list()] == [uploaded.id]
     # The same answer as for an id nobody has: existence is not told.
     mine = httpx.get(f"{server.base_url}/batches/{batch.id}", headers=server.headers("beta"))
     nobodys = httpx.get(f"{server.base_url}/batches/batch_000000000000000000000000", headers=server.headers("beta"))
@@ -84,6 +85,7 @@ def test_another_tenants_files_and_batches_are_404_like_ids_that_do_not_exist(se
     assert alpha.files.delete(uploaded.id).deleted  # beta's delete did nothing either
     with pytest.raises(openai.NotFoundError):
         alpha.files.retrieve(uploaded.id)
+    assert list(alpha.files.list()) == []
     assert alpha.batches.retrieve(batch.id).request_counts.total == 3  # the batch keeps its jobs
 
 

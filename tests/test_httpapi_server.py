@@ -30,10 +30,15 @@ def test_replicas_share_files_and_batches_and_a_restart_loses_nothing(redis_url:
         batch = two.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                    completion_window="24h")
         assert one.batches.retrieve(batch.id).request_counts.total == 3
+        more = [two.files.create(file=(f"in-{n}.jsonl", LINE), purpose="batch").id for n in range(2)]
+        page = one.files.list(limit=2)
+        assert [f.id for f in page.data] == more[::-1] and page.has_more  # newest first, over both replicas
+        assert [f.id for f in one.files.list(limit=2)] == [*more[::-1], uploaded.id]  # every page
     with api_server(env, tmp_path) as restarted:  # every replica gone, then a new one
         sdk = openai.OpenAI(api_key=TOKENS["alpha"], base_url=restarted.base_url, max_retries=0)
         assert sdk.files.content(uploaded.id).content == LINE * 3
         assert [b.id for b in sdk.batches.list()] == [batch.id]
+        assert len(list(sdk.files.list(purpose="batch"))) == 3
 
 
 def _api(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

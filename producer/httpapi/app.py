@@ -2,6 +2,7 @@
 body size limits and a per-tenant request limit.
 
     POST /v1/files                 multipart: file, purpose=batch       -> File
+    GET  /v1/files                 ?after=&limit=&purpose= (uploads, newest first) -> list of File
     GET  /v1/files/{id}            an upload, or a batch's output/error file -> File
     GET  /v1/files/{id}/content    its bytes (JSONL)
     DELETE /v1/files/{id}          an upload (batches made from it keep their jobs)
@@ -45,6 +46,7 @@ from ratequeue.producer.httpapi.objects import ApiError, invalid, not_found
 from ratequeue.producer.httpapi.tenants import Tenant, Tenants
 
 log = logging.getLogger(__name__)
+MAX_FILE_LIST = 10_000  # OpenAI's most (and default) files in one list page
 # What a multipart body may hold besides the file: boundaries, part headers, the purpose field.
 MULTIPART_SLACK = 64 * 1024
 Handler = Callable[[Request, Tenant], Awaitable[Response]]
@@ -89,6 +91,7 @@ class Api:
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/files", self._authed(self.upload), methods=["POST"]),
+            Route("/v1/files", self._authed(self.list_files), methods=["GET"]),
             Route("/v1/files/{file_id}", self._authed(self.file), methods=["GET"]),
             Route("/v1/files/{file_id}", self._authed(self.delete_file), methods=["DELETE"]),
             Route("/v1/files/{file_id}/content", self._authed(self.content), methods=["GET"]),
@@ -170,6 +173,15 @@ class Api:
             raise _too_large("the upload", limit, "RATEQUEUE_API_MAX_UPLOAD_BYTES") from None
         return JSONResponse(saved)
 
+    async def list_files(self, request: Request, tenant: Tenant) -> Response:
+        limit = _limit(request, default=MAX_FILE_LIST, most=MAX_FILE_LIST)
+        after = request.query_params.get("after") or None
+        purpose = request.query_params.get("purpose") or None
+        found = await run_in_threadpool(self.files.listing, tenant.name, after, limit, purpose)
+        if found is None:
+            raise not_found("File", after or "")
+        return JSONResponse(found)
+
     async def file(self, request: Request, tenant: Tenant) -> Response:
         file_id = request.path_params["file_id"]
         found = await run_in_threadpool(self._file_object, tenant, file_id)
@@ -204,11 +216,9 @@ class Api:
         return JSONResponse(await run_in_threadpool(self.batches.create, tenant, body))
 
     async def list_batches(self, request: Request, tenant: Tenant) -> Response:
-        raw_limit = request.query_params.get("limit", "20")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST:
-            raise invalid("limit", f"limit: {raw_limit!r} is not a whole number from 1 to {MAX_LIST}")
+        limit = _limit(request, default=20, most=MAX_LIST)
         after = request.query_params.get("after") or None
-        return JSONResponse(await run_in_threadpool(self.batches.listing, tenant, after, int(raw_limit)))
+        return JSONResponse(await run_in_threadpool(self.batches.listing, tenant, after, limit))
 
     async def batch(self, request: Request, tenant: Tenant) -> Response:
         return JSONResponse(await run_in_threadpool(self.batches.get, tenant, request.path_params["batch_id"]))
@@ -241,6 +251,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 (no such route) and 405 in OpenAI's error shape."""
     assert isinstance(exc, HTTPException)
     return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
+
+def _limit(request: Request, default: int, most: int) -> int:
+    """The ``limit`` query parameter: 1 to ``most``; raises ``ApiError`` 400 otherwise."""
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise invalid("limit", f"limit: {raw!r} is not a whole number from 1 to {most}")
+    return int(raw)
 
 
 def _bearer(request: Request) -> str | None:

@@ -66,30 +66,70 @@ class FileStore:
             pipe.rpush(content, piece)
             pipe.expire(content, self._ttl)
             pipe.execute()
-        created_at = int(time.time())
+        now = time.time()
+        created_at = int(now)
         record = {"tenant": tenant, "filename": filename, "bytes": size, "created_at": created_at, "purpose": purpose}
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(keys.api_file(file_id), mapping=record)  # type: ignore[arg-type]
         pipe.expire(keys.api_file(file_id), self._ttl)
         pipe.expire(content, self._ttl)
         pipe.execute()
+        self._redis.zadd(keys.api_tenant_files(tenant), {file_id: now})  # another slot: its own call
         return file_object(file_id, size, created_at, filename, purpose, created_at + self._ttl)
 
     def record(self, tenant: str, file_id: str) -> dict[str, Any] | None:
         """The File object of ``tenant``'s uploaded file; None when it does not exist or is another
         tenant's (the same answer: existence is not told)."""
-        raw = {text(k): text(v) for k, v in self._redis.hgetall(keys.api_file(file_id)).items()}
+        return self._object(tenant, file_id, self._redis.hgetall(keys.api_file(file_id)))
+
+    def _object(self, tenant: str, file_id: str, stored: dict[Any, Any]) -> dict[str, Any] | None:
+        raw = {text(k): text(v) for k, v in stored.items()}
         if not raw or raw.get("tenant") != tenant:
             return None
         created_at = int(raw["created_at"])
         return file_object(file_id, int(raw["bytes"]), created_at, raw["filename"], raw["purpose"],
                            created_at + self._ttl)
 
+    def listing(self, tenant: str, after: str | None, limit: int, purpose: str | None) -> dict[str, Any] | None:
+        """``GET /v1/files``: the tenant's uploads, newest first, ``limit`` after the file ``after``
+        (None when ``after`` is not one of them). Expired entries are dropped from the index."""
+        index = keys.api_tenant_files(tenant)
+        start = 0
+        if after:
+            rank = self._redis.zrevrank(index, after)
+            if rank is None:
+                return None
+            start = int(rank) + 1  # type: ignore[arg-type]
+        data: list[dict[str, Any]] = []
+        gone: list[str] = []
+        while len(data) < limit:
+            ids = [text(f) for f in self._redis.zrevrange(index, start, start + 99)]
+            if not ids:
+                break
+            pipe = self._redis.pipeline(transaction=False)
+            for file_id in ids:
+                pipe.hgetall(keys.api_file(file_id))
+            for file_id, stored in zip(ids, pipe.execute(), strict=True):
+                if len(data) == limit:
+                    break
+                start += 1
+                found = self._object(tenant, file_id, stored)
+                if found is None:
+                    gone.append(file_id)
+                elif purpose is None or found["purpose"] == purpose:
+                    data.append(found)
+        has_more = self._redis.zcard(index) > start
+        if gone:
+            self._redis.zrem(index, *gone)
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
     def delete(self, tenant: str, file_id: str) -> bool:
         """Remove ``tenant``'s upload; False when there is none of that id for it."""
         if self.record(tenant, file_id) is None:
             return False
         self._redis.delete(keys.api_file(file_id), keys.api_file_content(file_id))
+        self._redis.zrem(keys.api_tenant_files(tenant), file_id)
         return True
 
     def pieces(self, file_id: str) -> Iterator[bytes]:

@@ -214,6 +214,12 @@ def api_file_content(file_id: str) -> str:
     return f"{PREFIX}:apifile:{{{file_id}}}:content"
 
 
+def api_tenant_files(tenant: str) -> str:
+    """Sorted set: the files a tenant uploaded, scored by upload time (s); an entry whose file has
+    expired is dropped when the list is read."""
+    return f"{PREFIX}:apitenant:{{{tenant}}}:files"
+
+
 def api_tenant_batches(tenant: str) -> str:
     """Sorted set: the batch ids a tenant created through the API, scored by creation time (s).
     Membership is ownership: another tenant's batch id is answered 404."""
