@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -54,3 +55,23 @@ def test_refuses_to_start_without_tenants_or_with_an_unknown_account(redis_url: 
     tenants.write_text(json.dumps({"tenants": {"a": {"token_sha256": "1" * 64, "accounts": ["nope"]}}}))
     done = _api({**env, "RATEQUEUE_API_TOKENS_FILE": str(tenants)})
     assert done.returncode == 2 and "'nope' is not an account" in done.stderr, done.stderr
+
+
+def test_an_idempotency_key_makes_a_retried_create_return_the_first_batch(redis_url: str, tmp_path: Path) -> None:
+    env = base_env(redis_url, "http://127.0.0.1:9", tmp_path,
+                   RATEQUEUE_API_TOKENS_FILE=str(write_tokens(tmp_path / "tenants.json")))
+    with api_server(env, tmp_path) as server:
+        sdk = openai.OpenAI(api_key=TOKENS["alpha"], base_url=server.base_url, max_retries=0)
+        uploaded = sdk.files.create(file=("in.jsonl", LINE * 2), purpose="batch")
+        args: dict[str, Any] = {"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions",
+                                "completion_window": "24h"}
+        key = {"Idempotency-Key": "nightly-2026-11-30"}
+        first = sdk.batches.create(**args, extra_headers=key)
+        assert sdk.batches.create(**args, extra_headers=key).id == first.id  # a retry: nothing queued twice
+        assert [b.id for b in sdk.batches.list()] == [first.id]
+        with pytest.raises(openai.BadRequestError):  # the same key for another request
+            sdk.batches.create(**{**args, "metadata": {"run": "2"}}, extra_headers=key)
+        assert sdk.batches.create(**args).id != first.id  # no key: a new batch, as OpenAI does
+        beta = openai.OpenAI(api_key=TOKENS["beta"], base_url=server.base_url, max_retries=0)
+        theirs = beta.files.create(file=("in.jsonl", LINE), purpose="batch")
+        assert beta.batches.create(**{**args, "input_file_id": theirs.id}, extra_headers=key).id != first.id

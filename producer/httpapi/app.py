@@ -7,6 +7,7 @@ body size limits and a per-tenant request limit.
     GET  /v1/files/{id}/content    its bytes (JSONL)
     DELETE /v1/files/{id}          an upload (batches made from it keep their jobs)
     POST /v1/batches               {input_file_id, endpoint, completion_window, metadata} -> Batch
+                                   (Idempotency-Key: a retry gets the same batch; idempotency.py)
     GET  /v1/batches               ?after=&limit= (newest first)        -> list of Batch
     GET  /v1/batches/{id}          -> Batch
     POST /v1/batches/{id}/cancel   -> Batch
@@ -213,7 +214,8 @@ class Api:
 
     async def create_batch(self, request: Request, tenant: Tenant) -> Response:
         body = await self._json(request)
-        return JSONResponse(await run_in_threadpool(self.batches.create, tenant, body))
+        key = request.headers.get("idempotency-key")
+        return JSONResponse(await run_in_threadpool(self.batches.create, tenant, body, key))
 
     async def list_batches(self, request: Request, tenant: Tenant) -> Response:
         limit = _limit(request, default=20, most=MAX_LIST)

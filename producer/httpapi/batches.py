@@ -19,6 +19,7 @@ from ratequeue.producer.api import Client
 from ratequeue.producer.batchfile import SUPPORTED_URLS, LineValidator
 from ratequeue.producer.collect import iter_lines
 from ratequeue.producer.httpapi.files import ERRORS_PREFIX, OUTPUT_PREFIX, FileStore, file_object
+from ratequeue.producer.httpapi.idempotency import Idempotency
 from ratequeue.producer.httpapi.objects import ApiError, invalid, not_found, openai_batch
 from ratequeue.producer.httpapi.tenants import Tenant
 from ratequeue.producer.submit import parse_window
@@ -56,12 +57,29 @@ class TenantBatches:
         self._files = files
         self._redis = client.redis
         self._store = BatchStore(client.redis)
+        self._idempotency = Idempotency(client.redis)
 
-    def create(self, tenant: Tenant, body: Mapping[str, Any]) -> dict[str, Any]:
-        """``POST /v1/batches``: the file's lines become jobs (bad lines go to the error file)."""
+    def create(self, tenant: Tenant, body: Mapping[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """``POST /v1/batches``: the file's lines become jobs (bad lines go to the error file).
+        With an ``idempotency_key`` seen before (same body), the batch made then."""
         file_id, endpoint, window, metadata = _create_params(body)
         if self._files.record(tenant.name, file_id) is None:
             raise ApiError(404, f"No such File object: {file_id}", param="input_file_id", code="not_found")
+        if idempotency_key is None:
+            return self._create(tenant, file_id, endpoint, window, metadata)
+        earlier = self._idempotency.claim(tenant.name, idempotency_key, body)
+        if earlier is not None:
+            return self.get(tenant, earlier)
+        try:
+            batch = self._create(tenant, file_id, endpoint, window, metadata)
+        except BaseException:
+            self._idempotency.abandon(tenant.name, idempotency_key)
+            raise
+        self._idempotency.finish(tenant.name, idempotency_key, body, batch["id"])
+        return batch
+
+    def _create(self, tenant: Tenant, file_id: str, endpoint: str, window: str,
+                metadata: dict[str, str] | None) -> dict[str, Any]:
         validator = TenantLineValidator(self._client.accounts, tenant, endpoint)
         account = tenant.accounts[0] if tenant.accounts else None
         try:

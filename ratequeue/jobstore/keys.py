@@ -226,6 +226,12 @@ def api_tenant_batches(tenant: str) -> str:
     return f"{PREFIX}:apitenant:{{{tenant}}}:batches"
 
 
+def api_idempotency(tenant: str, key_sha256: str) -> str:
+    """String (JSON {request, batch}): an Idempotency-Key of a tenant's POST /v1/batches, by the
+    key's sha256; expires a day after the first request."""
+    return f"{PREFIX}:apitenant:{{{tenant}}}:idem:{key_sha256}"
+
+
 def api_request_count(tenant: str, minute: int) -> str:
     """Counter of a tenant's API requests in one minute (minutes since epoch); expires after it."""
     return f"{PREFIX}:apitenant:{{{tenant}}}:requests:{minute}"
