@@ -144,3 +144,6 @@ def test_bad_requests_name_the_parameter(server: ApiServer) -> None:
     response = httpx.post(f"{server.base_url}/batches", content=b"{not json", headers=server.headers())
     assert response.status_code == 400 and _error(response)["code"] == "invalid_json"
     assert httpx.get(f"{server.base_url}/nothing", headers=server.headers()).status_code == 404
+    broken = httpx.post(f"{server.base_url}/files", content=b"--XX\r\nContent-Disposition: form-data\r\n\r\nx",
+                        headers={**server.headers(), "Content-Type": "multipart/form-data; boundary=XX"})
+    assert broken.status_code == 400 and _error(broken)["message"], broken.text

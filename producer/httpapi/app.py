@@ -115,8 +115,13 @@ class Api:
                 return await handler(request, tenant)
             except ApiError as exc:
                 return exc.response()
+            except HTTPException as exc:  # Starlette's: a malformed multipart body (400)
+                return ApiError(exc.status_code, f"{request.url.path}: {exc.detail}").response()
             except RedisFullError as exc:
                 return ApiError(507, str(exc), type="server_error", code="storage_full").response()
+            except redis.exceptions.OutOfMemoryError:  # full halfway through an upload: its pieces expire
+                return ApiError(507, "Redis is full (maxmemory): nothing was kept", type="server_error",
+                                code="storage_full").response()
             except redis.RedisError:
                 return ApiError(503, "the job store (Redis) is unavailable; try again", type="server_error",
                                 code="store_unavailable", headers={"retry-after": "1"}).response()
@@ -238,7 +243,7 @@ class Api:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                    raise _too_large("the request body", limit, "RATEQUEUE_API_MAX_JSON_BYTES")
+                raise _too_large("the request body", limit, "RATEQUEUE_API_MAX_JSON_BYTES")
             chunks.append(chunk)
         try:
             body = orjson.loads(b"".join(chunks))
