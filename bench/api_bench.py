@@ -3,8 +3,8 @@ with the official openai SDK and made a batch through ``ratequeue api``, against
 ``Client.submit_batch`` of the file on disk. No worker runs: the jobs are queued, not sent.
 
 Figures: upload time (and MB/s), POST /v1/batches time, direct submit time, the Redis memory the
-stored upload takes, and the API server's peak RSS (the upload is spooled to a temporary file by
-the multipart parser, not held in memory).
+stored upload takes, the time of one GET /v1/batches/{id}, and the API server's peak RSS (the
+upload is spooled to a temporary file by the multipart parser, not held in memory).
 
     .venv/bin/python bench/api_bench.py --jobs 10000 [--redis-url redis://127.0.0.1:PORT/14]
 """
@@ -29,6 +29,7 @@ from ratequeue.config.settings import load_settings
 from ratequeue.producer.api import Client
 
 TOKEN = "bench-token-0123456789"
+POLLS = 200  # GET /v1/batches/{id}, one after another: what a polling client costs
 
 
 def _serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -79,6 +80,10 @@ def main() -> None:
             batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                        completion_window="24h")
             created = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(POLLS):
+                sdk.batches.retrieve(batch.id)
+            poll_ms = (time.perf_counter() - start) / POLLS * 1000
             rss = peak_rss_mb(server.pid)
         finally:
             server.terminate()
@@ -92,6 +97,7 @@ def main() -> None:
           f"stored upload takes {stored / 1e6:.1f} MB of Redis memory")
     print(f"POST /v1/batches: {created:.2f} s; Client.submit_batch(path): {direct:.2f} s "
           f"(upload + create = {(uploaded + created) / direct:.2f}x the direct submit)")
+    print(f"GET /v1/batches/{{id}} (one client, {POLLS} in a row): {poll_ms:.1f} ms each")
     print(f"API server peak RSS: {rss:.0f} MB ({idle_rss:.0f} MB after start)")
     store.flushdb()
 
