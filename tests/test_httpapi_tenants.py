@@ -7,13 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 
 from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import load_settings
 from ratequeue.errors import ConfigError
+from ratequeue.jobstore import keys
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.producer.batchfile import LineError, read_lines
 from ratequeue.producer.httpapi.batches import TenantLineValidator
+from ratequeue.producer.httpapi.idempotency import PENDING_TTL_SECONDS, Idempotency
+from ratequeue.producer.httpapi.objects import ApiError
 from ratequeue.producer.httpapi.tenants import Tenant, load_tenants
 from tests.conftest import ROOT
 
@@ -103,3 +107,17 @@ def test_a_tenants_lines_run_on_its_accounts_and_the_batchs_endpoint_only(tmp_pa
     default, named = read_lines([line(1), line(2, "team-b")], anyone)
     assert isinstance(default, StoredJob) and default.account == "team-a"
     assert isinstance(named, LineError) and named.param == "account"
+
+
+def test_an_idempotency_claim_of_a_request_that_never_finished_is_freed_in_minutes(rclient: redis.Redis) -> None:
+    claims = Idempotency(rclient)
+    body = {"input_file_id": "file-1", "endpoint": "/v1/chat/completions"}
+    assert claims.claim("alpha", "k1", body) is None  # the first request goes ahead...
+    key = keys.api_idempotency("alpha", hashlib.sha256(b"k1").hexdigest())
+    assert 0 < rclient.ttl(key) <= PENDING_TTL_SECONDS  # ...and if its process dies, the key is free again soon
+    with pytest.raises(ApiError) as busy:
+        claims.claim("alpha", "k1", body)
+    assert busy.value.status == 409
+    claims.finish("alpha", "k1", body, "batch_1")
+    assert rclient.ttl(key) > PENDING_TTL_SECONDS and claims.claim("alpha", "k1", body) == "batch_1"
+    assert claims.claim("beta", "k1", body) is None  # keys are per tenant

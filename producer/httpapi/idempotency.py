@@ -3,9 +3,10 @@ after a timeout or a dropped connection) gets the batch the first request made i
 second batch, which would pay for every line twice. The official SDK sends no such header by
 itself; ``extra_headers={"Idempotency-Key": ...}`` adds it.
 
-A key is the tenant's own and lasts a day (``keys.api_idempotency``). It holds the sha256 of the
-request body and, once the batch exists, its id. The same key with another body is refused (400),
-and while the first request is still storing its jobs a second one gets 409.
+A key is the tenant's own and lasts a day from the batch's creation (``keys.api_idempotency``); a
+claim left by a process that died mid-request is freed after 10 minutes. It holds the sha256 of
+the request body and, once the batch exists, its id. The same key with another body is refused
+(400), and while the first request is still storing its jobs a second one gets 409.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ratequeue.jobstore import keys
 from ratequeue.producer.httpapi.objects import ApiError
 
 KEY_TTL_SECONDS = 86_400
+# A claim whose request never finished (its API process died) frees the key after this long, not a day.
+PENDING_TTL_SECONDS = 600
 MAX_KEY_LENGTH = 255
 
 
@@ -39,7 +42,7 @@ class Idempotency:
                            code="invalid_value")
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         record = orjson.dumps({"request": digest, "batch": ""})
-        if self._redis.set(self._key(tenant, key), record, nx=True, ex=KEY_TTL_SECONDS):
+        if self._redis.set(self._key(tenant, key), record, nx=True, ex=PENDING_TTL_SECONDS):
             return None
         stored = self._redis.get(self._key(tenant, key))
         earlier = orjson.loads(stored) if stored else {"request": digest, "batch": ""}
@@ -53,7 +56,8 @@ class Idempotency:
 
     def finish(self, tenant: str, key: str, body: Mapping[str, Any], batch_id: str) -> None:
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        self._redis.set(self._key(tenant, key), orjson.dumps({"request": digest, "batch": batch_id}), keepttl=True)
+        self._redis.set(self._key(tenant, key), orjson.dumps({"request": digest, "batch": batch_id}),
+                        ex=KEY_TTL_SECONDS)
 
     def abandon(self, tenant: str, key: str) -> None:
         """The first request failed: the key is free for a retry."""
