@@ -16,7 +16,7 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -100,6 +100,7 @@ class Client(BatchOperations):
         batch_id: str | None = None,
         account: str | None = None,
         validator: LineValidator | None = None,
+        on_created: Callable[[str], None] | None = None,
     ) -> SubmitReport:
         """Submit a Batch-format JSONL file (path or binary stream) or an iterable of request dicts.
 
@@ -127,6 +128,7 @@ class Client(BatchOperations):
             digest, source = hashlib.sha256(raw).hexdigest(), io.BytesIO(raw)
         bucket_account = self._bucket_account(account)
         # ``validator``: stricter line checks of the caller's (the HTTP API's tenant rules).
+        # ``on_created(batch_id)``: called once the batch exists, before any of its jobs is queued.
         validator = validator or (self._validator if account is None else LineValidator(self.accounts, account))
         capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
         try:
@@ -136,6 +138,8 @@ class Client(BatchOperations):
         except BatchExistsError:
             assert batch_id is not None
             return submitted_before(self.redis, batch_id, name, digest)
+        if on_created is not None:  # before any job is queued (the HTTP API records its owner)
+            on_created(batch_id)
         limits = Limits(self.settings.max_file_bytes, self.settings.max_lines, self.settings.max_line_bytes)
         try:
             if isinstance(source, str | Path):

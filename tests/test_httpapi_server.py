@@ -3,16 +3,21 @@ refuses to start with."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
+import redis
 
-from tests.conftest import ROOT, base_env
+from ratequeue.jobstore import keys
+from tests.conftest import ROOT, base_env, wait_until
 from tests.httpapi_server import TOKENS, api_server, write_tokens
 
 pytestmark = pytest.mark.e2e
@@ -75,3 +80,33 @@ def test_an_idempotency_key_makes_a_retried_create_return_the_first_batch(redis_
         beta = openai.OpenAI(api_key=TOKENS["beta"], base_url=server.base_url, max_retries=0)
         theirs = beta.files.create(file=("in.jsonl", LINE), purpose="batch")
         assert beta.batches.create(**{**args, "input_file_id": theirs.id}, extra_headers=key).id != first.id
+
+
+def test_a_batch_is_the_tenants_from_its_creation_even_if_the_server_dies_while_storing_it(
+    redis_url: str, rclient: redis.Redis, tmp_path: Path
+) -> None:
+    """Killed while POST /v1/batches stores a big file's jobs (some already queued and running):
+    the batch must not be orphaned, so the tenant can see and cancel it through another replica."""
+    env = base_env(redis_url, "http://127.0.0.1:9", tmp_path,
+                   RATEQUEUE_API_TOKENS_FILE=str(write_tokens(tmp_path / "tenants.json")))
+    lines = b"".join(LINE.replace(b'"custom_id": "a"', f'"custom_id": "a{n}"'.encode()) for n in range(30_000))
+    with api_server(env, tmp_path) as doomed:
+        sdk = openai.OpenAI(api_key=TOKENS["alpha"], base_url=doomed.base_url, max_retries=0)
+        uploaded = sdk.files.create(file=("big.jsonl", lines), purpose="batch")
+
+        def create() -> None:
+            with contextlib.suppress(httpx.TransportError):  # the server is killed under it
+                httpx.post(f"{doomed.base_url}/batches", headers=doomed.headers(), timeout=60,
+                           json={"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions"})
+
+        creating = threading.Thread(target=create, daemon=True)
+        creating.start()
+        wait_until(lambda: rclient.zcard(keys.batches_index()) > 0, 30, "the batch to be created")
+        doomed.process.kill()
+        [batch_id] = [m.decode() for m in rclient.zrange(keys.batches_index(), 0, -1)]
+        assert rclient.hget(keys.batch_meta(batch_id), "sealed") != b"1", "stored whole before the kill: retry"
+    with api_server(env, tmp_path) as replica:
+        sdk = openai.OpenAI(api_key=TOKENS["alpha"], base_url=replica.base_url, max_retries=0)
+        assert [b.id for b in sdk.batches.list()] == [batch_id]
+        assert sdk.batches.retrieve(batch_id).input_file_id == uploaded.id
+        assert sdk.batches.cancel(batch_id).status in ("cancelling", "cancelled")

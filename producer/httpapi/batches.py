@@ -82,14 +82,20 @@ class TenantBatches:
                 metadata: dict[str, str] | None) -> dict[str, Any]:
         validator = TenantLineValidator(self._client.accounts, tenant, endpoint)
         account = tenant.accounts[0] if tenant.accounts else None
+
+        def own(batch_id: str) -> None:
+            """The tenant's from the start: a server that dies while the jobs are stored leaves a
+            batch the tenant sees (and can cancel) through any replica, not an orphan that runs."""
+            self._store.describe(batch_id, input_file=file_id, endpoint=endpoint)
+            created = self._redis.zscore(keys.batches_index(), batch_id) or 0
+            self._redis.zadd(keys.api_tenant_batches(tenant.name), {batch_id: created})
+
         try:
             with self._files.open(file_id) as stream:
-                report = self._client.submit_batch(stream, window, metadata, account=account, validator=validator)
+                report = self._client.submit_batch(stream, window, metadata, account=account, validator=validator,
+                                                   on_created=own)
         except UsageError as exc:
             raise invalid("input_file_id", f"{file_id}: {exc}") from None
-        self._store.describe(report.batch_id, input_file=file_id, endpoint=endpoint)
-        created = self._redis.zscore(keys.batches_index(), report.batch_id) or 0
-        self._redis.zadd(keys.api_tenant_batches(tenant.name), {report.batch_id: created})
         return self.get(tenant, report.batch_id)
 
     def owns(self, tenant: Tenant, batch_id: str) -> bool:
