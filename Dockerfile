@@ -1,4 +1,4 @@
-# The ratequeue image: one image for the worker, the exporter, the simulator and the CLI
+# The ratequeue image: one image for the worker, the exporter, the HTTP API, the simulator and the CLI
 # (docker-compose.yml picks the command). Build: docker build -t ratequeue:local .
 FROM python:3.11-slim
 
@@ -21,6 +21,6 @@ RUN pip install . \
 
 USER ratequeue
 ENV RATEQUEUE_DATA_DIR=/home/ratequeue/data
-# 9808 worker metrics (RATEQUEUE_METRICS_PORT), 9809 exporter, 8900 simulator
-EXPOSE 9808 9809 8900
+# 9808 worker metrics (RATEQUEUE_METRICS_PORT), 9809 exporter, 8900 simulator, 8080 HTTP API
+EXPOSE 9808 9809 8900 8080
 CMD ["ratequeue", "--help"]

@@ -134,6 +134,11 @@ class Settings:
     metrics_advertise: str | None = None
     # The day's budget in USD (UTC day), published by the exporter as ratequeue_budget_usd; unset: none.
     daily_budget_usd: float | None = None
+    # `ratequeue api`: the tenants file (bearer-token hashes, accounts), the largest uploaded file
+    # (bytes, refused with 413 while it streams) and the largest JSON request body.
+    api_tokens_file: Path | None = None
+    api_max_upload_bytes: int = 200_000_000
+    api_max_json_bytes: int = 1 << 20
 
     @property
     def account_id(self) -> str:
@@ -242,6 +247,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         model_overrides=_read_overrides(e.env),
         metrics_advertise=e.address("RATEQUEUE_METRICS_ADVERTISE"),
         daily_budget_usd=e.budget("RATEQUEUE_DAILY_BUDGET_USD"),
+        api_tokens_file=Path(tokens).expanduser() if (tokens := e.text("RATEQUEUE_API_TOKENS_FILE")) else None,
+        api_max_upload_bytes=e.integer_default("RATEQUEUE_API_MAX_UPLOAD_BYTES", defaults.api_max_upload_bytes),
+        api_max_json_bytes=e.integer_default("RATEQUEUE_API_MAX_JSON_BYTES", defaults.api_max_json_bytes),
     )
     warn_unknown(e.env, e.read)
     # A task still running when the broker's visibility timeout ends is delivered again: a duplicate

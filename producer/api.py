@@ -16,7 +16,7 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -112,6 +112,8 @@ class Client(BatchOperations):
         metadata: Mapping[str, Any] | None = None,
         batch_id: str | None = None,
         account: str | None = None,
+        validator: LineValidator | None = None,
+        on_created: Callable[[str], None] | None = None,
     ) -> SubmitReport:
         """Submit a Batch-format JSONL file (path or binary stream) or an iterable of request dicts.
 
@@ -138,7 +140,10 @@ class Client(BatchOperations):
             raw = source.read() if hasattr(source, "read") else b"\n".join(_as_lines(source))
             digest, source = hashlib.sha256(raw).hexdigest(), io.BytesIO(raw)
         bucket_account = self._bucket_account(account)
-        validator = self._validator if account is None else LineValidator(self.accounts, account, self._counts)
+        # ``validator``: stricter line checks of the caller's (the HTTP API's tenant rules).
+        # ``on_created(batch_id)``: called once the batch exists, before any of its jobs is queued.
+        validator = validator or (
+            self._validator if account is None else LineValidator(self.accounts, account, self._counts))
         capacity.ensure_room(self.redis, 0)  # a full Redis is said before the file is read
         try:
             batch_id = self._submitter.create_batch(
@@ -147,6 +152,8 @@ class Client(BatchOperations):
         except BatchExistsError:
             assert batch_id is not None
             return submitted_before(self.redis, batch_id, name, digest)
+        if on_created is not None:  # before any job is queued (the HTTP API records its owner)
+            on_created(batch_id)
         limits = Limits(self.settings.max_file_bytes, self.settings.max_lines, self.settings.max_line_bytes)
         try:
             try:
@@ -273,6 +280,11 @@ class Client(BatchOperations):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {custom_id} of {batch_id} has no outcome after {timeout} s")
             time.sleep(0.1)
+
+    @property
+    def server_counts(self) -> ServerCounts | None:
+        """Where prompts of tokenize = "server" accounts are counted (None: every account counts locally)."""
+        return self._counts
 
     def _close_counts(self) -> None:
         """End the connections to tokenize = "server" accounts' servers (kept for one submit)."""

@@ -262,6 +262,8 @@ def demo(jobs: int, output: Path, workers: int) -> None:
 
 main.add_command(LazyCommand("sim", "ratequeue.sim.cli:sim_command",
                               "Run the OpenAI-compatible simulator (for dry runs and benchmarks)."))
+main.add_command(LazyCommand("api", "ratequeue.producer.httpapi.command:api_command",
+                              "Serve OpenAI's Files and Batches API over HTTP (for the official SDK's base_url)."))
 main.add_command(LazyCommand("exporter", "ratequeue.producer.exporter:exporter_command",
                               "Publish queue depth, batches, parked pairs, bucket levels, live workers and "
                               "memory from Redis."))

@@ -201,3 +201,37 @@ def route_pair_field(route: str) -> str:
     """The field of ``route_use`` holding the route's pair ("<bucket id>:<model>"), which the
     workers can name and a `status` without that account's key cannot. A route name has no ':'."""
     return f"pair:{route}"
+
+
+# The HTTP API's keys (ratequeue/producer/httpapi). A file's keys share the hash tag {<file id>}.
+def api_file(file_id: str) -> str:
+    """Hash: an uploaded file's record (tenant, filename, bytes, created_at, purpose)."""
+    return f"{PREFIX}:apifile:{{{file_id}}}"
+
+
+def api_file_content(file_id: str) -> str:
+    """List: an uploaded file's bytes in pieces of at most 1 MiB, in order."""
+    return f"{PREFIX}:apifile:{{{file_id}}}:content"
+
+
+def api_tenant_files(tenant: str) -> str:
+    """Sorted set: the files a tenant uploaded, scored by upload time (s); an entry whose file has
+    expired is dropped when the list is read."""
+    return f"{PREFIX}:apitenant:{{{tenant}}}:files"
+
+
+def api_tenant_batches(tenant: str) -> str:
+    """Sorted set: the batch ids a tenant created through the API, scored by creation time (s).
+    Membership is ownership: another tenant's batch id is answered 404."""
+    return f"{PREFIX}:apitenant:{{{tenant}}}:batches"
+
+
+def api_idempotency(tenant: str, key_sha256: str) -> str:
+    """String (JSON {request, batch}): an Idempotency-Key of a tenant's POST /v1/batches, by the
+    key's sha256; expires a day after the first request."""
+    return f"{PREFIX}:apitenant:{{{tenant}}}:idem:{key_sha256}"
+
+
+def api_request_count(tenant: str, minute: int) -> str:
+    """Counter of a tenant's API requests in one minute (minutes since epoch); expires after it."""
+    return f"{PREFIX}:apitenant:{{{tenant}}}:requests:{minute}"
