@@ -34,7 +34,8 @@ class TenantLineValidator(LineValidator):
     """Checks, on top of every line check: the line's url is the batch's endpoint (as OpenAI's
     Batch API requires), and an account the line names is one the tenant may spend."""
 
-    def __init__(self, accounts: AccountTable, tenant: Tenant, endpoint: str, counts: ServerCounts | None) -> None:
+    def __init__(self, accounts: AccountTable, tenant: Tenant, endpoint: str,
+                 counts: ServerCounts | None = None) -> None:
         super().__init__(accounts, tenant.accounts[0] if tenant.accounts else None, counts)
         self._tenant = tenant
         self._endpoint = endpoint
