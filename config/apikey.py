@@ -39,7 +39,7 @@ def read_secret_file(path: Path, source: str) -> str:
     the secret has leaked to every local account.
     """
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        value = path.read_text(encoding="utf-8-sig").strip()  # -sig: a BOM (PowerShell 5) is no part of the key
         mode = stat.S_IMODE(path.stat().st_mode)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"

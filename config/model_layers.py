@@ -22,7 +22,7 @@ TOP_LEVEL = ("replace", "defaults", "models", "accounts", "routes", "default_acc
 def read_table_file(path: Path) -> str:
     """The text of the user's models file. Raises ConfigError naming it."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is no TOML
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"{path}: cannot read the model table: {reason}") from exc

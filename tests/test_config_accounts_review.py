@@ -62,3 +62,17 @@ def test_a_name_ending_in_a_line_break_is_refused(tmp_path: Path, text: str, exp
 def test_a_route_listed_twice_under_two_spellings_is_refused(tmp_path: Path) -> None:
     text = '[accounts.a]\napi_key_env = "K"\n[routes]\n"gpt-4o-mini" = ["a", {account = "a", model = "gpt-4o-mini"}]\n'
     assert _error(tmp_path, text, {"K": "sk-fine-0123456789"}) == "4: routes.gpt-4o-mini: entry 2: a is listed twice"
+
+
+def test_a_models_file_and_a_key_file_saved_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
+    """Windows tools (Notepad before 2019, PowerShell 5's Set-Content -Encoding UTF8) start UTF-8 with
+    a BOM: tomllib refused it ("Invalid statement (at line 1, column 1)"), and in a key file it was
+    "whitespace or control characters" of the key."""
+    key = tmp_path / "key"
+    key.write_bytes("\ufeffsk-fine-0123456789\r\n".encode())
+    key.chmod(0o600)
+    path = tmp_path / "models.toml"
+    path.write_bytes(f'\ufeff[accounts.a]\r\napi_key_file = "{key}"\r\n'.encode())
+    table = load_account_table(load_settings({"RATEQUEUE_MODELS_FILE": str(path)}), env={})
+    credential = table.account("a").credential
+    assert credential is not None and credential.value() == "sk-fine-0123456789"
