@@ -56,3 +56,17 @@ def test_with_varying_lengths_a_queue_still_stops_it_short_of_refusals() -> None
         steady = sizes[40:]
         assert refused <= 0.001 * sent, (refused, sent)
         assert max(steady) <= CAPACITY + QUEUE + 1 and statistics.mean(steady) >= CAPACITY, steady
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "not fixed (h-review's report): the base is the quickest answer of 30 rounds, so a few answers far "
+    "quicker than the rest (5% of 50 ms among 0.8-1.2 s) set it, and every round without one of them "
+    "looks queued; the mix gap (the median of each round's two quickest) does not see them"))
+def test_a_few_very_short_answers_do_not_hold_the_window_down() -> None:
+    rng, window, sizes = random.Random(1), AdaptiveWindow(maximum=64), []
+    for _ in range(200):  # a server with room for every call: no queue at all
+        n = window.size
+        for _ in range(n):
+            window.answered(0.05 if rng.random() < 0.05 else rng.uniform(0.8, 1.2), n)
+        sizes.append(window.size)
+    assert statistics.mean(sizes[20:]) >= 32, sizes
