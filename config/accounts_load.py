@@ -15,7 +15,7 @@ from typing import Any
 
 from ratequeue.config.account_limits import read_account_limits
 from ratequeue.config.accounts import DIALECTS, IMPLICIT, Account, AccountTable, Deployment, RouteEntry
-from ratequeue.config.apikey import Credential, TokenFile, checked_secret, read_secret_file
+from ratequeue.config.apikey import Credential, TokenFile, checked_secret, looks_like_a_key, read_secret_file
 from ratequeue.config.model_layers import read_table_file, read_toml
 from ratequeue.config.models import GENERIC_CONTEXT_WINDOW, SUPPORTED_ENCODINGS, ModelTable, load_model_table
 from ratequeue.config.settings import DEFAULT_BASE_URL, Settings, environment
@@ -53,8 +53,9 @@ _DEPLOYMENT_FIELDS = {"deployment": _STR, "tpm": _INT, "rpm": _INT, "window_seco
 _TOKENIZE = ("local", "server")
 _AZURE_RPM_PER_1000_TPM = 6  # Azure's quota ratio for chat models (learn.microsoft.com, "Manage quota")
 _AZURE_WINDOW = 1.0  # Azure enforces over 1 s or 10 s: a 1 s bucket fits both and, refilled continuously, loses no rate
-_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # also Azure's rule for deployment names
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# fullmatch, never "^...$": "$" also matches before a final line break ("mini\n" in a URL path)
+_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # also Azure's rule for deployment names
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def implicit_table(settings: Settings, table: ModelTable) -> AccountTable:
@@ -139,7 +140,7 @@ class _Reader:
 
     def account(self, name: str, fields: Any) -> Account | None:
         p, path = self.p, ("accounts", name)
-        if not _ALIAS.match(name):
+        if not _ALIAS.fullmatch(name):
             p.add(path, "an account alias is letters, digits, '.', '-' and '_', starting with a letter or digit")
         if not isinstance(fields, dict):
             p.add(path, f"must be a table, got {kind_of(fields)}")
@@ -207,12 +208,16 @@ class _Reader:
             return None, None
         value = fields[key]
         header = "api-key" if dialect == "azure" and key != "bearer_token_file" else "authorization"
+        if key == "api_key_env" and not _ENV_NAME.fullmatch(value):
+            self.p.add((*path, key), "must name an environment variable (letters, digits and _), not hold the key")
+            return None, None
+        thing = "variable" if key == "api_key_env" else "file"
+        named = value in self.env if thing == "variable" else Path(value).expanduser().exists()
         try:
+            # The key pasted in its name's place: the errors below would show it ("the variable <key> ...").
+            if looks_like_a_key(value) and not named:
+                raise ConfigError(f"names no {thing} and looks like a key: name the {thing} that holds the key")
             if key == "api_key_env":
-                if not _ENV_NAME.match(value):
-                    self.p.add((*path, key), "must name an environment variable (letters, digits and _), "
-                               "not hold the key")
-                    return None, None
                 secret = self.env.get(value, "").strip()
                 if not secret:
                     raise ConfigError(f"the variable {value} is not set")
@@ -244,7 +249,7 @@ class _Reader:
                 if key not in fields:
                     self.p.add(dpath, f"missing field {key}")
             name, window = fields.get("deployment"), fields.get("window_seconds", _AZURE_WINDOW)
-            if isinstance(name, str) and not _ALIAS.match(name):
+            if isinstance(name, str) and not _ALIAS.fullmatch(name):
                 self.p.add((*dpath, "deployment"), "an Azure deployment name is letters, digits, '.', '-' and '_'")
             elif isinstance(name, str) and name in by_name:
                 self.p.add((*dpath, "deployment"), f"{name!r} is already the deployment of {by_name[name]!r}")
@@ -286,7 +291,7 @@ def _routes(p: Problems, raw: Any, known: set[str], failed: set[str]) -> dict[st
                 if found.account not in failed:  # an account with errors of its own is not "unknown"
                     p.add(rpath, f"entry {i}: unknown account {found.account!r} "
                           f"(accounts: {', '.join(sorted(known | failed)) or 'none'})")
-            elif any(e.account == found.account and e.model == found.model for e in kept):
+            elif any(e.account == found.account and (e.model or model) == (found.model or model) for e in kept):
                 p.add(rpath, f"entry {i}: {found.account} is listed twice")
             else:
                 kept.append(found)

@@ -8,6 +8,7 @@ Errors and warnings name the variable, the file or the configuration field, neve
 from __future__ import annotations
 
 import logging
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -16,9 +17,18 @@ from pathlib import Path
 from ratequeue.config.values import Secret
 from ratequeue.errors import ConfigError
 
-__all__ = ["Credential", "TokenFile", "checked_secret", "read_api_key", "read_secret_file"]
+__all__ = ["Credential", "TokenFile", "checked_secret", "looks_like_a_key", "read_api_key", "read_secret_file"]
 
 log = logging.getLogger(__name__)
+
+# A key's random part: 20 letters and digits in a row (Azure's 32 hex digits, an sk- key's tail, each
+# segment of a JWT). Names of variables and files split their words with _ - . / well before that.
+_KEY_RUN = re.compile(r"[A-Za-z0-9]{20,}")
+
+
+def looks_like_a_key(text: str) -> bool:
+    """Could `text`, written where the name of a variable or file belongs, be the key itself?"""
+    return any(re.search(r"\d", run) and re.search(r"[A-Za-z]", run) for run in _KEY_RUN.findall(text))
 
 
 def read_secret_file(path: Path, source: str) -> str:
@@ -29,7 +39,7 @@ def read_secret_file(path: Path, source: str) -> str:
     the secret has leaked to every local account.
     """
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        value = path.read_text(encoding="utf-8-sig").strip()  # -sig: a BOM (PowerShell 5) is no part of the key
         mode = stat.S_IMODE(path.stat().st_mode)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"

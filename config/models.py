@@ -276,19 +276,18 @@ def load_model_table_from(
 
     Raises ConfigError naming the file or variable, the model and the field of a bad value.
     """
-    layers = [(read_toml(_builtin_text(), BUILTIN_SOURCE), BUILTIN_SOURCE)]
+    layers, texts = [(read_toml(_builtin_text(), BUILTIN_SOURCE), BUILTIN_SOURCE)], {}
     if user_file is not None:
-        source = str(user_file)
-        doc = read_toml(read_table_file(user_file), source)
+        source, texts[str(user_file)] = str(user_file), read_table_file(user_file)
+        doc = read_toml(texts[source], source)
         layers = [(doc, source)] if doc.get("replace", False) else [*layers, (doc, source)]
-    defaults, models = merge_layers(layers)
+    defaults, models, tables = merge_layers(layers, texts)  # a user file's sources name their lines
     apply_overrides(models, overrides or {})
     if not models:
         raise ConfigError(f"{layers[-1][1]}: the model table has no models")
     specs = {}
     for name, own in models.items():
-        model_source = next(iter(own.values()))[1] if own else layers[-1][1]
-        specs[name] = _build_spec(name, {**defaults, **own}, model_source)
+        specs[name] = _build_spec(name, {**defaults, **own}, tables[name])
     return ModelTable(specs, tuple(source for _, source in layers))
 
 

@@ -24,7 +24,8 @@ __all__ = ["INTEGER", "NUMBER", "STRING", "TABLE", "KeyPath", "Problems", "check
            "kind_of", "typed"]
 
 KeyPath = tuple[str, ...]
-_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: "$" would also match before a final line end
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 # The kinds of value a field may need (check_fields, typed); each is also how an error names it.
 STRING, INTEGER, NUMBER, TABLE = "a string", "a positive integer", "a positive number", "a table"
 # A field whose name says it holds a secret gets its own error: the secret is never asked for here.
@@ -129,7 +130,13 @@ def key_lines(text: str) -> dict[KeyPath, int]:
 
 def dotted(path: KeyPath) -> str:
     """`path` as TOML writes it: ``accounts.azure-eu.deployments."gpt-4.1"``."""
-    return ".".join(p if _BARE.match(p) else '"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in path)
+    return ".".join(p if _BARE.fullmatch(p) else _quoted(p) for p in path)
+
+
+def _quoted(key: str) -> str:
+    """`key` as a TOML basic string: a control character escaped, so that an error stays on one line."""
+    escaped = "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c) for c in key)
+    return f'"{escaped}"'
 
 
 class Problems:

@@ -224,7 +224,7 @@ def test_a_model_is_pinned_in_the_table(tmp_path: Path) -> None:
     assert specs.get("gpt-4o").charge_rule_pinned and specs.get("gpt-4o").rule == MAX
     assert not specs.get("gpt-4o-mini").charge_rule_pinned  # the default: learned
     table.write_text('[models."gpt-4o"]\ncharge_rule_pinned = "yes"\n')
-    with pytest.raises(ConfigError, match=r'models.toml: models."gpt-4o".charge_rule_pinned: must be true or false'):
+    with pytest.raises(ConfigError, match=r'models.toml:2: models."gpt-4o".charge_rule_pinned: must be true or false'):
         load_model_table_from(table)
 
 

@@ -301,7 +301,7 @@ def _error(tmp_path: Path, text: str) -> str:
             'encoding = "o200k_base"\ninput_per_1m = 1\noutput_per_1m = 1\n',
             "defaults.tpm: must be a positive integer, got 0 (used by model 'new')",
         ),
-        ("[models]\nx = 1\n", 'models."x": must be a table'),
+        ("[models]\nx = 1\n", "models.toml:2: models.x: must be a table"),
         ("models = 3\n", "models: must be a table"),
         ("replace = 1\n", "replace: must be true or false"),
         ("limits = 1\n", "unknown top-level key"),

@@ -19,7 +19,8 @@ concurrency-limits library applies it to request concurrency, ``VegasLimit`` and
   limit). Judged as a ratio, as Gradient2's tolerance is, not as Vegas's count of this process's
   own queued requests: every worker sees the same rise, so several workers stop at the same queue
   at the server, where per-process queue targets add up (measured with Vegas's count: 3.7% of
-  requests refused with two workers on a queue of 4);
+  requests refused with two workers on a queue of 4); less what the mix of output lengths alone
+  puts between a round's quickest and the base (``_mix_gap``; zero when latency is flat);
 - growth: while the rise stays under ``GROW_BELOW`` and the round's requests were sent at the full
   window (a window that was not used says nothing: no growth, Gradient2's "app limited" rule): by
   half per measured round until the rise reaches half of that (slow start; every other round, like
@@ -42,6 +43,7 @@ Each worker process runs its own windows; they converge as TCP flows do (see BEN
 from __future__ import annotations
 
 import logging
+import statistics
 from collections import deque
 from collections.abc import Mapping
 
@@ -63,6 +65,7 @@ GROW_BELOW = 0.10  # rise (share of the calls in flight that queue) under which 
 SHRINK_ABOVE = 0.25  # rise over which it shrinks
 BASE_ROUNDS = 30  # rounds over which the base latency is the minimum (probed again before it ages out)
 MIN_ROUND = 8  # answers per round at least: a small window is not judged on a handful of answers
+MIX_SPACINGS = 2.0  # a round's quickest less its second quickest, times this: the mix's share of a rise
 HEADERLESS_ANSWERS = 3  # answers without x-ratelimit-* before a pair counts as concurrency-bound
 
 
@@ -76,6 +79,7 @@ class AdaptiveWindow:
         self.limit = float(min(initial, maximum))
         self.slow_start = True
         self._bases: deque[float] = deque(maxlen=BASE_ROUNDS)
+        self._spacings: deque[float] = deque(maxlen=BASE_ROUNDS)  # each round's second quickest less its quickest
         self._latencies: list[float] = []
         self._sent_at: list[int] = []
         self._answers = 0
@@ -146,6 +150,9 @@ class AdaptiveWindow:
         # every request by the same wait, whatever its size, while the mean follows the round's mix
         # of long and short answers (output lengths vary 10-fold).
         self._bases.append(min(self._latencies))
+        if len(self._latencies) > 1:
+            quickest, second = sorted(self._latencies)[:2]
+            self._spacings.append(second - quickest)
         rise = self._rise(self._latencies)
         self._queued_rounds = self._queued_rounds + 1 if rise >= GROW_BELOW / 2 else 0
         if self._queued_rounds >= BASE_ROUNDS - 2:
@@ -178,7 +185,19 @@ class AdaptiveWindow:
         """The wait of the quickest of ``latencies`` over the base, per unit of their mean: the share
         of the calls in flight that wait in the server's queue."""
         mean = sum(latencies) / len(latencies)
-        return max(0.0, min(latencies) - min(self._bases)) / mean if mean > 0 else 0.0
+        wait = min(latencies) - min(self._bases) - self._mix_gap()
+        return max(0.0, wait) / mean if mean > 0 else 0.0
+
+    def _mix_gap(self) -> float:
+        """How far above the base a round's quickest answer may fall with no queue at all, from the
+        mix of output lengths alone. The base is the quickest of some 30 rounds' answers, so a
+        round's quickest lies above it whenever lengths vary: by about the gap between a round's
+        quickest and its second quickest, and it strays from round to round by about as much
+        again (``MIX_SPACINGS`` of them). A queue delays both of a round's quickest alike, and a
+        queue that forms during a round delays neither: the gap says nothing of a queue. Zero when
+        latency is flat. Without it, with outputs of 20-100% of max_tokens, slow start ended on the
+        mix and the window took a median 23 round trips to open, not 6 (tests/test_concurrency_mix.py)."""
+        return MIX_SPACINGS * statistics.median(self._spacings) if self._spacings else 0.0
 
 
 def announces_limits(headers: Mapping[str, str]) -> bool:
