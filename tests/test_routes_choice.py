@@ -79,9 +79,9 @@ def test_the_bucket_wait_is_reserve_luas_rule_on_the_levels() -> None:
 
 # The chooser, against the real Redis.
 
-def _chooser(tmp_path: Path, url: str) -> tuple[RouteChooser, Routing, aioredis.Redis, Parking]:
+def _chooser(tmp_path: Path, url: str, models: str = MODELS) -> tuple[RouteChooser, Routing, aioredis.Redis, Parking]:
     path = tmp_path / "models.toml"
-    path.write_text(MODELS)
+    path.write_text(models)
     settings = load_settings({"RATEQUEUE_MODELS_FILE": str(path), "RATEQUEUE_REDIS_URL": url})
     routing = Routing(load_account_table(settings, env={"KEY_A": "sk-a-0123456789abcdef",
                                                         "KEY_B": "sk-b-0123456789abcdef"}))
@@ -234,6 +234,32 @@ def test_a_chunk_back_from_its_deferral_leaves_no_booking_on_the_route_that_defe
                                  [job_ref("batch-1", j.custom_id) for j in chunk])
         await chooser.assign("batch-1", "x", chunk)  # the booked chunk itself comes back
         assert _chosen(routing, chunk) == ["a"] * 50
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.integration
+def test_ties_rotate_per_model_when_two_models_chunks_interleave(tmp_path: Path, redis_url: str) -> None:
+    """One turn counter for all models gave each model the same tie index for ever when their chunks
+    alternated (h-review: model A took route b four times in a row, model B route a)."""
+    two_models = MODELS + '"gpt-4o" = ["a", "b"]\n'
+
+    def jobs(model: str, first: int) -> list[StoredJob]:
+        body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        return [StoredJob(f"{model}-{i}", i, "/v1/chat/completions", body, model, 20, 15, 5, None)
+                for i in range(first, first + 3)]
+
+    async def run() -> None:
+        chooser, routing, client, _ = _chooser(tmp_path, redis_url, two_models)
+        taken: dict[str, list[str]] = {"gpt-4o-mini": [], "gpt-4o": []}
+        for n in range(4):  # nothing admitted: every choice is a tie between two idle routes
+            for model in taken:
+                chunk = jobs(model, 3 * n)
+                await chooser.assign("batch-1", "x", chunk)
+                taken[model].append(_chosen(routing, chunk)[0])
+        assert taken["gpt-4o-mini"] in (["a", "b"] * 2, ["b", "a"] * 2), taken
+        assert taken["gpt-4o"] in (["a", "b"] * 2, ["b", "a"] * 2), taken
         await client.aclose()
 
     asyncio.run(run())

@@ -98,7 +98,9 @@ class RouteChooser:
         self.backlog, self.learned, self.redis = backlog, learned, redis
         self._probing: dict[str, float] = {}  # pair -> when this worker last sent a job to probe it
         self._counting: set[asyncio.Task[None]] = set()  # kept referenced until done
-        self._turn = 0  # choices made: whose turn a tie is
+        # Choices made per model: whose turn a tie is. Per model: with one count for all, two models'
+        # chunks arriving in turn each got the same tie index for ever (one route took all of each).
+        self._turns: Counter[str] = Counter()
 
     async def assign(self, batch_id: str, batch_account: str, jobs: Sequence[StoredJob]) -> None:
         """Choose the route of the jobs that have several (noted in ``routing`` until ``forget``).
@@ -126,9 +128,9 @@ class RouteChooser:
             costs = [group[0].charge_under(self.learned.rule(t.pair, t.spec)) for t in targets]
             candidates = [await self._candidate(t, levels.get(t.key), cost)
                           for t, cost in zip(targets, costs, strict=True)]
-            self._turn += 1
-            best = choose([dataclasses.replace(c, probe_due=False) for c in candidates], self._turn)
-            probe = choose(candidates, self._turn)
+            turn = self._turns[group[0].model] = self._turns[group[0].model] + 1
+            best = choose([dataclasses.replace(c, probe_due=False) for c in candidates], turn)
+            probe = choose(candidates, turn)
             if probe != best and candidates[probe].parked:
                 self._probing[targets[probe].pair] = time.monotonic()
                 self._take(batch_id, group[:1], targets[probe], used)
