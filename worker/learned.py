@@ -95,7 +95,7 @@ class Learned:
         throttle = self._throttle.get(pair, (1.0, 0.0))[0]
         share = self.settings.max_share * self._shares.get(pair, 1.0)
         return BucketLimits(rpm * throttle, tpm * throttle, self.windows.window(pair),
-                            slow_start=pair not in self._confirmed, share=share)
+                            slow_start=pair not in self._confirmed, share=share, max_share=self.settings.max_share)
 
     def follow_share(self, pair: str, spec: ModelSpec, gate: BucketGate, share: float) -> None:
         """Spend at the share of the limits the shared bucket reports (cut by 429s that other
