@@ -272,8 +272,14 @@ def test_a_worker_in_slow_start_takes_the_limits_another_worker_heard_announced(
         # bucket takes its remaining (the opening: share 0.5).
         announced = RateLimitHeaders(limit_requests=spec.rpm, limit_tokens=spec.tpm,
                                      remaining_requests=spec.rpm - 1, remaining_tokens=spec.tpm - 100)
-        first.learn_limits(pair, spec, announced, BucketGate(Limiter(client), key, first.limits(pair, spec)))
-        await Limiter(client).reconcile(key, first.limits(pair, spec), remaining_tokens=spec.tpm - 100)
+        first_gate = BucketGate(Limiter(client), key, first.limits(pair, spec))
+        first.learn_limits(pair, spec, announced, first_gate)
+        await asyncio.sleep(0.3)
+        await second.load(pair)  # before the shared bucket took that answer: still slow start
+        assert second.limits(pair, spec).slow_start
+        # The first worker's flush: the bucket takes the answer, and the first worker follows it.
+        levels = await Limiter(client).reconcile(key, first.limits(pair, spec), remaining_tokens=spec.tpm - 100)
+        first.follow_share(pair, spec, first_gate, levels.share)
         await asyncio.sleep(0.3)
         await second.load(pair)  # the second worker's next pass
         loaded = second.limits(pair, spec)

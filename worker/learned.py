@@ -97,12 +97,12 @@ class Learned:
             self._confirmed.add(pair)
         if learn:
             self.rules.take(pair, rule)
-        if heard and slow:
+        if heard and slow and share is not None:
             known = orjson.loads(heard)
             if self.settings.learn_limits and pair not in self._limits:
                 self._limits[pair] = (int(known["rpm"]), int(known["tpm"]))
             self._confirmed.add(pair)
-            if share is not None and float(share) < 1.0:
+            if float(share) < 1.0:
                 self._shares[pair] = float(share)
             log.info("%s: slow start over (another worker heard the server announce the limits)", pair)
 
@@ -149,6 +149,9 @@ class Learned:
         opening = pair in self._announced and pair not in self._confirmed
         if opening:
             self._confirmed.add(pair)
+            # For the workers still in slow start (``load``): only now, once the shared bucket has
+            # taken the answer (its level lowered to a part of the server's room, its window stored).
+            self._write(self._announce(gate.key, *self._limits.get(pair, (spec.rpm, spec.tpm))))
         if not opening and abs(share - old) < 0.005 and (share < 1.0) == (old < 1.0):
             return
         if share < old - 0.1 or (share >= 1.0 and old < 1.0):
@@ -168,7 +171,6 @@ class Learned:
         its window; count the answer in slow start. `refused`: the answer was a 429."""
         announced = headers.limit_requests is not None or headers.limit_tokens is not None
         in_slow_start = gate.limits.slow_start
-        heard_first = announced and pair not in self._confirmed and pair not in self._announced
         if announced and pair not in self._confirmed:
             # This worker's slow start ends once the shared bucket has taken this answer (follow_share,
             # after the reconciler's flush): its level is lowered to a part of the server's remaining and
@@ -182,9 +184,6 @@ class Learned:
             self._write(self._share(pair, spec, gate, window, (1 if refused else 2) if in_slow_start else 0))
         if self.settings.learn_limits and announced:
             self._take_limits(pair, spec, headers)
-        if heard_first:  # for the workers still in slow start (``load``)
-            rpm, tpm = headers.limit_requests or spec.rpm, headers.limit_tokens or spec.tpm
-            self._write(self._announce(gate.key, rpm, tpm))
         if gate.limits != self.limits(pair, spec):
             gate.update_limits(self.limits(pair, spec))
 
