@@ -130,7 +130,8 @@ class Profile:
 
     def print(self, batches: list[str]) -> None:
         """Per interval and deployment: calls, 429s, the share in force, the server's reported room."""
-        print("t(s) | per deployment: calls 429s share server-left(s) (-1: none read yet) jobs-deferred")
+        print("t(s) | per deployment: calls 429s share server-left(s) (-1: none read yet) jobs-deferred"
+              " claim token-level(k)")
         last: list[tuple[int, int]] = [(0, 0)] * len(batches)
         for t, calls, answers, buckets, deferred in self.rows:
             cells = []
@@ -141,7 +142,8 @@ class Profile:
                 last[n] = (c, c - a)
                 b = buckets[n]
                 share, left = float(b.get("fs", 1)), float(b.get("fl", -1))
-                cells.append(f"{dc:3d} {d429:3d} {share:.2f} {left:5.1f} {deferred[n]:4d}")
+                claim, level = float(b.get("fc", 1)), float(b.get("tl", -1000)) / 1000
+                cells.append(f"{dc:3d} {d429:3d} {share:.2f} {left:5.1f} {deferred[n]:4d} {claim:.2f} {level:6.1f}")
             print(f"{t:5.1f} | " + " | ".join(cells))
 
 

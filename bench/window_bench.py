@@ -34,6 +34,7 @@ from common import BENCH_REDIS_URL, HEADER, ROOT, figures, flush, mixed_workload
 from shared_account_bench import Profile
 
 from ratequeue.config.settings import load_settings
+from ratequeue.jobstore.heartbeats import live_workers
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import start_sim
 
@@ -80,6 +81,15 @@ def timeline_lines(stats: dict[str, Any], rpm: int, tpm: int) -> list[str]:
     return out
 
 
+def ready(client: Client, workers: int, launched: float, timeout: float = 60.0) -> None:
+    """Wait until every worker is up (its heartbeat, written once Celery is ready) and 2 s have
+    passed since their launch, before the clock starts: the minimum counts no start-up, and on a
+    loaded machine a worker came up 3-5 s after its launch (a 2 s sleep alone put that in the wall)."""
+    while live_workers(client.redis) < workers and time.monotonic() - launched < timeout:
+        time.sleep(0.1)
+    time.sleep(max(0.0, 2.0 - (time.monotonic() - launched)))
+
+
 def run(s: Scenario, code: Path, workers: int, show_timeline: bool = False, log_dir: Path | None = None,
         profile: bool = False) -> str:
     """One run with the workers of checkout `code`; returns its figures as a table row plus notes."""
@@ -94,14 +104,14 @@ def run(s: Scenario, code: Path, workers: int, show_timeline: bool = False, log_
         env["PYTHONPATH"] = str(code)
         if log_dir:  # one line per upstream call, to profile a run
             env["RATEQUEUE_LOG_LEVEL"] = "INFO"
-        procs = []
+        procs, launched = [], time.monotonic()
         for n in range(workers):
             with (Path(tmp) / f"worker-{n}.log").open("wb") as log:
                 procs.append(subprocess.Popen([sys.executable, "-m", "ratequeue.worker"], env=env, stdout=log,
                                               stderr=subprocess.STDOUT, cwd=code))
         try:
             client = Client(load_settings(env))
-            time.sleep(2.0)  # workers connected before the clock starts
+            ready(client, workers, launched)
             sim.reset()
             trace = Profile(sim.url, [BENCH_REDIS_URL]) if profile else None
             started = time.monotonic()

@@ -117,7 +117,9 @@ class Submitter:
         block: list[StoredJob | LineError] = []
         for item in items:
             block.append(item)
-            if len(block) >= self._block:
+            # Until a chunk is out, blocks of a chunk: the workers start before 500 lines are read
+            # and counted (0.2-0.45 s of 1,500 jobs; issue 11: a 60 s server window's opening).
+            if len(block) >= (self._block if report.chunks else self._chunk_size):
                 input_errors = self._write_block(batch_id, block, input_errors, report, bounded)
                 self._publish_full(batch_id, block, pending, report, publish)
                 block = []

@@ -224,7 +224,7 @@ def test_a_key_refused_midway_stops_the_run_and_the_same_command_continues(tmp_p
 def test_ctrl_c_stops_writes_and_says_how_to_continue_and_nothing_leaks_into_other_runs(
     tmp_path: Path, slow_sim: SimHandle
 ) -> None:
-    jobs = 150
+    jobs = 300  # 150 lasted ~11 s once both workers left slow start together: done before a loaded machine's Ctrl-C
     src = write_input(tmp_path / "a.jsonl", "a", jobs)
     out = tmp_path / "a-out.jsonl"
     args = ["run", str(src), "-o", str(out), "-w", "2"]
@@ -284,7 +284,7 @@ def test_ctrl_c_stops_writes_and_says_how_to_continue_and_nothing_leaks_into_oth
 def test_the_terminals_ctrl_c_twice_stops_at_once_and_the_batch_can_be_collected(
     tmp_path: Path, slow_sim: SimHandle
 ) -> None:
-    jobs = 150
+    jobs = 300  # 150 lasted ~11 s once both workers left slow start together: done before a loaded machine's Ctrl-C
     src = write_input(tmp_path / "in.jsonl", "t", jobs)
     out = tmp_path / "out.jsonl"
     args = ["run", str(src), "-o", str(out), "-w", "2"]
@@ -337,7 +337,7 @@ def test_ctrl_c_on_a_shared_redis_pauses_the_batch_so_other_runs_do_not_pay_for_
 ) -> None:
     """With RATEQUEUE_REDIS_URL set, other runs' workers share the queue: an interrupted batch is
     paused (not left queued), so their workers drop its chunks; the same command continues it."""
-    jobs = 150
+    jobs = 300  # 150 lasted ~11 s once both workers left slow start together: done before a loaded machine's Ctrl-C
     src = write_input(tmp_path / "a.jsonl", "s", jobs)
     out = tmp_path / "a-out.jsonl"
     args = ["run", str(src), "-o", str(out), "-w", "2"]

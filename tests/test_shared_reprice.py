@@ -51,7 +51,8 @@ def test_repricing_moves_the_deferred_set_earlier_never_later(rclient: redis.Red
 
     async def reprice() -> None:
         client = aioredis.Redis.from_url(redis_url)
-        await Rescheduler(backlog, client).reprice("k", WHOLE)
+        # The speed-up alone: the work booked ahead here has no members (catch_up would see it gone).
+        await Rescheduler(backlog, client).reprice("k", WHOLE, catch_up=False)
         await client.aclose()
 
     asyncio.run(reprice())
@@ -73,3 +74,35 @@ def test_work_that_fits_in_what_the_bucket_holds_waits_for_nobody() -> None:
         assert backlog.defer_for("k", WHOLE, 100, patience=3.0) is None
         backlog.credit("k", WHOLE, requests=-20, tokens=8_000)  # in debt: no credit, no more
         assert backlog.ahead("k")[0] == pytest.approx(10)
+
+
+def test_work_deferred_behind_a_queue_sent_sooner_than_priced_comes_back_at_its_turn(
+    rclient: redis.Redis, redis_url: str
+) -> None:
+    """Work is booked behind the queue waiting here, priced at the refill rate. When that queue is
+    sent sooner (from what the bucket held: a 60 s server window's room), the schedule comes forward
+    to the queue's turn: 100 jobs booked behind 900 at the opening came back at t=27-29 s while
+    everything ahead of them was sent by t=9 s (issue 11, 60 s window, max rule: 2.6 times the minimum)."""
+    backlog = Backlog()
+    first, second = job_ref("b", "first"), job_ref("b", "second")
+    queued = {job_ref("b", f"w{n}"): 100 for n in range(200)}  # 200 waiting here: 20 s of the limits
+    backlog.admit("k", WHOLE, queued)
+    assert backlog.schedule("k", WHOLE, [100] * 50, 10.0, [first]) == pytest.approx(18, abs=0.1)
+    assert backlog.schedule("k", WHOLE, [100] * 50, 10.0, [second]) == pytest.approx(23, abs=0.1)
+    now_ms = int(time.time() * 1000)
+    rclient.zadd(keys.deferred_jobs(), {first: now_ms + 18_000, second: now_ms + 23_000})
+
+    async def answers_flushed() -> None:  # what each flush of the bucket's corrections does
+        client = aioredis.Redis.from_url(redis_url)
+        await Rescheduler(backlog, client).reprice("k", WHOLE)
+        await client.aclose()
+
+    asyncio.run(answers_flushed())  # the queue still waits: the schedule holds
+    due = dict(rclient.zrange(keys.deferred_jobs(), 0, -1, withscores=True))
+    assert due[first.encode()] == pytest.approx(now_ms + 18_000, abs=50)
+    backlog.release(list(queued)[:180])  # 180 of them sent at once: 2 s of work left here
+    asyncio.run(answers_flushed())
+    due = dict(rclient.zrange(keys.deferred_jobs(), 0, -1, withscores=True))
+    # Due at its turn (2 s of work less the 2 s lead: now), the next one its 5 s of work later.
+    assert due[first.encode()] == pytest.approx(now_ms, abs=300)
+    assert due[second.encode()] == pytest.approx(now_ms + 5_000, abs=300)

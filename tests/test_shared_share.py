@@ -218,3 +218,32 @@ def test_the_room_is_grown_into_in_proportion_to_our_spending(redis_url: str) ->
         grown[name] = after - share
     assert grown["all of it"] == pytest.approx((3.65 - 2) / 6 * 1.05, abs=0.02)
     assert grown["half of it"] == pytest.approx(grown["all of it"] / 2, abs=0.02)
+
+
+def test_a_worker_a_flush_behind_reads_the_servers_room_at_its_own_share(redis_url: str) -> None:
+    """The server's room is read in seconds of the full limits, which reconcile.lua recovers from
+    the worker's limits and the share they were spent at. A worker that had not flushed since the
+    share doubled sent limits at the old half share, read as the new whole one: the room looked
+    twice as large (73.8 s on a 60 s server) and the gift sized by it drew 206-228 429s at once
+    (issue 11, 60 s window, sum rule, 2 of 3 runs)."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    full = BucketLimits(600, 60_000, 60.0)  # 1,000 tokens a second; a bucket of 60 s
+    after = {}
+    for worker_share in (1.0, 0.5):  # in step with the bucket's share, or a flush behind it
+        key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+        share = limiter.reconcile(key, full, remaining_tokens=60_000).share  # the opening: claim 0.4
+        room = 60_000
+        for spent in (0, 20_000):  # the opening's partial window, then one alone: share 1, claim 0.8
+            time.sleep(1.05)
+            room += 1_050 - spent
+            share = limiter.reconcile(key, replace(full, share=share), token_delta=-spent,
+                                      charged=(spent // 1_000, spent), remaining_tokens=room).share
+        assert share == 1.0
+        time.sleep(1.05)  # a window alone again: the claim climbs to 1, and a gift follows the room
+        room += 1_050 - 5_000  # 20,000 tokens reserved since, 5,000 of them answered and in the reading
+        after[worker_share] = limiter.reconcile(key, replace(full, share=worker_share), token_delta=-20_000,
+                                                charged=(5, 5_000), remaining_tokens=room)
+        seen = float(redis.Redis.from_url(redis_url).hget(key, "fl") or 0)
+        assert seen == pytest.approx(room / 1_000, abs=0.01)  # seconds of the full limits
+    # The worker behind refills its level at its own (half) rate for the window: less, never more.
+    assert after[0.5].tokens <= after[1.0].tokens + 50

@@ -3,6 +3,7 @@ its limits. Real Redis, the real simulator, real worker processes."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import uuid
@@ -11,13 +12,17 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
+from ratequeue.config.models import load_model_table_from
 from ratequeue.config.settings import load_settings
 from ratequeue.jobstore.keys import bucket_key
 from ratequeue.producer.api import Client
 from ratequeue.sim.process import start_sim
 from ratequeue.worker.feedback import RateLimitHeaders
-from ratequeue.worker.limiter import BucketLimits, SyncLimiter, slow_start_key
+from ratequeue.worker.gate import BucketGate
+from ratequeue.worker.learned import Learned
+from ratequeue.worker.limiter import BucketLimits, Limiter, SyncLimiter, slow_start_key
 from ratequeue.worker.window import WindowLearner, server_window
 from tests.conftest import base_env
 
@@ -244,3 +249,46 @@ def test_a_worker_in_slow_start_does_not_refill_the_bucket_at_its_guessed_limits
     assert limiter.reserve(bucket, BucketLimits(60_000, 6_000_000, 1.0, slow_start=True), [10]).granted == 1
     # 50 ms at the real 1,000 tokens/s: about -1,960 now (at the guessed rate it was full again).
     assert limiter.peek(bucket, known).tokens == pytest.approx(-1960, abs=40)
+
+
+def test_a_worker_in_slow_start_takes_the_limits_another_worker_heard_announced(redis_url: str) -> None:
+    """Slow start ends in each worker when the server announces the limits to it. A second worker
+    whose first request had not gone yet waited for credits that only answers to slow-start
+    requests bring, while the first worker, out of slow start, sent on without them: its jobs
+    waited 10 s (the stale-credit timeout) while the first spent the server's opening allowance
+    (issue 11, 60 s window, 2 workers). Now it takes the limits the other heard within a fraction
+    of a second, with the shared bucket's share, and its gate follows while its jobs wait."""
+    async def scenario() -> BucketLimits:
+        client = aioredis.Redis.from_url(redis_url)
+        settings = load_settings({"RATEQUEUE_REDIS_URL": redis_url})
+        spec = load_model_table_from().get(MODEL)
+        account = uuid.uuid4().hex[:12]
+        pair, key = f"{account}:{MODEL}", bucket_key(account, MODEL)
+        first, second = Learned(settings, client), Learned(settings, client)
+        await first.load(pair)
+        await second.load(pair)  # both start before anything is known: slow start
+        gate = BucketGate(Limiter(client), key, second.limits(pair, spec))
+        # The first worker's first answer: the server announces the configured limits; the shared
+        # bucket takes its remaining (the opening: share 0.5).
+        announced = RateLimitHeaders(limit_requests=spec.rpm, limit_tokens=spec.tpm,
+                                     remaining_requests=spec.rpm - 1, remaining_tokens=spec.tpm - 100)
+        first_gate = BucketGate(Limiter(client), key, first.limits(pair, spec))
+        first.learn_limits(pair, spec, announced, first_gate)
+        await asyncio.sleep(0.3)
+        await second.load(pair)  # before the shared bucket took that answer: still slow start
+        assert second.limits(pair, spec).slow_start
+        # The first worker's flush: the bucket takes the answer, and the first worker follows it.
+        levels = await Limiter(client).reconcile(key, first.limits(pair, spec), remaining_tokens=spec.tpm - 100)
+        first.follow_share(pair, spec, first_gate, levels.share)
+        await asyncio.sleep(0.3)
+        await second.load(pair)  # the second worker's next pass
+        loaded = second.limits(pair, spec)
+        assert not loaded.slow_start and loaded.share == pytest.approx(0.5)
+        # Its jobs already waiting on the gate (no pass to come): the gate follows too.
+        watching = asyncio.ensure_future(second.await_announcement(pair, spec, gate))
+        await asyncio.sleep(0.3)
+        watching.cancel()
+        await client.aclose()
+        return gate.limits
+
+    assert not asyncio.run(scenario()).slow_start

@@ -43,9 +43,12 @@ class BucketLimits:
     # answer (reserve.lua's slow start), instead of spending a burst sized by a guess.
     slow_start: bool = False
     share: float = 1.0
+    # The configured headroom (``max_share``) within ``share``: the rest is the shared bucket's share
+    # these limits follow, which reconcile.lua needs to read the server's room in full limits.
+    max_share: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("rpm", "tpm", "burst_seconds", "share"):
+        for name in ("rpm", "tpm", "burst_seconds", "share", "max_share"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"BucketLimits.{name} must be a positive number, got {value!r}")

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from ratequeue.config.charge import ChargeRule
 from ratequeue.config.models import ModelSpec
@@ -33,12 +34,16 @@ from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.worker.feedback import RateLimitHeaders
 from ratequeue.worker.gate import BucketGate
 from ratequeue.worker.ledger import ChargeLedger, Ticket
-from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError
+from ratequeue.worker.limiter import BucketLimits, Limiter, LimiterError, slow_start_key
 from ratequeue.worker.rulelearner import RuleLearner, rule_fields
 from ratequeue.worker.window import SHRINK_TOLERANCE, TOLERANCE, WindowLearner
 
 log = logging.getLogger(__name__)
 RELOAD_SECONDS = 5.0  # how often the limits and rules other workers learned are read again
+# While a pair is in slow start here: how often to look whether another worker has heard the server
+# announce its limits (``load``, ``await_announcement``), and for how long one watch lasts.
+ANNOUNCED_POLL_SECONDS, ANNOUNCED_WATCH_SECONDS = 0.2, 60.0
+ANNOUNCED_FIELD = "an"  # in the pair's slow-start hash: the limits (JSON) the server announced to a worker
 
 
 class Learned:
@@ -56,6 +61,7 @@ class Learned:
         self.windows = WindowLearner(settings.burst_seconds)
         self._confirmed: set[str] = set()  # pairs whose limits the server announced: no slow start
         self._announced: set[str] = set()  # announced, slow start ends once the bucket took the answer
+        self._watches: dict[str, asyncio.Future[None]] = {}  # pair -> its await_announcement
         self._limiter = Limiter(redis)  # slow-start credits live beside the pair's bucket
         self.ledger = ChargeLedger(redis)
         self._background: set[asyncio.Future[Any]] = set()  # fire-and-forget writes, kept referenced
@@ -64,21 +70,60 @@ class Learned:
     async def load(self, pair: str) -> None:
         """Take the limits and the charge rule other workers learned for `pair` (read again every
         RELOAD_SECONDS: a limit learned lower elsewhere must soon fail a request too large for it
-        here too, and a rule learned elsewhere must soon price the jobs here)."""
+        here too, and a rule learned elsewhere must soon price the jobs here). In slow start, every
+        ANNOUNCED_POLL_SECONDS, also whether another worker heard the server announce the limits:
+        then slow start is over here too, at the share the shared bucket holds. Why: slow start's
+        credits come only with answers to slow-start requests, and the first worker out of it sent
+        on without them; a second worker waited 10 s for a stale credit while the first spent a
+        60 s server window's opening allowance (issue 11)."""
         now = time.monotonic()
         learn = self.settings.learn_limits or self.settings.learn_charge_rule
-        if not learn or now - self._loaded.get(pair, float("-inf")) < RELOAD_SECONDS:
+        slow = pair not in self._confirmed
+        if not (learn or slow) or now - self._loaded.get(pair, float("-inf")) < (
+            ANNOUNCED_POLL_SECONDS if slow else RELOAD_SECONDS
+        ):
             return
         self._loaded[pair] = now
+        bucket = keys.bucket_key(*pair.split(":", 1))  # the pair is "<account>:<model>"
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(keys.learned_limits(), pair)
             pipe.hmget(keys.learned_rules(), rule_fields(pair))
-            raw, rule = await pipe.execute()
+            pipe.hget(slow_start_key(bucket), ANNOUNCED_FIELD)
+            pipe.hget(bucket, "fs")  # reconcile.lua's share
+            raw, rule, heard, share = await pipe.execute()
         if raw and self.settings.learn_limits:
             known = orjson.loads(raw)
             self._limits[pair] = (int(known["rpm"]), int(known["tpm"]))
             self._confirmed.add(pair)
-        self.rules.take(pair, rule)
+        if learn:
+            self.rules.take(pair, rule)
+        if heard and slow and share is not None:
+            known = orjson.loads(heard)
+            if self.settings.learn_limits and pair not in self._limits:
+                self._limits[pair] = (int(known["rpm"]), int(known["tpm"]))
+            self._confirmed.add(pair)
+            if float(share) < 1.0:
+                self._shares[pair] = float(share)
+            log.info("%s: slow start over (another worker heard the server announce the limits)", pair)
+
+    def watch_announcement(self, pair: str, spec: ModelSpec, gate: BucketGate) -> None:
+        """Run ``await_announcement`` for ``gate`` unless a watch of ``pair`` runs already."""
+        if pair not in self._watches or self._watches[pair].done():
+            self._watches[pair] = asyncio.ensure_future(self.await_announcement(pair, spec, gate))
+
+    async def await_announcement(self, pair: str, spec: ModelSpec, gate: BucketGate) -> None:
+        """While ``gate`` is in slow start (for ANNOUNCED_WATCH_SECONDS at most): give it the limits
+        as soon as another worker has heard them announced (``load``). Its jobs wait inside the
+        gate, and no new pass of theirs would look."""
+        until = time.monotonic() + ANNOUNCED_WATCH_SECONDS
+        while gate.limits.slow_start and pair not in self._confirmed and time.monotonic() < until:
+            await asyncio.sleep(ANNOUNCED_POLL_SECONDS)
+            try:
+                await self.load(pair)
+            except RedisError as exc:  # slow start goes on with its credits meanwhile
+                log.warning("reading what other workers learned of %s failed: %s", pair, exc)
+        if pair in self._confirmed and gate.limits != self.limits(pair, spec):
+            gate.update_limits(self.limits(pair, spec))
 
     def tpm(self, pair: str, spec: ModelSpec) -> int:
         """The TPM limit in force, without the throttle: learned from the server, else configured."""
@@ -95,7 +140,7 @@ class Learned:
         throttle = self._throttle.get(pair, (1.0, 0.0))[0]
         share = self.settings.max_share * self._shares.get(pair, 1.0)
         return BucketLimits(rpm * throttle, tpm * throttle, self.windows.window(pair),
-                            slow_start=pair not in self._confirmed, share=share)
+                            slow_start=pair not in self._confirmed, share=share, max_share=self.settings.max_share)
 
     def follow_share(self, pair: str, spec: ModelSpec, gate: BucketGate, share: float) -> None:
         """Spend at the share of the limits the shared bucket reports (cut by 429s that other
@@ -104,6 +149,9 @@ class Learned:
         opening = pair in self._announced and pair not in self._confirmed
         if opening:
             self._confirmed.add(pair)
+            # For the workers still in slow start (``load``): only now, once the shared bucket has
+            # taken the answer (its level lowered to a part of the server's room, its window stored).
+            self._write(self._announce(gate.key, *self._limits.get(pair, (spec.rpm, spec.tpm))))
         if not opening and abs(share - old) < 0.005 and (share < 1.0) == (old < 1.0):
             return
         if share < old - 0.1 or (share >= 1.0 and old < 1.0):
@@ -138,6 +186,12 @@ class Learned:
             self._take_limits(pair, spec, headers)
         if gate.limits != self.limits(pair, spec):
             gate.update_limits(self.limits(pair, spec))
+
+    async def _announce(self, key: str, rpm: int, tpm: int) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(slow_start_key(key), ANNOUNCED_FIELD, orjson.dumps({"rpm": rpm, "tpm": tpm}))
+            pipe.pexpire(slow_start_key(key), 600_000)  # as slow_start.lua: idle for 10 min, slow again
+            await pipe.execute()
 
     def _take_limits(self, pair: str, spec: ModelSpec, headers: RateLimitHeaders) -> None:
         rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))

@@ -139,6 +139,7 @@ class _LimiterBase:
             int(answered),
             int(charged[0]),
             int(charged[1]),
+            repr(limits.share / limits.max_share),  # the bucket share these limits follow
         ]
         return _Call("reconcile", [key, window_key(key)], args, _parse_levels)
 

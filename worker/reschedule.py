@@ -40,10 +40,13 @@ class Rescheduler:
         except RedisError as exc:  # they come back at their old time: slower, never lost
             log.warning("deferred work of %s not recalled after a new charge rule: %s", key, exc)
 
-    async def reprice(self, key: str, limits: BucketLimits) -> None:
+    async def reprice(self, key: str, limits: BucketLimits, catch_up: bool = True) -> None:
         """Bring forward the work deferred here on ``key`` when ``limits`` spend faster than those
-        that priced it (``Backlog.reprice``)."""
+        that priced it (``Backlog.reprice``), and, with ``catch_up``, when the work ahead of it
+        here is gone sooner than priced (``Backlog.catch_up``)."""
         moved = self._backlog.reprice(key, limits)
+        if catch_up:
+            moved.update(self._backlog.catch_up(key))
         if not moved:
             return
         args = [x for member, wait in moved.items() for x in (member, int(redis_wait(wait) * 1000))]

@@ -275,7 +275,9 @@ class JobRunner:
             self._priced[pair] = rule
             await self.rescheduler.recall(keys.bucket_key(account, spec.name))
         gate = self.gates.get(keys.bucket_key(account, spec.name), self.learned.limits(pair, spec))
-        await self.rescheduler.reprice(gate.key, gate.limits)
+        if gate.limits.slow_start:  # another worker may hear the limits announced first
+            self.learned.watch_announcement(pair, spec, gate)
+        await self.rescheduler.reprice(gate.key, gate.limits, catch_up=False)  # each pass: answers catch up
         return gate
 
     def _follow(self, run: JobRun, levels: BucketLevels) -> None:

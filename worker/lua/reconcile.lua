@@ -15,6 +15,10 @@
 --   (only responses to requests sent at the share in force: see worker.runner)
 -- ARGV[10], ARGV[11] the requests and tokens the server charged for all the responses corrected
 --   here, stale ones too (missing: 0): what the fall of its rooms is compared with
+-- ARGV[12] the share of this bucket the worker's limits (ARGV[1], ARGV[2]) were spent at (missing:
+--   the share in the hash). A worker a flush behind a change still sends the old one: read at the
+--   new one, the server's room looked twice its size after the share doubled (73.8 s on a 60 s
+--   server), and the gift sized by it drew 206-228 429s at once (issue 11, 60 s window, sum rule).
 -- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity, share};
 -- levels, capacities and share as strings (Redis would truncate Lua floats).
 --
@@ -145,9 +149,9 @@ if share == nil then
   -- that brought it) is what the next reading is compared with, a round trip later.
   if left ~= nil then before, charged_r, charged_t = left, 0, 0 end
 else
-  left = left_s(share)
+  left = left_s(tonumber(ARGV[12]) or share)
 end
-share_in = share  -- the share the worker spent at when it sent these (its limits follow the hash)
+share_in = tonumber(ARGV[12]) or share  -- the share the worker's limits were spent at
 -- The whole limits, per second (an opening's answers were sent at the full limits: read at 1).
 local opening = tonumber(h[6]) == nil and left ~= nil
 local full_r, full_t = rate_r / (opening and 1 or share_in), rate_t / (opening and 1 or share_in)
