@@ -116,6 +116,20 @@ class BucketLevels:
     share: float = 1.0
 
 
+@dataclass(frozen=True)
+class SendTimes:
+    """When the requests behind a correction went out, in seconds before it is flushed (None:
+    unknown): the one whose answer brought its remaining readings, and those it counts as
+    charged, on average. reconcile.lua places the server's readings and our spending in time with
+    them (the refill between two readings, and the refill a full room lost while we were idle)."""
+
+    reading_age: float | None = None
+    spent_age: float | None = None
+
+
+NO_SEND_TIMES = SendTimes()
+
+
 def check_cost(key: str, limits: BucketLimits, cost: float) -> None:
     """Refuse a cost that can never be admitted on bucket `key`.
 

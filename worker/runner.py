@@ -230,6 +230,7 @@ class JobRunner:
             # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
             ledgered = self.learned.ledger.record(run.account, run.spec.name, run.job)
             url, body, auth = self.routing.request(run.route, run.job)
+            sent_at = time.monotonic()  # the server charges it on arrival (worker.reconciler)
             with metrics.in_flight(run.spec.name, run.account):
                 resp = await self.client.post(url, body, f"{run.batch_id}/{run.job.custom_id}", auth)
             ticket = await self.learned.ledger.ticket_of(ledgered)
@@ -241,7 +242,7 @@ class JobRunner:
             resp = redact_response(resp, (*configured_secrets(self.settings), *self.routing.secrets()))
         usage = usage_of(resp.body) if success else None
         headers = self.routing.limits_per_minute(run.route, run.spec, parse_ratelimit_headers(resp.headers))
-        return Sent(resp, verdict, rule, charge, usage, headers, probe, ticket)
+        return Sent(resp, verdict, rule, charge, usage, headers, probe, ticket, sent_at)
 
     def _learn(self, run: JobRun, sent: Sent, waited: float) -> None:
         """What the answer teaches: the limits, the charge rule, the bucket's true level."""
@@ -301,4 +302,5 @@ class JobRunner:
             answered=found.answered,
             charged=found.charged,
             on_levels=lambda levels: self._follow(run, levels),
+            sent_at=sent.sent_at,
         )
