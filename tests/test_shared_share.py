@@ -218,3 +218,16 @@ def test_the_room_is_grown_into_in_proportion_to_our_spending(redis_url: str) ->
         grown[name] = after - share
     assert grown["all of it"] == pytest.approx((3.65 - 2) / 6 * 1.05, abs=0.02)
     assert grown["half of it"] == pytest.approx(grown["all of it"] / 2, abs=0.02)
+
+
+def test_the_openings_share_is_a_guess_until_a_window_shows_another_client(redis_url: str) -> None:
+    """The opening's half share is a precaution, not a reading: the workers price deferred work at
+    the whole limits while it lasts (worker.backlog). A window with a 429 ends the guess."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 10.0)
+    opening = limiter.reconcile(key, full, remaining_requests=100, answered=1)
+    assert opening.share == 0.5 and opening.guessed
+    assert limiter.reconcile(key, LIMITS_AT_HALF, refused=4, answered=4).guessed  # its window still open
+    time.sleep(0.3)  # a window with 4 refusals closes after a quarter of a second
+    assert not limiter.reconcile(key, LIMITS_AT_HALF, answered=1, remaining_requests=50).guessed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ratequeue.errors import ConfigError, RequestTooLargeError
 
@@ -43,6 +43,9 @@ class BucketLimits:
     # answer (reserve.lua's slow start), instead of spending a burst sized by a guess.
     slow_start: bool = False
     share: float = 1.0
+    # The share schedules of deferred work are priced at, when not `share`: while `share` is the
+    # opening's guess (worker.learned), the configured max_share.
+    priced_share: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "burst_seconds", "share"):
@@ -51,6 +54,10 @@ class BucketLimits:
                 raise ConfigError(f"BucketLimits.{name} must be a positive number, got {value!r}")
         if self.share > 1:
             raise ConfigError(f"BucketLimits.share must be at most 1, got {self.share!r}")
+
+    def priced(self) -> BucketLimits:
+        """These limits at the share deferred work is priced at (``priced_share``)."""
+        return self if self.priced_share is None else replace(self, share=self.priced_share, priced_share=None)
 
     @property
     def request_rate(self) -> float:
@@ -114,6 +121,8 @@ class BucketLevels:
     token_capacity: float
     # The part of the limits the server's answers leave us (reconcile only; 1.0 from peek).
     share: float = 1.0
+    # That share is still the opening's guess: no window has shown another client yet.
+    guessed: bool = False
 
 
 @dataclass(frozen=True)

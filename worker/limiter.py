@@ -89,9 +89,11 @@ def _parse_reserve(raw: Sequence[Any]) -> ReserveResult:
 
 
 def _parse_levels(raw: Sequence[Any]) -> BucketLevels:
-    # {now_us, request level, token level, nb_ms, request capacity, token capacity[, share]}
+    # {now_us, request level, token level, nb_ms, request capacity, token capacity[, share, guessed]}
     share = float(raw[6]) if len(raw) > 6 else 1.0
-    return BucketLevels(int(raw[0]), float(raw[1]), float(raw[2]), int(raw[3]), float(raw[4]), float(raw[5]), share)
+    guessed = len(raw) > 7 and int(raw[7]) == 1
+    return BucketLevels(int(raw[0]), float(raw[1]), float(raw[2]), int(raw[3]), float(raw[4]), float(raw[5]), share,
+                        guessed)
 
 
 class _LimiterBase:

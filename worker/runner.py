@@ -282,7 +282,7 @@ class JobRunner:
     def _follow(self, run: JobRun, levels: BucketLevels) -> None:
         """Spend at the shared bucket's share (worker.learned); price the work waiting here
         against what the bucket holds, and bring work deferred at a smaller share sooner."""
-        self.learned.follow_share(run.pair, run.spec, run.gate, levels.share)
+        self.learned.follow_share(run.pair, run.spec, run.gate, levels.share, levels.guessed)
         self.backlog.credit(run.key, run.gate.limits, levels.requests, levels.tokens)
         self.rescheduler.reprice_soon(run.key, run.gate.limits)
 

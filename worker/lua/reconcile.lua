@@ -17,8 +17,10 @@
 --   here, stale ones too (missing: 0): what the fall of its rooms is compared with
 -- ARGV[12] seconds since the request whose answer brought the remaining readings went out,
 -- ARGV[13] since those counted in ARGV[10] went out, on average (-1 or missing: unknown)
--- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity, share};
--- levels, capacities and share as strings (Redis would truncate Lua floats).
+-- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity, share,
+-- guessed}; levels, capacities and share as strings (Redis would truncate Lua floats); guessed 1
+-- while the share is still the opening's guess (fg: no window since the opening showed another
+-- client or a 429), else 0.
 --
 -- The share (fields fs: share, fw: start of its current window µs, fa/fr: answers and 429s seen
 -- in the window, fl: seconds of limit the server reported left when it began, fm: the most it was
@@ -61,7 +63,7 @@ local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
 local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm', 'fc',
-  'ft', 'fq', 'fk', 'fx', 'fn', 'fz', 'fy', 'fu', 'fe', 'fv')
+  'ft', 'fq', 'fk', 'fx', 'fn', 'fz', 'fy', 'fu', 'fe', 'fv', 'fg')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -178,6 +180,7 @@ local first_read, room_at, room_r, room_t = tonumber(h[19]), tonumber(h[20]), to
 -- last window's gift alone was too little to hold back (4.8% 429s on a 10 s server window).
 -- The opening's window is partial (fz -1): see below.
 if opening then before_r, before_t, given, streak = left_r, left_t, CLAIM * left, -1 end
+local guessed = opening and 1 or tonumber(h[23] or 0)
 if opening and read_us then first_read, room_at, room_r, room_t = read_us, read_us, left_r, left_t end
 local function alone_room_to(at)  -- refill ALONE_ROOM to `at` (µs), at most full
   if room_at == nil or at <= room_at then return end
@@ -238,6 +241,7 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   -- back to the full limits and each was given the server's room (31 429s in their second
   -- second, without Retry-After). It changes nothing but a cut for 429s.
   local partial = streak < 0
+  if refusals > 0 or not (alone or partial) then guessed = 0 end
   streak = (alone and not partial) and streak + 1 or 0
   local give = 0
   if refusals > 0 then
@@ -300,7 +304,7 @@ redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
   'fa', seen, 'fr', refusals, 'fc', string.format('%.17g', claim), 'fn', requests_seen, 'ft', tokens_seen,
-  'fx', string.format('%.17g', given), 'fz', streak)
+  'fx', string.format('%.17g', given), 'fz', streak, 'fg', guessed)
 if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
 if before_r ~= nil then redis.call('HSET', KEYS[1], 'fq', string.format('%.17g', before_r)) end
 if before_t ~= nil then redis.call('HSET', KEYS[1], 'fk', string.format('%.17g', before_t)) end
@@ -316,4 +320,4 @@ ttl_ms = math.max(ttl_ms, SHARE_MEMORY_MS)  -- the share and its window (reserve
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 
 return {now_us, string.format('%.17g', lr), string.format('%.17g', lt), nb,
-  string.format('%.17g', cap_r), string.format('%.17g', cap_t), string.format('%.17g', share)}
+  string.format('%.17g', cap_r), string.format('%.17g', cap_t), string.format('%.17g', share), guessed}
