@@ -54,7 +54,7 @@ SERIAL_MODULES = frozenset({
     "test_azure_batch", "test_batch_control", "test_charge_rule_families", "test_charge_rule_learning",
     "test_fair_slots", "test_gate", "test_learning", "test_limiter_concurrency", "test_ops_prometheus",
     "test_progress_e2e", "test_routes_e2e", "test_selfhosted_e2e", "test_shared_account", "test_shared_opening",
-    "test_shared_reprice", "test_shared_share", "test_window",
+    "test_shared_reprice", "test_shared_share", "test_window", "test_lone_deployment",
 })
 
 

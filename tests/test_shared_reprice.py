@@ -106,3 +106,21 @@ def test_work_deferred_behind_a_queue_sent_sooner_than_priced_comes_back_at_its_
     # Due at its turn (2 s of work less the 2 s lead: now), the next one its 5 s of work later.
     assert due[first.encode()] == pytest.approx(now_ms, abs=300)
     assert due[second.encode()] == pytest.approx(now_ms + 5_000, abs=300)
+
+
+def test_work_deferred_while_the_share_is_the_openings_guess_is_priced_at_the_whole_limits() -> None:
+    """A batch started in a route's opening (the share at half until the server's readings show
+    nobody else spends) was booked at half speed, then brought forward when the share came back:
+    route by route, a second apart, so the chunks chosen in between all went to the route repriced
+    first (two routes of 3,000 RPM: one idle for 5 s). Priced at the whole limits from the start,
+    nothing is left to bring forward."""
+    backlog = Backlog()
+    guessed = replace(WHOLE, share=0.5, priced_share=1.0)
+    refs = [job_ref("b", f"j{n}") for n in range(2)]
+    first = backlog.schedule("k", guessed, [100] * 50, 1.0, refs[:1])
+    second = backlog.schedule("k", guessed, [100] * 50, 1.0, refs[1:])
+    assert (first, second) == (0.0, pytest.approx(5, abs=0.1))  # 50 jobs at 10 a second, not 5
+    assert backlog.reprice("k", WHOLE) == {}
+    # A share cut on evidence (another client seen) still prices the schedule.
+    backlog.schedule("cut", CUT, [100] * 10, 1.0)
+    assert backlog.schedule("cut", CUT, [100] * 10, 1.0, refs[:1]) == pytest.approx(4, abs=0.1)

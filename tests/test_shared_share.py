@@ -247,3 +247,16 @@ def test_a_worker_a_flush_behind_reads_the_servers_room_at_its_own_share(redis_u
         assert seen == pytest.approx(room / 1_000, abs=0.01)  # seconds of the full limits
     # The worker behind refills its level at its own (half) rate for the window: less, never more.
     assert after[0.5].tokens <= after[1.0].tokens + 50
+
+
+def test_the_openings_share_is_a_guess_until_a_window_shows_another_client(redis_url: str) -> None:
+    """The opening's half share is a precaution, not a reading: the workers price deferred work at
+    the whole limits while it lasts (worker.backlog). A window with a 429 ends the guess."""
+    limiter = SyncLimiter(redis.Redis.from_url(redis_url))
+    key = bucket_key(uuid.uuid4().hex[:12], "gpt-test")
+    full = BucketLimits(600, 60_000, 10.0)
+    opening = limiter.reconcile(key, full, remaining_requests=100, answered=1)
+    assert opening.share == 0.5 and opening.guessed
+    assert limiter.reconcile(key, LIMITS_AT_HALF, refused=4, answered=4).guessed  # its window still open
+    time.sleep(0.3)  # a window with 4 refusals closes after a quarter of a second
+    assert not limiter.reconcile(key, LIMITS_AT_HALF, answered=1, remaining_requests=50).guessed

@@ -94,6 +94,7 @@ class Sent:
     headers: RateLimitHeaders
     probe: bool  # the one request of a parked pair's cooldown
     ticket: Ticket | None = None  # its place in the account-wide charge ledger (worker/ledger.py)
+    sent_at: float | None = None  # monotonic time just before the call went out
 
 
 @dataclass

@@ -180,18 +180,19 @@ class Backlog:
         queue short enough to be admitted. ``MAX_DEFER_SECONDS`` at most: work past it asks again
         then, and is not booked. ``members`` (their job_refs) are remembered for ``recall``."""
         queue = self._queue(key, limits)
+        priced = queue.limits.priced()  # the whole limits while the share is the opening's guess
         now = time.monotonic()
         lead = min(max(patience, MIN_PATIENCE_SECONDS) / 2, LEAD_SECONDS)
-        due = max(now + queue.work(now) - lead, queue.schedule_end, now)
+        due = max(now + queue.work(now) * queue.limits.share / priced.share - lead, queue.schedule_end, now)
         if due - now >= MAX_DEFER_SECONDS:  # beyond the schedule kept: it asks again then
             due = now + MAX_DEFER_SECONDS
         else:
-            queue.schedule_end = due + seconds_of(queue.limits, len(costs), sum(costs))
+            queue.schedule_end = due + seconds_of(priced, len(costs), sum(costs))
         if len(queue.deferred) > 10_000:  # those already back are of no more use
             queue.deferred = {m: booked for m, booked in queue.deferred.items() if booked[0] > now}
-        queue.deferred.update(dict.fromkeys(members, (due, queue.limits)))
-        if queue.slowest is None or _speedup(queue.slowest, queue.limits) < 1:
-            queue.slowest = queue.limits
+        queue.deferred.update(dict.fromkeys(members, (due, priced)))
+        if queue.slowest is None or _speedup(queue.slowest, priced) < 1:
+            queue.slowest = priced
         return min(due - now, MAX_DEFER_SECONDS)  # exactly the cap when capped (float rounding)
 
     def admit(self, key: str, limits: BucketLimits, jobs: dict[str, int], keep_place: bool = True) -> None:
@@ -253,6 +254,7 @@ class Backlog:
         chunk, back at once, was sent in one burst (measured: 50 calls every 10 s for 40 s at
         half the limit left by another client)."""
         queue = self._queues.get(key)
+        limits = limits.priced()
         if queue is None or queue.slowest is None or _speedup(queue.slowest, limits) < REPRICE_SPEEDUP:
             return {}
         now = time.monotonic()

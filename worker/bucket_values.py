@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ratequeue.errors import ConfigError, RequestTooLargeError
 
@@ -46,6 +46,9 @@ class BucketLimits:
     # The configured headroom (``max_share``) within ``share``: the rest is the shared bucket's share
     # these limits follow, which reconcile.lua needs to read the server's room in full limits.
     max_share: float = 1.0
+    # The share schedules of deferred work are priced at, when not `share`: while `share` is the
+    # opening's guess (worker.learned), the configured max_share.
+    priced_share: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "burst_seconds", "share", "max_share"):
@@ -54,6 +57,10 @@ class BucketLimits:
                 raise ConfigError(f"BucketLimits.{name} must be a positive number, got {value!r}")
         if self.share > 1:
             raise ConfigError(f"BucketLimits.share must be at most 1, got {self.share!r}")
+
+    def priced(self) -> BucketLimits:
+        """These limits at the share deferred work is priced at (``priced_share``)."""
+        return self if self.priced_share is None else replace(self, share=self.priced_share, priced_share=None)
 
     @property
     def request_rate(self) -> float:
@@ -117,6 +124,22 @@ class BucketLevels:
     token_capacity: float
     # The part of the limits the server's answers leave us (reconcile only; 1.0 from peek).
     share: float = 1.0
+    # That share is still the opening's guess: no window has shown another client yet.
+    guessed: bool = False
+
+
+@dataclass(frozen=True)
+class SendTimes:
+    """When the requests behind a correction went out, in seconds before it is flushed (None:
+    unknown): the one whose answer brought its remaining readings, and those it counts as
+    charged, on average. reconcile.lua places the server's readings and our spending in time with
+    them (the refill between two readings, and the refill a full room lost while we were idle)."""
+
+    reading_age: float | None = None
+    spent_age: float | None = None
+
+
+NO_SEND_TIMES = SendTimes()
 
 
 def check_cost(key: str, limits: BucketLimits, cost: float) -> None:

@@ -57,6 +57,7 @@ class Learned:
         # pair -> (share of the limits in force, time of the last cut)
         self._throttle: dict[str, tuple[float, float]] = {}
         self._shares: dict[str, float] = {}  # pair -> share of the limits the shared bucket leaves us
+        self._guessed: set[str] = set()  # pairs whose share is still the opening's guess
         self._share_cut_at: dict[str, float] = {}  # pair -> monotonic time this worker last took a cut
         self.windows = WindowLearner(settings.burst_seconds)
         self._confirmed: set[str] = set()  # pairs whose limits the server announced: no slow start
@@ -139,12 +140,19 @@ class Learned:
         rpm, tpm = self._limits.get(pair, (spec.rpm, spec.tpm))
         throttle = self._throttle.get(pair, (1.0, 0.0))[0]
         share = self.settings.max_share * self._shares.get(pair, 1.0)
+        # Deferred work is priced at the whole limits while the share is the opening's guess: priced
+        # at it, a batch started in a route's opening was booked at half speed, then brought forward
+        # route by route as each one's share came back, and the chunks in between all went to the
+        # route repriced first (two routes, 3,000 jobs: one idle for 5 s, 36.7 s for 30 s of limit).
+        priced = self.settings.max_share if pair in self._guessed and pair in self._shares else None
         return BucketLimits(rpm * throttle, tpm * throttle, self.windows.window(pair),
-                            slow_start=pair not in self._confirmed, share=share, max_share=self.settings.max_share)
+                            slow_start=pair not in self._confirmed, share=share, max_share=self.settings.max_share,
+                            priced_share=priced)
 
-    def follow_share(self, pair: str, spec: ModelSpec, gate: BucketGate, share: float) -> None:
+    def follow_share(self, pair: str, spec: ModelSpec, gate: BucketGate, share: float, guessed: bool = False) -> None:
         """Spend at the share of the limits the shared bucket reports (cut by 429s that other
-        clients' spending caused, given back when they stop): every worker follows it."""
+        clients' spending caused, given back when they stop): every worker follows it.
+        `guessed`: that share is still the opening's guess."""
         old = self._shares.get(pair, 1.0)
         opening = pair in self._announced and pair not in self._confirmed
         if opening:
@@ -152,7 +160,9 @@ class Learned:
             # For the workers still in slow start (``load``): only now, once the shared bucket has
             # taken the answer (its level lowered to a part of the server's room, its window stored).
             self._write(self._announce(gate.key, *self._limits.get(pair, (spec.rpm, spec.tpm))))
-        if not opening and abs(share - old) < 0.005 and (share < 1.0) == (old < 1.0):
+        if guessed != (pair in self._guessed):
+            self._guessed.symmetric_difference_update({pair})
+        elif not opening and abs(share - old) < 0.005 and (share < 1.0) == (old < 1.0):
             return
         if share < old - 0.1 or (share >= 1.0 and old < 1.0):
             log.info("%s: spending %.0f%% of the limits (other clients of the account)", pair, share * 100)

@@ -24,9 +24,11 @@ import redis.asyncio
 from ratequeue.errors import ConfigError, RatequeueError
 from ratequeue.jobstore.scripts import lua_source
 from ratequeue.worker.bucket_values import (
+    NO_SEND_TIMES,
     BucketLevels,
     BucketLimits,
     ReserveResult,
+    SendTimes,
     check_cost,
     slow_start_key,
     window_key,
@@ -38,6 +40,7 @@ __all__ = [
     "Limiter",
     "LimiterError",
     "ReserveResult",
+    "SendTimes",
     "SyncLimiter",
     "check_cost",
     "slow_start_key",
@@ -86,9 +89,11 @@ def _parse_reserve(raw: Sequence[Any]) -> ReserveResult:
 
 
 def _parse_levels(raw: Sequence[Any]) -> BucketLevels:
-    # {now_us, request level, token level, nb_ms, request capacity, token capacity[, share]}
+    # {now_us, request level, token level, nb_ms, request capacity, token capacity[, share, guessed]}
     share = float(raw[6]) if len(raw) > 6 else 1.0
-    return BucketLevels(int(raw[0]), float(raw[1]), float(raw[2]), int(raw[3]), float(raw[4]), float(raw[5]), share)
+    guessed = len(raw) > 7 and int(raw[7]) == 1
+    return BucketLevels(int(raw[0]), float(raw[1]), float(raw[2]), int(raw[3]), float(raw[4]), float(raw[5]), share,
+                        guessed)
 
 
 class _LimiterBase:
@@ -125,6 +130,7 @@ class _LimiterBase:
         refused: int = 0,
         answered: int = 0,
         charged: tuple[int, int] = (0, 0),
+        sent: SendTimes = NO_SEND_TIMES,
     ) -> _Call[BucketLevels]:
         for value in (remaining_tokens, remaining_requests):
             if value is not None and value < 0:
@@ -140,6 +146,8 @@ class _LimiterBase:
             int(charged[0]),
             int(charged[1]),
             repr(limits.share / limits.max_share),  # the bucket share these limits follow
+            -1 if sent.reading_age is None else repr(float(sent.reading_age)),
+            -1 if sent.spent_age is None else repr(float(sent.spent_age)),
         ]
         return _Call("reconcile", [key, window_key(key)], args, _parse_levels)
 
@@ -209,15 +217,18 @@ class Limiter(_LimiterBase):
         refused: int = 0,
         answered: int = 0,
         charged: tuple[int, int] = (0, 0),
+        sent: SendTimes = NO_SEND_TIMES,
     ) -> BucketLevels:
         """Correct the levels after a response: deltas are added (positive = refund, negative =
         extra charge); a server-reported remaining count (x-ratelimit-remaining-*, None = unknown
         or unreliable) only ever lowers a level. `refused` rate-limit 429s among `answered`
         responses cut the bucket's shared share (reconcile.lua); `charged`: the requests and tokens
-        the server charged for all answers corrected here (stale or not). Returns the new levels. Raises `LimiterError`.
+        the server charged for all answers corrected here (stale or not); `sent`: when their
+        requests went out. Returns the new levels. Raises `LimiterError`.
         """
         call = self._reconcile_call(
-            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered, charged
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered, charged,
+            sent,
         )
         return await self._run(call)
 
@@ -279,10 +290,12 @@ class SyncLimiter(_LimiterBase):
         refused: int = 0,
         answered: int = 0,
         charged: tuple[int, int] = (0, 0),
+        sent: SendTimes = NO_SEND_TIMES,
     ) -> BucketLevels:
         """Blocking `Limiter.reconcile`."""
         call = self._reconcile_call(
-            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered, charged
+            key, limits, token_delta, request_delta, remaining_tokens, remaining_requests, refused, answered, charged,
+            sent,
         )
         return self._run(call)
 

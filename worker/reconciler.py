@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ratequeue.worker.limiter import BucketLevels, BucketLimits, Limiter
+from ratequeue.worker.limiter import BucketLevels, BucketLimits, Limiter, SendTimes
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,20 @@ class _Pending:
     answered: int = 0
     charged: tuple[int, int] = (0, 0)  # requests and tokens the server charged for the answers
     on_levels: Callable[[BucketLevels], None] | None = None
+    # Monotonic send times (SendTimes): of the request whose answer brought the kept (lowest)
+    # remaining reading, and the sum over the requests counted in `charged` (their count: its [0]).
+    reading_sent_at: float | None = None
+    sent_at_sum: float = 0.0
 
 
 def _lower(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
+
+
+def _send_times(p: _Pending, now: float) -> SendTimes:
+    """``p``'s send times as ages at ``now``; the charged requests' on average (None without any)."""
+    return SendTimes(None if p.reading_sent_at is None else now - p.reading_sent_at,
+                     now - p.sent_at_sum / p.charged[0] if p.charged[0] else None)
 
 
 class Reconciler:
@@ -61,8 +72,16 @@ class Reconciler:
         answered: int = 0,
         charged: tuple[int, int] = (0, 0),
         on_levels: Callable[[BucketLevels], None] | None = None,
+        sent_at: float | None = None,
     ) -> None:
+        """``sent_at``: monotonic time the answered request went out (None: unknown)."""
         p = self._pending.setdefault(key, _Pending(limits))
+        if sent_at is not None:
+            lower = (_lower(p.remaining_requests, remaining_requests) != p.remaining_requests
+                     or _lower(p.remaining_tokens, remaining_tokens) != p.remaining_tokens)
+            if lower:
+                p.reading_sent_at = sent_at
+            p.sent_at_sum += sent_at * charged[0]
         p.limits = limits
         p.refused += refused
         p.answered += answered
@@ -82,12 +101,13 @@ class Reconciler:
     async def flush(self) -> None:
         """Send every pending correction now."""
         pending, self._pending = self._pending, {}
+        now = time.monotonic()
         for key, p in pending.items():
             try:
                 levels = await self._limiter.reconcile(
                     key, p.limits, token_delta=p.token_delta, request_delta=p.request_delta,
                     remaining_tokens=p.remaining_tokens, remaining_requests=p.remaining_requests,
-                    refused=p.refused, answered=p.answered, charged=p.charged,
+                    refused=p.refused, answered=p.answered, charged=p.charged, sent=_send_times(p, now),
                 )
             except Exception as exc:  # a correction is advice: losing one to a Redis blip is fine
                 log.warning("bucket correction of %s dropped: %s", key, exc)

@@ -230,6 +230,7 @@ class JobRunner:
             # Sent by the whole deployment up to this call: what the remaining-tokens header is compared with.
             ledgered = self.learned.ledger.record(run.account, run.spec.name, run.job)
             url, body, auth = self.routing.request(run.route, run.job)
+            sent_at = time.monotonic()  # the server charges it on arrival (worker.reconciler)
             with metrics.in_flight(run.spec.name, run.account):
                 resp = await self.client.post(url, body, f"{run.batch_id}/{run.job.custom_id}", auth)
             ticket = await self.learned.ledger.ticket_of(ledgered)
@@ -241,7 +242,7 @@ class JobRunner:
             resp = redact_response(resp, (*configured_secrets(self.settings), *self.routing.secrets()))
         usage = usage_of(resp.body) if success else None
         headers = self.routing.limits_per_minute(run.route, run.spec, parse_ratelimit_headers(resp.headers))
-        return Sent(resp, verdict, rule, charge, usage, headers, probe, ticket)
+        return Sent(resp, verdict, rule, charge, usage, headers, probe, ticket, sent_at)
 
     def _learn(self, run: JobRun, sent: Sent, waited: float) -> None:
         """What the answer teaches: the limits, the charge rule, the bucket's true level."""
@@ -283,7 +284,7 @@ class JobRunner:
     def _follow(self, run: JobRun, levels: BucketLevels) -> None:
         """Spend at the shared bucket's share (worker.learned); price the work waiting here
         against what the bucket holds, and bring work deferred at a smaller share sooner."""
-        self.learned.follow_share(run.pair, run.spec, run.gate, levels.share)
+        self.learned.follow_share(run.pair, run.spec, run.gate, levels.share, levels.guessed)
         self.backlog.credit(run.key, run.gate.limits, levels.requests, levels.tokens)
         self.rescheduler.reprice_soon(run.key, run.gate.limits)
 
@@ -303,4 +304,5 @@ class JobRunner:
             answered=found.answered,
             charged=found.charged,
             on_levels=lambda levels: self._follow(run, levels),
+            sent_at=sent.sent_at,
         )

@@ -19,8 +19,12 @@
 --   the share in the hash). A worker a flush behind a change still sends the old one: read at the
 --   new one, the server's room looked twice its size after the share doubled (73.8 s on a 60 s
 --   server), and the gift sized by it drew 206-228 429s at once (issue 11, 60 s window, sum rule).
--- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity, share};
--- levels, capacities and share as strings (Redis would truncate Lua floats).
+-- ARGV[13] seconds since the request whose answer brought the remaining readings went out,
+-- ARGV[14] since those counted in ARGV[10] went out, on average (-1 or missing: unknown)
+-- Returns {now_us, request_level, token_level, nb_ms, request_capacity, token_capacity, share,
+-- guessed}; levels, capacities and share as strings (Redis would truncate Lua floats); guessed 1
+-- while the share is still the opening's guess (fg: no window since the opening showed another
+-- client or a 429), else 0.
 --
 -- The share (fields fs: share, fw: start of its current window µs, fa/fr: answers and 429s seen
 -- in the window, fl: seconds of limit the server reported left when it began, fm: the most it was
@@ -63,7 +67,7 @@ local cap_r, cap_t = rate_r * burst, rate_t * burst
 
 local refused = tonumber(ARGV[8] or 0)
 local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'nb', 'fs', 'fw', 'fa', 'fr', 'fl', 'fm', 'fc',
-  'ft', 'fq', 'fk', 'fx', 'fn', 'fz')
+  'ft', 'fq', 'fk', 'fx', 'fn', 'fz', 'fy', 'fu', 'fe', 'fv', 'fg')
 
 local function refill(level, ts, cap, rate)
   if not level then return cap end
@@ -109,8 +113,11 @@ end
 -- minus the change seen. Both read off the same answers, one round trip old alike. The bucket
 -- that does not bind matters too: a foreign client's small requests drain the request room only,
 -- and counting requests against a draining token room (tokens binding) saw others everywhere.
-local function others_spent(left, before, ours, seconds)
+-- `alone` (when known): the room as it would be now had nobody else spent (ALONE_ROOM below);
+-- else its refill over the window, less our answers, at most what it holds.
+local function others_spent(left, before, ours, seconds, alone)
   if left == nil or before == nil then return -math.huge end
+  if alone ~= nil then return (alone - left) / seconds end
   -- Not fm (the most of the two rooms' lower one): a room at its top gains no refill, and one
   -- read at a stale share (0.5 for 1) made fm 72 s on a 60 s server: 0.9 limits 'spent by others'.
   local full = math.max(burst, before, left)
@@ -136,6 +143,11 @@ local function growth(left, before, target)
 end
 
 local answered = tonumber(ARGV[9] or 0)
+-- When the requests behind this correction went out (Redis clock, µs): the one whose answer
+-- brought the readings, and those charged here, on average.
+local reading_age, spent_age = tonumber(ARGV[13] or -1), tonumber(ARGV[14] or -1)
+local read_us = (reading_age >= 0) and now_us - reading_age * 1e6 or nil
+local spent_us = (spent_age >= 0) and now_us - spent_age * 1e6 or nil
 local streak = tonumber(h[18] or 0)  -- fz: windows alone in a row
 local charged_r, charged_t = tonumber(ARGV[10] or 0), tonumber(ARGV[11] or 0)
 local share_in
@@ -158,11 +170,38 @@ local full_r, full_t = rate_r / (opening and 1 or share_in), rate_t / (opening a
 local left_r = (rem_r >= 0) and rem_r / full_r or nil
 local left_t = (rem_t >= 0) and rem_t / full_t or nil
 local before_r, before_t, given = tonumber(h[14]), tonumber(h[15]), tonumber(h[16] or 0)
+-- ALONE_ROOM: the server's two rooms as they would be had nobody but us spent since the window's
+-- first reading (fy: when its request went out), in seconds of limit (fe, fv) at fu: refilled
+-- between our spending, at most full, our answers taken off when their requests went out. The
+-- fall of the rooms is compared with it: a room that sat full while we were idle lost that refill
+-- to its top, and counted over the whole window (refill, less our answers, capped at the end)
+-- that read as others' spending: a lone route whose deferred work came back at once after a
+-- quiet half second saw 0.2-0.36 s of limit a second 'spent by others', and the buffer running
+-- dry cut its share by 35% (issue 11: a lone deployment's runs 30-46 s for 30 s of limit).
+local first_read, room_at, room_r, room_t = tonumber(h[19]), tonumber(h[20]), tonumber(h[21]), tonumber(h[22])
 -- fx: what the claim and the gifts below let us spend that the readings may not show yet (in
 -- seconds of limit): our answers pay it off. Reserved ahead, a gift goes out over seconds: the
 -- last window's gift alone was too little to hold back (4.8% 429s on a 10 s server window).
 -- The opening's window is partial (fz -1): see below.
 if opening then before_r, before_t, given, streak = left_r, left_t, CLAIM * left, -1 end
+local guessed = opening and 1 or tonumber(h[23] or 0)
+if opening and read_us then first_read, room_at, room_r, room_t = read_us, read_us, left_r, left_t end
+local function alone_room_to(at)  -- refill ALONE_ROOM to `at` (µs), at most full
+  if room_at == nil or at <= room_at then return end
+  local refilled = (at - room_at) / 1e6
+  if room_r then room_r = math.min(math.max(burst, before_r or 0), room_r + refilled) end
+  if room_t then room_t = math.min(math.max(burst, before_t or 0), room_t + refilled) end
+  room_at = at
+end
+if not opening and room_at ~= nil then
+  if spent_us then
+    alone_room_to(spent_us)
+    if room_r then room_r = room_r - charged_r / full_r end
+    if room_t then room_t = room_t - charged_t / full_t end
+  elseif charged_r > 0 then
+    room_at = nil  -- our spending not placed in time: the window is read by its refill alone
+  end
+end
 local most = tonumber(h[11] or 0)
 if left ~= nil then most = math.max(most, left) end
 -- The buffer kept at the server: what absorbs another client's onset while we react (a round
@@ -183,8 +222,15 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   if refusals == 0 and seconds > 0 and left ~= nil and before ~= nil then
     local ours_r, ours_t = requests_seen / full_r, tokens_seen / full_t
     given = math.max(0, given - math.max(ours_r, ours_t))
-    local others = math.max(others_spent(left_r, before_r, ours_r, seconds),
-      others_spent(left_t, before_t, ours_t, seconds))
+    -- Timed by the readings' requests where both are known (a flush late on a loaded worker is
+    -- no refill the server gave), else by the flushes.
+    local span, alone_r, alone_t = seconds, nil, nil
+    if read_us and room_at and read_us - first_read >= seconds * 5e5 then
+      alone_room_to(read_us)
+      span, alone_r, alone_t = (read_us - first_read) / 1e6, room_r, room_t
+    end
+    local others = math.max(others_spent(left_r, before_r, ours_r, span, alone_r),
+      others_spent(left_t, before_t, ours_t, span, alone_t))
     -- Evidence needs our own spending in the readings (a tenth of the limit at least): a window
     -- before the opening's answers are back shows nothing spent, by anyone, while it is in flight.
     alone = others < ALONE and math.max(ours_r, ours_t) >= ALONE * seconds
@@ -199,6 +245,7 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   -- back to the full limits and each was given the server's room (31 429s in their second
   -- second, without Retry-After). It changes nothing but a cut for 429s.
   local partial = streak < 0
+  if refusals > 0 or not (alone or partial) then guessed = 0 end
   streak = (alone and not partial) and streak + 1 or 0
   local give = 0
   if refusals > 0 then
@@ -253,6 +300,7 @@ if now_us - window >= WINDOW_US or (refusals >= 4 and now_us - window >= WINDOW_
   end
   window, seen, refusals, before, requests_seen, tokens_seen = now_us, 0, 0, left, 0, 0
   before_r, before_t = left_r, left_t
+  first_read, room_at, room_r, room_t = read_us, read_us, left_r, left_t
 end
 
 local now_s = string.format('%.17g', now_us)
@@ -260,15 +308,20 @@ redis.call('HSET', KEYS[1], 'rl', string.format('%.17g', lr), 'rt', now_s,
   'tl', string.format('%.17g', lt), 'tt', now_s)
 redis.call('HSET', KEYS[1], 'fs', string.format('%.17g', share), 'fw', string.format('%.17g', window),
   'fa', seen, 'fr', refusals, 'fc', string.format('%.17g', claim), 'fn', requests_seen, 'ft', tokens_seen,
-  'fx', string.format('%.17g', given), 'fz', streak)
+  'fx', string.format('%.17g', given), 'fz', streak, 'fg', guessed)
 if before ~= nil then redis.call('HSET', KEYS[1], 'fl', string.format('%.17g', before)) end
 if before_r ~= nil then redis.call('HSET', KEYS[1], 'fq', string.format('%.17g', before_r)) end
 if before_t ~= nil then redis.call('HSET', KEYS[1], 'fk', string.format('%.17g', before_t)) end
 if most > 0 then redis.call('HSET', KEYS[1], 'fm', string.format('%.17g', most)) end
+local kept = {fy = first_read, fu = room_at, fe = room_r, fv = room_t}  -- ALONE_ROOM (nil: unknown)
+for _, field in ipairs({'fy', 'fu', 'fe', 'fv'}) do
+  if room_at and kept[field] then redis.call('HSET', KEYS[1], field, string.format('%.17g', kept[field]))
+  else redis.call('HDEL', KEYS[1], field) end
+end
 local full = math.max((cap_r - lr) / rate_r, (cap_t - lt) / rate_t, (nb * 1000 - now_us) / 1e6, 0)
 local ttl_ms = math.ceil(full * 1000) + 1000
 ttl_ms = math.max(ttl_ms, SHARE_MEMORY_MS)  -- the share and its window (reserve.lua may shorten it)
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 
 return {now_us, string.format('%.17g', lr), string.format('%.17g', lt), nb,
-  string.format('%.17g', cap_r), string.format('%.17g', cap_t), string.format('%.17g', share)}
+  string.format('%.17g', cap_r), string.format('%.17g', cap_t), string.format('%.17g', share), guessed}
