@@ -1,0 +1,87 @@
+"""The worker's side of budgets in USD (issue 14; the rules are in ``ratequeue/jobstore/budgets.py``).
+
+``reserve`` is called just before a job is sent (its bucket capacity already granted), so a
+reservation is held only while its call is in flight; ``settle`` replaces it by the actual cost.
+A refused job is deferred, never failed:
+
+- others hold reservations in the refusing scope: their answers may cost less than reserved and
+  make room, so it is tried again in ``RETRY_SOON`` seconds;
+- nothing is reserved there: only a raised budget (or, for the daily one, the next UTC day) lets it
+  run; it waits ``RECHECK`` seconds, and ``ratequeue budget`` makes it due at once.
+
+Its first-run time is reset: time spent waiting for budget is not counted against the job's
+deadline (RATEQUEUE_JOB_DEADLINE bounds trying, and a raise must let it complete).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from ratequeue.config.models import ModelSpec
+from ratequeue.config.settings import Settings
+from ratequeue.jobstore import keys
+from ratequeue.jobstore.budgets import to_nano
+from ratequeue.jobstore.codec import text
+from ratequeue.jobstore.jobs import StoredJob
+from ratequeue.jobstore.scripts import lua_source
+from ratequeue.worker.attempt import Deferral, JobRun, Step
+from ratequeue.worker.settle import Settler
+
+RETRY_SOON = 1.0  # seconds: a refusal while other calls hold reservations
+RECHECK = 300.0  # seconds: a refusal with nothing in flight (a raise wakes the job sooner)
+HOLD_MARGIN = 60.0  # seconds a reservation outlives the longest call before it is given back
+
+
+@dataclass(frozen=True)
+class Reservation:
+    member: str
+    batch_id: str
+    day: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    scope: str  # "batch" or "daily"
+    wait: float  # seconds until the job is tried again
+
+
+def worst_case_usd(spec: ModelSpec, job: StoredJob) -> float:
+    """The most the call can cost: its prompt at list price (no cache) and its whole reserved output."""
+    return spec.cost_usd(job.prompt_tokens, 0, job.output_tokens)
+
+
+class Budgets:
+    def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._reserve = client.register_script(lua_source("budget_reserve"))
+        self._settle = client.register_script(lua_source("budget_settle"))
+        self._hold_ms = int((settings.read_timeout + settings.connect_timeout + HOLD_MARGIN) * 1000)
+        daily = settings.daily_budget_usd
+        self._daily_default = -1 if daily is None else to_nano(daily)
+
+    async def reserve(self, batch_id: str, spec: ModelSpec, job: StoredJob) -> Reservation | Refusal:
+        member = f"{batch_id} {job.custom_id} {secrets.token_hex(6)}"
+        amount = to_nano(worst_case_usd(spec, job))
+        reply = await self._reserve(keys=keys.budget_keys(),
+                                    args=[batch_id, member, amount, self._hold_ms, self._daily_default])
+        if int(reply[0]) == 1:
+            return Reservation(member, batch_id, text(reply[1]))
+        return Refusal(text(reply[1]), RETRY_SOON if int(reply[2]) > 0 else RECHECK)
+
+    async def settle(self, held: Reservation, actual_usd: float) -> None:
+        """The reservation replaced by the actual cost (0: a failed call, released)."""
+        await self._settle(keys=keys.budget_keys()[:4],
+                           args=[held.member, held.batch_id, held.day, to_nano(max(actual_usd, 0.0))])
+
+    async def defer(self, settler: Settler, run: JobRun, refusal: Refusal) -> Step:
+        """Defer a refused job; its deadline starts again when it runs. If its batch's blocked mark
+        was cleared meanwhile (a raise came between the refusal and the deferral, and its wake
+        missed this job), it is made due now."""
+        step = await settler.defer(run, refusal.wait, Deferral.BUDGET)
+        await self._redis.hdel(keys.batch_started(run.batch_id), run.job.custom_id)
+        if not await self._redis.hexists(keys.budget_blocked(), run.batch_id):
+            await settler.store.defer(run.batch_id, run.job.custom_id, 0.0)
+        return step
