@@ -151,3 +151,30 @@ def test_a_failed_call_gives_its_reservation_back(redis_url: str, tmp_path: Path
         assert finished["budget"]["spent_usd"] == pytest.approx(_actual_cost(client, batch_id), abs=1e-9)
         held = redis.Redis.from_url(redis_url).zcard(keys.budget_held())
         assert held == 0
+
+
+def test_the_http_api_takes_a_batch_budget_in_its_metadata(
+    redis_url: str, sim: SimHandle, tmp_path: Path, start_worker: StartWorker
+) -> None:
+    import openai
+
+    from tests.httpapi_server import TOKENS, api_server, write_tokens
+
+    env = base_env(redis_url, sim.url, tmp_path, RATEQUEUE_API_TOKENS_FILE=str(write_tokens(tmp_path / "t.json")))
+    start_worker(env)
+    with api_server(env, tmp_path) as server:
+        sdk = openai.OpenAI(api_key=TOKENS["alpha"], base_url=server.base_url, max_retries=0)
+        content = b"\n".join(orjson.dumps(line) for line in _jobs(5, "h"))
+        uploaded = sdk.files.create(file=("budget.jsonl", content), purpose="batch")
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                               metadata={"ratequeue_budget_usd": "-1"})
+        assert refused.value.param == "metadata.ratequeue_budget_usd" and "not an amount of USD" in str(refused.value)
+        batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h", metadata={"ratequeue_budget_usd": "0"})
+        client = Client(load_settings(env))
+        wait_until(lambda: _stopped(client, batch.id, "budget"), 30, "the $0 batch stopped by its budget")
+        assert sdk.batches.retrieve(batch.id).status == "in_progress"
+        assert not any(cid.startswith(batch.id) for cid in sim.stats(timeline=False)["calls_by_client_id"])
+        _cli(env, "budget", batch.id, "--usd", "1")
+        wait_until(lambda: sdk.batches.retrieve(batch.id).status == "completed", 30, "the batch completed")
