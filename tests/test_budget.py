@@ -178,3 +178,39 @@ def test_the_http_api_takes_a_batch_budget_in_its_metadata(
         assert not any(cid.startswith(batch.id) for cid in sim.stats(timeline=False)["calls_by_client_id"])
         _cli(env, "budget", batch.id, "--usd", "1")
         wait_until(lambda: sdk.batches.retrieve(batch.id).status == "completed", 30, "the batch completed")
+
+
+def test_a_crashed_workers_reservation_expires_and_a_late_settle_counts_only_the_cost(redis_url: str) -> None:
+    """A worker that dies mid-call never settles: its reservation is given back once it expires
+    (the next reserve sweeps it), and a settle arriving after that adds the actual cost only."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from ratequeue.jobstore.budgets import set_batch_budget
+    from ratequeue.worker.budget import Budgets, Refusal, Reservation
+
+    settings = load_settings(base_env(redis_url, "http://127.0.0.1:9", Path("/tmp")))
+    spec = Client(settings).table.get(MODEL)
+    job = StoredJob("c1", 1, "/v1/chat/completions", {}, MODEL, 50, 10, 40)
+    worst = worst_case_usd(spec, job)
+    set_batch_budget(redis.Redis.from_url(redis_url), "b1", worst * 1.5)  # room for one call at a time
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        budgets = Budgets(settings, client)
+        budgets._hold_ms = 300  # a crash's reservation, given back after 0.3 s
+        crashed = await budgets.reserve("b1", spec, job)
+        assert isinstance(crashed, Reservation)
+        assert isinstance(await budgets.reserve("b1", spec, job), Refusal)  # held: no room
+        await asyncio.sleep(0.4)
+        late = await budgets.reserve("b1", spec, job)  # swept the expired one first
+        assert isinstance(late, Reservation)
+        await budgets.settle(crashed, worst / 4)  # its call did end after all: only its cost is added
+        await budgets.settle(late, worst / 4)
+        await client.aclose()
+
+    asyncio.run(main())
+    batch = redis.Redis.from_url(redis_url).hgetall(keys.budget_batches())
+    assert int(batch[b"b1:reserved"]) == 0
+    assert int(batch[b"b1:spent"]) == 2 * to_nano(worst / 4)
