@@ -214,3 +214,28 @@ def test_a_crashed_workers_reservation_expires_and_a_late_settle_counts_only_the
     batch = redis.Redis.from_url(redis_url).hgetall(keys.budget_batches())
     assert int(batch[b"b1:reserved"]) == 0
     assert int(batch[b"b1:spent"]) == 2 * to_nano(worst / 4)
+
+
+def test_the_exporter_publishes_the_budgets_and_their_spend(redis_url: str) -> None:
+    """Budgets set at run time show at the next scrape: the day's (over RATEQUEUE_DAILY_BUDGET_USD)
+    and each budgeted batch's limit, spend and reservations."""
+    from prometheus_client import CollectorRegistry
+
+    from ratequeue.config.models import load_model_table_from
+    from ratequeue.jobstore.budgets import set_batch_budget, set_daily_budget
+    from ratequeue.producer.exporter import RedisCollector
+
+    client = redis.Redis.from_url(redis_url)
+    registry = CollectorRegistry()
+    registry.register(RedisCollector(client, load_model_table_from(), 5.0, daily_budget_usd=25.0))
+    value = registry.get_sample_value
+    assert value("ratequeue_budget_usd", {"scope": "daily"}) == 25.0  # the environment's
+    set_daily_budget(client, 40.0)
+    set_batch_budget(client, "b1", 2.5)
+    client.hincrby(keys.budget_batches(), "b1:spent", to_nano(0.75))
+    client.hincrby(keys.budget_days(), f"{int(client.time()[0]) // 86400}:reserved", to_nano(0.5))
+    assert value("ratequeue_budget_usd", {"scope": "daily"}) == 40.0
+    assert value("ratequeue_budget_reserved_usd", {"scope": "daily"}) == 0.5
+    assert value("ratequeue_batch_budget_usd", {"batch_id": "b1"}) == 2.5
+    assert value("ratequeue_batch_budget_spent_usd", {"batch_id": "b1"}) == 0.75
+    assert value("ratequeue_batch_budget_reserved_usd", {"batch_id": "b1"}) == 0.0
