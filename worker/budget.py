@@ -16,6 +16,7 @@ deadline (RATEQUEUE_JOB_DEADLINE bounds trying, and a raise must let it complete
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -61,6 +62,7 @@ class Budgets:
         self._hold_ms = int((settings.read_timeout + settings.connect_timeout + HOLD_MARGIN) * 1000)
         daily = settings.daily_budget_usd
         self._daily_default = -1 if daily is None else to_nano(daily)
+        self._refused: dict[str, float] = {}  # batch_id -> when a job of it was last refused here (monotonic)
 
     async def reserve(self, batch_id: str, spec: ModelSpec, job: StoredJob) -> Reservation | Refusal:
         member = f"{batch_id} {job.custom_id} {secrets.token_hex(6)}"
@@ -68,6 +70,7 @@ class Budgets:
         reply = await self._reserve(keys=keys.budget_keys(),
                                     args=[batch_id, member, amount, self._hold_ms, self._daily_default])
         if int(reply[0]) == 1:
+            self._refused.pop(batch_id, None)
             return Reservation(member, batch_id, text(reply[1]))
         return Refusal(text(reply[1]), RETRY_SOON if int(reply[2]) > 0 else RECHECK)
 
@@ -77,11 +80,40 @@ class Budgets:
                            args=[held.member, held.batch_id, held.day, to_nano(max(actual_usd, 0.0))])
 
     async def defer(self, settler: Settler, run: JobRun, refusal: Refusal) -> Step:
-        """Defer a refused job; its deadline starts again when it runs. If its batch's blocked mark
-        was cleared meanwhile (a raise came between the refusal and the deferral, and its wake
-        missed this job), it is made due now."""
+        """Defer a refused job; its deadline starts again when it runs. If it fits now (a raise
+        came between the refusal and the deferral, and its wake missed this job; or calls in
+        flight settled for less), it is made due now."""
+        self._refused[run.batch_id] = time.monotonic()
         step = await settler.defer(run, refusal.wait, Deferral.BUDGET)
         await self._redis.hdel(keys.batch_started(run.batch_id), run.job.custom_id)
-        if not await self._redis.hexists(keys.budget_blocked(), run.batch_id):
+        if await self._check(run.batch_id, run.spec, run.job) is None:
             await settler.store.defer(run.batch_id, run.job.custom_id, 0.0)
         return step
+
+    async def precheck(self, batch_id: str, spec: ModelSpec, job: StoredJob) -> Refusal | None:
+        """Before a job takes bucket capacity: a batch refused on this worker lately is checked
+        first (read only; the reservation stays the rule), so that jobs which cannot fit do not
+        take the bucket's grants in turn only to give them back (a stopped batch's hundreds of
+        jobs would otherwise each pass through the bucket to be refused). Other batches: no call."""
+        refused_at = self._refused.get(batch_id)
+        if refused_at is None:
+            return None
+        if time.monotonic() - refused_at > RECHECK:
+            del self._refused[batch_id]
+            return None
+        return await self._check(batch_id, spec, job)
+
+    async def _check(self, batch_id: str, spec: ModelSpec, job: StoredJob) -> Refusal | None:
+        """Would the job's worst case fit now? The rule of budget_reserve.lua, read without holding."""
+        amount = to_nano(worst_case_usd(spec, job))
+        day = int(time.time()) // 86400  # this host's clock: only a hint, the script uses Redis's
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.budget_batches(), [f"{batch_id}:{f}" for f in ("limit", "spent", "reserved")])
+            pipe.hmget(keys.budget_days(), ["limit", f"{day}:spent", f"{day}:reserved"])
+            (b_limit, b_spent, b_reserved), (d_limit, d_spent, d_reserved) = await pipe.execute()
+        daily = int(d_limit) if d_limit is not None else self._daily_default
+        for scope, limit, spent, reserved in (("batch", None if b_limit is None else int(b_limit), b_spent, b_reserved),
+                                              ("daily", None if daily < 0 else daily, d_spent, d_reserved)):
+            if limit is not None and int(spent or 0) + int(reserved or 0) + amount > limit:
+                return Refusal(scope, RETRY_SOON if int(reserved or 0) > 0 else RECHECK)
+        return None

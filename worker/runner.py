@@ -171,6 +171,8 @@ class JobRunner:
             wait = await self.parking.take_probe(run.account, run.spec.name, self.settings.park_cooldown_seconds)
             if wait is not None:
                 return await self.settler.defer(run, wait, Deferral.PARKED)
+        if refusal := await self.budgets.precheck(run.batch_id, run.spec, run.job):  # before taking capacity
+            return await self.budgets.defer(self.settler, run, refusal)
         grant = await self._acquire(run)
         if isinstance(grant, Step):
             return grant
