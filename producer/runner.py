@@ -22,6 +22,7 @@ from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import Settings, load_settings
 from ratequeue.errors import UsageError
 from ratequeue.jobstore import keys
+from ratequeue.jobstore.budgets import set_batch_budget
 from ratequeue.producer.batch_ids import file_sha256
 from ratequeue.producer.batchfile import has_content
 from ratequeue.producer.children import LocalWorkers
@@ -184,6 +185,8 @@ class _Run:
                     # (60 s) would only delay their jobs. First-run times go too: a job's deadline
                     # (RATEQUEUE_JOB_DEADLINE) counts from this run, not from the interrupted one.
                     client.redis.delete(keys.batch_claims(batch_id), keys.batch_started(batch_id))
+                if self.budget_usd is not None:  # the continued batch takes this run's budget
+                    set_batch_budget(client.redis, batch_id, self.budget_usd)
                 requeued = client.resume(batch_id)
                 self.console.print(f"continuing batch [bold]{batch_id}[/bold] of this input: {requeued} "
                                    f"unfinished jobs queued again, {self.worker_count} worker process(es)")
