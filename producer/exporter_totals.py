@@ -80,8 +80,12 @@ def budget_families(client: redis.Redis, today: str, daily_budget_usd: float | N
                  for kind, suffix, help_text in (("limit", "", "A batch's budget in USD."),
                                                  ("spent", "_spent", "A budgeted batch's spend in USD."),
                                                  ("reserved", "_reserved", "USD held for a batch's calls in flight."))}
-    for batch_id, fields in sorted(batches.items()):
-        if "limit" in fields:  # only budgeted batches: one series each, gone when the budget is
+    budgeted = sorted(b for b, fields in batches.items() if "limit" in fields)
+    pipe = client.pipeline(transaction=False)
+    for batch_id in budgeted:
+        pipe.exists(keys.batch_meta(batch_id))
+    for batch_id, exists in zip(budgeted, pipe.execute(), strict=True):
+        if exists:  # one series per budgeted batch still in Redis (ended ones too, until their retention)
             for kind, family in per_batch.items():
-                family.add_metric([batch_id], fields.get(kind, 0) * _NANO)
+                family.add_metric([batch_id], batches[batch_id].get(kind, 0) * _NANO)
     return [*families, *per_batch.values()]

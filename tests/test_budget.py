@@ -222,7 +222,7 @@ def test_the_exporter_publishes_the_budgets_and_their_spend(redis_url: str) -> N
     from prometheus_client import CollectorRegistry
 
     from ratequeue.config.models import load_model_table_from
-    from ratequeue.jobstore.budgets import set_batch_budget, set_daily_budget
+    from ratequeue.jobstore.budgets import set_daily_budget
     from ratequeue.producer.exporter import RedisCollector
 
     client = redis.Redis.from_url(redis_url)
@@ -231,11 +231,18 @@ def test_the_exporter_publishes_the_budgets_and_their_spend(redis_url: str) -> N
     value = registry.get_sample_value
     assert value("ratequeue_budget_usd", {"scope": "daily"}) == 25.0  # the environment's
     set_daily_budget(client, 40.0)
-    set_batch_budget(client, "b1", 2.5)
-    client.hincrby(keys.budget_batches(), "b1:spent", to_nano(0.75))
+    env = base_env(redis_url, "http://127.0.0.1:9", Path("/tmp"))
+    producer = Client(load_settings(env))
+    b1 = producer.submit_batch(_jobs(2, "e"), budget_usd=2.5).batch_id
+    gone = producer.submit_batch(_jobs(2, "g"), budget_usd=1.0).batch_id
+    producer.delete(gone, force=True)
+    client.hincrby(keys.budget_batches(), f"{b1}:spent", to_nano(0.75))
     client.hincrby(keys.budget_days(), f"{int(client.time()[0]) // 86400}:reserved", to_nano(0.5))
     assert value("ratequeue_budget_usd", {"scope": "daily"}) == 40.0
     assert value("ratequeue_budget_reserved_usd", {"scope": "daily"}) == 0.5
-    assert value("ratequeue_batch_budget_usd", {"batch_id": "b1"}) == 2.5
-    assert value("ratequeue_batch_budget_spent_usd", {"batch_id": "b1"}) == 0.75
-    assert value("ratequeue_batch_budget_reserved_usd", {"batch_id": "b1"}) == 0.0
+    assert value("ratequeue_batch_budget_usd", {"batch_id": b1}) == 2.5
+    assert value("ratequeue_batch_budget_spent_usd", {"batch_id": b1}) == 0.75
+    assert value("ratequeue_batch_budget_reserved_usd", {"batch_id": b1}) == 0.0
+    assert value("ratequeue_batch_budget_usd", {"batch_id": gone}) is None  # deleted: its series goes
+    client.hset(keys.budget_batches(), "expired:limit", 1)  # a batch gone at its retention: not shown
+    assert value("ratequeue_batch_budget_usd", {"batch_id": "expired"}) is None

@@ -78,6 +78,12 @@ def _wake(client: redis.Redis, batch_ids: list[str]) -> None:
         deferrals.wake_batch(client, batch_id)
 
 
+def forget_batch(client: redis.Redis, batch_id: str) -> None:
+    """Drop a deleted batch's budget fields (a call still in flight may add its spend back: harmless)."""
+    client.hdel(keys.budget_batches(), *(f"{batch_id}:{f}" for f in ("limit", "spent", "reserved")))
+    client.hdel(keys.budget_blocked(), batch_id)
+
+
 def batch_budget(client: redis.Redis, batch_id: str) -> dict[str, Any] | None:
     """The batch's budget for its Batch object: limit, spent, reserved (USD) and ``paused`` ("budget",
     "daily budget" or None); None when the batch has no budget and no daily budget stopped it."""
