@@ -125,7 +125,6 @@ def test_the_daily_budget_stops_every_batch_and_a_raise_resumes_them(
     wait_until(lambda: orjson.loads(_cli(env, "budget"))["daily"]["spent_usd"] == pytest.approx(spent(), abs=1e-9),
                10, "the stored results to match the day's spend")
     assert 0 < spent() <= daily
-    assert _actual_cost(client, first) > 0 and _actual_cost(client, second) > 0
     assert orjson.loads(_cli(env, "budget"))["daily"]["reserved_usd"] == 0
 
     _cli(env, "budget", "--daily", "1")
