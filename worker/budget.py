@@ -15,11 +15,14 @@ deadline (RATEQUEUE_JOB_DEADLINE bounds trying, and a raise must let it complete
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from ratequeue.config.models import ModelSpec
 from ratequeue.config.settings import Settings
@@ -31,8 +34,11 @@ from ratequeue.jobstore.scripts import lua_source
 from ratequeue.worker.attempt import Deferral, JobRun, Step
 from ratequeue.worker.settle import Settler
 
+log = logging.getLogger(__name__)
+
 RETRY_SOON = 1.0  # seconds: a refusal while other calls hold reservations
 RECHECK = 300.0  # seconds: a refusal with nothing in flight (a raise wakes the job sooner)
+SETTLE_RETRIES = 600  # one a second: a settle that fails for 10 minutes is left to expire
 HOLD_MARGIN = 60.0  # seconds a reservation outlives the longest call before it is given back
 
 
@@ -62,6 +68,7 @@ class Budgets:
         self._hold_ms = int((settings.read_timeout + settings.connect_timeout + HOLD_MARGIN) * 1000)
         daily = settings.daily_budget_usd
         self._daily_default = -1 if daily is None else to_nano(daily)
+        self._later: set[asyncio.Task[None]] = set()  # settles retried while Redis is down or full
         self._refused: dict[str, float] = {}  # batch_id -> when a job of it was last refused here (monotonic)
 
     async def reserve(self, batch_id: str, spec: ModelSpec, job: StoredJob) -> Reservation | Refusal:
@@ -75,9 +82,29 @@ class Budgets:
         return Refusal(text(reply[1]), RETRY_SOON if int(reply[2]) > 0 else RECHECK)
 
     async def settle(self, held: Reservation, actual_usd: float) -> None:
-        """The reservation replaced by the actual cost (0: a failed call, released)."""
-        await self._settle(keys=keys.budget_keys()[:4],
-                           args=[held.member, held.batch_id, held.day, to_nano(max(actual_usd, 0.0))])
+        """The reservation replaced by the actual cost (0: a failed call, released).
+
+        Never raises a Redis error: the answer is paid for, and a job whose pass raised would be
+        sent again. While Redis is down or full the settle is retried in the background; a worker
+        that dies first leaves the reservation to expire (its spend is then not counted)."""
+        args: list[str | int] = [held.member, held.batch_id, held.day, to_nano(max(actual_usd, 0.0))]
+        try:
+            await self._settle(keys=keys.budget_keys()[:4], args=args)
+        except (RedisError, OSError) as exc:
+            log.warning("budget settle of %s failed (%s): retried in the background", held.batch_id, exc)
+            task = asyncio.get_running_loop().create_task(self._settle_later(args))
+            self._later.add(task)
+            task.add_done_callback(self._later.discard)
+
+    async def _settle_later(self, args: list[str | int]) -> None:
+        for _ in range(SETTLE_RETRIES):
+            await asyncio.sleep(1.0)
+            try:
+                await self._settle(keys=keys.budget_keys()[:4], args=args)
+                return
+            except (RedisError, OSError):
+                continue
+        log.error("budget settle of %s given up after %d s: its reservation expires", args[1], SETTLE_RETRIES)
 
     async def defer(self, settler: Settler, run: JobRun, refusal: Refusal) -> Step:
         """Defer a refused job; its deadline starts again when it runs. If it fits now (a raise

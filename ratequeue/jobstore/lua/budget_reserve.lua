@@ -23,8 +23,8 @@ for _, member in ipairs(expired) do
   local held = redis.call('HGET', KEYS[4], member)
   if held then
     local b, d, a = string.match(held, '^(%S+) (%S+) (%S+)$')
-    redis.call('HINCRBY', KEYS[1], b .. ':reserved', -tonumber(a))
-    redis.call('HINCRBY', KEYS[2], d .. ':reserved', -tonumber(a))
+    redis.call('HINCRBY', KEYS[1], b .. ':reserved', 0 - tonumber(a))  -- never -0: not an integer to Redis
+    redis.call('HINCRBY', KEYS[2], d .. ':reserved', 0 - tonumber(a))
     redis.call('HDEL', KEYS[4], member)
   end
   redis.call('ZREM', KEYS[3], member)

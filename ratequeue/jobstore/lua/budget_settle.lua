@@ -8,8 +8,8 @@
 local held = redis.call('HGET', KEYS[4], ARGV[1])
 if held then
   local a = tonumber(string.match(held, '(%S+)$'))
-  redis.call('HINCRBY', KEYS[1], ARGV[2] .. ':reserved', -a)
-  redis.call('HINCRBY', KEYS[2], ARGV[3] .. ':reserved', -a)
+  redis.call('HINCRBY', KEYS[1], ARGV[2] .. ':reserved', 0 - a)  -- never -0 (a free model's 0): not an integer to Redis
+  redis.call('HINCRBY', KEYS[2], ARGV[3] .. ':reserved', 0 - a)
   redis.call('HDEL', KEYS[4], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
 end
