@@ -28,7 +28,7 @@ from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.models import ModelTable, load_model_table
 from ratequeue.config.settings import DEFAULT_REDIS_URL, Settings, load_settings, shown_redis_url
 from ratequeue.errors import BatchNotFoundError, InvalidRequestError, RedisFullError, UsageError
-from ratequeue.jobstore import keys
+from ratequeue.jobstore import budgets, keys
 from ratequeue.jobstore.batches import BatchExistsError, BatchStatus, BatchStore
 from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, live_workers
 from ratequeue.producer import capacity
@@ -114,6 +114,7 @@ class Client(BatchOperations):
         account: str | None = None,
         validator: LineValidator | None = None,
         on_created: Callable[[str], None] | None = None,
+        budget_usd: float | None = None,
     ) -> SubmitReport:
         """Submit a Batch-format JSONL file (path or binary stream) or an iterable of request dicts.
 
@@ -129,6 +130,9 @@ class Client(BatchOperations):
         when two submits race; the same id with another input raises ``BatchError`` naming both.
         A stream or iterable given with a ``batch_id`` is read into memory first (its sha256 is
         compared before anything is stored). A file's sha256 is kept as ``input_sha256``.
+
+        ``budget_usd``: the batch's budget; workers send no call whose worst-case cost would take
+        its spend past it (``ratequeue budget BATCH --usd`` raises it; ratequeue/jobstore/budgets.py).
         """
         name = str(source) if isinstance(source, str | Path) else "<stream>"
         if batch_id is not None:
@@ -154,6 +158,8 @@ class Client(BatchOperations):
             return submitted_before(self.redis, batch_id, name, digest)
         if on_created is not None:  # before any job is queued (the HTTP API records its owner)
             on_created(batch_id)
+        if budget_usd is not None:  # before any job is queued: none may run unbudgeted
+            budgets.set_batch_budget(self.redis, batch_id, budget_usd)
         limits = Limits(self.settings.max_file_bytes, self.settings.max_lines, self.settings.max_line_bytes)
         try:
             try:

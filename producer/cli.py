@@ -61,16 +61,18 @@ def main(debug: bool) -> None:
 @click.option("--fresh", is_flag=True, help="A new batch, even if this input has an unfinished one.")
 @click.option("--no-check", is_flag=True, help="Skip the upstream key check (GET /v1/models) before starting.")
 @click.option("--account", help=ACCOUNT_HELP)
+@click.option("--budget-usd", type=click.FloatRange(min=0), help="The batch's budget in USD: no call is sent whose "
+              "worst-case cost would take its spend past it (raise it with `ratequeue budget BATCH --usd`).")
 @click.pass_context
 def run(ctx: click.Context, input_file: Path, output: Path, errors: Path | None, workers: int, window: str,
-        data_dir: Path | None, fresh: bool, no_check: bool, account: str | None) -> None:
+        data_dir: Path | None, fresh: bool, no_check: bool, account: str | None, budget_usd: float | None) -> None:
     """Run INPUT_FILE to completion here: Redis, workers, progress, results. Run again, the same
     command continues the input's unfinished batch."""
     from ratequeue.producer.runner import print_summary, run_file
 
     check_outputs(output, errors)
     summary = run_file(input_file, output, errors, workers, window, console=console, data_dir=data_dir,
-                       fresh=fresh, check=not no_check, account=account)
+                       fresh=fresh, check=not no_check, account=account, budget_usd=budget_usd)
     print_summary(summary, console)
     ctx.exit(batch_exit_code(summary.batch, str(input_file), str(summary.errors_path)))
 
@@ -112,9 +114,11 @@ def estimate(ctx: click.Context, input_file: Path, account: str | None, as_json:
               "returns the batch already queued.")
 @click.option("--no-check", is_flag=True, help="Skip the upstream key check (GET /v1/models) before submitting.")
 @click.option("--account", help=ACCOUNT_HELP)
+@click.option("--budget-usd", type=click.FloatRange(min=0), help="The batch's budget in USD: no call is sent whose "
+              "worst-case cost would take its spend past it (raise it with `ratequeue budget BATCH --usd`).")
 @click.pass_context
 def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | None, no_check: bool,
-           account: str | None) -> None:
+           account: str | None, budget_usd: float | None) -> None:
     """Submit INPUT_FILE to the configured Redis for workers elsewhere; prints the batch id.
     Exits 1 when input lines were rejected (they are in the batch's errors file)."""
     client = client_for()
@@ -123,7 +127,7 @@ def submit(ctx: click.Context, input_file: Path, window: str, batch_id: str | No
 
         client.redis.ping()  # an unreachable Redis is said first: nothing can be submitted without it
         check_batch_upstream(client.settings, client.accounts, account)
-    report = client.submit_batch(input_file, window, batch_id=batch_id, account=account)
+    report = client.submit_batch(input_file, window, batch_id=batch_id, account=account, budget_usd=budget_usd)
     if report.existing:
         console.print(f"batch {report.batch_id} was submitted before from this input: nothing queued again",
                       markup=False, highlight=False)
@@ -217,6 +221,30 @@ def cancel(batch_id: str) -> None:
     """Stop dispatching BATCH_ID's remaining jobs; they are reported as cancelled."""
     batch = client_for().cancel(batch_id)
     click.echo(batch["status"])
+
+
+@main.command()
+@click.argument("batch_id", required=False)
+@click.option("--usd", type=click.FloatRange(min=0), help="BATCH_ID's budget in USD.")
+@click.option("--daily", type=click.FloatRange(min=0), help="The budget of every batch together per UTC day, in USD "
+              "(instead of RATEQUEUE_DAILY_BUDGET_USD).")
+def budget(batch_id: str | None, usd: float | None, daily: float | None) -> None:
+    """Set budgets (raising one resumes what it stopped within about a second); print them as JSON."""
+    from ratequeue.jobstore import budgets
+
+    if usd is not None and not batch_id:
+        raise click.UsageError("--usd needs a BATCH_ID")
+    client = client_for()
+    if batch_id:
+        budgets.require_batch(client.redis, batch_id)
+    if usd is not None and batch_id:
+        budgets.set_batch_budget(client.redis, batch_id, usd)
+    if daily is not None:
+        budgets.set_daily_budget(client.redis, daily)
+    shown: dict[str, Any] = {"daily": budgets.daily_budget(client.redis, client.settings.daily_budget_usd)}
+    if batch_id:
+        shown["batch"] = budgets.batch_budget(client.redis, batch_id)
+    click.echo(json.dumps(shown, indent=2))
 
 
 @main.command()

@@ -12,6 +12,7 @@ import redis
 from ratequeue.errors import BatchNotFoundError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.batches import FINAL, BatchStatus
+from ratequeue.jobstore.budgets import batch_budget
 from ratequeue.jobstore.codec import text
 from ratequeue.producer.model_progress import read_model_counts
 from ratequeue.producer.submit import INPUT_ERROR_MARK
@@ -60,6 +61,8 @@ def batch_object(client: redis.Redis, batch_id: str) -> dict[str, Any]:
         "cost_usd": float(meta.get("cost_usd", 0) or 0),
         # ratequeue's extension: paused by Client.pause (the status stays in_progress)
         "paused": meta.get("paused") == "1",
+        # Its budget (USD), and "paused": "budget" / "daily budget" while a budget stops its calls.
+        "budget": batch_budget(client, batch_id),
         "metadata": orjson.loads(meta.get("metadata") or "{}"),
         "models": {model: counts.as_json() for model, counts in models.items()},
     }

@@ -54,9 +54,38 @@ def totals_families(
                               labels=["scope"])
     spent.add_metric(["daily"], fields.get(("cost_nusd_day", today), 0) * _NANO)
     families: list[CounterMetricFamily | GaugeMetricFamily] = [jobs, cost, tokens, spent]
-    if daily_budget_usd is not None:
-        budget = GaugeMetricFamily("ratequeue_budget_usd", "Budget in USD (RATEQUEUE_DAILY_BUDGET_USD).",
-                                   labels=["scope"])
-        budget.add_metric(["daily"], daily_budget_usd)
+    return families + budget_families(client, today, daily_budget_usd)
+
+
+def budget_families(client: redis.Redis, today: str, daily_budget_usd: float | None) -> list[GaugeMetricFamily]:
+    """The budgets dispatch stops at (ratequeue/jobstore/budgets.py): the day's (the one set at run
+    time, else RATEQUEUE_DAILY_BUDGET_USD) and each budgeted batch's, with spend and reservations."""
+    day = {text(k): int(v) for k, v in client.hgetall(keys.budget_days()).items() if text(k).startswith(
+        ("limit", f"{today}:"))}
+    limit = day["limit"] * _NANO if "limit" in day else daily_budget_usd
+    reserved = GaugeMetricFamily("ratequeue_budget_reserved_usd", "USD held for calls in flight against the budget.",
+                                 labels=["scope"])
+    reserved.add_metric(["daily"], day.get(f"{today}:reserved", 0) * _NANO)
+    families = [reserved]
+    if limit is not None:
+        budget = GaugeMetricFamily("ratequeue_budget_usd", "Budget in USD (ratequeue budget --daily, else "
+                                   "RATEQUEUE_DAILY_BUDGET_USD).", labels=["scope"])
+        budget.add_metric(["daily"], limit)
         families.append(budget)
-    return families
+    batches: dict[str, dict[str, int]] = {}
+    for raw_field, value in client.hgetall(keys.budget_batches()).items():
+        batch_id, _, kind = text(raw_field).rpartition(":")
+        batches.setdefault(batch_id, {})[kind] = int(value)
+    per_batch = {kind: GaugeMetricFamily(f"ratequeue_batch_budget{suffix}_usd", help_text, labels=["batch_id"])
+                 for kind, suffix, help_text in (("limit", "", "A batch's budget in USD."),
+                                                 ("spent", "_spent", "A budgeted batch's spend in USD."),
+                                                 ("reserved", "_reserved", "USD held for a batch's calls in flight."))}
+    budgeted = sorted(b for b, fields in batches.items() if "limit" in fields)
+    pipe = client.pipeline(transaction=False)
+    for batch_id in budgeted:
+        pipe.exists(keys.batch_meta(batch_id))
+    for batch_id, exists in zip(budgeted, pipe.execute(), strict=True):
+        if exists:  # one series per budgeted batch still in Redis (ended ones too, until their retention)
+            for kind, family in per_batch.items():
+                family.add_metric([batch_id], batches[batch_id].get(kind, 0) * _NANO)
+    return [*families, *per_batch.values()]

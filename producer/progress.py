@@ -102,6 +102,9 @@ class ProgressView:
                 f"{counts['failed']} failed, ETA {format_eta(self.eta)}")
         if len(etas) > 1 and self.eta:
             head += f" (set by {max(etas, key=lambda m: etas[m] or 0.0)})"
+        if (budget := batch.get("budget")) and budget.get("paused"):  # ratequeue/jobstore/budgets.py
+            head += f" · paused: {budget_text(budget)}"
+            self.paused |= {"budget"}
         return [head, *lines]
 
     def _limits_for(self, model: str) -> ModelLimits | None:
@@ -109,6 +112,14 @@ class ProgressView:
         if self._limits_of is not None and (known is None or known.source != "learned"):
             known = self._limits[model] = self._limits_of(model)  # a worker may learn them meanwhile
         return known
+
+
+def budget_text(budget: dict[str, Any]) -> str:
+    """ "budget, $0.0412 spent + $0.0013 reserved of $0.0500" (the limit: the batch's, or the day's)."""
+    figures = budget.get("daily") or budget  # a daily budget's stop: the day's figures
+    limit = figures.get("limit_usd")
+    of = f" of ${limit:,.4f}" if limit is not None else ""
+    return f"{budget['paused']}, ${figures['spent_usd']:,.4f} spent + ${figures['reserved_usd']:,.4f} reserved{of}"
 
 
 def _model_line(model: str, counts: ModelCounts, limits: ModelLimits | None, rpm: float, tpm: float,

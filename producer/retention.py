@@ -13,6 +13,7 @@ import redis
 from ratequeue.errors import BatchNotFoundError, BatchRunningError
 from ratequeue.jobstore import keys
 from ratequeue.jobstore.batches import BatchStore
+from ratequeue.jobstore.budgets import forget_batch
 from ratequeue.jobstore.keys import DEFERRED_SEP
 
 _GLOB_SPECIAL = "\\*?[]^-"
@@ -40,6 +41,7 @@ def delete_batch(client: redis.Redis, batch_id: str, force: bool = False) -> str
     # producer that dies in between leaves members the workers drop (worker/deferred.py).
     client.zrem(keys.batches_index(), batch_id)
     purge_deferred(client, batch_id)
+    forget_batch(client, batch_id)
     return status.value
 
 

@@ -22,6 +22,7 @@ from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.settings import Settings, load_settings
 from ratequeue.errors import UsageError
 from ratequeue.jobstore import keys
+from ratequeue.jobstore.budgets import set_batch_budget
 from ratequeue.producer.batch_ids import file_sha256
 from ratequeue.producer.batchfile import has_content
 from ratequeue.producer.children import LocalWorkers
@@ -66,6 +67,7 @@ def run_file(
     check: bool = True,
     resume_hint: str | None = None,
     account: str | None = None,
+    budget_usd: float | None = None,
 ) -> RunSummary:
     """Run a Batch-format JSONL file to completion and write its results and errors files.
 
@@ -96,7 +98,7 @@ def run_file(
     started = time.monotonic()
     with hold_data_dir(data_dir):
         console.print(f"data directory: {data_dir}")
-        run = _Run(load_settings(env), env, console, workers, grace, account)
+        run = _Run(load_settings(env), env, console, workers, grace, account, budget_usd)
         batch, counts = run.execute(input_path, digest, completion_window, fresh, results_path, errors_path,
                                     resume_hint or resume_command())
     return RunSummary(batch, results_path, errors_path, counts[0], counts[1], time.monotonic() - started)
@@ -106,8 +108,9 @@ class _Run:
     """One run's children and batch; ``execute`` is the whole life of them."""
 
     def __init__(self, settings: Settings, env: dict[str, str], console: Console, workers: int,
-                 grace: float, account: str | None = None) -> None:
+                 grace: float, account: str | None = None, budget_usd: float | None = None) -> None:
         self.settings, self.env, self.console, self.account = settings, env, console, account
+        self.budget_usd = budget_usd
         self.worker_count, self.grace = workers, grace
         self.redis: EmbeddedRedis | None = None
         self.workers: LocalWorkers | None = None
@@ -182,6 +185,8 @@ class _Run:
                     # (60 s) would only delay their jobs. First-run times go too: a job's deadline
                     # (RATEQUEUE_JOB_DEADLINE) counts from this run, not from the interrupted one.
                     client.redis.delete(keys.batch_claims(batch_id), keys.batch_started(batch_id))
+                if self.budget_usd is not None:  # the continued batch takes this run's budget
+                    set_batch_budget(client.redis, batch_id, self.budget_usd)
                 requeued = client.resume(batch_id)
                 self.console.print(f"continuing batch [bold]{batch_id}[/bold] of this input: {requeued} "
                                    f"unfinished jobs queued again, {self.worker_count} worker process(es)")
@@ -190,7 +195,7 @@ class _Run:
                 # Interrupted while being submitted: it may lack lines, so it goes and the input is sent again.
                 client.delete(batch_id, force=True)
                 self.console.print(f"batch {batch_id} was interrupted while being submitted: submitting again")
-        report = client.submit_batch(input_path, window, account=self.account)
+        report = client.submit_batch(input_path, window, account=self.account, budget_usd=self.budget_usd)
         self.console.print(
             f"batch [bold]{report.batch_id}[/bold]: {report.jobs} jobs queued, "
             f"{report.errors} input lines rejected, {self.worker_count} worker process(es)"

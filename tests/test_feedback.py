@@ -138,7 +138,7 @@ def test_reason_and_deferral_values_are_the_labels_dashboards_and_alerts_match()
     from ratequeue.worker.policy import Reason
 
     assert {r.value for r in Reason} >= set(metrics._RATE_LIMIT_TYPES) | set(metrics._RETRY_REASONS) | {"ok"}
-    assert [d.value for d in Deferral] == ["capacity", "backoff", "parked"]
+    assert [d.value for d in Deferral] == ["capacity", "backoff", "parked", "budget"]
     assert {r for r in Reason if r.rate_limited} == {Reason.RATE_LIMIT_REQUESTS, Reason.RATE_LIMIT_TOKENS}
     assert [v.value for v in Verdict] == ["success", "retry", "park", "fail"]
     labels = [classify(_resp(429, {"message": "x", "type": "requests"})).reason,

@@ -43,6 +43,7 @@ class Deferral(enum.StrEnum):
     CAPACITY = "capacity"  # no capacity within defer_after
     BACKOFF = "backoff"  # a retry wait longer than defer_after
     PARKED = "parked"  # the pair is paused
+    BUDGET = "budget"  # its worst-case cost does not fit its batch's or the day's budget (worker.budget)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from ratequeue.worker import metrics
 from ratequeue.worker.attempt import STORED, Deferral, End, JobRun, Pass, Sent, Step, observe
 from ratequeue.worker.backlog import Backlog, job_ref
 from ratequeue.worker.batchwatch import BatchState
+from ratequeue.worker.budget import Budgets, Refusal
 from ratequeue.worker.concurrency import ConcurrencyWindows
 from ratequeue.worker.correction import correction
 from ratequeue.worker.feedback import parse_ratelimit_headers
@@ -91,6 +92,7 @@ class JobRunner:
         self._priced: dict[str, ChargeRule] = {}  # pair -> the rule its deferred work here was priced by
         self.rescheduler = Rescheduler(self.backlog, store.redis)  # deferred work back sooner
         self.settler = Settler(settings, store, self.outcomes, parking, limiter, self.learned)
+        self.budgets = Budgets(settings, store.redis)
 
     async def run(self, state: BatchState, job: StoredJob, started: float) -> bool:
         """Run one job; True when its outcome is stored, False when it was deferred or dropped."""
@@ -169,6 +171,8 @@ class JobRunner:
             wait = await self.parking.take_probe(run.account, run.spec.name, self.settings.park_cooldown_seconds)
             if wait is not None:
                 return await self.settler.defer(run, wait, Deferral.PARKED)
+        if refusal := await self.budgets.precheck(run.batch_id, run.spec, run.job):  # before taking capacity
+            return await self.budgets.defer(self.settler, run, refusal)
         grant = await self._acquire(run)
         if isinstance(grant, Step):
             return grant
@@ -182,7 +186,15 @@ class JobRunner:
         if halt := await self._halt(run.batch_id, run.job):  # cancelled or paused while it waited
             self.reconciler.add(run.key, run.gate.limits, token_delta=charge, request_delta=1)
             return halt
-        sent = done.sent = await self._send(run, rule, charge, probe=parked is not None)
+        # The worst case held against the budgets while the call is out (worker.budget).
+        held = await self.budgets.reserve(run.batch_id, run.spec, run.job)
+        if isinstance(held, Refusal):
+            self.reconciler.add(run.key, run.gate.limits, token_delta=charge, request_delta=1)
+            return await self.budgets.defer(self.settler, run, held)
+        try:
+            sent = done.sent = await self._send(run, rule, charge, probe=parked is not None)
+        finally:  # the actual cost replaces the reservation; a call that raised releases it
+            await self.budgets.settle(held, metrics.cost_usd(run.spec, done.sent.usage if done.sent else None))
         self._learn(run, sent, grant.waited)
         return await self.settler.settle(run, sent)
 

@@ -6,6 +6,7 @@ batch (workers, ``ratequeue status`` and ``results`` see it as any other)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -84,6 +85,7 @@ class TenantBatches:
                 metadata: dict[str, str] | None) -> dict[str, Any]:
         validator = TenantLineValidator(self._client.accounts, tenant, endpoint, self._client.server_counts)
         account = tenant.accounts[0] if tenant.accounts else None
+        budget = _budget_of(metadata)
 
         def own(batch_id: str) -> None:
             """The tenant's from the start: a server that dies while the jobs are stored leaves a
@@ -95,7 +97,7 @@ class TenantBatches:
         try:
             with self._files.open(file_id) as stream:
                 report = self._client.submit_batch(stream, window, metadata, account=account, validator=validator,
-                                                   on_created=own)
+                                                   on_created=own, budget_usd=budget)
         except UsageError as exc:
             raise invalid("input_file_id", f"{file_id}: {exc}") from None
         return self.get(tenant, report.batch_id)
@@ -199,3 +201,20 @@ def _create_params(body: Mapping[str, Any]) -> tuple[str, str, str, dict[str, st
     ):
         raise invalid("metadata", "metadata: at most 16 string keys (64 characters) and string values (512)")
     return file_id, endpoint, window, metadata
+
+
+BUDGET_KEY = "ratequeue_budget_usd"  # metadata the SDK sends as it is (its values are strings)
+
+
+def _budget_of(metadata: Mapping[str, str] | None) -> float | None:
+    """The batch's budget in USD from ``metadata.ratequeue_budget_usd`` (None: none)."""
+    raw = (metadata or {}).get(BUDGET_KEY)
+    if raw is None:
+        return None
+    try:
+        usd = float(raw)
+    except (TypeError, ValueError):
+        usd = float("nan")
+    if not math.isfinite(usd) or usd < 0:
+        raise invalid(f"metadata.{BUDGET_KEY}", f"metadata.{BUDGET_KEY}: {raw!r} is not an amount of USD (0 or more)")
+    return usd

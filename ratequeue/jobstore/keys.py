@@ -235,3 +235,35 @@ def api_idempotency(tenant: str, key_sha256: str) -> str:
 def api_request_count(tenant: str, minute: int) -> str:
     """Counter of a tenant's API requests in one minute (minutes since epoch); expires after it."""
     return f"{PREFIX}:apitenant:{{{tenant}}}:requests:{minute}"
+
+
+# Budgets in USD (issue 14): every key in one Cluster slot ({budget}), so that one script checks a
+# batch's budget and the day's together. Amounts are integers, nano-USD.
+def budget_batches() -> str:
+    """Hash: "<batch_id>:limit" | ":spent" | ":reserved" of batches with a budget (and spent by any)."""
+    return f"{PREFIX}:budget:{{budget}}:batches"
+
+
+def budget_days() -> str:
+    """Hash: "limit" (the daily budget set at run time), "<day>:spent" | ":reserved" (day: UTC days since epoch)."""
+    return f"{PREFIX}:budget:{{budget}}:days"
+
+
+def budget_held() -> str:
+    """Sorted set: reservations of calls in flight, scored by when they expire (ms since epoch)."""
+    return f"{PREFIX}:budget:{{budget}}:held"
+
+
+def budget_held_amounts() -> str:
+    """Hash: reservation -> "<batch_id> <day> <nano-USD>"."""
+    return f"{PREFIX}:budget:{{budget}}:held_amounts"
+
+
+def budget_blocked() -> str:
+    """Hash: batch_id -> "batch" | "daily": the budget that stopped its dispatch (until a call fits again)."""
+    return f"{PREFIX}:budget:{{budget}}:blocked"
+
+
+def budget_keys() -> list[str]:
+    """The keys of budget_reserve.lua, in its order (budget_settle.lua takes the first four)."""
+    return [budget_batches(), budget_days(), budget_held(), budget_held_amounts(), budget_blocked()]
