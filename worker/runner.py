@@ -171,7 +171,8 @@ class JobRunner:
             wait = await self.parking.take_probe(run.account, run.spec.name, self.settings.park_cooldown_seconds)
             if wait is not None:
                 return await self.settler.defer(run, wait, Deferral.PARKED)
-        if refusal := await self.budgets.precheck(run.batch_id, run.spec, run.job):  # before taking capacity
+        if self.budgets.refused_lately(run.batch_id) and (
+                refusal := await self.budgets.precheck(run.batch_id, run.spec, run.job)):  # before taking capacity
             return await self.budgets.defer(self.settler, run, refusal)
         grant = await self._acquire(run)
         if isinstance(grant, Step):
@@ -187,14 +188,16 @@ class JobRunner:
             self.reconciler.add(run.key, run.gate.limits, token_delta=charge, request_delta=1)
             return halt
         # The worst case held against the budgets while the call is out (worker.budget).
-        held = await self.budgets.reserve(run.batch_id, run.spec, run.job)
+        held = None if self.budgets.known_free(run.batch_id) else await self.budgets.reserve(
+            run.batch_id, run.spec, run.job)
         if isinstance(held, Refusal):
             self.reconciler.add(run.key, run.gate.limits, token_delta=charge, request_delta=1)
             return await self.budgets.defer(self.settler, run, held)
         try:
             sent = done.sent = await self._send(run, rule, charge, probe=parked is not None)
         finally:  # the actual cost replaces the reservation; a call that raised releases it
-            await self.budgets.settle(held, metrics.cost_usd(run.spec, done.sent.usage if done.sent else None))
+            if held is not None:
+                await self.budgets.settle(held, metrics.cost_usd(run.spec, done.sent.usage if done.sent else None))
         self._learn(run, sent, grant.waited)
         return await self.settler.settle(run, sent)
 

@@ -54,7 +54,14 @@ def set_batch_budget(client: redis.Redis, batch_id: str, usd: float | None) -> N
     if usd is None:
         client.hdel(keys.budget_batches(), field)
     else:
-        client.hset(keys.budget_batches(), field, to_nano(check_usd(usd, "budget")))
+        amount = to_nano(check_usd(usd, "budget"))
+        # Workers hold and settle nothing for a batch while no budget applies to it (worker.budget):
+        # what it spent before counts from its stored results' cost.
+        spent = math.ceil(float(client.hget(keys.batch_meta(batch_id), "cost_usd") or 0) * NANO)
+        with client.pipeline() as pipe:
+            pipe.hsetnx(keys.budget_batches(), f"{batch_id}:spent", spent)
+            pipe.hset(keys.budget_batches(), field, amount)
+            pipe.execute()
     _wake(client, [batch_id])
 
 
@@ -64,7 +71,13 @@ def set_daily_budget(client: redis.Redis, usd: float | None) -> None:
     if usd is None:
         client.hdel(keys.budget_days(), "limit")
     else:
-        client.hset(keys.budget_days(), "limit", to_nano(check_usd(usd, "daily budget")))
+        amount = to_nano(check_usd(usd, "daily budget"))
+        day = today(client)  # nothing was settled while no daily budget applied: the day's results' cost
+        spent = int(client.hget(keys.totals(), f"cost_nusd_day:{day}") or 0)
+        with client.pipeline() as pipe:
+            pipe.hsetnx(keys.budget_days(), f"{day}:spent", spent)
+            pipe.hset(keys.budget_days(), "limit", amount)
+            pipe.execute()
     blocked = {text(b): text(why) for b, why in client.hgetall(keys.budget_blocked()).items()}
     _wake(client, [b for b, why in blocked.items() if why == "daily"])
 
