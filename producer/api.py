@@ -26,21 +26,19 @@ import redis
 from ratequeue.config.accounts import IMPLICIT, AccountTable
 from ratequeue.config.accounts_load import load_account_table
 from ratequeue.config.models import ModelTable, load_model_table
-from ratequeue.config.settings import DEFAULT_REDIS_URL, Settings, load_settings, shown_redis_url
+from ratequeue.config.settings import DEFAULT_REDIS_URL, Settings, load_settings
 from ratequeue.errors import BatchNotFoundError, InvalidRequestError, RedisFullError, UsageError
 from ratequeue.jobstore import budgets, keys
 from ratequeue.jobstore.batches import BatchExistsError, BatchStatus, BatchStore
-from ratequeue.jobstore.heartbeats import HEARTBEAT_STALE_SECONDS, live_workers
 from ratequeue.producer import capacity
 from ratequeue.producer.batch_ids import check_batch_id, file_sha256, submitted_before
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
-from ratequeue.producer.collect import FINAL_STATUSES, batch_object, iter_lines
 from ratequeue.producer.model_progress import ModelLimits, configured_limits, model_limits
 from ratequeue.producer.operate import BatchOperations
+from ratequeue.producer.reading import BatchReading
 from ratequeue.producer.retention import delete_batch
 from ratequeue.producer.submit import SubmitReport, Submitter
 from ratequeue.queue import Publish, publisher
-from ratequeue.redact import configured_secrets
 from ratequeue.redis_tls import redis_options
 from ratequeue.tokens.server import ServerCounts
 
@@ -50,7 +48,7 @@ log = logging.getLogger(__name__)
 REDIS_CONNECT_TIMEOUT = 5.0
 
 
-class Client(BatchOperations):
+class Client(BatchReading, BatchOperations):
     """A connection to one ratequeue deployment (its Redis) with the settings, model table and accounts.
 
     A batch is sent with one account (``account=``: an alias of the models file's ``[accounts]``, else
@@ -232,10 +230,6 @@ class Client(BatchOperations):
         self.status(batch_id)  # raises BatchNotFoundError
         return self._submitter.seal(batch_id)
 
-    def status(self, batch_id: str) -> dict[str, Any]:
-        """The Batch object (OpenAI's shape, plus ``usage`` and ``cost_usd``)."""
-        return batch_object(self.redis, batch_id)
-
     def model_limits(self, model: str, account: str | None = None) -> ModelLimits | None:
         """The per-minute limits ``model`` runs at on `account` (None: the default): learned by the
         workers, else configured (the account's own, else the table's; None if nothing describes them)."""
@@ -243,49 +237,6 @@ class Client(BatchOperations):
         if limits is None or limits.source != "learned":
             limits = configured_limits(self.accounts, model, self.account_name(account)) or limits
         return limits
-
-    def wait(self, batch_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
-        """Block until the batch reaches a final status; returns the Batch object.
-
-        Raises ``TimeoutError`` after ``timeout`` seconds. Warns once (``logging``) when no worker
-        has sent a heartbeat lately: nothing runs the batch until one starts.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        checked_workers = False
-        while True:
-            batch = self.status(batch_id)
-            if batch["status"] in FINAL_STATUSES:
-                return batch
-            if not checked_workers:
-                checked_workers = True
-                if live_workers(self.redis) == 0:
-                    log.warning(
-                        "no live worker on %s (none sent a heartbeat in the last %g s): batch %s waits until "
-                        "one starts (ratequeue worker, with the same RATEQUEUE_REDIS_URL)",
-                        shown_redis_url(self.settings.redis_url), HEARTBEAT_STALE_SECONDS, batch_id,
-                    )
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"batch {batch_id} still {batch['status']} after {timeout} s")
-            time.sleep(poll)
-
-    def iter_results(self, batch_id: str, errors: bool = False) -> Iterator[dict[str, Any]]:
-        """Result lines (or, with ``errors=True``, error lines) as dicts, in input order."""
-        self.status(batch_id)  # raises BatchNotFoundError
-        secrets = configured_secrets(self.settings)
-        for line in iter_lines(self.redis, batch_id, "errors" if errors else "results", secrets):
-            yield orjson.loads(line)
-
-    def result(self, batch_id: str, custom_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """The output or error line of one job, waiting for it up to ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for key in (keys.batch_results(batch_id), keys.batch_errors(batch_id)):
-                line = self.redis.hget(key, custom_id)
-                if line is not None:
-                    return dict(orjson.loads(line))
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {custom_id} of {batch_id} has no outcome after {timeout} s")
-            time.sleep(0.1)
 
     @property
     def server_counts(self) -> ServerCounts | None:
