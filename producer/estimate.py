@@ -27,6 +27,7 @@ from ratequeue.config.accounts import AccountTable
 from ratequeue.config.settings import Settings
 from ratequeue.jobstore.jobs import StoredJob
 from ratequeue.producer.batchfile import Limits, LineError, LineValidator, read_lines
+from ratequeue.producer.model_progress import ModelCounts, ModelLimits, limit_eta
 
 SHOWN_ERRORS = 10  # rejected lines listed one by one; the rest are counted
 CACHE_MIN_TOKENS = 1024  # OpenAI's prompt cache: prompts shorter than this are never cached
@@ -55,22 +56,24 @@ class ModelEstimate:
     rpm: float = 0.0
     tpm: float = 0.0
 
+    def _at_limits(self) -> tuple[float, str] | None:
+        """The time the limits allow and the limit that binds (model_progress.limit_eta, the ETA's rule)."""
+        if not self.rpm and not self.tpm:
+            return None
+        limits = ModelLimits(self.rpm, self.tpm, "configured")
+        return limit_eta(ModelCounts(total=self.jobs, charge=self.charge), limits)
+
     @property
     def min_seconds(self) -> float | None:
         """The shortest time the limits allow (None: no limits configured, the server sets the pace)."""
-        if not self.rpm and not self.tpm:
-            return None
-        by_requests = 60.0 * self.jobs / self.rpm if self.rpm else 0.0
-        by_tokens = 60.0 * self.charge / self.tpm if self.tpm else 0.0
-        return max(by_requests, by_tokens)
+        found = self._at_limits()
+        return None if found is None else found[0]
 
     @property
     def binding(self) -> str:
         """Which limit sets the minimum wall time: "requests" or "tokens" ("" without limits)."""
-        if self.min_seconds is None:
-            return ""
-        by_requests = self.jobs / self.rpm if self.rpm else 0.0
-        return "requests" if by_requests >= (self.charge / self.tpm if self.tpm else 0.0) else "tokens"
+        found = self._at_limits()
+        return "" if found is None else {"RPM": "requests", "TPM": "tokens"}[found[1]]
 
 
 @dataclass
